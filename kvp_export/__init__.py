@@ -1,0 +1,8 @@
+"""kvp-export: KV Prediction (Horton et al., 2024) from base model to validated graphs.
+
+Pipeline: models (sources) -> derive (auxiliary model) -> predictor (fit) -> runtime
+(KVP generation) -> evaluate (quality metrics). Each stage is a function here and a
+`kvp` CLI verb.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""Artifact folders: atomic writes, hashes and manifests.
+
+Each pipeline stage writes one folder. It is built under a temporary sibling and
+renamed into place at the end, so an interrupted or failed stage leaves nothing
+half-written behind. Every folder carries `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import KvpError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_dir(path: str | Path, pattern: str = "*") -> str:
+    """Hash of a folder's files (names and contents), independent of mtimes."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob(pattern) if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename in the same folder)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "model_dump"):
+        return o.model_dump()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless asked to replace it (before any work starts)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise KvpError(f"output folder exists: {out} (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise KvpError(f"output path exists and is not a folder: {out}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only if the block succeeds."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack, recorded in every manifest."""
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "tokenizers", "numpy", "onnx", "onnxruntime", "coremltools"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional runtime, absent is fine
+            continue
+    from . import __version__
+
+    out["kvp_export"] = __version__
+    return out
+
+
+def write_manifest(folder: str | Path, stage: str, inputs: dict[str, Any], **fields: Any) -> dict:
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "inputs": inputs,
+        **fields,
+    }
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
+    path = Path(folder) / MANIFEST
+    if not Path(folder).exists():
+        raise KvpError(f"no such folder: {folder}")
+    if not path.is_file():
+        raise KvpError(f"not an artifact folder (no {MANIFEST}): {folder}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KvpError(f"unreadable manifest {path}: {e}") from None
+    if stage and manifest.get("stage") != stage:
+        raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected '{stage}'")
+    return manifest

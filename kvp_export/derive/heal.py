@@ -1,0 +1,171 @@
+"""Healing a layer-pruned auxiliary model so its hidden states track the base's.
+
+A raw pruned model drifts so far from the base that its KV carries little (DESIGN.md:
+aux-alone NLL 14 nats). Healing fits, layer by layer and on the aux's *actual* (already
+healed) activations, each kept layer so that its output matches the base's residual
+stream at the depth the next kept layer expects: after the run of removed layers it
+stands in for (every kept layer gets such a bridge, also when nothing was removed after
+it, which corrects accumulated drift).
+
+- `bridge` (closed form): refit the kept layer's output projections (attention o_proj
+  and MLP down_proj) by ridge regression on their inputs, shrunk towards the original
+  weights. It generalises ReplaceMe's linear replacement of the removed run, folded
+  exactly into weights the layer already has: zero inference cost, no architecture change.
+- `distill` (block-wise): the bridge fit, then a few Adam epochs on all of the kept
+  layer's weights against the same target (weighted MSE), still one layer at a time.
+
+Tokens are weighted 1 / ||target||^2: the attention-sink position's residual norm is
+orders of magnitude larger than the rest, and would otherwise dominate the fit.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import KvpError
+from ..linalg import choose_alpha, ridge_solve
+from ..models import arch
+
+METHODS = ("none", "bridge", "distill")
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def targets_depths(kept: list[int], n_base: int) -> list[int]:
+    """Base layer after which aux layer j's output should match: the one before the next kept layer."""
+    return [(kept[j + 1] - 1 if j + 1 < len(kept) else n_base - 1) for j in range(len(kept))]
+
+
+@torch.no_grad()
+def _base_targets(base, seqs, depths: list[int], batch: int) -> dict[int, torch.Tensor]:
+    want = set(depths)
+    out = {d: torch.empty(*seqs.shape, arch.ArchSpec.of(base).hidden) for d in want}
+    for s in range(0, len(seqs), batch):
+        for i, _, h in arch.layer_io(base, seqs[s : s + batch]):
+            if i in want:
+                out[i][s : s + batch] = h
+            if i >= max(want):
+                break
+    return out
+
+
+def _layer_parts(layer, h, pe):
+    """(ctx, a, m) with layer(h) = a + down_proj(m) and a = h + o_proj(ctx)."""
+    attn = arch.attention(layer)
+    got = {}
+    hook = attn.o_proj.register_forward_pre_hook(lambda _mod, inp: got.__setitem__("ctx", inp[0]))
+    try:
+        a = h + attn(layer.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
+    finally:
+        hook.remove()
+    mlp = layer.mlp
+    x = layer.post_attention_layernorm(a)
+    return got["ctx"], a, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def _weights(y: torch.Tensor) -> torch.Tensor:
+    return 1.0 / y.float().pow(2).sum(-1, keepdim=True).clamp(min=1e-6)
+
+
+def _projections(layer, names: tuple[str, ...]) -> list[torch.nn.Linear]:
+    return [{"o_proj": arch.attention(layer).o_proj, "down_proj": layer.mlp.down_proj}[n] for n in names]
+
+
+@torch.no_grad()
+def _refit(layer, pe_of, h_all, y_all, batch: int, names: tuple[str, ...], val_every: int = 8) -> dict:
+    """Refit the layer's output projections `names` jointly by weighted ridge regression.
+
+    Minimises sum_t w_t ||layer(h_t) - y_t||^2 over the projections' weights, holding their
+    inputs fixed (the attention context and the MLP activations), shrunk towards the
+    original weights; alpha is chosen on every `val_every`-th sequence.
+    """
+    projs = _projections(layer, names)
+    w0 = torch.cat([p.weight.detach().T.double() for p in projs])  # [sum of inputs, hidden]
+    d = w0.shape[0]
+    mom = {k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, w0.shape[1], dtype=torch.float64), 0.0]
+           for k in ("fit", "val")}
+    for s in range(0, len(h_all), batch):
+        h, y = h_all[s : s + batch], y_all[s : s + batch]
+        ctx, a, m = _layer_parts(layer, h, pe_of(h))
+        feats = torch.cat([{"o_proj": ctx, "down_proj": m}[n] for n in names], dim=-1)
+        sw = _weights(y).sqrt()
+        x, r = (feats * sw).flatten(0, 1), ((y - a - layer.mlp.down_proj(m)) * sw).flatten(0, 1)
+        for b in range(h.shape[0]):
+            split = "val" if (s + b) % val_every == val_every - 1 else "fit"
+            rows = slice(b * h.shape[1], (b + 1) * h.shape[1])
+            xb, rb = x[rows], r[rows]
+            mom[split][0] += (xb.T @ xb).double()
+            mom[split][1] += (xb.T @ rb).double()
+            mom[split][2] += float(rb.double().pow(2).sum())
+    alpha, val_err = choose_alpha(tuple(mom["fit"]), tuple(mom["val"]), ALPHAS)
+    w = w0 + ridge_solve(mom["fit"][0] + mom["val"][0], mom["fit"][1] + mom["val"][1], alpha)
+    for p, part in zip(projs, torch.split(w, [p.in_features for p in projs])):
+        p.weight.copy_(part.T.to(p.weight.dtype))
+    return {"alpha": alpha, "val_residual_kept": val_err / max(mom["val"][2], 1e-30)}
+
+
+def _fit_bridge(layer, pe_of, h_all, y_all, batch: int) -> dict:
+    """The closed-form bridge: o_proj and down_proj jointly, then down_proj again on the MLP
+    activations that the new o_proj produces (the joint fit held them fixed)."""
+    first = _refit(layer, pe_of, h_all, y_all, batch, ("o_proj", "down_proj"))
+    second = _refit(layer, pe_of, h_all, y_all, batch, ("down_proj",))
+    return {"alpha": [first["alpha"], second["alpha"]], "val_residual_kept": second["val_residual_kept"]}
+
+
+def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> float:
+    """A few epochs of Adam on one layer against its target (weighted MSE)."""
+    params = [p for p in layer.parameters() if p.dtype.is_floating_point]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = epochs * ((len(h_all) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(0)
+    loss_val = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(h_all), generator=gen)
+        for s in range(0, len(order), batch):
+            idx = order[s : s + batch]
+            h, y = h_all[idx], y_all[idx]
+            out = arch.run_layer(layer, h, pe_of(h))
+            loss = ((out - y).pow(2).sum(-1, keepdim=True) * _weights(y)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            loss_val = float(loss)
+    for p in params:
+        p.requires_grad_(False)
+    return loss_val
+
+
+def heal(base, aux, kept: list[int], seqs: torch.Tensor, method: str = "bridge", *, batch: int = 4,
+         distill_epochs: int = 2, distill_lr: float = 1e-4, progress: bool = True) -> dict:
+    """Heal `aux` (a pruned copy of `base` keeping `kept`) in place. Returns per-layer statistics."""
+    if method not in METHODS:
+        raise KvpError(f"unknown healing method '{method}' (choose from {', '.join(METHODS)})")
+    if method == "none":
+        return {"method": "none"}
+    n_base = arch.ArchSpec.of(base).n_layers
+    depths = targets_depths(kept, n_base)
+    targets = _base_targets(base, seqs, depths, batch)
+    layers = arch.decoder_layers(aux)
+    stats = []
+
+    def pe_of(h):
+        return arch.rotary(aux)(h, arch.positions(h.shape[0], h.shape[1]))
+
+    with torch.no_grad():
+        h = torch.cat([arch.embed(aux, seqs[s : s + batch]) for s in range(0, len(seqs), batch)])
+    for j in tqdm(range(len(layers)), desc=f"heal ({method})", unit="layer", disable=not progress):
+        layer, y = layers[j], targets[depths[j]]
+        st = {"layer": kept[j], "target_depth": depths[j], **_fit_bridge(layer, pe_of, h, y, batch)}
+        if method == "distill":
+            st["distill_loss"] = _distill(layer, pe_of, h, y, batch, distill_epochs, distill_lr)
+        with torch.no_grad():
+            h = torch.cat([arch.run_layer(layer, h[s : s + batch], pe_of(h[s : s + batch]))
+                           for s in range(0, len(h), batch)])
+            st["rel_drift"] = float(((h - y).norm(dim=-1) / y.norm(dim=-1).clamp(min=1e-6))[:, 1:].mean())
+        stats.append(st)
+    return {"method": method, "layers": stats, "tokens": int(seqs.numel())}

@@ -1,0 +1,81 @@
+"""eval: a predictor folder measured on held-out text, written as report.json + report.md.
+
+KVP is shown beside the base, the aux alone and the two trivial baselines (no prompt,
+mean KV): a predictor that loses to those is worse than useless (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvp_validate.report import write_report
+
+from .. import data
+from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
+from ..errors import KvpError
+from ..runtime.kvp import check_context
+from ..runtime.pipeline import KVPPipeline
+from ..stage import Clock, check_paths, check_positive, seed_all
+from .quality import evaluate
+from .render import markdown
+
+
+def run_eval(predictor: str | Path, out: str | Path, *, aux: str | None = None, base: str | None = None,
+             n: int = 64, prompt_len: int = 192, cont_len: int = 64, greedy_tokens: int = 32,
+             heldout: list[str] | None = None, batch: int = 8, overwrite: bool = False, seed: int = 0,
+             progress: bool = True) -> Path:
+    """Evaluate `predictor` (a fit folder) on n held-out (prompt, continuation) pairs; write folder `out`."""
+    clock = Clock()
+    out = check_output_dir(out, overwrite)
+    check_positive(n=n, prompt_len=prompt_len, cont_len=cont_len, greedy_tokens=greedy_tokens, batch=batch)
+    check_paths(heldout, "held-out")
+    seed_all(seed)
+    with clock.step("load"):
+        pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
+    if prompt_len < pipe.sink_len + 2:
+        raise KvpError(f"prompt-len must be >= {pipe.sink_len + 2} (sink {pipe.sink_len} + one predicted + the last)")
+    with clock.step("data"):
+        corpus = data.corpus_from_spec(list(heldout) if heldout else None, "heldout")
+        prompts, conts = data.eval_pairs(pipe.tokenizer, corpus, n, prompt_len, cont_len)
+    check_context(pipe.base, prompts, extra=max(cont_len, greedy_tokens))
+    with clock.step("evaluate"):
+        results = evaluate(pipe.base, pipe.aux, pipe.predictor, prompts, conts, sink_len=pipe.sink_len,
+                           greedy_tokens=greedy_tokens, batch=batch, progress=progress)
+    timing = clock.record()
+    payload = _payload(pipe, predictor, base, results, corpus.description, timing)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_report(tmp, payload, markdown(payload))
+        write_manifest(tmp, "report", inputs={"predictor": payload["predictor"], "heldout": corpus.description},
+                       recipe={"n": n, "prompt_len": prompt_len, "cont_len": cont_len,
+                               "greedy_tokens": greedy_tokens, "seed": seed},
+                       calib_tokens=0, heldout_tokens=int(prompts.numel() + conts.numel()), **timing)
+    return out
+
+
+def _payload(pipe: KVPPipeline, predictor, base: str | None, results: dict, heldout: dict, timing: dict) -> dict:
+    return {
+        "predictor": str(Path(predictor).resolve()),
+        "models": {
+            "base": base or pipe.manifest["inputs"]["base"]["spec"],
+            "aux": str(pipe.aux_dir),
+            "layer_map": pipe.manifest.get("layer_map"),
+            "input_mode": pipe.predictor.input_mode,
+        },
+        "sink_len": pipe.sink_len,
+        "results": results,
+        "data": {"heldout": heldout, **results["data"]},
+        "stages": _stage_times(pipe, timing),
+    }
+
+
+def _stage_times(pipe: KVPPipeline, eval_timing: dict) -> dict:
+    """Wall time and calibration tokens of each stage, where its manifest records them."""
+    try:
+        aux_manifest = read_manifest(pipe.aux_dir, "aux")
+    except KvpError:
+        aux_manifest = {}
+    stages = {"derive": aux_manifest, "fit": pipe.manifest}
+    out = {name: {"wall_seconds": m.get("wall_seconds"), "calib_tokens": m.get("calib_tokens")}
+           for name, m in stages.items()}
+    out["eval"] = {"wall_seconds": eval_timing["wall_seconds"], "calib_tokens": None}
+    return out

@@ -1,0 +1,133 @@
+"""Quality of KVP against the base, the aux alone and the two trivial baselines.
+
+On held-out (prompt, continuation) pairs never used for calibration:
+- continuation NLL given the prompt (teacher forcing), in nats per token;
+- first-token agreement with the base (argmax after the prompt);
+- greedy n-token agreement with the base (share of matching positions, and of
+  sequences that match all n tokens);
+- per-layer K and V relative error of the predicted cache (pre-RoPE, non-sink positions);
+- FLOPs of each path for the prompt length.
+Baselines share KVP's exact sink: "no prompt" keeps only the sink, "mean KV" fills the
+rest with the calibration mean per layer. A predictor that loses to them is useless.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import flops
+from ..models import arch
+from ..predictor.features import capture
+from ..runtime.decode import decode
+from ..runtime.kvp import SinkCache, prefill_full, prefill_kvp, score_continuation
+
+PATHS = ("base", "aux", "kvp", "no_prompt", "mean_kv")
+
+
+def _nll(logits: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+    """Summed NLL per sequence [B]."""
+    return F.cross_entropy(logits.flatten(0, 1), cont.flatten(), reduction="none").view(cont.shape).sum(1)
+
+
+def _prefill(path: str, base, aux, predictor, prompt, sink_len, sinks):
+    if path == "base":
+        return base, prefill_full(base, prompt)
+    if path == "aux":
+        return aux, prefill_full(aux, prompt)
+    source = {"kvp": "predictor", "no_prompt": "none", "mean_kv": "mean"}[path]
+    return base, prefill_kvp(base, aux, predictor, prompt, sink_len=sink_len, sinks=sinks, kv_source=source)
+
+
+@torch.no_grad()
+def kv_errors(base, aux, predictor, prompt: torch.Tensor, sink_len: int) -> tuple[torch.Tensor, ...]:
+    """Per base layer: squared error and squared norm of predicted K and V (pre-RoPE), summed."""
+    ctx = prompt[:, :-1]
+    with capture(base, hidden=False, kv=True) as true:
+        base.model(input_ids=ctx, use_cache=False)
+    hidden = predictor.input_mode == "hidden"
+    with capture(aux, hidden=hidden, kv=not hidden) as src:
+        aux.model(input_ids=ctx, use_cache=False)
+    pred = predictor(*predictor.aux_inputs(src))
+    n = len(pred)
+    ek, nk, ev, nv = (torch.zeros(n, dtype=torch.float64) for _ in range(4))
+    for i, (k, v) in enumerate(pred):
+        tk, tv = true.keys[i][:, sink_len:].double(), true.values[i][:, sink_len:].double()
+        ek[i] += ((k[:, sink_len:] - tk) ** 2).sum()
+        nk[i] += (tk**2).sum()
+        ev[i] += ((v[:, sink_len:] - tv) ** 2).sum()
+        nv[i] += (tv**2).sum()
+    return ek, nk, ev, nv
+
+
+@torch.no_grad()
+def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *, sink_len: int = 1,
+             greedy_tokens: int = 32, batch: int = 8, progress: bool = True) -> dict:
+    n, plen = prompts.shape
+    sinks = SinkCache(base)
+    nll = {p: torch.zeros(n, dtype=torch.float64) for p in PATHS}
+    first = {p: torch.zeros(n, dtype=torch.long) for p in PATHS}
+    gen = {p: torch.zeros(n, greedy_tokens, dtype=torch.long) for p in PATHS}
+    seconds = dict.fromkeys(PATHS, 0.0)
+    errs = None
+    bar = tqdm(total=n, desc="eval", unit="seq", disable=not progress)
+    for s in range(0, n, batch):
+        sl = slice(s, s + batch)
+        p, c = prompts[sl], conts[sl]
+        for path in PATHS:
+            t0 = time.perf_counter()
+            model, pre = _prefill(path, base, aux, predictor, p, sink_len, sinks)
+            seconds[path] += time.perf_counter() - t0
+            first[path][sl] = pre.logits.argmax(-1)
+            dec = copy.deepcopy(pre)
+            nll[path][sl] = _nll(score_continuation(model, pre, c), c).double()
+            gen[path][sl] = _pad(decode(model, dec, greedy_tokens), greedy_tokens)
+        e = kv_errors(base, aux, predictor, p, sink_len)
+        errs = e if errs is None else tuple(a + b for a, b in zip(errs, e))
+        bar.update(p.shape[0])
+    bar.close()
+
+    ek, nk, ev, nv = errs
+    spec = arch.ArchSpec.of(base)
+    kvp_parts = flops.kvp_flops(base, aux, predictor, plen)
+    path_flops = {
+        "base": flops.prefill_flops(base, plen),
+        "aux": flops.prefill_flops(aux, plen),
+        "kvp": kvp_parts["total"],
+        "no_prompt": flops.prefill_flops(base, 1, past=min(sink_len, plen - 1)),
+        "mean_kv": flops.prefill_flops(base, 1, past=plen - 1),
+    }
+    results = {}
+    for path in PATHS:
+        match = (gen[path] == gen["base"]).double()
+        results[path] = {
+            "nll": float(nll[path].sum() / conts.numel()),
+            "first_token_agreement": float((first[path] == first["base"]).double().mean()),
+            f"greedy{greedy_tokens}_agreement": float(match.mean()),
+            f"greedy{greedy_tokens}_exact": float(match.all(dim=1).double().mean()),
+            "prefill_flops": path_flops[path],
+            "flops_ratio_vs_base": path_flops["base"] / path_flops[path],
+            "prefill_seconds_total": seconds[path],
+        }
+    return {
+        "paths": results,
+        "kvp_flops_parts": kvp_parts,
+        "kv_rel_error": {
+            "k": (ek / nk).sqrt().tolist(),
+            "v": (ev / nv).sqrt().tolist(),
+            "k_mean": float((ek / nk).sqrt().mean()),
+            "v_mean": float((ev / nv).sqrt().mean()),
+        },
+        "data": {"sequences": n, "prompt_len": plen, "cont_len": conts.shape[1], "greedy_tokens": greedy_tokens},
+        "sink_len": sink_len,
+        "base_layers": spec.n_layers,
+        "aux_layers": arch.ArchSpec.of(aux).n_layers,
+    }
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.shape[1] == n else F.pad(t, (0, n - t.shape[1]), value=-1)

@@ -1,0 +1,67 @@
+"""Capturing what the predictor reads and what it must reproduce.
+
+Forward hooks on each layer's k_proj / v_proj see, in one pass:
+- the normed hidden state entering attention (k_proj's input): the "hidden" input mode;
+- pre-RoPE keys (after the key norm on qk-norm models) and values: the "kv" input mode,
+  and the targets the predictor is fitted to.
+With `hidden`, the output of the final norm is recorded too, as entry n_layers: it is
+the normed state the aux layer after the last one would read.
+Hooking the projections gives pre-RoPE keys directly, with no un-rotation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import arch
+
+
+@dataclass
+class Captured:
+    hidden: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, S, hidden], + final
+    keys: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, S, kv_dim], pre-RoPE
+    values: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, S, kv_dim]
+
+
+@contextlib.contextmanager
+def capture(model, *, hidden: bool = True, kv: bool = True) -> Iterator[Captured]:
+    """Record per-layer attention inputs during the forward passes run inside the block."""
+    spec = arch.ArchSpec.of(model)
+    layers = arch.decoder_layers(model)
+    got = Captured([None] * (len(layers) + 1), [None] * len(layers), [None] * len(layers))
+    handles = []
+
+    def on_k(i, layer):
+        def hook(_mod, inp, out):
+            if hidden:
+                got.hidden[i] = inp[0].detach()
+            if kv:
+                got.keys[i] = arch.normalize_keys(layer, out, spec.n_kv_heads).detach()
+
+        return hook
+
+    def on_v(i):
+        def hook(_mod, _inp, out):
+            got.values[i] = out.detach()
+
+        return hook
+
+    def on_final(_mod, _inp, out):
+        got.hidden[len(layers)] = out.detach()
+
+    try:
+        if hidden:
+            handles.append(model.model.norm.register_forward_hook(on_final))
+        for i, layer in enumerate(layers):
+            attn = arch.attention(layer)
+            handles.append(attn.k_proj.register_forward_hook(on_k(i, layer)))
+            if kv:
+                handles.append(attn.v_proj.register_forward_hook(on_v(i)))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()

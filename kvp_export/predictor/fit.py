@@ -1,0 +1,65 @@
+"""fit: the KV predictor for an auxiliary folder, in closed form (ridge.py), as a folder.
+
+The folder holds `predictor.safetensors` and a manifest naming the aux and base it was
+fitted on; generation and evaluation load both from there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
+from ..errors import KvpError
+from ..models import check_same_tokenizer, load, resolve
+from ..models.source import say
+from ..stage import CALIB_TOKENS, Clock, calibration, check_paths, check_positive, model_ref, ref_spec, seed_all
+from .module import INPUT_MODES
+from .ridge import fit_ridge
+
+
+def check_recipe(input_mode: str, sink_len: int) -> None:
+    if input_mode not in INPUT_MODES:
+        raise KvpError(f"unknown predictor input '{input_mode}' (choose from {', '.join(INPUT_MODES)})")
+    if sink_len < 0:
+        raise KvpError(f"sink length must be >= 0, got {sink_len}")
+
+
+def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode: str = "hidden",
+        sink_len: int = 1, calib: list[str] | None = None, calib_tokens: int = CALIB_TOKENS,
+        overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+    """Fit a predictor from `aux` (a derive folder) to its base; write folder `out` and return it.
+
+    The base defaults to the one the aux manifest records.
+    """
+    clock = Clock()
+    out = check_output_dir(out, overwrite)
+    check_recipe(input_mode, sink_len)
+    check_positive(calib_tokens=calib_tokens)
+    check_paths(calib, "calibration")
+    aux_manifest = read_manifest(aux, "aux")
+    recorded_base = aux_manifest["inputs"]["base"]
+    base = base or ref_spec(recorded_base)
+    seed_all(seed)
+    with clock.step("load"):
+        base_dir = resolve(base)
+        base_model, tok = load(base_dir)
+        aux_model, aux_tok = load(aux)
+    check_same_tokenizer(tok, aux_tok)
+    base_ref = model_ref(base, base_dir)
+    if base_ref["config_sha256"] != recorded_base["config_sha256"]:
+        say(f"warning: base {base} is not the model {aux} was derived from (config differs)")
+    with clock.step("calibration"):
+        seqs, calib_desc = calibration(tok, base_model, calib, calib_tokens)
+    with clock.step("ridge"):
+        predictor, report = fit_ridge(base_model, aux_model, seqs, aux_manifest["layer_map"]["map"],
+                                      input_mode=input_mode, sink_len=sink_len, progress=progress)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        predictor.save(tmp)
+        write_manifest(
+            tmp, "predictor",
+            inputs={"aux": model_ref(aux, Path(aux)), "base": base_ref, "calibration": calib_desc},
+            recipe={"method": "ridge", "input_mode": input_mode, "sink_len": sink_len, "seed": seed},
+            layer_map=aux_manifest["layer_map"], input_mode=input_mode, sink_len=sink_len,
+            fit_report=report, calib_tokens=int(seqs.numel()), **clock.record(),
+        )
+    return out

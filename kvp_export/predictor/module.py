@@ -1,0 +1,112 @@
+"""The KV predictor: one linear map (with bias) per base layer for keys and one for values.
+
+Applied per token on merged heads, so heads mix and tokens do not:
+[B, S, in] -> Linear -> [B, S, H_b * D_b]. Keys are predicted in pre-RoPE space (after
+the base's key norm, where it has one); the runtime rotates them to their positions.
+
+Sources: base layer i reads aux layer layer_map[i] (the paper). With `two_sided`
+sources (hidden input), a base layer that the aux skipped also reads the next aux
+layer's input (or the aux's final normed state): its depth lies between the two, and
+the pair lets the linear map interpolate, which absorbs much of the aux's drift.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import KvpError
+
+INPUT_MODES = ("hidden", "kv")
+WEIGHTS = "predictor.safetensors"
+
+
+def gather(xs: list[torch.Tensor], src: list[int]) -> torch.Tensor:
+    """Concatenate the captured inputs of the source aux layers along features."""
+    return xs[src[0]] if len(src) == 1 else torch.cat([xs[j] for j in src], dim=-1)
+
+
+def two_sided_sources(layer_map: list[int], kept_exact: list[bool], n_aux: int) -> list[list[int]]:
+    """[j] for base layers the aux computes at the same depth, [j, j+1] for the others.
+
+    Index n_aux is the aux's final normed state (see features.capture)."""
+    return [[j] if exact else [j, min(j + 1, n_aux)] for j, exact in zip(layer_map, kept_exact)]
+
+
+class KVPredictor(nn.Module):
+    def __init__(self, layer_map: list[int], input_mode: str, in_dim_k: int, in_dim_v: int, out_dim: int,
+                 sources: list[list[int]] | None = None):
+        super().__init__()
+        if input_mode not in INPUT_MODES:
+            raise KvpError(f"unknown predictor input '{input_mode}' (choose from {', '.join(INPUT_MODES)})")
+        self.layer_map = list(layer_map)
+        self.sources = [list(s) for s in sources] if sources else [[j] for j in layer_map]
+        if len(self.sources) != len(self.layer_map):
+            raise KvpError("predictor sources must list one entry per base layer")
+        self.input_mode = input_mode
+        self.dims = {"in_k": in_dim_k, "in_v": in_dim_v, "out": out_dim}
+        self.k = nn.ModuleList(nn.Linear(in_dim_k * len(s), out_dim) for s in self.sources)
+        self.v = nn.ModuleList(nn.Linear(in_dim_v * len(s), out_dim) for s in self.sources)
+        # Per-layer mean K and V over calibration tokens: the "mean KV" baseline that
+        # every report shows beside KVP (a predictor must beat it to be worth anything).
+        self.register_buffer("mean_k", torch.zeros(len(layer_map), out_dim))
+        self.register_buffer("mean_v", torch.zeros(len(layer_map), out_dim))
+
+    @property
+    def n_base_layers(self) -> int:
+        return len(self.layer_map)
+
+    def aux_inputs(self, captured) -> tuple[list, list]:
+        """Per aux layer (x_k, x_v) from a `features.Captured`."""
+        if self.input_mode == "hidden":
+            return captured.hidden, captured.hidden
+        return captured.keys, captured.values
+
+    def forward(self, xk: list[torch.Tensor], xv: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per base layer (pre-RoPE keys, values) [B, S, out] from per-aux-layer inputs."""
+        return [(self.k[i](gather(xk, src)), self.v[i](gather(xv, src))) for i, src in enumerate(self.sources)]
+
+    @classmethod
+    def identity(cls, n_layers: int, dim: int) -> KVPredictor:
+        """K -> K, V -> V on an aux equal to the base: the exactness check of the runtime."""
+        p = cls(list(range(n_layers)), "kv", dim, dim, dim)
+        with torch.no_grad():
+            for lin in [*p.k, *p.v]:
+                lin.weight.copy_(torch.eye(dim))
+                lin.bias.zero_()
+        return p
+
+    # --- persistence: safetensors weights + JSON config in the header metadata ---
+
+    def config(self) -> dict:
+        return {"layer_map": self.layer_map, "sources": self.sources, "input_mode": self.input_mode, **self.dims}
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / WEIGHTS
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"kvp_predictor": json.dumps(self.config())})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> KVPredictor:
+        path = Path(folder) / WEIGHTS
+        if not path.is_file():
+            raise KvpError(f"no predictor weights in {folder} (expected {WEIGHTS})")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                cfg = json.loads((f.metadata() or {})["kvp_predictor"])
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any corruption is the user's file
+            raise KvpError(f"unreadable predictor {path}: {e}") from None
+        p = cls(cfg["layer_map"], cfg["input_mode"], cfg["in_k"], cfg["in_v"], cfg["out"], cfg.get("sources"))
+        try:
+            p.load_state_dict(state)
+        except RuntimeError as e:
+            raise KvpError(f"predictor {path} does not match its own config: {str(e).splitlines()[0]}") from None
+        return p.eval()

@@ -1,0 +1,157 @@
+"""Closed-form predictor fit: ridge regression per base layer.
+
+With the auxiliary model fixed, the paper's consistency loss in L2 form is a linear
+least-squares problem per layer. We accumulate X^T X and X^T Y in float64 over the
+calibration tokens (sink positions excluded: the base computes those exactly), choose
+the ridge strength per layer and per K/V on a held-out part of the calibration
+sequences, then solve once on all of them. No backprop; deterministic; minutes on a CPU.
+It is both a training-free predictor and the starting point for end-to-end training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import KvpError
+from ..linalg import choose_alpha, ridge_solve
+from ..models import arch
+from .features import capture
+from .module import KVPredictor, gather, two_sided_sources
+
+# Ridge strengths, relative to the mean diagonal of X^T X (scale-free across layers).
+ALPHAS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SPLITS = ("fit", "val")
+
+
+def _rows(t: torch.Tensor, keep: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """[tokens, dim] of the fitted positions. Products per batch run in float32 (fast) and
+    are accumulated across batches in float64."""
+    x = t[keep].float()
+    return torch.cat([x, torch.ones(x.shape[0], 1)], dim=1) if bias else x
+
+
+class RidgeStats:
+    """Moments per split: X^T X per distinct input (a tuple of aux sources), X^T Y and Y^T Y
+    per (K or V, base layer). A bias column is appended to X."""
+
+    def __init__(self, predictor: KVPredictor):
+        self.p = predictor
+        self.xtx: dict[tuple, torch.Tensor] = {}
+        self.xty: dict[tuple, torch.Tensor] = {}
+        self.yty: dict[tuple, torch.Tensor] = {}
+        self.tokens = dict.fromkeys(SPLITS, 0)
+
+    def input_key(self, kind: str, i: int) -> tuple:
+        # In hidden mode K and V read the same input, so they share one X^T X.
+        return (kind if self.p.input_mode == "kv" else "x", *self.p.sources[i])
+
+    @staticmethod
+    def _acc(store: dict, key: tuple, value: torch.Tensor) -> None:
+        store[key] = store[key] + value if key in store else value
+
+    def add(self, split: str, xk: list, xv: list, yk: list, yv: list, keep: torch.Tensor) -> None:
+        self.tokens[split] += int(keep.sum())
+        inputs: dict[tuple, torch.Tensor] = {}
+        for i in range(self.p.n_base_layers):
+            for kind, xs, ys in (("k", xk, yk), ("v", xv, yv)):
+                ikey = self.input_key(kind, i)
+                if ikey not in inputs:
+                    inputs[ikey] = x = _rows(gather(xs, self.p.sources[i]), keep, bias=True)
+                    self._acc(self.xtx, (split, *ikey), (x.T @ x).double())
+                x, y = inputs[ikey], _rows(ys[i], keep)
+                self._acc(self.xty, (split, kind, i), (x.T @ y).double())
+                self._acc(self.yty, (split, kind, i), (y.double() ** 2).sum())
+
+    def allreduce(self) -> None:
+        """Sum the statistics across ranks (torch.distributed), so the fit scales out."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for store in (self.xtx, self.xty, self.yty):
+            for key in sorted(store, key=str):  # the same order on every rank
+                dist.all_reduce(store[key])
+        counts = torch.tensor([self.tokens[s] for s in SPLITS])
+        dist.all_reduce(counts)
+        self.tokens = dict(zip(SPLITS, counts.tolist()))
+
+    def moments(self, split: str, kind: str, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return (self.xtx[(split, *self.input_key(kind, i))], self.xty[(split, kind, i)],
+                float(self.yty[(split, kind, i)]))
+
+
+@torch.no_grad()
+def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int, batch: int = 4,
+            val_every: int = 8, progress: bool = True) -> RidgeStats:
+    """Run base and aux over the calibration sequences and accumulate the statistics.
+
+    Every `val_every`-th sequence goes to the validation split used to pick the ridge strength.
+    """
+    stats = RidgeStats(predictor)
+    hidden = predictor.input_mode == "hidden"
+    keep = torch.zeros(seqs.shape[1], dtype=torch.bool)
+    keep[sink_len:] = True
+    idx = torch.arange(len(seqs))
+    bar = tqdm(total=len(seqs), desc="fit: base+aux activations", unit="seq", disable=not progress)
+    for split, sel in (("fit", idx[idx % val_every != val_every - 1]), ("val", idx[idx % val_every == val_every - 1])):
+        for s in range(0, len(sel), batch):
+            ids = seqs[sel[s : s + batch]]
+            with capture(base, hidden=False, kv=True) as tgt:
+                base.model(input_ids=ids, use_cache=False)
+            with capture(aux, hidden=hidden, kv=not hidden) as src:
+                aux.model(input_ids=ids, use_cache=False)
+            xk, xv = predictor.aux_inputs(src)
+            stats.add(split, xk, xv, tgt.keys, tgt.values, keep.expand(ids.shape[0], -1))
+            bar.update(ids.shape[0])
+    bar.close()
+    return stats
+
+
+@torch.no_grad()
+def solve(stats: RidgeStats) -> dict:
+    """Choose alpha per base layer and K/V on the validation split, then solve on fit+val (in place)."""
+    p = stats.p
+    if not stats.tokens["val"]:
+        raise KvpError("too few calibration sequences to hold some out for choosing the ridge strength")
+    report: dict = {"alpha_k": [], "alpha_v": [], "val_rel_err_k": [], "val_rel_err_v": []}
+    for i in range(p.n_base_layers):
+        for kind, lin, mean in (("k", p.k[i], p.mean_k[i]), ("v", p.v[i], p.mean_v[i])):
+            fit, val = stats.moments("fit", kind, i), stats.moments("val", kind, i)
+            alpha, err = choose_alpha(fit, val, ALPHAS, unpenalized=1)
+            xtx, xty = fit[0] + val[0], fit[1] + val[1]
+            w = ridge_solve(xtx, xty, alpha, unpenalized=1)
+            lin.weight.copy_(w[:-1].T.float())
+            lin.bias.copy_(w[-1].float())
+            mean.copy_((xty[-1] / xtx[-1, -1]).float())  # bias column: sum(Y) / count
+            report[f"alpha_{kind}"].append(alpha)
+            report[f"val_rel_err_{kind}"].append(math.sqrt(max(err, 0.0) / max(val[2], 1e-30)))
+    report["tokens_fit"], report["tokens_val"] = stats.tokens["fit"], stats.tokens["val"]
+    return report
+
+
+def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
+                  kept: list[int] | None = None) -> KVPredictor:
+    """An unfitted predictor of the right shape. With `kept` (LP aux, hidden input), base layers
+    the aux skipped read two aux layers (see module.two_sided_sources)."""
+    sa, sb = arch.ArchSpec.of(aux), arch.ArchSpec.of(base)
+    if len(layer_map) != sb.n_layers or max(layer_map) >= sa.n_layers:
+        raise KvpError(f"layer map of {len(layer_map)} entries does not fit base {sb.n_layers} / aux {sa.n_layers} layers")
+    sources = None
+    if kept is not None and input_mode == "hidden":
+        sources = two_sided_sources(layer_map, [i in kept for i in range(sb.n_layers)], sa.n_layers)
+    in_dim = sa.hidden if input_mode == "hidden" else sa.kv_dim
+    return KVPredictor(layer_map, input_mode, in_dim, in_dim, sb.kv_dim, sources)
+
+
+def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: int = 1, *,
+              kept: list[int] | None = None, progress: bool = True) -> tuple[KVPredictor, dict]:
+    """Fit a predictor in closed form. Returns (predictor, fit report)."""
+    if seqs.shape[1] <= sink_len + 1:
+        raise KvpError(f"calibration sequences of {seqs.shape[1]} tokens leave nothing to fit after a sink of {sink_len}")
+    pred = new_predictor(base, aux, layer_map, input_mode, kept)
+    stats = collect(base, aux, seqs, pred, sink_len, progress=progress)
+    stats.allreduce()
+    return pred.eval(), solve(stats)

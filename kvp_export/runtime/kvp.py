@@ -1,0 +1,202 @@
+"""KV Prediction inference in PyTorch.
+
+Prompt of N tokens (left-padded batches allowed):
+1. the auxiliary model reads tokens 0..N-2 and the predictor turns its per-layer inputs
+   into the base's keys (pre-RoPE, then rotated with the base's RoPE) and values;
+2. the sink prefix (the first `sink_len` tokens of each prompt) gets the base's exact
+   KV instead: the attention-sink position carries huge activations, and an approximate
+   KV there wrecks every later attention (DESIGN.md: worth about 1 nat);
+3. the base reads token N-1 alone on top of that cache and emits the first token;
+4. every later step is ordinary base decoding; aux and predictor are not called again.
+
+`prefill_kvp` does steps 1-3, `prefill_full` is the plain baseline, `decode` is step 4
+for either, so every path shares one decoding loop.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import KvpError
+from ..models import arch
+from ..predictor.features import capture
+from ..predictor.module import KVPredictor
+
+KV_SOURCES = ("predictor", "mean", "none")
+
+
+@dataclass
+class Prefilled:
+    """State after the prompt: the next-token logits and what decoding continues from."""
+
+    logits: torch.Tensor  # [B, V] for the last prompt position
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, N] attention mask over the cache (0 = padding or no KV)
+    next_pos: torch.Tensor  # [B] position of the next token
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_context(model, input_ids: torch.Tensor, extra: int = 0) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and input_ids.shape[1] + extra > limit:
+        raise KvpError(
+            f"prompt of {input_ids.shape[1]} tokens (+{extra} to generate) is longer than the context ({limit})"
+        )
+
+
+@torch.no_grad()
+def prefill_full(model, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> Prefilled:
+    """Ordinary prefill of the whole prompt (the baseline, and the aux-alone path)."""
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    pos = positions_from_mask(mask)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    return Prefilled(out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1] + 1)
+
+
+class SinkCache:
+    """Exact base KV of sink prefixes, memoised by token ids.
+
+    When every prompt starts with the same token (a BOS) or template, its KV is a
+    constant: it is computed once and reused, so the exact sink costs nothing per call.
+    """
+
+    def __init__(self, base, max_entries: int = 64):
+        self.base = base
+        self.max_entries = max_entries
+        self._memo: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    @torch.no_grad()
+    def get(self, tokens: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if tokens not in self._memo:
+            ids = torch.tensor([tokens])
+            out = self.base.model(input_ids=ids, use_cache=True)
+            cache = out.past_key_values
+            self._memo[tokens] = [(cache.layers[i].keys[0], cache.layers[i].values[0]) for i in range(len(cache.layers))]
+            if len(self._memo) > self.max_entries:
+                self._memo.popitem(last=False)
+        self._memo.move_to_end(tokens)
+        return self._memo[tokens]
+
+
+@torch.no_grad()
+def predict_kv(
+    base, aux, predictor: KVPredictor, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, ctx_pos: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Predicted base KV for the context, per base layer: (rotated keys, values) [B, H, S, D]."""
+    spec = arch.ArchSpec.of(base)
+    hidden = predictor.input_mode == "hidden"
+    with capture(aux, hidden=hidden, kv=not hidden) as got:
+        aux.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=False)
+    xk, xv = predictor.aux_inputs(got)
+    cos, sin = arch.rope_cos_sin(base, ctx_pos, xk[0].dtype)
+    out = []
+    for k, v in predictor(xk, xv):
+        k = arch.apply_rope(arch.split_heads(k, spec.n_kv_heads), cos, sin)
+        out.append((k, arch.split_heads(v, spec.n_kv_heads)))
+    return out
+
+
+def _constant_kv(predictor: KVPredictor, spec, ctx_pos, base, source: str):
+    """The trivial baselines' KV: the calibration mean per layer, or zeros (masked out)."""
+    b, s = ctx_pos.shape
+    cos, sin = arch.rope_cos_sin(base, ctx_pos, predictor.mean_k.dtype)
+    out = []
+    for i in range(spec.n_layers):
+        if source == "mean":
+            k = predictor.mean_k[i].expand(b, s, -1)
+            v = predictor.mean_v[i].expand(b, s, -1)
+        else:
+            k = v = torch.zeros(b, s, spec.kv_dim)
+        k = arch.apply_rope(arch.split_heads(k, spec.n_kv_heads), cos, sin)
+        out.append((k, arch.split_heads(v, spec.n_kv_heads)))
+    return out
+
+
+@torch.no_grad()
+def prefill_kvp(
+    base,
+    aux,
+    predictor: KVPredictor | None,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    sink_len: int = 1,
+    sinks: SinkCache | None = None,
+    kv_source: str = "predictor",
+) -> Prefilled:
+    """KVP prefill of left-padded prompts [B, N]: aux + predictor, exact sink, base on the last token.
+
+    kv_source "mean" / "none" swap the predictor for the trivial baselines (the calibration
+    mean KV per layer; no prompt KV at all), keeping the same exact sink.
+    """
+    if kv_source not in KV_SOURCES:
+        raise KvpError(f"unknown kv source '{kv_source}' (choose from {', '.join(KV_SOURCES)})")
+    if predictor is None and kv_source != "none":
+        raise KvpError("a predictor is needed for kv source " + kv_source)
+    if sink_len < 0:
+        raise KvpError(f"sink length must be >= 0, got {sink_len}")
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    if input_ids.shape[1] < 2:
+        return prefill_full(base, input_ids, mask)  # nothing to predict
+    spec = arch.ArchSpec.of(base)
+    pos = positions_from_mask(mask)
+    ctx_ids, ctx_mask, ctx_pos = input_ids[:, :-1], mask[:, :-1].clone(), pos[:, :-1]
+
+    if kv_source == "predictor":
+        kv = predict_kv(base, aux, predictor, ctx_ids, ctx_mask, ctx_pos)
+    else:
+        kv = _constant_kv(predictor, spec, ctx_pos, base, kv_source)
+        if kv_source == "none":
+            ctx_mask = ctx_mask * (ctx_pos < sink_len)  # attend to the sink only
+
+    _write_exact_sink(kv, input_ids, mask, sink_len, sinks or SinkCache(base))
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.contiguous(), v.contiguous(), i)
+    full_mask = torch.cat([ctx_mask, mask[:, -1:]], dim=1)
+    out = base(
+        input_ids=input_ids[:, -1:],
+        attention_mask=full_mask,
+        position_ids=pos[:, -1:],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return Prefilled(out.logits[:, -1].float(), out.past_key_values, full_mask, pos[:, -1] + 1)
+
+
+def _write_exact_sink(kv, input_ids, mask, sink_len: int, sinks: SinkCache) -> None:
+    """Overwrite the first sink_len positions of each prompt (never its last token) with exact KV."""
+    if sink_len == 0:
+        return
+    n_ctx = input_ids.shape[1] - 1
+    lengths = mask.sum(-1).tolist()
+    for b, n in enumerate(lengths):
+        start = input_ids.shape[1] - int(n)  # left padding
+        s = min(sink_len, int(n) - 1)
+        if s <= 0:
+            continue
+        exact = sinks.get(tuple(input_ids[b, start : start + s].tolist()))
+        assert start + s <= n_ctx
+        for i, (k, v) in enumerate(exact):
+            kv[i][0][b, :, start : start + s] = k.to(kv[i][0].dtype)
+            kv[i][1][b, :, start : start + s] = v.to(kv[i][1].dtype)
+
+
+@torch.no_grad()
+def score_continuation(model, pre: Prefilled, cont: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [B, T, V] for `cont` [B, T] after a prefill (the first row is pre.logits)."""
+    if cont.shape[1] <= 1:
+        return pre.logits[:, None]
+    t = cont.shape[1] - 1
+    pos = pre.next_pos[:, None] + torch.arange(t)
+    mask = torch.cat([pre.mask, torch.ones(cont.shape[0], t, dtype=pre.mask.dtype)], dim=1)
+    out = model(input_ids=cont[:, :-1], attention_mask=mask, position_ids=pos, past_key_values=pre.cache, use_cache=True)
+    return torch.cat([pre.logits[:, None], out.logits.float()], dim=1)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Quick start: smollm2-135m -> aux (keep 0.5, bridge healing) -> KV predictor -> report.
+# Outputs go under ./runs/quickstart (override with RUNS=...); N held-out sequences (default 16).
+set -euo pipefail
+RUNS=${RUNS:-runs/quickstart}
+N=${N:-16}
+
+kvp models pull smollm2-135m
+kvp derive --base smollm2-135m --keep 0.5 --heal bridge -o "$RUNS/aux" --overwrite
+kvp fit --aux "$RUNS/aux" -o "$RUNS/predictor" --overwrite
+kvp generate --predictor "$RUNS/predictor" --max-new-tokens 24 \
+    'def fibonacci(n):' 'The three most important things about a garden are'
+kvp eval --predictor "$RUNS/predictor" --n "$N" -o "$RUNS/report" --overwrite

@@ -1,0 +1,122 @@
+"""Tiny models, tokenizer and corpus for the pipeline tests (built in tmp dirs, no network).
+
+The models are random Llama / Qwen2 decoders (hidden 64, 4 layers, 4 heads / 2 KV
+heads) over a word-level tokenizer; the corpus is pseudo-text over the same words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [f"w{i}" for i in range(96)] + ["def", "return", "the", "fox", "(", ")", ":", "="]
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def word_tokenizer(words: list[str] = WORDS):
+    """One token per whitespace-separated word; EOS </s>, no BOS added by default."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_model(path: Path, family: str = "llama", *, layers: int = 4, hidden: int = 64, context: int = 256,
+               tokenizer=None, seed: int = 0) -> Path:
+    """Save a random tiny decoder and its tokenizer with save_pretrained; return the folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tok = tokenizer or word_tokenizer()
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    cfg = cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=context, rope_theta=10000.0,
+              initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def pseudo_text(n_words: int, seed: int) -> str:
+    """Word salad with some repetition, so the tiny models see recurring contexts."""
+    rng = random.Random(seed)
+    phrases = [[rng.choice(WORDS) for _ in range(rng.randint(3, 8))] for _ in range(12)]
+    out: list[str] = []
+    while len(out) < n_words:
+        out += rng.choice(phrases) if rng.random() < 0.6 else [rng.choice(WORDS)]
+    lines = [" ".join(out[i : i + 12]) for i in range(0, n_words, 12)]
+    return "\n".join(lines) + "\n"
+
+
+def corpus_folder(path: Path, files: int = 10, words: int = 500) -> Path:
+    path.mkdir(parents=True)
+    for i in range(files):
+        (path / f"doc{i:02d}.txt").write_text(pseudo_text(words, seed=i))
+    return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run far faster on one thread, and stay fast when other processes load the
+    cores (OpenMP threads spin on a busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """The real model (integration tests) keeps every thread."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def isolated_cache(monkeypatch, tmp_path):
+    """Unit tests never read or write the real model cache."""
+    monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny base models of both families, a sibling, a mismatched sibling, a corpus (built once)."""
+    root = tmp_path_factory.mktemp("assets")
+    reversed_words = word_tokenizer(WORDS[::-1])
+    return {
+        "llama": tiny_model(root / "llama"),
+        "qwen2": tiny_model(root / "qwen2", "qwen2"),
+        "sibling": tiny_model(root / "sibling", layers=2, hidden=32, seed=1),
+        "foreign": tiny_model(root / "foreign", layers=2, tokenizer=reversed_words, seed=2),
+        "short": tiny_model(root / "short", context=64),
+        "corpus": corpus_folder(root / "corpus"),
+    }
+
+
+@pytest.fixture(scope="session")
+def built(assets, tmp_path_factory) -> dict[str, Path]:
+    """One derive + fit on the tiny Llama (keep 0.5, bridge, hidden input), shared by read-only tests."""
+    from kvp_export.derive import derive
+    from kvp_export.predictor.fit import fit
+
+    root = tmp_path_factory.mktemp("built")
+    calib = [str(assets["corpus"])]
+    with one_thread():
+        aux = derive(root / "aux", base=str(assets["llama"]), keep=0.5, heal="bridge", calib=calib,
+                     calib_tokens=2048, progress=False)
+        pred = fit(aux, root / "pred", calib=calib, calib_tokens=2048, progress=False)
+    return {"aux": aux, "pred": pred}

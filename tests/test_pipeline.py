@@ -1,0 +1,189 @@
+"""The stages through the Python API: derive -> fit -> generate -> eval on tiny models, and
+the exactness acceptance test (aux = base + identity predictor => KVP == base)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvp_export.artifacts import read_manifest
+from kvp_export.derive import derive
+from kvp_export.derive.prune import prune
+from kvp_export.errors import KvpError
+from kvp_export.evaluate import run_eval
+from kvp_export.models import load
+from kvp_export.predictor.fit import fit
+from kvp_export.predictor.module import KVPredictor
+from kvp_export.runtime.decode import Sampling
+from kvp_export.runtime.pipeline import KVPPipeline, read_prompts
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+PROMPTS = ["w1 w2 w3 def ( w4 ) : return w5 w6 w7 the fox", "the fox w9 w8"]
+
+
+def calib_kw(assets) -> dict:
+    return {"calib": [str(assets["corpus"])], "calib_tokens": 2048, "progress": False}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_derive_fit_generate_eval(assets, tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    aux = derive(tmp_path / "aux", base=str(assets[family]), keep=0.5, heal="bridge", **calib_kw(assets))
+    m = read_manifest(aux, "aux")
+    assert m["kept_layers"] == [0, 2] and m["layer_map"] == {"kind": "lp", "map": [0, 0, 1, 1]}
+    assert m["healing"]["method"] == "bridge" and len(m["healing"]["layers"]) == 2
+    assert m["inputs"]["base"]["spec"] == str(assets[family]) and len(m["inputs"]["base"]["config_sha256"]) == 64
+    calib = m["inputs"]["calibration"]
+    assert calib["tokens"] == m["calib_tokens"] == 2048 and len(calib["tokens_sha256"]) == 64
+    assert calib["corpus"]["sha256"] and calib["seq_len"] == 256
+    assert m["wall_seconds"] > 0 and "heal" in m["step_seconds"]
+    reloaded = AutoModelForCausalLM.from_pretrained(aux)
+    assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == family
+
+    pred = fit(aux, tmp_path / "pred", sink_len=1, **calib_kw(assets))
+    pm = read_manifest(pred, "predictor")
+    assert pm["layer_map"]["map"] == [0, 0, 1, 1] and pm["input_mode"] == "hidden" and pm["sink_len"] == 1
+    assert len(pm["fit_report"]["alpha_k"]) == 4 and pm["calib_tokens"] == 2048 and pm["wall_seconds"] > 0
+    assert pm["inputs"]["aux"]["path"] == str(aux.resolve()) and pm["inputs"]["base"]["weights_sha256"]
+
+    pipe = KVPPipeline.from_predictor(pred)
+    g = pipe.generate(PROMPTS, max_new_tokens=6)
+    assert g.kvp and len(g.completions) == 2 and g.prefill_seconds > 0
+    assert g.prompt_tokens == [14, 4] and all(len(ids) <= 6 for ids in g.token_ids)
+
+    rep = run_eval(pred, tmp_path / "report", n=4, prompt_len=24, cont_len=8, greedy_tokens=4,
+                   heldout=[str(assets["corpus"])], progress=False)
+    report = json.loads((rep / "report.json").read_text())
+    paths = report["results"]["paths"]
+    assert set(paths) == {"base", "aux", "kvp", "no_prompt", "mean_kv"}
+    assert paths["base"]["first_token_agreement"] == 1.0 and paths["kvp"]["flops_ratio_vs_base"] > 1
+    assert len(report["results"]["kv_rel_error"]["k"]) == 4 and report["sink_len"] == 1
+    assert report["stages"]["derive"]["calib_tokens"] == 2048 and report["stages"]["fit"]["wall_seconds"] > 0
+    md = (rep / "report.md").read_text()
+    for text in ("| KVP |", "| mean KV |", "| no prompt |", "| aux alone |", "ΔNLL vs base", "greedy-4 exact",
+                 "prefill GFLOPs", "FLOPs ratio", "K rel. error", "Sink length: 1", "Stage wall times"):
+        assert text in md
+    assert read_manifest(rep, "report")["wall_seconds"] > 0
+
+
+@pytest.mark.parametrize(("kw", "kept"), [
+    ({"keep": 0.5, "heal": "distill"}, [0, 2]),
+    ({"layers": [0, 3], "heal": "bridge"}, [0, 3]),
+    ({"keep": 0.75, "select": "importance", "heal": "bridge"}, None),
+])
+def test_derive_variants(assets, tmp_path, kw, kept):
+    aux = derive(tmp_path / "aux", base=str(assets["llama"]), **kw, **calib_kw(assets))
+    m = read_manifest(aux, "aux")
+    assert m["healing"]["method"] == kw["heal"]
+    if kept is None:  # importance: 3 of 4 layers, layer 0 always kept, scores recorded
+        assert len(m["kept_layers"]) == 3 and m["kept_layers"][0] == 0 and len(m["importance"]) == 4
+    else:
+        assert m["kept_layers"] == kept
+    assert load(str(aux))[0].config.num_hidden_layers == len(m["kept_layers"])
+
+
+def test_unhealed_aux_needs_no_calibration_and_reloads_exactly(assets, tmp_path):
+    # no calib given: reading the default corpus would fail here (empty cache, no download)
+    aux = derive(tmp_path / "aux", base=str(assets["llama"]), layers=[0, 1, 3], heal="none", progress=False)
+    m = read_manifest(aux, "aux")
+    assert m["calib_tokens"] == 0 and "calibration" not in m["inputs"]
+    base, tok = load(str(assets["llama"]))
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = prune(base, [0, 1, 3])(ids).logits
+        got = load(str(aux))[0](ids).logits
+    assert torch.equal(want, got)
+
+
+def test_derive_is_deterministic(assets, tmp_path):
+    a = derive(tmp_path / "a", base=str(assets["llama"]), **calib_kw(assets))
+    b = derive(tmp_path / "b", base=str(assets["llama"]), **calib_kw(assets))
+    ha, hb = (read_manifest(x, "aux") for x in (a, b))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert ha["inputs"]["calibration"]["tokens_sha256"] == hb["inputs"]["calibration"]["tokens_sha256"]
+
+
+def test_sibling_aux_uses_chunked_layer_map(assets, tmp_path):
+    aux = derive(tmp_path / "aux", base=str(assets["llama"]), sibling=str(assets["sibling"]), progress=False)
+    m = read_manifest(aux, "aux")
+    assert m["family"] == "c" and m["layer_map"] == {"kind": "c", "map": [0, 0, 1, 1]}
+    assert m["inputs"]["sibling"]["spec"] == str(assets["sibling"])
+    pred = fit(aux, tmp_path / "pred", input_mode="kv", **calib_kw(assets))
+    assert KVPredictor.load(pred).dims == {"in_k": 16, "in_v": 16, "out": 32}
+    g = KVPPipeline.from_predictor(pred).generate(PROMPTS, max_new_tokens=3)
+    assert len(g.token_ids) == 2
+
+
+def test_fit_kv_input_and_sink(built, assets, tmp_path):
+    pred = fit(built["aux"], tmp_path / "pred", input_mode="kv", sink_len=2, **calib_kw(assets))
+    p = KVPredictor.load(pred)
+    assert p.input_mode == "kv" and p.dims["in_k"] == 32
+    assert read_manifest(pred, "predictor")["sink_len"] == 2
+
+
+def test_generation_sampling_is_seeded(built):
+    pipe = KVPPipeline.from_predictor(built["pred"])
+    s = Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    a, b = (pipe.generate(PROMPTS, max_new_tokens=8, sampling=s) for _ in range(2))
+    assert a.token_ids == b.token_ids
+    base = pipe.generate(PROMPTS, max_new_tokens=4, use_kvp=False)
+    assert not base.kvp
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\n  second\n")
+    assert read_prompts(tmp_path / "p.txt") == ["first prompt", "  second"]
+    (tmp_path / "p.jsonl").write_text('"a\\nb"\n{"prompt": "c"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a\nb", "c"]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(KvpError, match=r"bad\.jsonl:1: expected"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
+def test_predictor_must_fit_the_models(built, assets):
+    with pytest.raises(KvpError, match="does not fit these models: base layers 2 != 4; base KV width") as e:
+        KVPPipeline.from_predictor(built["pred"], base=str(assets["sibling"]), aux=str(assets["sibling"]))
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- exactness (acceptance)
+
+
+def assert_kvp_equals_base(pipe: KVPPipeline, prompts: list[str], tokens: int = 16) -> None:
+    """Same first-step logits (1e-4) and the same greedy tokens, batched with left padding."""
+    ids, mask = pipe.encode(prompts, extra=tokens)
+    assert len(set(mask.sum(-1).tolist())) == len(prompts) > 1  # different lengths: padding is exercised
+    kvp = pipe.prefill(ids, mask, use_kvp=True).logits
+    full = pipe.prefill(ids, mask, use_kvp=False).logits
+    assert (kvp - full).abs().max().item() < 1e-4
+    a = pipe.generate(prompts, max_new_tokens=tokens, use_kvp=True)
+    b = pipe.generate(prompts, max_new_tokens=tokens, use_kvp=False)
+    assert a.token_ids == b.token_ids and a.completions == b.completions
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("sink_len", [0, 1])
+def test_exactness_identity_predictor_tiny(assets, tmp_path, family, sink_len):
+    aux_dir = derive(tmp_path / "aux", base=str(assets[family]), keep=1.0, heal="none", progress=False)
+    base, tok = load(str(assets[family]))
+    aux, _ = load(str(aux_dir))
+    n, kv_dim = base.config.num_hidden_layers, 2 * (64 // 4)
+    pipe = KVPPipeline(base, aux, KVPredictor.identity(n, kv_dim), tok, sink_len=sink_len)
+    assert_kvp_equals_base(pipe, PROMPTS)
+
+
+@pytest.mark.integration
+def test_exactness_identity_predictor_smollm2():
+    base, tok = load("smollm2-135m")
+    n = base.config.num_hidden_layers
+    aux = prune(base, list(range(n)))  # what derive --keep 1.0 --heal none writes
+    kv_dim = base.config.num_key_value_heads * base.config.head_dim
+    pipe = KVPPipeline(base, aux, KVPredictor.identity(n, kv_dim), tok, sink_len=1)
+    assert_kvp_equals_base(pipe, ["def fibonacci(n):\n    if n < 2:\n        return n\n", "The capital of France is"])

@@ -1,0 +1,5 @@
+"""kvp_validate: checks and reports on exported KVP artifacts.
+
+Installed as `kvp_validate` (the folder is validate/). Imports no torch: a CI job that
+validates graphs installs only the runtimes, numpy and tokenizers.
+"""
