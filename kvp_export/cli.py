@@ -132,13 +132,15 @@ def derive(base, keep, layers, select, heal, sibling, calib, calib_tokens, seed,
               help="What the predictor reads from the aux: attention inputs, or its K/V.")
 @click.option("--sink", "sink_len", default=1, show_default=True,
               help="Leading prompt tokens whose KV the base computes exactly.")
+@click.option("--sources", type=click.Choice(["two-sided", "paper"]), default="two-sided", show_default=True,
+              help="Skipped base layers read the aux layers on both sides of their depth, or one (the paper).")
 @calib_options
 @output_options
-def fit(aux, base, input_mode, sink_len, calib, calib_tokens, seed, out, overwrite):
+def fit(aux, base, input_mode, sink_len, sources, calib, calib_tokens, seed, out, overwrite):
     """Fit the KV predictor folder OUT for an aux folder (closed-form ridge)."""
     from .predictor.fit import fit as run
 
-    click.echo(run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, calib=list(calib),
+    click.echo(run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, sources=sources, calib=list(calib),
                    calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, progress=_progress()))
 
 
