@@ -113,15 +113,19 @@ def models_pull(name: str, force: bool):
               help="How --keep picks layers: the paper's regular pattern, or the most important.")
 @click.option("--heal", type=click.Choice(["none", "bridge", "distill"]),
               help="Healing of the pruned aux (default bridge).")
+@click.option("--distill-epochs", default=2, show_default=True, help="Epochs per layer for --heal distill.")
+@click.option("--distill-lr", default=1e-4, show_default=True, help="Adam learning rate for --heal distill.")
 @click.option("--sibling", help="Use this smaller model (same tokenizer) as the aux instead of pruning.")
 @calib_options
 @output_options
-def derive(base, keep, layers, select, heal, sibling, calib, calib_tokens, seed, out, overwrite):
+def derive(base, keep, layers, select, heal, distill_epochs, distill_lr, sibling, calib, calib_tokens, seed, out,
+           overwrite):
     """Derive the auxiliary model folder OUT from the base."""
     from .derive import derive as run
 
     click.echo(run(out, base=base, keep=keep, layers=layers, select=select, heal=heal, sibling=sibling,
-                   calib=list(calib), calib_tokens=calib_tokens, overwrite=overwrite, seed=seed,
+                   calib=list(calib), calib_tokens=calib_tokens, distill_epochs=distill_epochs,
+                   distill_lr=distill_lr, overwrite=overwrite, seed=seed,
                    progress=_progress()))
 
 
@@ -161,10 +165,12 @@ def model_overrides(f):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path),
               help="Prompts, one per line, or JSONL (a string or {\"prompt\": ...} per line).")
+@click.option("--prefix", help="A fixed system/template text put before every prompt; the base computes its "
+              "KV exactly, once (an extended sink).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("prompt", nargs=-1)
 def generate(predictor, aux, base, no_kvp, max_new_tokens, temperature, top_k, top_p, seed, prompts_file,
-             as_json, prompt):
+             prefix, as_json, prompt):
     """Generate from PROMPT(s) with KV prediction; print completions and the prefill time (TTFT)."""
     from .runtime.decode import Sampling
     from .runtime.pipeline import KVPPipeline, check_sampling, read_prompts
@@ -175,7 +181,7 @@ def generate(predictor, aux, base, no_kvp, max_new_tokens, temperature, top_k, t
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     check_sampling(max_new_tokens, sampling)
     pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
-    g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, use_kvp=not no_kvp)
+    g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, use_kvp=not no_kvp, prefix=prefix)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(g), indent=2, ensure_ascii=False))
         return

@@ -10,10 +10,6 @@ from __future__ import annotations
 from .models.arch import ArchSpec
 
 
-def _intermediate(config) -> int:
-    return config.intermediate_size
-
-
 def layer_flops(spec: ArchSpec, inter: int, n_tokens: int, past: int = 0) -> int:
     """One decoder layer over n_tokens new tokens that follow `past` cached ones."""
     q_dim = spec.n_heads * spec.head_dim
@@ -27,7 +23,7 @@ def layer_flops(spec: ArchSpec, inter: int, n_tokens: int, past: int = 0) -> int
 def prefill_flops(model_or_config, n_tokens: int, past: int = 0, lm_head: bool = True) -> int:
     cfg = getattr(model_or_config, "config", model_or_config)
     spec = ArchSpec.of(cfg)
-    total = spec.n_layers * layer_flops(spec, _intermediate(cfg), n_tokens, past)
+    total = spec.n_layers * layer_flops(spec, cfg.intermediate_size, n_tokens, past)
     return total + (2 * spec.hidden * spec.vocab if lm_head else 0)
 
 

@@ -187,3 +187,22 @@ def test_exactness_identity_predictor_smollm2():
     kv_dim = base.config.num_key_value_heads * base.config.head_dim
     pipe = KVPPipeline(base, aux, KVPredictor.identity(n, kv_dim), tok, sink_len=1)
     assert_kvp_equals_base(pipe, ["def fibonacci(n):\n    if n < 2:\n        return n\n", "The capital of France is"])
+
+
+def test_fixed_prefix_is_an_exact_cached_sink(built):
+    """A template prefix is computed by the base once and reused; its KV equals the base's own."""
+    pipe = KVPPipeline.from_predictor(built["pred"])
+    prefix = "def return the fox"
+    g = pipe.generate(PROMPTS, max_new_tokens=4, prefix=prefix)
+    assert len(pipe.sinks._memo) == 1
+    pipe.generate(PROMPTS[:1], max_new_tokens=2, prefix=prefix)
+    assert len(pipe.sinks._memo) == 1
+    ids, mask = pipe.encode(PROMPTS, prefix=prefix)
+    n_prefix = len(pipe.tokenizer(prefix).input_ids)
+    pre = pipe.prefill(ids, mask, sink_len=n_prefix)
+    full = pipe.prefill(ids, mask, use_kvp=False)
+    start = int((mask[1] == 0).sum())  # row 1 is left-padded
+    k_kvp = pre.cache.layers[0].keys[1, :, start : start + n_prefix]
+    k_base = full.cache.layers[0].keys[1, :, start : start + n_prefix]
+    assert torch.allclose(k_kvp, k_base, atol=1e-5)
+    assert len(g.completions) == len(PROMPTS)

@@ -51,7 +51,8 @@ def check_recipe(keep: float | None, layers: list[int] | None, select: str, heal
 def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = None,
            layers: list[int] | None = None, select: str = "regular", heal: str | None = None,
            sibling: str | None = None, calib: list[str] | None = None, calib_tokens: int = CALIB_TOKENS,
-           overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+           distill_epochs: int = 2, distill_lr: float = 1e-4, overwrite: bool = False, seed: int = 0,
+           progress: bool = True) -> Path:
     """Write the auxiliary model folder `out` and return it.
 
     Layer-pruned by default (keep 0.5, bridge healing); `sibling` takes an existing smaller
@@ -60,7 +61,9 @@ def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = N
     clock = Clock()
     out = check_output_dir(out, overwrite)
     keep, heal = check_recipe(keep, layers, select, heal, sibling)
-    check_positive(calib_tokens=calib_tokens)
+    check_positive(calib_tokens=calib_tokens, distill_epochs=distill_epochs)
+    if not distill_lr > 0:
+        raise KvpError(f"distill-lr must be > 0, got {distill_lr}")
     check_paths(calib, "calibration")
     seed_all(seed)
     with clock.step("load"):
@@ -68,11 +71,13 @@ def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = N
         base_model, tok = load(base_dir)
     inputs = {"base": model_ref(base, base_dir)}
     recipe = {"keep": keep, "layers": layers, "select": select, "heal": heal, "seed": seed}
+    if heal == "distill":
+        recipe.update(distill_epochs=distill_epochs, distill_lr=distill_lr)
     if sibling is not None:
         aux, fields = _sibling(base_model, tok, sibling, inputs, clock)
     else:
-        aux, fields = _layer_pruned(base_model, tok, keep, layers, select, heal, calib, calib_tokens,
-                                    inputs, clock, progress)
+        aux, fields = _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock,
+                                    progress, heal=heal, distill_epochs=distill_epochs, distill_lr=distill_lr)
     with clock.step("save"), atomic_dir(out, overwrite=overwrite) as tmp:
         aux.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -94,12 +99,12 @@ def _sibling(base_model, tok, sibling: str, inputs: dict, clock: Clock):
     return aux, fields
 
 
-def _layer_pruned(base_model, tok, keep, layers, select, heal, calib, calib_tokens, inputs, clock, progress):
+def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock, progress, **heal_args):
     """KVP-LP: choose the kept layers, copy them out of the base, heal."""
     n_base = ArchSpec.of(base_model).n_layers
     kept = check_layers(layers, n_base) if layers is not None else regular_layers(n_base, keep)
     seqs, scores = None, None
-    if heal != "none" or select == "importance":
+    if heal_args["heal"] != "none" or select == "importance":
         with clock.step("calibration"):
             seqs, inputs["calibration"] = calibration(tok, base_model, calib, calib_tokens)
     if select == "importance":
@@ -107,7 +112,8 @@ def _layer_pruned(base_model, tok, keep, layers, select, heal, calib, calib_toke
             kept, scores = importance_layers(base_model, seqs, n_keep=max(1, round(keep * n_base)))
     aux = prune(base_model, kept)
     with clock.step("heal"):
-        stats = heal_aux(base_model, aux, kept, seqs, method=heal, progress=progress)
+        stats = heal_aux(base_model, aux, kept, seqs, method=heal_args["heal"], progress=progress,
+                         distill_epochs=heal_args["distill_epochs"], distill_lr=heal_args["distill_lr"])
     fields = {
         "family": "lp",
         "kept_layers": kept,

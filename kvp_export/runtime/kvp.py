@@ -176,7 +176,6 @@ def _write_exact_sink(kv, input_ids, mask, sink_len: int, sinks: SinkCache) -> N
     """Overwrite the first sink_len positions of each prompt (never its last token) with exact KV."""
     if sink_len == 0:
         return
-    n_ctx = input_ids.shape[1] - 1
     lengths = mask.sum(-1).tolist()
     for b, n in enumerate(lengths):
         start = input_ids.shape[1] - int(n)  # left padding
@@ -184,7 +183,6 @@ def _write_exact_sink(kv, input_ids, mask, sink_len: int, sinks: SinkCache) -> N
         if s <= 0:
             continue
         exact = sinks.get(tuple(input_ids[b, start : start + s].tolist()))
-        assert start + s <= n_ctx
         for i, (k, v) in enumerate(exact):
             kv[i][0][b, :, start : start + s] = k.to(kv[i][0].dtype)
             kv[i][1][b, :, start : start + s] = v.to(kv[i][1].dtype)

@@ -80,11 +80,20 @@ class KVPPipeline:
         return cls(base_model, aux_model, predictor, tok, sink_len=manifest["sink_len"],
                    manifest=manifest, aux_dir=Path(aux))
 
-    def encode(self, prompts: list[str], extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids and mask; refuses empty prompts and prompts that overflow the context."""
+    def encode(self, prompts: list[str], extra: int = 0, prefix: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask; refuses empty prompts and prompts that overflow the context.
+
+        A `prefix` (a fixed system or template text) is tokenized on its own and put before
+        every prompt, so its ids, and so its exact KV, are the same in every call.
+        """
         if not prompts:
             raise KvpError("no prompts given")
-        enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        if prefix:
+            head = self.tokenizer(prefix).input_ids
+            rows = [{"input_ids": head + self.tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
+            enc = self.tokenizer.pad(rows, padding=True, return_tensors="pt")
+        else:
+            enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
         empty = [i + 1 for i, n in enumerate(enc.attention_mask.sum(-1).tolist()) if n == 0]
         if empty:
             raise KvpError(f"prompt {empty[0]} is empty (no tokens)")
@@ -92,18 +101,23 @@ class KVPPipeline:
             check_context(model, enc.input_ids, extra=extra)
         return enc.input_ids, enc.attention_mask
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, *, use_kvp: bool = True) -> Prefilled:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, *, use_kvp: bool = True,
+                sink_len: int | None = None) -> Prefilled:
         if not use_kvp:
             return prefill_full(self.base, ids, mask)
-        return prefill_kvp(self.base, self.aux, self.predictor, ids, mask, sink_len=self.sink_len, sinks=self.sinks)
+        return prefill_kvp(self.base, self.aux, self.predictor, ids, mask, sink_len=sink_len or self.sink_len,
+                           sinks=self.sinks)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 use_kvp: bool = True) -> Generation:
+                 use_kvp: bool = True, prefix: str | None = None) -> Generation:
+        """Generate for a batch of prompts. With `prefix`, the whole prefix is the exact sink:
+        its KV is computed by the base once and reused by every later call."""
         check_sampling(max_new_tokens, sampling)
-        ids, mask = self.encode(prompts, extra=max_new_tokens)
+        ids, mask = self.encode(prompts, extra=max_new_tokens, prefix=prefix)
+        sink = max(self.sink_len, len(self.tokenizer(prefix).input_ids)) if prefix else None
         t0 = time.perf_counter()
-        pre = self.prefill(ids, mask, use_kvp=use_kvp)
+        pre = self.prefill(ids, mask, use_kvp=use_kvp, sink_len=sink)
         ttft = time.perf_counter() - t0
         out = decode(self.base, pre, max_new_tokens, sampling=sampling, eos_ids=self.eos_ids,
                      pad_id=self.tokenizer.pad_token_id)
