@@ -136,8 +136,9 @@ def derive(base, keep, layers, select, heal, distill_epochs, distill_lr, sibling
               help="What the predictor reads from the aux: attention inputs, or its K/V.")
 @click.option("--sink", "sink_len", default=1, show_default=True,
               help="Leading prompt tokens whose KV the base computes exactly.")
-@click.option("--sources", type=click.Choice(["two-sided", "paper"]), default="two-sided", show_default=True,
-              help="Skipped base layers read the aux layers on both sides of their depth, or one (the paper).")
+@click.option("--sources", type=click.Choice(["two-sided", "paper", "window"]), default="two-sided",
+              show_default=True, help="Skipped base layers read the aux layers on both sides of their depth; "
+              "or one (the paper); or every base layer reads its aux layer and both neighbours (window).")
 @calib_options
 @output_options
 def fit(aux, base, input_mode, sink_len, sources, calib, calib_tokens, seed, out, overwrite):

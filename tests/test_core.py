@@ -158,7 +158,8 @@ def test_kv_sources_and_short_prompts(base):
     ids = seqs(1, 8)
     none = prefill_kvp(base, aux, pred, ids, kv_source="none")
     assert none.mask[0].tolist() == [1] + [0] * 6 + [1]  # only the sink and the last token
-    prefill_kvp(base, aux, pred, ids, kv_source="mean")
+    for sink in (1, 3):  # the mean KV is broadcast: the exact sink must still be writable into it
+        prefill_kvp(base, aux, pred, ids, kv_source="mean", sink_len=sink)
     one = prefill_kvp(base, aux, pred, ids[:, :1])  # nothing to predict: a plain prefill
     assert torch.allclose(one.logits, prefill_full(base, ids[:, :1]).logits)
     with pytest.raises(KvpError):

@@ -37,6 +37,12 @@ def two_sided_sources(layer_map: list[int], kept_exact: list[bool], n_aux: int) 
     return [[j] if exact else [j, min(j + 1, n_aux)] for j, exact in zip(layer_map, kept_exact)]
 
 
+def window_sources(layer_map: list[int], n_aux: int, radius: int = 1) -> list[list[int]]:
+    """[j - radius, ..., j + radius] around each base layer's aux layer (clipped; n_aux is the
+    aux's final normed state): more views of a drifted aux for the linear map to combine."""
+    return [list(range(max(0, j - radius), min(n_aux, j + radius) + 1)) for j in layer_map]
+
+
 class KVPredictor(nn.Module):
     def __init__(self, layer_map: list[int], input_mode: str, in_dim_k: int, in_dim_v: int, out_dim: int,
                  sources: list[list[int]] | None = None):

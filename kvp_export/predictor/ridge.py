@@ -19,7 +19,7 @@ from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
 from .features import capture
-from .module import KVPredictor, gather, two_sided_sources
+from .module import KVPredictor, gather, two_sided_sources, window_sources
 
 # Ridge strengths, relative to the mean diagonal of X^T X (scale-free across layers).
 ALPHAS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -133,25 +133,28 @@ def solve(stats: RidgeStats) -> dict:
 
 
 def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
-                  kept: list[int] | None = None) -> KVPredictor:
+                  kept: list[int] | None = None, window: int = 0) -> KVPredictor:
     """An unfitted predictor of the right shape. With `kept` (LP aux, hidden input), base layers
-    the aux skipped read two aux layers (see module.two_sided_sources)."""
+    the aux skipped read two aux layers (see module.two_sided_sources); with `window` > 0 every
+    base layer reads the aux layers within that distance (module.window_sources)."""
     sa, sb = arch.ArchSpec.of(aux), arch.ArchSpec.of(base)
     if len(layer_map) != sb.n_layers or max(layer_map) >= sa.n_layers:
         raise KvpError(f"layer map of {len(layer_map)} entries does not fit base {sb.n_layers} / aux {sa.n_layers} layers")
     sources = None
-    if kept is not None and input_mode == "hidden":
+    if window > 0 and input_mode == "hidden":
+        sources = window_sources(layer_map, sa.n_layers, window)
+    elif kept is not None and input_mode == "hidden":
         sources = two_sided_sources(layer_map, [i in kept for i in range(sb.n_layers)], sa.n_layers)
     in_dim = sa.hidden if input_mode == "hidden" else sa.kv_dim
     return KVPredictor(layer_map, input_mode, in_dim, in_dim, sb.kv_dim, sources)
 
 
 def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: int = 1, *,
-              kept: list[int] | None = None, progress: bool = True) -> tuple[KVPredictor, dict]:
+              kept: list[int] | None = None, window: int = 0, progress: bool = True) -> tuple[KVPredictor, dict]:
     """Fit a predictor in closed form. Returns (predictor, fit report)."""
     if seqs.shape[1] <= sink_len + 1:
         raise KvpError(f"calibration sequences of {seqs.shape[1]} tokens leave nothing to fit after a sink of {sink_len}")
-    pred = new_predictor(base, aux, layer_map, input_mode, kept)
+    pred = new_predictor(base, aux, layer_map, input_mode, kept, window)
     stats = collect(base, aux, seqs, pred, sink_len, progress=progress)
     stats.allreduce()
     return pred.eval(), solve(stats)

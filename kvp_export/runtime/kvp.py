@@ -115,7 +115,7 @@ def _constant_kv(predictor: KVPredictor, spec, ctx_pos, base, source: str):
         else:
             k = v = torch.zeros(b, s, spec.kv_dim)
         k = arch.apply_rope(arch.split_heads(k, spec.n_kv_heads), cos, sin)
-        out.append((k, arch.split_heads(v, spec.n_kv_heads)))
+        out.append((k, arch.split_heads(v.contiguous(), spec.n_kv_heads)))  # the sink is written into it
     return out
 
 
