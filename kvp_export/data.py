@@ -20,8 +20,9 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -85,15 +86,20 @@ def _read_text(path: Path) -> str:
         raise KvpError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _jsonl_documents(path: Path, name: str) -> list[Document]:
-    docs = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+def jsonl_records(path: Path, lines: list[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank JSONL line; a bad line names file:line."""
+    for lineno, line in enumerate(lines if lines is not None else _read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise KvpError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def _jsonl_documents(path: Path, name: str) -> list[Document]:
+    docs = []
+    for lineno, obj in jsonl_records(path):
         if not isinstance(obj, dict) or "text" not in obj:
             raise KvpError(f'{path}:{lineno}: expected an object with a "text" field')
         if not isinstance(obj["text"], str):

@@ -25,7 +25,9 @@ def md_table(headers: list[str], rows: list[list[Any]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (temp file + rename in the same folder): readers never see half."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -40,6 +42,6 @@ def write_report(folder: str | Path, payload: dict, markdown: str) -> tuple[Path
     """Write report.json and report.md into an existing folder."""
     folder = Path(folder)
     j, m = folder / "report.json", folder / "report.md"
-    _atomic_write(j, json.dumps(payload, indent=2, default=str) + "\n")
-    _atomic_write(m, markdown.rstrip() + "\n")
+    atomic_write_text(j, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(m, markdown.rstrip() + "\n")
     return j, m

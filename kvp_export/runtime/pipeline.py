@@ -7,7 +7,6 @@ ordinary base prefill instead, for comparison.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import read_manifest
+from ..data import jsonl_records
 from ..errors import KvpError
 from ..models import check_same_tokenizer, load
 from ..models.arch import ArchSpec
@@ -163,13 +163,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if path.suffix.lower() != ".jsonl":
         return [ln for ln in lines if ln.strip()]
     prompts = []
-    for no, ln in enumerate(lines, 1):
-        if not ln.strip():
-            continue
-        try:
-            obj = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise KvpError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+    for no, obj in jsonl_records(path, lines):
         text = obj.get("prompt") if isinstance(obj, dict) else obj
         if not isinstance(text, str):
             raise KvpError(f'{path}:{no}: expected a string or an object with a "prompt" string')
