@@ -158,8 +158,15 @@ def test_kv_sources_and_short_prompts(base):
     ids = seqs(1, 8)
     none = prefill_kvp(base, aux, pred, ids, kv_source="none")
     assert none.mask[0].tolist() == [1] + [0] * 6 + [1]  # only the sink and the last token
-    for sink in (1, 3):  # the mean KV is broadcast: the exact sink must still be writable into it
-        prefill_kvp(base, aux, pred, ids, kv_source="mean", sink_len=sink)
+    torch.nn.init.normal_(pred.mean_v)
+    spec = arch.ArchSpec.of(base)
+    mean = arch.split_heads(pred.mean_v[0].clone().view(1, 1, -1), spec.n_kv_heads)[0, :, 0]
+    for sink in (1, 3):
+        # the mean KV is broadcast from the predictor's buffer: writing the exact sink into it
+        # must not alias onto the other positions, nor into the buffer (it once did, silently)
+        pre = prefill_kvp(base, aux, pred, ids, kv_source="mean", sink_len=sink)
+        v = pre.cache.layers[0].values[0, :, sink:-1]  # positions after the sink, before the last token
+        assert torch.allclose(v, mean[:, None].expand_as(v))
     one = prefill_kvp(base, aux, pred, ids[:, :1])  # nothing to predict: a plain prefill
     assert torch.allclose(one.logits, prefill_full(base, ids[:, :1]).logits)
     with pytest.raises(KvpError):
