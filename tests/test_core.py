@@ -171,3 +171,13 @@ def test_kv_sources_and_short_prompts(base):
     assert torch.allclose(one.logits, prefill_full(base, ids[:, :1]).logits)
     with pytest.raises(KvpError):
         prefill_kvp(base, aux, pred, ids, kv_source="bogus")
+
+
+def test_pickle_weights_are_refused(tmp_path, assets):
+    """A folder with only pytorch_model.bin (pickle) is refused; weights load from safetensors only."""
+    from kvp_export.models import load
+
+    model = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(KvpError, match="cannot load model"):
+        load(str(tmp_path / "bin"))

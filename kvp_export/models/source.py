@@ -221,8 +221,9 @@ def load(spec: str | Path, *, dtype: torch.dtype = torch.float32, attn_implement
     folder = resolve(spec)
     config = _folder_config(folder)
     try:
+        # safetensors only: weights never go through pickle
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=dtype, attn_implementation=attn_implementation
+            folder, config=config, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
         )
         tok = AutoTokenizer.from_pretrained(folder, **_FOLDER_TOKENIZER_KW)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
