@@ -74,7 +74,15 @@ class KVPredictor(nn.Module):
 
     def forward(self, xk: list[torch.Tensor], xv: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per base layer (pre-RoPE keys, values) [B, S, out] from per-aux-layer inputs."""
-        return [(self.k[i](gather(xk, src)), self.v[i](gather(xv, src))) for i, src in enumerate(self.sources)]
+        concat: dict[tuple, torch.Tensor] = {}  # base layers with the same sources share one concat
+
+        def inputs(xs: list[torch.Tensor], src: list[int]) -> torch.Tensor:
+            key = (id(xs), *src)  # in hidden mode xk is xv: K and V share it too
+            if key not in concat:
+                concat[key] = gather(xs, src)
+            return concat[key]
+
+        return [(self.k[i](inputs(xk, s)), self.v[i](inputs(xv, s))) for i, s in enumerate(self.sources)]
 
     @classmethod
     def identity(cls, n_layers: int, dim: int) -> KVPredictor:
