@@ -49,47 +49,38 @@ def _base_targets(base, seqs, depths: list[int], batch: int) -> dict[int, torch.
     return out
 
 
-def _layer_parts(layer, h, pe):
-    """(ctx, a, m) with layer(h) = a + down_proj(m) and a = h + o_proj(ctx)."""
-    attn = arch.attention(layer)
-    got = {}
-    hook = attn.o_proj.register_forward_pre_hook(lambda _mod, inp: got.__setitem__("ctx", inp[0]))
-    try:
-        a = h + attn(layer.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
-    finally:
-        hook.remove()
+def _mlp_parts(layer, h, pe):
+    """(a, m) with layer(h) = a + down_proj(m): the post-attention residual and the MLP's
+    inner activations."""
+    a = h + arch.attention(layer)(layer.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
     mlp = layer.mlp
     x = layer.post_attention_layernorm(a)
-    return got["ctx"], a, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return a, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
 
 def _weights(y: torch.Tensor) -> torch.Tensor:
     return 1.0 / y.float().pow(2).sum(-1, keepdim=True).clamp(min=1e-6)
 
 
-def _projections(layer, names: tuple[str, ...]) -> list[torch.nn.Linear]:
-    return [{"o_proj": arch.attention(layer).o_proj, "down_proj": layer.mlp.down_proj}[n] for n in names]
-
-
 @torch.no_grad()
-def _refit(layer, pe_of, h_all, y_all, batch: int, names: tuple[str, ...], val_every: int = 8) -> dict:
-    """Refit the layer's output projections `names` jointly by weighted ridge regression.
+def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8) -> dict:
+    """The closed-form bridge: refit down_proj by weighted ridge regression.
 
-    Minimises sum_t w_t ||layer(h_t) - y_t||^2 over the projections' weights, holding their
-    inputs fixed (the attention context and the MLP activations), shrunk towards the
-    original weights; alpha is chosen on every `val_every`-th sequence.
+    Minimises sum_t w_t ||layer(h_t) - y_t||^2 over down_proj's weight, holding the MLP's
+    inner activations fixed, shrunk towards the original weight; alpha is chosen on every
+    `val_every`-th sequence. (Refitting o_proj jointly was measured worse: it shifts the MLP's
+    input, so the activations the fit held fixed no longer hold; drift rose from ~0.2 to ~0.35.)
     """
-    projs = _projections(layer, names)
-    w0 = torch.cat([p.weight.detach().T.double() for p in projs])  # [sum of inputs, hidden]
+    down = layer.mlp.down_proj
+    w0 = down.weight.detach().T.double()  # [inter, hidden]
     d = w0.shape[0]
     mom = {k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, w0.shape[1], dtype=torch.float64), 0.0]
            for k in ("fit", "val")}
     for s in range(0, len(h_all), batch):
         h, y = h_all[s : s + batch], y_all[s : s + batch]
-        ctx, a, m = _layer_parts(layer, h, pe_of(h))
-        feats = torch.cat([{"o_proj": ctx, "down_proj": m}[n] for n in names], dim=-1)
+        a, m = _mlp_parts(layer, h, pe_of(h))
         sw = _weights(y).sqrt()
-        x, r = (feats * sw).flatten(0, 1), ((y - a - layer.mlp.down_proj(m)) * sw).flatten(0, 1)
+        x, r = (m * sw).flatten(0, 1), ((y - a - down(m)) * sw).flatten(0, 1)  # r: what the layer misses
         for b in range(h.shape[0]):
             split = "val" if (s + b) % val_every == val_every - 1 else "fit"
             rows = slice(b * h.shape[1], (b + 1) * h.shape[1])
@@ -99,17 +90,8 @@ def _refit(layer, pe_of, h_all, y_all, batch: int, names: tuple[str, ...], val_e
             mom[split][2] += float(rb.double().pow(2).sum())
     alpha, val_err = choose_alpha(tuple(mom["fit"]), tuple(mom["val"]), ALPHAS)
     w = w0 + ridge_solve(mom["fit"][0] + mom["val"][0], mom["fit"][1] + mom["val"][1], alpha)
-    for p, part in zip(projs, torch.split(w, [p.in_features for p in projs])):
-        p.weight.copy_(part.T.to(p.weight.dtype))
+    down.weight.copy_(w.T.to(down.weight.dtype))
     return {"alpha": alpha, "val_residual_kept": val_err / max(mom["val"][2], 1e-30)}
-
-
-def _fit_bridge(layer, pe_of, h_all, y_all, batch: int) -> dict:
-    """The closed-form bridge: down_proj refitted on the MLP activations.
-
-    (Refitting o_proj jointly was measured worse here: it shifts the MLP's input, so the
-    activations the joint fit held fixed no longer hold; drift rose from ~0.2 to ~0.35.)"""
-    return _refit(layer, pe_of, h_all, y_all, batch, ("down_proj",))
 
 
 def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> float:
