@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvp_validate.report import atomic_write_text
+from kvp_validate.report import atomic_write_text as write_text
 
 from .errors import KvpError
 
@@ -51,10 +51,6 @@ def sha256_dir(path: str | Path, pattern: str = "*") -> str:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename in the same folder)."""
     write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 def _json_default(o: Any) -> Any:

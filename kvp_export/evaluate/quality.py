@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import flops
 from ..models import arch
-from ..predictor.features import capture
+from ..predictor.features import predictor_inputs, true_kv
 from ..runtime.decode import decode
 from ..runtime.kvp import SinkCache, prefill_full, prefill_kvp, score_continuation
 
@@ -47,16 +47,12 @@ def _prefill(path: str, base, aux, predictor, prompt, sink_len, sinks):
 def kv_errors(base, aux, predictor, prompt: torch.Tensor, sink_len: int) -> tuple[torch.Tensor, ...]:
     """Per base layer: squared error and squared norm of predicted K and V (pre-RoPE), summed."""
     ctx = prompt[:, :-1]
-    with capture(base, hidden=False, kv=True) as true:
-        base.model(input_ids=ctx, use_cache=False)
-    hidden = predictor.input_mode == "hidden"
-    with capture(aux, hidden=hidden, kv=not hidden) as src:
-        aux.model(input_ids=ctx, use_cache=False)
-    pred = predictor(*predictor.aux_inputs(src))
+    true_k, true_v = true_kv(base, input_ids=ctx)
+    pred = predictor(*predictor_inputs(aux, predictor.input_mode, input_ids=ctx))
     n = len(pred)
     ek, nk, ev, nv = (torch.zeros(n, dtype=torch.float64) for _ in range(4))
     for i, (k, v) in enumerate(pred):
-        tk, tv = true.keys[i][:, sink_len:].double(), true.values[i][:, sink_len:].double()
+        tk, tv = true_k[i][:, sink_len:].double(), true_v[i][:, sink_len:].double()
         ek[i] += ((k[:, sink_len:] - tk) ** 2).sum()
         nk[i] += (tk**2).sum()
         ev[i] += ((v[:, sink_len:] - tv) ** 2).sum()

@@ -105,11 +105,6 @@ def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
 
 
-def unapply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inverse of `apply_rope`: cached (rotated) keys back to pre-RoPE space."""
-    return k * cos.unsqueeze(1) - _rotate_half(k) * sin.unsqueeze(1)
-
-
 # --- keys and values per layer, in the predictor's space ---
 
 
@@ -117,12 +112,6 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, S, H*D] -> [B, H, S, D]"""
     b, s, hd = x.shape
     return x.view(b, s, n_heads, hd // n_heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, S, D] -> [B, S, H*D]"""
-    b, h, s, d = x.shape
-    return x.transpose(1, 2).reshape(b, s, h * d)
 
 
 def normalize_keys(layer, k_merged: torch.Tensor, n_kv_heads: int) -> torch.Tensor:

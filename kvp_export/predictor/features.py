@@ -65,3 +65,18 @@ def capture(model, *, hidden: bool = True, kv: bool = True) -> Iterator[Captured
     finally:
         for h in handles:
             h.remove()
+
+
+def predictor_inputs(aux, input_mode: str, **forward) -> tuple[list, list]:
+    """Run the aux decoder (no LM head) and return per aux layer (x_k, x_v) for `input_mode`."""
+    hidden = input_mode == "hidden"
+    with capture(aux, hidden=hidden, kv=not hidden) as got:
+        aux.model(use_cache=False, **forward)
+    return (got.hidden, got.hidden) if hidden else (got.keys, got.values)
+
+
+def true_kv(base, **forward) -> tuple[list, list]:
+    """Run the base decoder (no LM head) and return per layer (pre-RoPE keys, values)."""
+    with capture(base, hidden=False, kv=True) as got:
+        base.model(use_cache=False, **forward)
+    return got.keys, got.values

@@ -66,12 +66,6 @@ class KVPredictor(nn.Module):
     def n_base_layers(self) -> int:
         return len(self.layer_map)
 
-    def aux_inputs(self, captured) -> tuple[list, list]:
-        """Per aux layer (x_k, x_v) from a `features.Captured`."""
-        if self.input_mode == "hidden":
-            return captured.hidden, captured.hidden
-        return captured.keys, captured.values
-
     def forward(self, xk: list[torch.Tensor], xv: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per base layer (pre-RoPE keys, values) [B, S, out] from per-aux-layer inputs."""
         concat: dict[tuple, torch.Tensor] = {}  # base layers with the same sources share one concat

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
-from .features import capture
+from .features import predictor_inputs, true_kv
 from .module import KVPredictor, gather, two_sided_sources, window_sources
 
 # Ridge strengths, relative to the mean diagonal of X^T X (scale-free across layers).
@@ -91,7 +91,6 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
     Every `val_every`-th sequence goes to the validation split used to pick the ridge strength.
     """
     stats = RidgeStats(predictor)
-    hidden = predictor.input_mode == "hidden"
     keep = torch.zeros(seqs.shape[1], dtype=torch.bool)
     keep[sink_len:] = True
     idx = torch.arange(len(seqs))
@@ -99,12 +98,9 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
     for split, sel in (("fit", idx[idx % val_every != val_every - 1]), ("val", idx[idx % val_every == val_every - 1])):
         for s in range(0, len(sel), batch):
             ids = seqs[sel[s : s + batch]]
-            with capture(base, hidden=False, kv=True) as tgt:
-                base.model(input_ids=ids, use_cache=False)
-            with capture(aux, hidden=hidden, kv=not hidden) as src:
-                aux.model(input_ids=ids, use_cache=False)
-            xk, xv = predictor.aux_inputs(src)
-            stats.add(split, xk, xv, tgt.keys, tgt.values, keep.expand(ids.shape[0], -1))
+            yk, yv = true_kv(base, input_ids=ids)
+            xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
+            stats.add(split, xk, xv, yk, yv, keep.expand(ids.shape[0], -1))
             bar.update(ids.shape[0])
     bar.close()
     return stats

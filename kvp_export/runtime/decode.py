@@ -51,6 +51,7 @@ def decode(
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
     out: list[torch.Tensor] = []
     seen = torch.empty(logits.shape[0], 0, dtype=torch.long)
+    eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long)
     for step in range(max_new_tokens):
         if sampling.temperature > 0:
             probs = torch.softmax(procs(seen, logits), dim=-1)
@@ -60,8 +61,8 @@ def decode(
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out.append(tok)
         seen = torch.cat([seen, tok[:, None]], dim=1)
-        if eos_ids:
-            done |= torch.isin(tok, torch.tensor(sorted(eos_ids)))
+        if len(eos):
+            done |= torch.isin(tok, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from ..errors import KvpError
 from ..models import arch
-from ..predictor.features import capture
+from ..predictor.features import predictor_inputs
 from ..predictor.module import KVPredictor
 
 KV_SOURCES = ("predictor", "mean", "none")
@@ -91,10 +91,8 @@ def predict_kv(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Predicted base KV for the context, per base layer: (rotated keys, values) [B, H, S, D]."""
     spec = arch.ArchSpec.of(base)
-    hidden = predictor.input_mode == "hidden"
-    with capture(aux, hidden=hidden, kv=not hidden) as got:
-        aux.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=False)
-    xk, xv = predictor.aux_inputs(got)
+    xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ctx_ids, attention_mask=ctx_mask,
+                              position_ids=ctx_pos)
     cos, sin = arch.rope_cos_sin(base, ctx_pos, xk[0].dtype)
     out = []
     for k, v in predictor(xk, xv):
@@ -147,7 +145,7 @@ def prefill_kvp(
         return prefill_full(base, input_ids, mask)  # nothing to predict
     spec = arch.ArchSpec.of(base)
     pos = positions_from_mask(mask)
-    ctx_ids, ctx_mask, ctx_pos = input_ids[:, :-1], mask[:, :-1].clone(), pos[:, :-1]
+    ctx_ids, ctx_mask, ctx_pos = input_ids[:, :-1], mask[:, :-1], pos[:, :-1]
 
     if kv_source == "predictor":
         kv = predict_kv(base, aux, predictor, ctx_ids, ctx_mask, ctx_pos)
@@ -160,7 +158,7 @@ def prefill_kvp(
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(kv):
-        cache.update(k.contiguous(), v.contiguous(), i)
+        cache.update(k, v, i)
     full_mask = torch.cat([ctx_mask, mask[:, -1:]], dim=1)
     out = base(
         input_ids=input_ids[:, -1:],
