@@ -94,12 +94,15 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the stack, recorded in every manifest."""
+    """Versions of the stack, recorded in every manifest (read from metadata: importing
+    coremltools or onnxruntime only for a version would cost seconds and print warnings)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "tokenizers", "numpy", "onnx", "onnxruntime", "coremltools"):
+    for dist in ("torch", "transformers", "tokenizers", "numpy", "onnx", "onnxruntime", "coremltools"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional runtime, absent is fine
+            out[dist] = version(dist)
+        except PackageNotFoundError:  # optional runtime, absent is fine
             continue
     from . import __version__
 

@@ -5,11 +5,9 @@ Every failure a user can cause (bad path, hash mismatch, invalid option...) rais
 Anything else is a bug and keeps its traceback.
 """
 
+from kvp_validate.errors import KvpError
 
-class KvpError(Exception):
-    """A clear, one-line error caused by the user's input or environment."""
-
-    exit_code = 1
+__all__ = ["HashMismatch", "KvpError", "TokenizerMismatch", "UnsupportedArchitecture"]
 
 
 class HashMismatch(KvpError):

@@ -1,0 +1,250 @@
+"""Export-friendly forwards of the base, the aux and the predictor, shared by ONNX and Core ML.
+
+HF's modeling code builds masks and caches in ways a tracer bakes into the graph at the
+example length (DESIGN.md section 6), so the exported graphs come from these small modules
+instead. They reuse the HF submodules (projections, norms, RoPE, MLP: the same weights) and
+write attention and masking from explicit inputs. tests/test_export.py checks them against
+the HF path.
+
+Masking rule of `Decoder` (past keys = the cache it is given, new keys = this call's tokens):
+- a new token sees the new tokens at or before it (causal by index) that the mask keeps;
+- a new token at position p sees the past keys the mask keeps when p >= the number of kept
+  past keys. In ordinary decoding every new position is at least that count, so this is plain
+  causal attention and any ONNX LLM runtime can drive the graph. It also lets KVP's first base
+  step recompute the sink: the sink tokens are fed again at positions 0..s-1 beside the last
+  prompt token, see only themselves, and get the base's exact KV in the same weight read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models import arch
+from ..predictor.module import KVPredictor
+
+
+def _neg(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """GQA attention without repeating K/V: q [B,H,T,D], k/v [B,Hkv,K,D], visible [B,T,K] -> [B,T,H*D].
+
+    Query heads are grouped onto their KV head (HF order: head h reads KV head h // rep), so
+    the cache is read once. Masked scores are set to the dtype's minimum (never -inf: a row
+    with nothing visible, a padding query, stays finite).
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    rep = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2)) * (d**-0.5)
+    scores = scores.view(b, hkv, rep, t, -1)
+    scores = torch.where(visible[:, None, None], scores, torch.tensor(_neg(scores.dtype), dtype=scores.dtype))
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, rep * t, -1)
+    out = torch.matmul(probs, v).view(b, h, t, d)
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def causal_visibility(attention_mask: torch.Tensor, position_ids: torch.Tensor, past_len) -> torch.Tensor:
+    """[B, T, P+T] bool: the rule in the module docstring."""
+    past_mask = attention_mask[:, :past_len].bool()
+    new_mask = attention_mask[:, past_len:].bool()
+    t = new_mask.shape[1]
+    kept_past = past_mask.sum(-1, keepdim=True)  # [B, 1]
+    see_past = past_mask[:, None, :] & (position_ids >= kept_past)[:, :, None]
+    idx = torch.arange(t, device=attention_mask.device)
+    see_new = (idx[None, :] <= idx[:, None])[None] & new_mask[:, None, :]
+    return torch.cat([see_past, see_new], dim=-1)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Layer(nn.Module):
+    """One HF decoder layer with explicit cache and visibility; optionally extra outputs of its input norm.
+
+    `extra` [out, hidden] (+ bias) is fused into the layer's q/k/v projection: one matmul
+    reads the normed hidden state once and yields q, k, v and the predictor's partial
+    outputs for the base layers that read this aux layer.
+    """
+
+    def __init__(self, layer: nn.Module, spec: arch.ArchSpec, extra_w: torch.Tensor | None = None,
+                 extra_b: torch.Tensor | None = None):
+        super().__init__()
+        attn = arch.attention(layer)
+        self.spec = spec
+        self.norm1, self.norm2, self.mlp, self.o_proj = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, attn.o_proj
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), arch.key_norm(layer)
+        ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        bs = [p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=p.weight.dtype)
+              for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        self.split = [w.shape[0] for w in ws]
+        if extra_w is not None:
+            ws.append(extra_w.to(ws[0].dtype))
+            bs.append((extra_b if extra_b is not None else torch.zeros(extra_w.shape[0])).to(ws[0].dtype))
+            self.split.append(extra_w.shape[0])
+        self.qkv = nn.Linear(ws[0].shape[1], sum(self.split), bias=True)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat(ws))
+            self.qkv.bias.copy_(torch.cat(bs))
+
+    def forward(self, h, cos, sin, past_k, past_v, visible):
+        """-> (h_out, k_full, v_full, pre-RoPE normed k, v, extra or None)."""
+        s = self.spec
+        b, t, _ = h.shape
+        parts = torch.split(self.qkv(self.norm1(h)), self.split, dim=-1)
+        q, k, v = parts[0], parts[1], parts[2]
+        q = q.view(b, t, s.n_heads, s.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        k = k.view(b, t, s.n_kv_heads, s.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k_pre = k.reshape(b, t, s.kv_dim)
+        q = arch.apply_rope(q.transpose(1, 2), cos, sin)
+        k_rot = arch.apply_rope(k.transpose(1, 2), cos, sin)
+        v_h = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        k_full = k_rot if past_k is None else torch.cat([past_k, k_rot], dim=2)
+        v_full = v_h if past_v is None else torch.cat([past_v, v_h], dim=2)
+        h = h + self.o_proj(attend(q, k_full, v_full, visible))
+        h = h + self.mlp(self.norm2(h))
+        return h, k_full, v_full, k_pre, v, (parts[3] if len(parts) > 3 else None)
+
+
+class Decoder(nn.Module):
+    """A causal LM over new tokens with an optional past cache (the base decoder, the base and aux prefill).
+
+    forward(input_ids, attention_mask [B, P+T], position_ids [B, T], *past (key, value per layer))
+    -> (logits, *present). With `last_only`, logits are for the last position only [B, 1, V]:
+    the LM head over the whole prompt is pure waste in a prefill.
+    """
+
+    def __init__(self, model: nn.Module, *, with_past: bool, last_only: bool):
+        super().__init__()
+        self.spec = arch.ArchSpec.of(model)
+        self.embed = model.model.embed_tokens
+        self.rotary = arch.rotary(model)
+        self.layers = nn.ModuleList(Layer(layer, self.spec) for layer in arch.decoder_layers(model))
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+        self.with_past, self.last_only = with_past, last_only
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(h, position_ids)
+        past_len = past[0].shape[2] if self.with_past else 0
+        visible = causal_visibility(attention_mask, position_ids, past_len)
+        present = []
+        for i, layer in enumerate(self.layers):
+            pk, pv = (past[2 * i], past[2 * i + 1]) if self.with_past else (None, None)
+            h, k, v, *_ = layer(h, cos, sin, pk, pv, visible)
+            present += [k, v]
+        if self.last_only:
+            h = h[:, -1:]
+        return (self.lm_head(self.norm(h)), *present)
+
+
+class KVPPrefill(nn.Module):
+    """The aux over the prompt's context and the predictor, emitting the base's cache and the next step's inputs.
+
+    forward(input_ids [B, N], attention_mask [B, N]) for left-padded prompts ->
+      present.i.key / present.i.value [B, Hkv_base, N-1, D]: the predicted base cache for
+        positions 0..N-2, keys rotated with the base's RoPE at their positions;
+      next_input_ids [B, s+1]: the s sink tokens and the last prompt token;
+      next_position_ids [B, s+1]: 0..s-1 and the last position;
+      next_attention_mask [B, N+s]: the context mask with the predicted sink slots dropped, then ones.
+    The three `next_*` outputs and the present cache feed the base decoder as they are: its
+    first step computes the sink's exact KV and the first token's logits in one pass.
+    Needs every prompt to be at least 2s + 2 tokens long (the runtime checks).
+    """
+
+    def __init__(self, base: nn.Module, aux: nn.Module, predictor: KVPredictor, sink_len: int):
+        super().__init__()
+        self.bspec, self.aspec = arch.ArchSpec.of(base), arch.ArchSpec.of(aux)
+        self.sink_len = sink_len
+        self.mode = predictor.input_mode
+        self.embed = aux.model.embed_tokens
+        self.aux_rotary, self.base_rotary = arch.rotary(aux), arch.rotary(base)
+        n_aux = self.aspec.n_layers
+        self.sources = predictor.sources
+        # Which aux source index (0..n_aux; n_aux = final normed state) feeds which predictor slices.
+        self.plan: list[list[tuple[int, str, int, int]]] = [[] for _ in range(n_aux + 1)]  # (base layer, k|v, part, width)
+        fused_w: list[list[torch.Tensor]] = [[] for _ in range(n_aux + 1)]
+        fused_b: list[list[torch.Tensor]] = [[] for _ in range(n_aux + 1)]
+        if self.mode == "hidden":
+            d = self.aspec.hidden
+            for i, src in enumerate(predictor.sources):
+                for kind, lin in (("k", predictor.k[i]), ("v", predictor.v[i])):
+                    for part, j in enumerate(src):
+                        fused_w[j].append(lin.weight[:, part * d : (part + 1) * d])
+                        fused_b[j].append(lin.bias if part == 0 else torch.zeros_like(lin.bias))
+                        self.plan[j].append((i, kind, part, lin.out_features))
+        else:  # "kv": the predictor reads the aux's own keys (normed, pre-RoPE) and values
+            self.pk, self.pv = predictor.k, predictor.v
+        layers = []
+        for j, layer in enumerate(arch.decoder_layers(aux)):
+            w = torch.cat(fused_w[j]) if fused_w[j] else None
+            b = torch.cat(fused_b[j]) if fused_b[j] else None
+            layers.append(Layer(layer, self.aspec, w, b))
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = aux.model.norm
+        self.final = None
+        if fused_w[n_aux]:
+            self.final = nn.Linear(self.aspec.hidden, sum(p[3] for p in self.plan[n_aux]))
+            with torch.no_grad():
+                self.final.weight.copy_(torch.cat(fused_w[n_aux]))
+                self.final.bias.copy_(torch.cat(fused_b[n_aux]))
+        # Aux layers after the deepest one the predictor reads are never run.
+        used = [j for j in range(n_aux + 1) if self.plan[j]] if self.mode == "hidden" else predictor.layer_map
+        self.depth = min(max(used) + 1, n_aux)
+
+    def forward(self, input_ids, attention_mask):
+        n = input_ids.shape[1]
+        ctx, cmask = input_ids[:, :-1], attention_mask[:, :-1]
+        pos = positions_from_mask(attention_mask)
+        cpos = pos[:, :-1]
+        h = self.embed(ctx)
+        cos, sin = self.aux_rotary(h, cpos)
+        visible = causal_visibility(cmask, cpos, 0)
+        n_base = self.bspec.n_layers
+        sums: dict[tuple[int, str], torch.Tensor] = {}
+        aux_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def add(j: int, out: torch.Tensor) -> None:
+            off = 0
+            for i, kind, _part, width in self.plan[j]:
+                piece = out[..., off : off + width]
+                off += width
+                sums[(i, kind)] = piece if (i, kind) not in sums else sums[(i, kind)] + piece
+
+        for j in range(self.depth):
+            h, _k, _v, k_pre, v, extra = self.layers[j](h, cos, sin, None, None, visible)
+            if extra is not None:
+                add(j, extra)
+            aux_kv.append((k_pre, v))
+        if self.final is not None:
+            add(len(self.layers), self.final(self.final_norm(h)))
+
+        bcos, bsin = self.base_rotary(h, cpos)
+        bs = self.bspec
+        b, s_ctx = ctx.shape
+        present = []
+        for i in range(n_base):
+            if self.mode == "hidden":
+                k, v = sums[(i, "k")], sums[(i, "v")]
+            else:
+                j = self.sources[i][0]
+                k, v = self.pk[i](aux_kv[j][0]), self.pv[i](aux_kv[j][1])
+            k = arch.apply_rope(k.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
+            v = v.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
+            present += [k, v]
+
+        s = self.sink_len
+        start = n - attention_mask.long().sum(-1, keepdim=True)  # left padding
+        sink_idx = start + torch.arange(s, device=input_ids.device)[None]
+        next_ids = torch.cat([torch.gather(input_ids, 1, sink_idx), input_ids[:, -1:]], dim=1)
+        next_pos = torch.cat([torch.arange(s, device=input_ids.device)[None].expand(b, s), pos[:, -1:]], dim=1)
+        kept = cmask * (cpos >= s).to(cmask.dtype)
+        next_mask = torch.cat([kept, torch.ones(b, s + 1, dtype=cmask.dtype, device=cmask.device)], dim=1)
+        return (*present, next_ids, next_pos, next_mask)

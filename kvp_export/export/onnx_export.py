@@ -1,0 +1,178 @@
+"""export onnx: a predictor folder (with its aux and base) -> an ONNX artifact folder.
+
+Layout of the folder (all of it described by manifest.json, which the validator checks):
+  fp32/ int8/ int4/     the five graphs of each variant (to_onnx.GRAPHS), plus config.json,
+                        generation_config.json and the tokenizer files, so each variant folder is
+                        also an optimum folder: ORTModelForCausalLM.from_pretrained(dir,
+                        file_name="base_decode.onnx") generates from it as a plain base model;
+  tokenizer/            the tokenizer (tokenizers' tokenizer.json) the validator encodes with;
+  reference.npz         PyTorch outputs on fixed inputs (parity);
+  eval_pairs.npz        held-out (prompt, continuation) token ids (quality through the runtime).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from .. import data
+from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
+from ..errors import KvpError
+from ..models.arch import ArchSpec
+from ..runtime.pipeline import KVPPipeline
+from ..stage import Clock, check_positive, model_ref, seed_all
+from . import graph_flops
+from .quantize import check_variants, quantize
+from .reference import build_reference, reference_inputs, save_reference
+from .to_onnx import GRAPHS, OPSET, export_graph
+
+EVAL_PAIRS = "eval_pairs.npz"
+MODEL_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] | tuple[str, ...] = ("fp32", "int8", "int4"),
+                block_size: int = 32, accuracy_level: int = 4, eval_n: int = 64, prompt_len: int = 192,
+                cont_len: int = 64, heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0,
+                progress: bool = True) -> Path:
+    """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`."""
+    clock = Clock()
+    out = check_output_dir(out, overwrite)
+    variants = check_variants(variants, block_size, accuracy_level)
+    check_positive(eval_n=eval_n, prompt_len=prompt_len, cont_len=cont_len)
+    seed_all(seed)
+    with clock.step("load"):
+        pipe = KVPPipeline.from_predictor(predictor)
+    base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
+    spec = ArchSpec.of(base)
+    context = int(getattr(base.config, "max_position_embeddings", 0) or 0)
+    if prompt_len + cont_len > context > 0:
+        raise KvpError(f"evaluation pairs of {prompt_len}+{cont_len} tokens exceed the context ({context})")
+    with clock.step("data"):
+        corpus = data.corpus_from_spec(list(heldout) if heldout else None, "heldout")
+        prompts, conts = data.eval_pairs(tok, corpus, eval_n, prompt_len, cont_len)
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        bar = tqdm(total=len(GRAPHS) * len(variants), desc="export onnx", unit="graph", disable=not progress)
+        io = {}
+        with clock.step("export_fp32"):
+            (tmp / "fp32").mkdir()
+            for name in GRAPHS:
+                bar.set_postfix_str(f"fp32/{name}")
+                io[name] = graph_io(export_graph(name, tmp / "fp32" / f"{name}.onnx", base, aux, pred, pipe.sink_len))
+                bar.update()
+        with clock.step("count_flops"):
+            flops = count_flops(tmp / "fp32", spec, ArchSpec.of(aux), pipe.sink_len)
+        quant = {"int8": {"method": "dynamic", "weight_type": "QInt8", "ops": ["MatMul"]},
+                 "int4": {"method": "MatMulNBits", "block_size": block_size, "symmetric": True,
+                          "accuracy_level": accuracy_level}}
+        for variant in variants[1:]:
+            with clock.step(f"quantize_{variant}"):
+                (tmp / variant).mkdir()
+                for name in GRAPHS:
+                    bar.set_postfix_str(f"{variant}/{name}")
+                    quantize(variant, tmp / "fp32" / f"{name}.onnx", tmp / variant / f"{name}.onnx",
+                             block_size=block_size, accuracy_level=accuracy_level)
+                    bar.update()
+        bar.close()
+        with clock.step("reference"):
+            ids, mask = reference_inputs(prompts, length=min(32, prompt_len))
+            save_reference(tmp, build_reference(base, aux, pred, pipe.sink_len, ids, mask, tok.pad_token_id))
+            np.savez(tmp / EVAL_PAIRS, prompts=prompts.numpy(), continuations=conts.numpy())
+        tok.save_pretrained(tmp / "tokenizer")
+        base_dir = Path(pipe.manifest["inputs"]["base"]["path"])
+        for variant in variants:
+            copy_model_files(base_dir, tmp / "tokenizer", tmp / variant)
+        files = {v: {name: graph_files(tmp, v, name) for name in GRAPHS} for v in variants}
+        manifest_fields = {
+            "model": {
+                "model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": ArchSpec.of(aux).n_layers,
+                "kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "context": context,
+                "sink_len": pipe.sink_len, "eos_token_ids": sorted(pipe.eos_ids), "pad_token_id": tok.pad_token_id,
+            },
+            "tokenizer": {"folder": "tokenizer", "sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
+                          "vocab_size": len(tok)},
+            "io": io,
+            "variants": files,
+            "quantization": {v: quant[v] for v in variants[1:]},
+            "flops": flops,
+            "reference": {"file": "reference.npz", "greedy_tokens": 8},
+            "eval": {"file": EVAL_PAIRS, "n": eval_n, "prompt_len": prompt_len, "cont_len": cont_len,
+                     "heldout": corpus.description},
+        }
+        write_manifest(tmp, "onnx", inputs={
+            "predictor": {"path": str(Path(predictor).resolve()),
+                          "sha256": sha256_file(Path(predictor) / "predictor.safetensors")},
+            "aux": model_ref(pipe.aux_dir, pipe.aux_dir),
+            "base": pipe.manifest["inputs"]["base"],
+        }, recipe={"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
+                   "opset": OPSET, "seed": seed},
+            **manifest_fields, **clock.record())
+    return out
+
+
+def graph_io(io) -> dict:
+    return {"inputs": io.inputs, "outputs": io.outputs}
+
+
+def graph_files(root: Path, variant: str, name: str) -> dict:
+    files = sorted(p for p in (root / variant).glob(f"{name}.onnx*") if p.is_file())
+    return {
+        "file": f"{variant}/{name}.onnx",
+        "bytes": sum(p.stat().st_size for p in files),
+        "sha256": {p.name: sha256_file(p) for p in files},
+    }
+
+
+def copy_model_files(base_dir: Path, tokenizer_dir: Path, dst: Path) -> None:
+    """config + tokenizer beside the graphs: what optimum needs to load a variant folder."""
+    for name in MODEL_FILES:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, dst / name)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, dst / name)
+
+
+def _feeds_prefill(n: int, with_pos: bool) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": np.ones((1, n), np.int64), "attention_mask": np.ones((1, n), np.int64)}
+    if with_pos:
+        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None]
+    return feeds
+
+
+def _feeds_decode(spec: ArchSpec, past: int, new: int) -> dict[str, np.ndarray]:
+    kv = np.zeros((1, spec.n_kv_heads, past, spec.head_dim), np.float32)
+    feeds = {"input_ids": np.ones((1, new), np.int64), "attention_mask": np.ones((1, past + new), np.int64),
+             "position_ids": np.arange(past, past + new, dtype=np.int64)[None]}
+    for i in range(spec.n_layers):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = kv
+    return feeds
+
+
+def count_flops(folder: Path, base: ArchSpec, aux: ArchSpec, sink_len: int) -> dict:
+    """Per graph, FLOPs per sequence as polynomial coefficients (lowest degree first).
+
+    Prefill graphs: in the prompt length N. Decoders: in the past length P, for one new
+    token ("step") and, for the base, for KVP's first step (the sink tokens + the last one).
+    """
+    t0 = time.perf_counter()
+    lengths = [8, 16, 32]
+    out: dict = {}
+    for name in ("kvp_prefill", "base_prefill", "aux_prefill"):
+        feeds = [_feeds_prefill(n, name != "kvp_prefill") for n in lengths]
+        out[name] = {"variable": "prompt_len", "coef": graph_flops.fit_poly(lengths, graph_flops.matmul_flops(folder / f"{name}.onnx", feeds))}
+    pasts = [8, 16]
+    for name, spec in (("base_decode", base), ("aux_decode", aux)):
+        out[name] = {"variable": "past_len"}
+        news = {"step": 1, "first_step": sink_len + 1} if name == "base_decode" else {"step": 1}
+        for key, new in news.items():
+            feeds = [_feeds_decode(spec, p, new) for p in pasts]
+            out[name][key] = graph_flops.fit_poly(pasts, graph_flops.matmul_flops(folder / f"{name}.onnx", feeds))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out

@@ -1,0 +1,122 @@
+"""An ONNX export folder, opened and checked before anything runs.
+
+Checks, each a one-line error: the manifest exists and is an ONNX export; every graph the
+manifest lists is on disk with the size it recorded; a session's input and output names
+match the manifest (a graph swapped from another export fails here); the tokenizer file
+is the one exported (SHA-256) and covers the graphs' vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import KvpError
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class OnnxArtifact:
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, folder: str | Path) -> OnnxArtifact:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise KvpError(f"no such export folder: {folder}")
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise KvpError(f"not an export folder (no {MANIFEST}): {folder}")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise KvpError(f"unreadable manifest {path}: {e}") from None
+        if manifest.get("stage") != "onnx":
+            raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected an ONNX export")
+        for key in ("variants", "io", "model", "tokenizer"):
+            if key not in manifest:
+                raise KvpError(f"manifest {path} has no '{key}' section")
+        art = cls(folder, manifest)
+        for variant in manifest["variants"]:
+            for name in manifest["variants"][variant]:
+                art.check_files(variant, name)
+        return art
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.manifest["variants"])
+
+    def check_variant(self, variant: str) -> None:
+        if variant not in self.manifest["variants"]:
+            raise KvpError(f"variant '{variant}' not in this export (has {', '.join(self.variants)})")
+
+    def graph(self, variant: str, name: str) -> Path:
+        self.check_variant(variant)
+        if name not in self.manifest["variants"][variant]:
+            raise KvpError(f"graph '{name}' not listed for variant {variant} in {self.folder / MANIFEST}")
+        return self.folder / self.manifest["variants"][variant][name]["file"]
+
+    def check_files(self, variant: str, name: str, hashes: bool = False) -> None:
+        entry = self.manifest["variants"][variant][name]
+        for fname, digest in entry["sha256"].items():
+            path = self.folder / variant / fname
+            if not path.is_file():
+                raise KvpError(f"missing graph file {path} (listed in the manifest)")
+            if hashes and _sha256(path) != digest:
+                raise KvpError(f"graph file {path} does not match its SHA-256 in the manifest")
+        size = sum((self.folder / variant / f).stat().st_size for f in entry["sha256"])
+        if size != entry["bytes"]:
+            raise KvpError(f"graph {variant}/{name} is {size} bytes, the manifest says {entry['bytes']}")
+
+    def check_session_io(self, sess, variant: str, name: str) -> None:
+        want = self.manifest["io"][name]
+        got_in = [i.name for i in sess.get_inputs()]
+        got_out = [o.name for o in sess.get_outputs()]
+        for what, got, exp in (("inputs", got_in, want["inputs"]), ("outputs", got_out, want["outputs"])):
+            if got != exp:
+                missing = [n for n in exp if n not in got] or [n for n in got if n not in exp] or got[:1]
+                raise KvpError(f"graph {variant}/{name} {what} do not match the manifest (first difference: {missing[0]})")
+        is_base = name.startswith(("base", "kvp"))
+        layers = self.model["base_layers"] if is_base else self.model["aux_layers"]
+        kv = [t for t in sess.get_inputs() + sess.get_outputs() if t.name.startswith(("past_key_values.", "present."))]
+        for t in kv:
+            dims = t.shape
+            if len(dims) != 4 or (is_base and (dims[1], dims[3]) != (self.model["kv_heads"], self.model["head_dim"])):
+                raise KvpError(f"graph {variant}/{name}: {t.name} has shape {dims}, the manifest's base has "
+                               f"{self.model['kv_heads']} KV heads of size {self.model['head_dim']}")
+        if sum(t.name.startswith("present.") for t in kv) != 2 * layers:
+            raise KvpError(f"graph {variant}/{name} does not output {2 * layers} cache tensors")
+        logits = [o for o in sess.get_outputs() if o.name == "logits"]
+        if logits and isinstance(logits[0].shape[-1], int) and logits[0].shape[-1] != self.model["vocab"]:
+            raise KvpError(f"graph {variant}/{name} has {logits[0].shape[-1]} logits, the manifest says {self.model['vocab']}")
+
+    def tokenizer(self):
+        """The exported tokenizer, checked against the manifest's hash and vocabulary."""
+        from tokenizers import Tokenizer
+
+        info = self.manifest["tokenizer"]
+        path = self.folder / info["folder"] / "tokenizer.json"
+        if not path.is_file():
+            raise KvpError(f"missing tokenizer file {path}")
+        if _sha256(path) != info["sha256"]:
+            raise KvpError(f"tokenizer {path} is not the one exported with these graphs (SHA-256 differs)")
+        tok = Tokenizer.from_file(str(path))
+        if tok.get_vocab_size() > self.model["vocab"]:
+            raise KvpError(f"tokenizer has {tok.get_vocab_size()} tokens, the graphs only {self.model['vocab']}")
+        return tok

@@ -1,0 +1,15 @@
+"""The one user-facing error class, shared by kvp_export and kvp_validate.
+
+Defined here because the validator must import without torch; kvp_export re-exports it
+as `kvp_export.errors.KvpError`. Every failure a user can cause raises it with a one-line
+message; both CLIs print it as `error: ...` and exit 1.
+"""
+
+
+class KvpError(Exception):
+    """A clear, one-line error caused by the user's input or environment."""
+
+    exit_code = 1
+
+
+ValidationError = KvpError  # the validator's name for it
