@@ -149,15 +149,24 @@ def fit(aux, base, input_mode, sink_len, sources, calib, calib_tokens, seed, out
                    calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, progress=_progress()))
 
 
-def model_overrides(f):
+def model_overrides(f, required: bool = True):
     f = click.option("--base", help="Override the base the predictor manifest names.")(f)
     f = click.option("--aux", help="Override the aux folder the predictor manifest names.")(f)
-    f = click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")(f)
+    f = click.option("--predictor", required=required, type=click.Path(path_type=Path), help="A fit output folder.")(f)
     return f
 
 
+def optional_model_overrides(f):
+    return model_overrides(f, required=False)
+
+
 @main.command()
-@model_overrides
+@optional_model_overrides
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path),
+              help="Generate with an ONNX export folder on onnxruntime instead of PyTorch.")
+@click.option("--variant", default="fp32", show_default=True, help="With --onnx: fp32, int8 or int4.")
+@click.option("--threads", default=2, show_default=True, help="With --onnx: onnxruntime intra-op threads.")
+@click.option("--aux-only", is_flag=True, help="With --onnx: the aux alone (prefill and decode), for comparison.")
 @click.option("--no-kvp", is_flag=True, help="Plain base prefill instead of KV prediction (for comparison).")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
@@ -170,8 +179,8 @@ def model_overrides(f):
               "KV exactly, once (an extended sink).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("prompt", nargs=-1)
-def generate(predictor, aux, base, no_kvp, max_new_tokens, temperature, top_k, top_p, seed, prompts_file,
-             prefix, as_json, prompt):
+def generate(predictor, aux, base, onnx_dir, variant, threads, aux_only, no_kvp, max_new_tokens, temperature, top_k,
+             top_p, seed, prompts_file, prefix, as_json, prompt):
     """Generate from PROMPT(s) with KV prediction; print completions and the prefill time (TTFT)."""
     from .runtime.decode import Sampling
     from .runtime.pipeline import KVPPipeline, check_sampling, read_prompts
@@ -179,6 +188,14 @@ def generate(predictor, aux, base, no_kvp, max_new_tokens, temperature, top_k, t
     prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
     if not prompts:
         raise KvpError("no prompts given (pass PROMPT arguments or --prompts-file)")
+    if (predictor is None) == (onnx_dir is None):
+        raise KvpError("pass exactly one of --predictor (PyTorch) or --onnx (an ONNX export folder)")
+    if onnx_dir is not None:
+        if prefix or aux or base:
+            raise KvpError("--prefix, --aux and --base apply to the PyTorch path only")
+        _generate_onnx(onnx_dir, variant, threads, "aux" if aux_only else "base" if no_kvp else "kvp", prompts,
+                       max_new_tokens, temperature, top_k, top_p, seed, as_json)
+        return
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     check_sampling(max_new_tokens, sampling)
     pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
@@ -191,6 +208,23 @@ def generate(predictor, aux, base, no_kvp, max_new_tokens, temperature, top_k, t
         click.echo(p + c)
     mode = "KVP" if g.kvp else "base"
     click.echo(f"prefill (TTFT) of the batch of {len(prompts)}, {mode}: {g.prefill_seconds * 1e3:.1f} ms")
+
+
+def _generate_onnx(folder, variant, threads, mode, prompts, max_new_tokens, temperature, top_k, top_p, seed, as_json):
+    from kvp_validate.runtime import OnnxKVP, Sampling
+
+    rt = OnnxKVP(folder, variant, threads)
+    g = rt.generate(prompts, max_new_tokens=max_new_tokens, mode=mode,
+                    sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(g), indent=2, ensure_ascii=False))
+        return
+    for i, (p, c, n_p, ids) in enumerate(zip(g.prompts, g.completions, g.prompt_tokens, g.token_ids), 1):
+        click.echo(f"--- [{i}] prompt {n_p} tokens, completion {len(ids)} tokens ---")
+        click.echo(p + c)
+    parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in g.seconds.items() if k != "total")
+    click.echo(f"TTFT of the batch of {len(prompts)}, {g.mode} on onnxruntime {variant} ({threads} threads): "
+               f"{g.ttft_seconds * 1e3:.1f} ms ({parts})")
 
 
 @main.command("eval")
@@ -213,3 +247,40 @@ def eval_(predictor, aux, base, n, prompt_len, cont_len, greedy_tokens, batch, h
                       seed=seed, progress=_progress())
     click.echo((folder / "report.md").read_text(), nl=False)
     click.echo(f"kvp: report written to {folder}", err=True)
+
+
+# --------------------------------------------------------------------------- export and validate
+
+
+@main.group()
+def export():
+    """Export base + aux + predictor as deployable graphs."""
+
+
+@export.command("onnx")
+@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["fp32", "int8", "int4"]),
+              help="Variants to write (default: all three; fp32 is always written).")
+@click.option("--block-size", default=32, show_default=True, help="int4: weights per quantization block.")
+@click.option("--accuracy-level", default=4, show_default=True,
+              help="int4: MatMulNBits compute type (4 = int8 compute, fast; 0 = fp32 compute).")
+@click.option("--eval-n", default=64, show_default=True, help="Held-out pairs stored for the validator.")
+@click.option("--prompt-len", default=192, show_default=True)
+@click.option("--cont-len", default=64, show_default=True)
+@click.option("--heldout", multiple=True, metavar="PATH", help="Held-out text (default: stdlib + Shakespeare).")
+@click.option("--seed", default=0, show_default=True)
+@output_options
+def export_onnx_cmd(predictor, variants, block_size, accuracy_level, eval_n, prompt_len, cont_len, heldout, seed, out,
+                    overwrite):
+    """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
+    from .export.onnx_export import export_onnx
+
+    click.echo(export_onnx(predictor, out, variants=list(variants) or ("fp32", "int8", "int4"),
+                           block_size=block_size, accuracy_level=accuracy_level, eval_n=eval_n,
+                           prompt_len=prompt_len, cont_len=cont_len, heldout=list(heldout), overwrite=overwrite,
+                           seed=seed, progress=_progress()))
+
+
+from kvp_validate.cli import validate_cmd  # noqa: E402 - torch-free; shared with `kvp-validate`
+
+main.add_command(validate_cmd, "validate")

@@ -1,0 +1,89 @@
+"""The validator's command, `kvp validate` (and `kvp-validate`, which needs no torch).
+
+Exit codes: 0 all gates pass; 1 a user error (one line on stderr); 3 a gate failed (the
+report names each failing gate and its measured value).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import KvpError
+
+GATE_FAILED = 3
+
+
+def _ints(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _tolerances(values: tuple[str, ...]) -> dict:
+    """--tol int8.logits_rel=0.2 -> {"int8": {"logits_rel": 0.2}}"""
+    out: dict = {}
+    for v in values:
+        try:
+            key, num = v.split("=", 1)
+            variant, name = key.split(".", 1)
+            out.setdefault(variant, {})[name] = float(num)
+        except ValueError:
+            raise KvpError(f"invalid tolerance '{v}' (expected VARIANT.METRIC=VALUE, e.g. int8.logits_rel=0.2)") from None
+    return out
+
+
+@click.command("validate")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--variant", "variants", multiple=True, help="Variants to check (default: all in the export).")
+@click.option("--check", "checks", multiple=True, type=click.Choice(["parity", "quality", "ttft", "humaneval"]),
+              help="Checks to run (default: parity, quality, ttft).")
+@click.option("--gate", "gates", multiple=True, metavar="KEY OP VALUE",
+              help="e.g. 'parity.*.ok==1' or 'ttft.fp32.1x512.kvp_speedup>=1.5'; exit 3 when one fails.")
+@click.option("--tol", "tols", multiple=True, metavar="VARIANT.METRIC=VALUE", help="Override a parity tolerance.")
+@click.option("--threads", default=2, show_default=True, help="onnxruntime intra-op threads (fixed for TTFT).")
+@click.option("--quality-n", type=int, help="Use only the first N held-out pairs (default: all exported).")
+@click.option("--greedy-tokens", default=16, show_default=True)
+@click.option("--lengths", default="128,512,1024", show_default=True, callback=_ints, help="TTFT prompt lengths.")
+@click.option("--batches", default="1,4,8", show_default=True, callback=_ints, help="TTFT batch sizes.")
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
+def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
+                 lengths, batches, warmup, repeats, humaneval_limit):
+    """Validate an ONNX export: parity, accuracy, TTFT; write report.json + report.md to OUT."""
+    from .onnx_report import validate_onnx
+
+    payload = validate_onnx(export_dir, out, variants=list(variants) or None,
+                            checks=tuple(checks) or ("parity", "quality", "ttft"), gates=list(gates),
+                            threads=threads, quality_n=quality_n, greedy_tokens=greedy_tokens, lengths=lengths,
+                            batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
+                            tolerances=_tolerances(tols), overwrite=overwrite, progress=sys.stderr.isatty())
+    click.echo((Path(out) / "report.md").read_text(), nl=False)
+    failed = [g for g in payload["gates"] if not g["ok"]]
+    for g in failed:
+        click.echo(f"gate failed: {g['gate']} (measured {g['key']} = {g['value']})", err=True)
+    if failed:
+        sys.exit(GATE_FAILED)
+
+
+def main() -> None:
+    """`kvp-validate`: the same command without the kvp_export (torch) package."""
+    try:
+        validate_cmd.main(standalone_mode=False)
+    except KvpError as e:
+        click.echo(f"error: {str(e).strip().splitlines()[0]}", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)

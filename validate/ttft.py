@@ -1,0 +1,112 @@
+"""Time to first token on onnxruntime (CPU), measured: base prefill vs KVP vs the aux alone.
+
+For each prompt length x batch: fixed intra-op threads, warm-up runs, then `repeats`
+rounds in which every path runs once (interleaved, so drift on a noisy machine hits all
+paths alike); medians per path, and ratios of medians from the same run:
+- base:  base_prefill over N tokens (last-position logits);
+- kvp:   kvp_prefill over N tokens + the base's first step (sink + last token), and its parts;
+- aux:   aux_prefill over N tokens (the aux alone, what KVP's cost tends to);
+- aux_ctx: aux_prefill over the N-1 context tokens: KVP's aux share, so the predictor's
+  share is kvp_prefill - aux_ctx (approximate: the two graphs differ by the aux's last-token
+  LM head and by what the fused predictor adds);
+- base_step: one ordinary decode step after N tokens (per-token decode cost).
+FLOPs come from the export's counts of the graphs themselves (manifest "flops").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .artifact import OnnxArtifact
+from .errors import KvpError
+from .runtime import OnnxKVP, positions
+
+
+def poly(coef: list[float], x: float) -> float:
+    return float(sum(c * x**i for i, c in enumerate(coef)))
+
+
+def graph_flops(art: OnnxArtifact, batch: int, n: int) -> dict[str, float]:
+    f = art.manifest["flops"]
+    base = batch * poly(f["base_prefill"]["coef"], n)
+    aux = batch * poly(f["aux_prefill"]["coef"], n)
+    kvp_prefill = batch * poly(f["kvp_prefill"]["coef"], n)
+    first = batch * poly(f["base_decode"]["first_step"], n - 1)
+    return {"base": base, "aux": aux, "kvp": kvp_prefill + first, "kvp_prefill": kvp_prefill, "base_first_step": first}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    vocab = rt.model["vocab"]
+    ids = rng.integers(0, vocab, size=(batch, n), dtype=np.int64)
+    mask = np.ones_like(ids)
+    pos = positions(mask)
+    base = rt.session("base_prefill")
+    aux = rt.session("aux_prefill")
+    kvp_first = {}
+
+    def run_kvp():
+        state = rt.prefill(ids, mask, "kvp")
+        kvp_first.update(state.seconds)
+        return state
+
+    state = run_kvp()  # also the cache for the decode step below
+    step_feeds = {"input_ids": ids[:, -1:], "attention_mask": np.concatenate([state.mask, np.ones((batch, 1), np.int64)], 1),
+                  "position_ids": state.next_pos[:, None]}
+    step_feeds |= dict(zip(rt.art.manifest["io"]["base_decode"]["inputs"][3:], state.past))
+    step = rt.session("base_decode")
+    paths = {
+        "base": lambda: base.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos}),
+        "aux": lambda: aux.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos}),
+        "aux_ctx": lambda: aux.run(["logits"], {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1],
+                                                "position_ids": pos[:, :-1]}),
+        "kvp": run_kvp,
+        "base_step": lambda: step.run(["logits"], step_feeds),
+    }
+    times: dict[str, list[float]] = {k: [] for k in [*paths, "kvp_prefill", "base_first_step"]}
+    for r in range(warmup + repeats):
+        for name, fn in paths.items():
+            dt = _timed(fn)
+            if r >= warmup:
+                times[name].append(dt)
+                if name == "kvp":
+                    times["kvp_prefill"].append(kvp_first["kvp_prefill"])
+                    times["base_first_step"].append(kvp_first["base_first_step"])
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med["predictor_est"] = max(med["kvp_prefill"] - med["aux_ctx"], 0.0)
+    return med
+
+
+def run_ttft(art: OnnxArtifact, variant: str, *, lengths=(128, 512, 1024), batches=(1, 4, 8), threads: int = 2,
+             warmup: int = 1, repeats: int = 5, progress: bool = False) -> dict:
+    if repeats < 1 or warmup < 0:
+        raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    rt = OnnxKVP(art, variant, threads)
+    for n in lengths:
+        rt.check_context(n, 1)
+        if n < 2 * rt.sink_len + 2:
+            raise KvpError(f"TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {2 * rt.sink_len + 2}")
+    points = []
+    grid = [(b, n) for n in lengths for b in batches]
+    for b, n in tqdm(grid, desc=f"ttft {variant}", unit="point", disable=not progress):
+        ms = measure_point(rt, b, n, warmup=warmup, repeats=repeats)
+        fl = graph_flops(art, b, n)
+        speedup = ms["base"] / ms["kvp"]
+        flops_ratio = fl["base"] / fl["kvp"]
+        points.append({
+            "batch": b, "prompt_len": n, "ms": ms, "flops": fl,
+            "kvp_speedup": speedup, "kvp_flops_ratio": flops_ratio, "kvp_efficiency": speedup / flops_ratio,
+            "aux_speedup": ms["base"] / ms["aux"], "aux_flops_ratio": fl["base"] / fl["aux"],
+            "kvp_over_aux": ms["kvp"] / ms["aux"],
+        })
+    return {"variant": variant, "threads": threads, "warmup": warmup, "repeats": repeats, "points": points}
