@@ -264,19 +264,24 @@ def export():
 @click.option("--block-size", default=32, show_default=True, help="int4: weights per quantization block.")
 @click.option("--accuracy-level", default=4, show_default=True,
               help="int4: MatMulNBits compute type (4 = int8 compute, fast; 0 = fp32 compute).")
+@click.option("--int8-method", type=click.Choice(["dynamic", "weight-only"]), default="dynamic", show_default=True,
+              help="int8: dynamic (int8 GEMMs; MLP down projections kept fp32) or 8-bit weight-only MatMulNBits.")
+@click.option("--int4-method", type=click.Choice(["hqq", "rtn"]), default="hqq", show_default=True,
+              help="int4: HQQ-optimised or round-to-nearest weights.")
 @click.option("--eval-n", default=64, show_default=True, help="Held-out pairs stored for the validator.")
 @click.option("--prompt-len", default=192, show_default=True)
 @click.option("--cont-len", default=64, show_default=True)
 @click.option("--heldout", multiple=True, metavar="PATH", help="Held-out text (default: stdlib + Shakespeare).")
 @click.option("--seed", default=0, show_default=True)
 @output_options
-def export_onnx_cmd(predictor, variants, block_size, accuracy_level, eval_n, prompt_len, cont_len, heldout, seed, out,
+def export_onnx_cmd(predictor, variants, block_size, accuracy_level, int8_method, int4_method, eval_n, prompt_len, cont_len, heldout, seed, out,
                     overwrite):
     """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
     from .export.onnx_export import export_onnx
 
     click.echo(export_onnx(predictor, out, variants=list(variants) or ("fp32", "int8", "int4"),
-                           block_size=block_size, accuracy_level=accuracy_level, eval_n=eval_n,
+                           block_size=block_size, accuracy_level=accuracy_level, int8_method=int8_method,
+                           int4_method=int4_method, eval_n=eval_n,
                            prompt_len=prompt_len, cont_len=cont_len, heldout=list(heldout), overwrite=overwrite,
                            seed=seed, progress=_progress()))
 

@@ -37,13 +37,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] | tuple[str, ...] = ("fp32", "int8", "int4"),
-                block_size: int = 32, accuracy_level: int = 4, eval_n: int = 64, prompt_len: int = 192,
+                block_size: int = 32, accuracy_level: int = 4, int8_method: str = "dynamic",
+                int4_method: str = "hqq", eval_n: int = 64, prompt_len: int = 192,
                 cont_len: int = 64, heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0,
                 progress: bool = True) -> Path:
     """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`."""
     clock = Clock()
     out = check_output_dir(out, overwrite)
-    variants = check_variants(variants, block_size, accuracy_level)
+    variants = check_variants(variants, block_size, accuracy_level, int8_method, int4_method)
     check_positive(eval_n=eval_n, prompt_len=prompt_len, cont_len=cont_len)
     seed_all(seed)
     with clock.step("load"):
@@ -68,16 +69,16 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                 bar.update()
         with clock.step("count_flops"):
             flops = count_flops(tmp / "fp32", spec, ArchSpec.of(aux), pipe.sink_len)
-        quant = {"int8": {"method": "dynamic", "weight_type": "QInt8", "ops": ["MatMul"]},
-                 "int4": {"method": "MatMulNBits", "block_size": block_size, "symmetric": True,
-                          "accuracy_level": accuracy_level}}
+        quant: dict[str, dict] = {}
         for variant in variants[1:]:
             with clock.step(f"quantize_{variant}"):
                 (tmp / variant).mkdir()
                 for name in GRAPHS:
                     bar.set_postfix_str(f"{variant}/{name}")
-                    quantize(variant, tmp / "fp32" / f"{name}.onnx", tmp / variant / f"{name}.onnx",
-                             block_size=block_size, accuracy_level=accuracy_level)
+                    info = quantize(variant, tmp / "fp32" / f"{name}.onnx", tmp / variant / f"{name}.onnx",
+                                    block_size=block_size, accuracy_level=accuracy_level, int8_method=int8_method,
+                                    int4_method=int4_method)
+                    quant.setdefault(variant, {})[name] = info
                     bar.update()
         bar.close()
         with clock.step("reference"):
@@ -99,7 +100,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                           "vocab_size": len(tok)},
             "io": io,
             "variants": files,
-            "quantization": {v: quant[v] for v in variants[1:]},
+            "quantization": quant,
             "flops": flops,
             "reference": {"file": "reference.npz", "greedy_tokens": 8},
             "eval": {"file": EVAL_PAIRS, "n": eval_n, "prompt_len": prompt_len, "cont_len": cont_len,
@@ -111,6 +112,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             "aux": model_ref(pipe.aux_dir, pipe.aux_dir),
             "base": pipe.manifest["inputs"]["base"],
         }, recipe={"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
+                   "int8_method": int8_method, "int4_method": int4_method,
                    "opset": OPSET, "seed": seed},
             **manifest_fields, **clock.record())
     return out

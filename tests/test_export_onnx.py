@@ -1,0 +1,277 @@
+"""ONNX export, the onnxruntime runtime and the validator, on the tiny random models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvp_export.cli import main
+from kvp_export.errors import KvpError
+
+
+@pytest.fixture(scope="module")
+def exported(built, assets, tmp_path_factory):
+    from kvp_export.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    return export_onnx(built["pred"], out, heldout=[str(assets["corpus"])], eval_n=8, prompt_len=24, cont_len=8,
+                       progress=False)
+
+
+def copy_export(exported, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(exported, dst)
+    return dst
+
+
+# ---------------------------------------------------------------- the export-friendly modules
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_module_matches_hf(assets, family):
+    from kvp_export.export.modules import Decoder, positions_from_mask
+    from kvp_export.models import load
+
+    model, _ = load(str(assets[family]))
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    pos = positions_from_mask(mask)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        got = Decoder(model, with_past=False, last_only=True)(ids, mask, pos)[0][:, -1]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("input_mode,sink_len", [("hidden", 1), ("kv", 0), ("hidden", 2)])
+def test_kvp_modules_match_the_pytorch_runtime(assets, tmp_path, input_mode, sink_len):
+    """kvp_prefill's outputs fed to the decoder as they are give the PyTorch KVP logits (sink included)."""
+    from kvp_export.export.modules import Decoder, KVPPrefill
+    from kvp_export.predictor.fit import fit
+    from kvp_export.derive import derive
+    from kvp_export.runtime.pipeline import KVPPipeline
+    from kvp_export.runtime.kvp import prefill_kvp
+
+    calib = [str(assets["corpus"])]
+    aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="none", progress=False)
+    pred = fit(aux, tmp_path / "pred", input_mode=input_mode, sink_len=sink_len, calib=calib, calib_tokens=2048,
+               progress=False)
+    pipe = KVPPipeline.from_predictor(pred)
+    ids = torch.randint(3, 100, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = prefill_kvp(pipe.base, pipe.aux, pipe.predictor, ids, mask, sink_len=sink_len).logits
+        out = KVPPrefill(pipe.base, pipe.aux, pipe.predictor, sink_len)(ids, mask)
+        got = Decoder(pipe.base, with_past=True, last_only=False)(out[-3], out[-1], out[-2], *out[:-3])[0][:, -1]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the export
+
+
+def test_export_layout_manifest_and_checker(exported):
+    import onnx
+
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m["stage"] == "onnx" and set(m["variants"]) == {"fp32", "int8", "int4"}
+    for variant, graphs in m["variants"].items():
+        assert set(graphs) == {"kvp_prefill", "base_decode", "base_prefill", "aux_decode", "aux_prefill"}
+        for entry in graphs.values():
+            onnx.checker.check_model(str(exported / entry["file"]), full_check=True)
+    names = m["io"]["base_decode"]
+    assert names["inputs"][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert names["outputs"][:2] == ["logits", "present.0.key"]
+    int4 = onnx.load(str(exported / "int4" / "base_decode.onnx"))
+    assert any(n.op_type == "MatMulNBits" for n in int4.graph.node)
+    assert m["quantization"]["int4"]["base_decode"]["block_size"] == 32
+    assert m["quantization"]["int8"]["base_decode"]["kept_fp32"]  # the down projections
+    assert (exported / "fp32" / "config.json").is_file() and (exported / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_graph_flops_match_the_analytic_count(exported, assets):
+    """The exported base prefill does what the analytic model counts (projections, attention, last-token head),
+    except that the graph computes the full square of attention scores where the analytic count
+    takes the causal half."""
+    from kvp_export import flops
+    from kvp_export.models import load
+    from kvp_export.models.arch import ArchSpec
+    from kvp_validate.ttft import poly
+
+    m = json.loads((exported / "manifest.json").read_text())
+    base, _ = load(str(assets["llama"]))
+    spec = ArchSpec.of(base)
+    for n in (16, 100):
+        masked_half = 4 * spec.n_heads * spec.head_dim * spec.n_layers * (n * n - n * (n + 1) // 2)
+        want = flops.prefill_flops(base, n) + masked_half
+        assert poly(m["flops"]["base_prefill"]["coef"], n) == pytest.approx(want, rel=1e-3)
+        step = poly(m["flops"]["base_decode"]["step"], n)
+        assert step == pytest.approx(flops.prefill_flops(base, 1, past=n), rel=1e-3)  # + RoPE's tiny matmul
+
+
+def test_large_graphs_keep_weights_as_external_data(built, tmp_path, monkeypatch):
+    from kvp_export.export import to_onnx
+    from kvp_export.runtime.pipeline import KVPPipeline
+
+    monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_BYTES", 0)
+    pipe = KVPPipeline.from_predictor(built["pred"])
+    path = tmp_path / "base_decode.onnx"
+    to_onnx.export_graph("base_decode", path, pipe.base, pipe.aux, pipe.predictor, 1)
+    assert (tmp_path / "base_decode.onnx.data").stat().st_size > path.stat().st_size
+
+
+# ---------------------------------------------------------------- runtime and parity
+
+
+def test_parity_fp32_and_quantized_within_tolerance(exported):
+    from kvp_validate.artifact import OnnxArtifact
+    from kvp_validate.parity import run_parity
+
+    art = OnnxArtifact.open(exported)
+    fp32 = run_parity(art, "fp32", threads=1)
+    assert fp32["ok"], fp32["checks"]
+    # random tiny weights quantize badly (flat logits, 64-wide blocks): only check it runs and is finite
+    for v in ("int8", "int4"):
+        r = run_parity(art, v, threads=1)
+        assert all(np.isfinite(c["value"]) for c in r["checks"])
+
+
+def test_onnx_generation_equals_pytorch_kvp_token_for_token(exported, built):
+    from kvp_export.runtime.pipeline import KVPPipeline
+    from kvp_validate.runtime import OnnxKVP, Sampling
+
+    prompts = ["w1 w2 w3 w4 w5 w6 the fox def w7", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16"]
+    want = KVPPipeline.from_predictor(built["pred"]).generate(prompts, max_new_tokens=10)
+    rt = OnnxKVP(exported, "fp32", threads=1)
+    got = rt.generate(prompts, max_new_tokens=10)
+    assert got.mode == "kvp" and got.token_ids == want.token_ids
+    sampled = [rt.generate(prompts, max_new_tokens=6, sampling=Sampling(0.9, 20, 0.9, seed=3)).token_ids for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded
+    assert set(got.seconds) == {"kvp_prefill", "base_first_step", "total"}
+
+
+def test_short_prompts_fall_back_to_the_base_prefill(exported):
+    from kvp_validate.runtime import OnnxKVP
+
+    rt = OnnxKVP(exported, "fp32", threads=1)
+    state = rt.prefill(np.array([[5, 6, 7]]), None, "kvp")  # sink 1 needs >= 4 tokens
+    assert state.mode == "base"
+
+
+def test_optimum_generates_from_the_base_decoder(exported, assets):
+    """Our base_decode graph is a plain decoder to other ONNX LLM runtimes: optimum's
+    ORTModelForCausalLM greedy output equals transformers' on the same base."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from kvp_export.models import load
+
+    ort_model = ORTModelForCausalLM.from_pretrained(exported / "fp32", file_name="base_decode.onnx", use_cache=True,
+                                                    use_io_binding=False)
+    base, tok = load(str(assets["llama"]))
+    ids = tok(["w1 w2 w3 the fox def w4"], return_tensors="pt").input_ids
+    want = base.generate(ids, max_new_tokens=8, do_sample=False)
+    got = ort_model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == want.tolist()
+
+
+# ---------------------------------------------------------------- the validator
+
+
+def test_validate_cli_end_to_end_with_gates(exported, tmp_path):
+    args = ["validate", str(exported), "--lengths", "8,12", "--batches", "1,2", "--repeats", "1", "--warmup", "0",
+            "--threads", "1", "--variant", "fp32", "--variant", "int8"]
+    ok = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r1"), "--gate", "parity.fp32.ok==1",
+                                   "--gate", "quality.fp32.base.first_token_agreement>=1"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert report["ok"] and report["results"]["parity"]["fp32"]["ok"]
+    assert {p["prompt_len"] for p in report["results"]["ttft"]["fp32"]["points"]} == {8, 12}
+    assert "ttft.int8.2x12.kvp_speedup" in report["metrics"]
+    assert "## Time to first token" in (tmp_path / "r1" / "report.md").read_text()
+
+    bad = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r2"), "--check", "parity",
+                                    "--gate", "quality.fp32.kvp.nll<=0.001", "--gate", "parity.fp32.ok==1"])
+    assert bad.exit_code == 3
+    assert "gate failed: quality.fp32.kvp.nll<=0.001" in bad.output and "no such metric" in (tmp_path / "r2" / "report.json").read_text()
+
+
+def test_validator_imports_no_torch(exported, tmp_path):
+    code = ("import sys, kvp_validate.cli, kvp_validate.onnx_report, kvp_validate.runtime; "
+            "from kvp_validate.cli import main; sys.argv = ['kvp-validate', sys.argv[1], '-o', sys.argv[2], "
+            "'--check', 'parity', '--variant', 'fp32', '--threads', '1']\n"
+            "try:\n    main()\nfinally:\n    assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code, str(exported), str(tmp_path / "rep")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "rep" / "report.json").is_file()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _validate(folder, tmp_path, *extra):
+    return CliRunner().invoke(main, ["validate", str(folder), "-o", str(tmp_path / "rep"), "--check", "parity",
+                                     "--variant", "fp32", "--threads", "1", *extra])
+
+
+def assert_one_line_error(result, needle):
+    assert result.exit_code == 1, result.output
+    err = result.output.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], result.output
+
+
+def test_missing_graph_or_manifest(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    (d / "fp32" / "kvp_prefill.onnx").unlink()
+    assert_one_line_error(_validate(d, tmp_path), "missing graph file")
+    (d / "manifest.json").unlink()
+    assert_one_line_error(_validate(d, tmp_path), "no manifest.json")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_graph_whose_io_does_not_match_the_manifest(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    # a graph from elsewhere: the aux decoder (2 layers) put where the base decoder (4) belongs
+    shutil.copy(d / "fp32" / "aux_decode.onnx", d / "fp32" / "base_decode.onnx")
+    m["variants"]["fp32"]["base_decode"]["bytes"] = (d / "fp32" / "base_decode.onnx").stat().st_size
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(_validate(d, tmp_path), "do not match the manifest")
+
+
+def test_tokenizer_that_does_not_match(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    tok = json.loads((d / "tokenizer" / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzz"] = len(tok["model"]["vocab"])
+    (d / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok))
+    assert_one_line_error(_validate(d, tmp_path), "not the one exported")
+
+
+def test_prompt_longer_than_the_exported_context(exported):
+    from kvp_validate.runtime import OnnxKVP
+
+    rt = OnnxKVP(exported, "fp32", threads=1)
+    with pytest.raises(KvpError, match="longer than the exported context"):
+        rt.generate([" ".join(["w1"] * 250)], max_new_tokens=10)
+    r = CliRunner().invoke(main, ["generate", "--onnx", str(exported), "--max-new-tokens", "300", "w1 w2"])
+    assert_one_line_error(r, "longer than the exported context")
+
+
+def test_generate_cli_prints_ttft(exported):
+    r = CliRunner().invoke(main, ["generate", "--onnx", str(exported), "--threads", "1", "--max-new-tokens", "4",
+                                  "w1 w2 w3 w4 w5", "w6 w7 w8 w9 w10 w11"])
+    assert r.exit_code == 0, r.output
+    assert "TTFT of the batch of 2, kvp on onnxruntime fp32" in r.output and "kvp_prefill" in r.output
+
+
+def test_export_refuses_bad_options_before_work(built, tmp_path):
+    r = CliRunner().invoke(main, ["export", "onnx", "--predictor", str(built["pred"]), "-o", str(tmp_path / "x"),
+                                  "--block-size", "48"])
+    assert_one_line_error(r, "block size")
+    assert not (tmp_path / "x").exists()
