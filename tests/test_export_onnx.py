@@ -201,6 +201,18 @@ def test_validate_cli_end_to_end_with_gates(exported, tmp_path):
     assert "gate failed: quality.fp32.kvp.nll<=0.001" in bad.output and "no such metric" in (tmp_path / "r2" / "report.json").read_text()
 
 
+def test_validate_humaneval_through_the_runtime(exported, tmp_path):
+    """Real problems, real sandboxed execution; the tiny random model passes none."""
+    r = CliRunner().invoke(main, ["validate", str(exported), "-o", str(tmp_path / "he"), "--check", "humaneval",
+                                  "--humaneval-limit", "2", "--variant", "fp32", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "he" / "report.json").read_text())
+    for mode in ("base", "aux", "kvp"):
+        res = report["results"]["humaneval"]["fp32"]["paths"][mode]
+        assert res["problems"] == 2 and res["pass@1"] == 0.0
+    assert "humaneval.fp32.kvp.pass@1" in report["metrics"]
+
+
 def test_validator_imports_no_torch(exported, tmp_path):
     code = ("import sys, kvp_validate.cli, kvp_validate.onnx_report, kvp_validate.runtime; "
             "from kvp_validate.cli import main; sys.argv = ['kvp-validate', sys.argv[1], '-o', sys.argv[2], "

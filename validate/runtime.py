@@ -12,6 +12,7 @@ Every later token is an ordinary decode step of base_decode (aux_decode for "aux
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,8 +174,12 @@ class OnnxKVP:
     # --- decoding ---
 
     def decode(self, state: State, max_new_tokens: int, sampling: Sampling = Sampling(),
-               eos_ids: set[int] | None = None, pad_id: int = 0) -> np.ndarray:
-        """Up to max_new_tokens [B, T] after a prefill; finished rows are padded with pad_id."""
+               eos_ids: set[int] | None = None, pad_id: int = 0,
+               stop: Callable[[np.ndarray], np.ndarray] | None = None, stop_every: int = 16) -> np.ndarray:
+        """Up to max_new_tokens [B, T] after a prefill; finished rows are padded with pad_id.
+
+        `stop(tokens [B, t]) -> bool [B]`, checked every `stop_every` steps, ends rows early
+        (e.g. when the decoded text reached a stop string)."""
         model = "aux" if state.mode == "aux" else "base"
         rng = np.random.default_rng(sampling.seed)
         eos = np.array(sorted(eos_ids if eos_ids is not None else self.model["eos_token_ids"]), dtype=np.int64)
@@ -185,6 +190,8 @@ class OnnxKVP:
             tok = np.where(done, pad_id, sampling.pick(logits, rng)).astype(np.int64)
             out.append(tok)
             done |= np.isin(tok, eos)
+            if stop is not None and (step + 1) % stop_every == 0:
+                done |= stop(np.stack(out, axis=1))
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, (~done).astype(np.int64)[:, None]], axis=1)
@@ -222,7 +229,7 @@ class OnnxKVP:
         return ids, mask
 
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 mode: str = "kvp") -> Generation:
+                 mode: str = "kvp", stop_strings: tuple[str, ...] = ()) -> Generation:
         if max_new_tokens < 1:
             raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         sampling.check()
@@ -230,7 +237,12 @@ class OnnxKVP:
         t0 = time.perf_counter()
         state = self.prefill(ids, mask, mode)
         ttft = time.perf_counter() - t0
-        toks = self.decode(state, max_new_tokens, sampling, pad_id=int(self.model["pad_token_id"] or 0))
+        stop = None
+        if stop_strings:
+            def stop(toks: np.ndarray) -> np.ndarray:
+                texts = self.tokenizer.decode_batch(toks.tolist(), skip_special_tokens=True)
+                return np.array([any(s in t for s in stop_strings) for t in texts])
+        toks = self.decode(state, max_new_tokens, sampling, pad_id=int(self.model["pad_token_id"] or 0), stop=stop)
         eos = set(self.model["eos_token_ids"])
         rows = [next((r[:i] for i, t in enumerate(r) if t in eos), r) for r in toks.tolist()]
         return Generation(list(prompts), [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows], rows,
