@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import onnx
@@ -57,7 +58,9 @@ def _quiet():
     """The quantizers log advice on the root logger for every graph; keep the progress bar readable."""
     logging.disable(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # HQQ's torch.from_numpy on read-only arrays
+            yield
     finally:
         logging.disable(logging.NOTSET)
 

@@ -1,0 +1,77 @@
+"""BENCHMARKS.md tables from benchmarks/onnx_smollm2.sh's outputs (validator reports + manifests).
+
+Usage: python benchmarks/render_onnx.py runs/bench-onnx
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from kvp_validate.report import md_table
+
+
+def main(root: Path) -> None:
+    reports = {d.name: json.loads((d / "validate" / "report.json").read_text()) for d in sorted(root.glob("keep-*"))
+               if (d / "validate" / "report.json").is_file()}
+    manifests = {k: json.loads((root / k / "onnx" / "manifest.json").read_text()) for k in reports}
+    first = next(iter(reports.values()))
+    print(f"Machine: {first['machine']['cpu']}, {first['machine']['cores']} cores; onnxruntime "
+          f"{first['machine']['onnxruntime']}; {first['created'][:10]}.\n")
+
+    print("Export (graph sizes in MB; export wall time):\n")
+    rows = []
+    for k, m in manifests.items():
+        for v, graphs in m["variants"].items():
+            rows.append([k, v, *[graphs[g]["bytes"] / 1e6 for g in ("kvp_prefill", "base_decode", "base_prefill",
+                                                                      "aux_prefill")], m["wall_seconds"]])
+    print(md_table(["aux", "variant", "kvp_prefill", "base_decode", "base_prefill", "aux_prefill", "export s"],
+                   rows, 1) + "\n")
+
+    print("Parity with the PyTorch reference (worst-row logits relative error; greedy-8 agreement):\n")
+    rows = []
+    for k, r in reports.items():
+        for v, p in r["results"]["parity"].items():
+            c = {(x["graph"], x["metric"]): x["value"] for x in p["checks"]}
+            rows.append([k, v, c[("base_prefill", "logits_rel")], c[("kvp_prefill + base_decode", "logits_rel")],
+                         c[("kvp_prefill", "kv_rel")], c[("base_decode (first step)", "greedy8_agreement")],
+                         "pass" if p["ok"] else "FAIL"])
+    print(md_table(["aux", "variant", "base logits", "KVP logits", "KVP cache", "KVP greedy-8", "within tolerance"],
+                   rows, 4) + "\n")
+
+    print("Accuracy through onnxruntime (held-out pairs; NLL / first-token agreement / greedy-16 agreement):\n")
+    rows = []
+    for k, r in reports.items():
+        for v, q in r["results"]["quality"].items():
+            p = q["paths"]
+            g = f"greedy{q['greedy_tokens']}_agreement"
+            rows.append([k, v, p["base"]["nll"], p["kvp"]["nll"], p["kvp"]["first_token_agreement"], p["kvp"][g],
+                         p["aux"]["nll"], p["aux"]["first_token_agreement"]])
+    print(md_table(["aux", "variant", "base NLL", "KVP NLL", "KVP first-token", "KVP greedy-16", "aux NLL",
+                    "aux first-token"], rows) + "\n")
+
+    print("TTFT (ms, medians; ratios from the same run):\n")
+    rows = []
+    for k, r in reports.items():
+        for v, t in r["results"]["ttft"].items():
+            for p in t["points"]:
+                ms = p["ms"]
+                rows.append([k, v, f"{p['batch']}x{p['prompt_len']}", ms["base"], ms["kvp"], ms["kvp_prefill"],
+                             ms["base_first_step"], ms["aux"], p["kvp_speedup"], p["kvp_flops_ratio"],
+                             p["kvp_efficiency"], p["kvp_over_aux"], ms["base_step"]])
+    print(md_table(["aux", "variant", "BxN", "base", "KVP", "kvp_prefill", "first step", "aux alone", "speedup",
+                    "FLOPs ratio", "efficiency", "KVP/aux", "decode step"], rows, 2) + "\n")
+
+    opt = root / "optimum" / "optimum_reference.json"
+    if opt.is_file():
+        o = json.loads(opt.read_text())
+        print(f"optimum's export of the base vs ours (fp32, {o['threads']} threads, ms):\n")
+        rows = [[p["prompt_len"], p["ms"]["prefill_optimum"], p["ms"]["prefill_ours"], p["prefill_ours_over_optimum"],
+                 p["ms"]["decode_optimum"], p["ms"]["decode_ours"], p["decode_ours_over_optimum"]] for p in o["points"]]
+        print(md_table(["N", "optimum prefill", "our base_prefill", "ratio", "optimum decode step",
+                        "our decode step", "ratio"], rows, 2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
