@@ -18,12 +18,16 @@ import numpy as np
 from .artifact import OnnxArtifact
 from .runtime import OnnxKVP
 
-# Per precision: worst-row relative error of logits / of the predicted cache, and the
-# share of greedy tokens that must match the reference.
+# Per precision: worst-row relative error of logits / of the predicted cache, and the share
+# of greedy tokens that must match the reference. fp32 must reproduce PyTorch (1e-4: float
+# reassociation only). The quantized limits sit above what quantization measurably costs on
+# smollm2-135m (int8: logits <= 0.16, cache 0.22; int4 HQQ: logits <= 0.34, cache 0.51; see
+# BENCHMARKS.md) and well below a broken graph (a wrong RoPE, mask or layer map gives
+# errors >= 1). Greedy tokens of a quantized model drift after one flip: only a quarter must match.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"logits_rel": 1e-4, "kv_rel": 1e-4, "token_agreement": 1.0},
-    "int8": {"logits_rel": 0.15, "kv_rel": 0.15, "token_agreement": 0.5},
-    "int4": {"logits_rel": 0.25, "kv_rel": 0.25, "token_agreement": 0.5},
+    "int8": {"logits_rel": 0.3, "kv_rel": 0.4, "token_agreement": 0.25},
+    "int4": {"logits_rel": 0.5, "kv_rel": 0.7, "token_agreement": 0.25},
 }
 
 
