@@ -17,7 +17,10 @@ import click
 from . import __version__
 from .errors import KvpError
 from .models import DEFAULT_MODEL
-from .stage import CALIB_TOKENS
+from .data import MIXES
+from .distributed import DEVICES, launched_as_main
+from .stage import CALIB_TOKENS, SEQ_LEN
+from .train.recipe import PRECISIONS, STRATEGIES
 
 
 class KvpGroup(click.Group):
@@ -63,7 +66,7 @@ def calib_options(f):
 @click.group(cls=KvpGroup)
 @click.version_option(__version__, prog_name="kvp")
 def main():
-    """KV Prediction: derive an auxiliary model, fit a KV predictor, generate, evaluate."""
+    """KV Prediction: derive an auxiliary model, fit a KV predictor, train them, generate, evaluate."""
 
 
 # --------------------------------------------------------------------------- models
@@ -145,8 +148,10 @@ def fit(aux, base, input_mode, sink_len, sources, calib, calib_tokens, seed, out
     """Fit the KV predictor folder OUT for an aux folder (closed-form ridge)."""
     from .predictor.fit import fit as run
 
-    click.echo(run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, sources=sources, calib=list(calib),
-                   calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, progress=_progress()))
+    folder = run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, sources=sources, calib=list(calib),
+                 calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, progress=_progress())
+    if launched_as_main():
+        click.echo(folder)
 
 
 def model_overrides(f, required: bool = True):
@@ -289,3 +294,72 @@ def export_onnx_cmd(predictor, variants, block_size, accuracy_level, int8_method
 from kvp_validate.cli import validate_cmd  # noqa: E402 - torch-free; shared with `kvp-validate`
 
 main.add_command(validate_cmd, "validate")
+
+
+@main.command()
+@click.option("--predictor", type=click.Path(path_type=Path),
+              help="A fit folder: training starts from its aux and ridge predictor.")
+@click.option("--aux", type=click.Path(path_type=Path),
+              help="Override the aux the predictor names; with --baseline, the aux (derive folder) to fine-tune.")
+@click.option("--base", help="Override the base the manifests name.")
+@click.option("--baseline", is_flag=True,
+              help="Fine-tune the aux alone with plain CE on the same budget (the paper's OE-LP baseline).")
+@click.option("--steps", type=int, help="Optimizer steps (instead of --tokens).")
+@click.option("--tokens", type=int, help="Token budget over all processes (default 1000000).")
+@click.option("--batch", default=8, show_default=True, help="Sequences per process and micro-step.")
+@click.option("--accum", default=1, show_default=True, help="Micro-steps per optimizer step (gradient accumulation).")
+@click.option("--seq-len", default=SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
+@click.option("--lr", default=1e-4, show_default=True, help="Peak AdamW learning rate of the aux.")
+@click.option("--predictor-lr", type=float, help="Peak learning rate of the predictor (default: --lr).")
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--warmup-steps", type=int, help="Linear warmup steps before the cosine decay (default: 5% of steps).")
+@click.option("--min-lr-ratio", default=0.1, show_default=True, help="The cosine ends at this share of the peak.")
+@click.option("--clip", default=1.0, show_default=True, help="Gradient norm clipping (0 is off).")
+@click.option("--lambda-c", type=float, help="Weight of the per-layer L1 KV consistency loss (default: 1 / base "
+              "layers, the paper's better setting).")
+@click.option("--z-loss", default=0.0, show_default=True, help="Weight of a z-loss on the aux's logits.")
+@click.option("--kl", type=float, help="Weight of KL(base with true KV || base with predicted KV) (default 0).")
+@click.option("--data", multiple=True, metavar="PATH",
+              help="Training text: files, folders or JSONL; repeatable (default: the calibration split of "
+              "stdlib + Shakespeare, as for fit).")
+@click.option("--mix", type=click.Choice(list(MIXES)), default="default", show_default=True,
+              help="Built-in corpus: 'code' is the standard library alone (for code models).")
+@click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
+              help="cuda is refused where there is none; auto falls back to the CPU.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="ddp", show_default=True,
+              help="How processes share the work under torchrun.")
+@click.option("--checkpoint-every", default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Where checkpoints go (default: OUT.ckpt).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint, if there is one.")
+@click.option("--stop-after", type=int, help="Checkpoint and stop after this many steps in this call.")
+@click.option("--max-minutes", type=float, help="Checkpoint and stop once this call has run this long.")
+@click.option("--seed", default=0, show_default=True)
+@output_options
+def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, lr, predictor_lr, weight_decay,
+          warmup_steps, min_lr_ratio, clip, lambda_c, z_loss, kl, data, mix, device, precision,
+          activation_checkpointing, strategy, checkpoint_every, checkpoint_dir, resume, stop_after, max_minutes, seed,
+          out, overwrite):
+    """Train the aux and predictor of a fit folder end to end through the frozen base; write OUT.
+
+    Runs the same under `torchrun --nproc_per_node N` (DDP or FSDP). Prints OUT when done;
+    when stopped early it prints nothing and a later call with --resume continues.
+    """
+    from .train import train as run
+
+    result = run(out, predictor=predictor, aux=aux, base=base, baseline=baseline, steps=steps, tokens=tokens,
+                 batch=batch, accum=accum, seq_len=seq_len, lr=lr, predictor_lr=predictor_lr,
+                 weight_decay=weight_decay, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, clip=clip,
+                 lambda_c=lambda_c, z_loss=z_loss, kl=kl, data=list(data), mix=mix, device=device,
+                 precision=precision, activation_checkpointing=activation_checkpointing, strategy=strategy,
+                 checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume,
+                 stop_after=stop_after, max_minutes=max_minutes, overwrite=overwrite, seed=seed,
+                 progress=_progress())
+    if result is not None and launched_as_main():
+        click.echo(result)
+
+
+if __name__ == "__main__":  # `torchrun -m kvp_export.cli train ...`
+    main()

@@ -39,6 +39,9 @@ SPLIT_RULE = (
     "leaves a side empty, the single document with the smallest value is held out"
 )
 
+# The built-in corpora: "code" feeds code models only code (calibration split of each).
+MIXES = {"default": "stdlib + Shakespeare", "code": "stdlib"}
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIX = ".jsonl"
 
@@ -208,15 +211,19 @@ def _split(docs: list[Document], split: str, key: Callable[[str], str] = lambda 
     return [d for d, h in zip(docs, held) if h == (split == "heldout")]
 
 
-def corpus_from_spec(spec: list[str] | None, split: str) -> Corpus:
-    """The corpus a stage uses: the default one, or the user's files split by the same rule.
+def corpus_from_spec(spec: list[str] | None, split: str, mix: str = "default") -> Corpus:
+    """The corpus a stage uses: the default one (of `mix`), or the user's files split by the same rule.
 
     A user corpus of a single document serves "calib" whole; "heldout" then needs at
     least two documents and raises otherwise.
     """
     _check_split(split)
+    if mix not in MIXES:
+        raise KvpError(f"unknown data mix '{mix}' (choose from {', '.join(MIXES)})")
     if not spec:
-        return default_corpus(split)
+        return default_corpus(split, mix)
+    if mix != "default":
+        raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to files given")
     full = load_corpus(spec)
     docs = _split(full.documents, split)
     whole = {k: v for k, v in full.description.items() if k != "sources"}
@@ -313,10 +320,11 @@ def _interleave(sources: list[list[Document]]) -> list[Document]:
     return [d for *_, d in sorted(keyed, key=lambda k: k[:3])]
 
 
-def default_corpus(split: str) -> Corpus:
-    """Standard library code plus Shakespeare, one split of it, interleaved by size."""
+def default_corpus(split: str, mix: str = "default") -> Corpus:
+    """Standard library code plus Shakespeare, one split of it, interleaved by size; mix
+    "code" is the standard library alone (for code models)."""
     _check_split(split)
-    parts = [_stdlib_documents(), _shakespeare_documents()]
+    parts = [_stdlib_documents()] + ([_shakespeare_documents()] if mix == "default" else [])
     sources, merged = [], []
     for docs, source in parts:
         kept = _split(docs, split, _work_key)

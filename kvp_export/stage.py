@@ -79,13 +79,14 @@ def context_len(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def calibration(tokenizer, model, paths: list[str] | None, n_tokens: int) -> tuple[torch.Tensor, dict]:
-    """Calibration sequences [n, seq_len] and their description (corpus, hashes, counts).
+def calibration(tokenizer, model, paths: list[str] | None, n_tokens: int, *, seq_len: int = SEQ_LEN,
+                mix: str = "default") -> tuple[torch.Tensor, dict]:
+    """Calibration (or training) sequences [n, seq_len] and their description (corpus, hashes, counts).
 
-    Sequences are SEQ_LEN tokens, or the model's context if that is shorter.
+    Sequences are `seq_len` tokens, or the model's context if that is shorter.
     """
-    corpus = data.corpus_from_spec(list(paths) if paths else None, "calib")
-    seq_len = min(SEQ_LEN, context_len(model) or SEQ_LEN)
+    corpus = data.corpus_from_spec(list(paths) if paths else None, "calib", mix)
+    seq_len = min(seq_len, context_len(model) or seq_len)
     seqs = data.token_sequences(tokenizer, corpus, seq_len, n_tokens)
     return seqs, {
         "corpus": corpus.description,

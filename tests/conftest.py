@@ -30,16 +30,17 @@ def word_tokenizer(words: list[str] = WORDS):
 
 
 def tiny_model(path: Path, family: str = "llama", *, layers: int = 4, hidden: int = 64, context: int = 256,
-               tokenizer=None, seed: int = 0) -> Path:
+               tokenizer=None, seed: int = 0, tied: bool = False) -> Path:
     """Save a random tiny decoder and its tokenizer with save_pretrained; return the folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     tok = tokenizer or word_tokenizer()
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     cfg = cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=context, rope_theta=10000.0,
               initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-              pad_token_id=tok.eos_token_id, tie_word_embeddings=False)
+              pad_token_id=tok.eos_token_id, tie_word_embeddings=tied,
+              **({"head_dim": hidden // 4} if family == "qwen3" else {}))  # Qwen3's default is 128
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -81,6 +81,12 @@ def key_norm(layer) -> nn.Module | None:
     return getattr(attention(layer), "k_norm", None)
 
 
+def key_output(layer) -> nn.Module:
+    """The module whose output is the layer's pre-RoPE key in the predictor's space: the key
+    norm on qk-norm models (it reads k_proj's output), else k_proj itself."""
+    return key_norm(layer) or attention(layer).k_proj
+
+
 def rotary(model) -> nn.Module:
     return model.model.rotary_emb
 

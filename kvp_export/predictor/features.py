@@ -28,30 +28,34 @@ class Captured:
 
 
 @contextlib.contextmanager
-def capture(model, *, hidden: bool = True, kv: bool = True) -> Iterator[Captured]:
-    """Record per-layer attention inputs during the forward passes run inside the block."""
+def capture(model, *, hidden: bool = True, kv: bool = True, detach: bool = True) -> Iterator[Captured]:
+    """Record per-layer attention inputs during the forward passes run inside the block.
+
+    `detach=False` keeps them in the autograd graph (end-to-end training backpropagates
+    through the predictor into the aux)."""
     spec = arch.ArchSpec.of(model)
     layers = arch.decoder_layers(model)
     got = Captured([None] * (len(layers) + 1), [None] * len(layers), [None] * len(layers))
     handles = []
+    keep = torch.Tensor.detach if detach else (lambda t: t)
 
     def on_k(i, layer):
         def hook(_mod, inp, out):
             if hidden:
-                got.hidden[i] = inp[0].detach()
+                got.hidden[i] = keep(inp[0])
             if kv:
-                got.keys[i] = arch.normalize_keys(layer, out, spec.n_kv_heads).detach()
+                got.keys[i] = keep(arch.normalize_keys(layer, out, spec.n_kv_heads))
 
         return hook
 
     def on_v(i):
         def hook(_mod, _inp, out):
-            got.values[i] = out.detach()
+            got.values[i] = keep(out)
 
         return hook
 
     def on_final(_mod, _inp, out):
-        got.hidden[len(layers)] = out.detach()
+        got.hidden[len(layers)] = keep(out)
 
     try:
         if hidden:

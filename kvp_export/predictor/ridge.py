@@ -15,6 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import current
 from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
@@ -89,13 +90,21 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
     """Run base and aux over the calibration sequences and accumulate the statistics.
 
     Every `val_every`-th sequence goes to the validation split used to pick the ridge strength.
+    Under torchrun each process takes every world.size-th sequence of each split (the sums
+    are reduced across processes afterwards, RidgeStats.allreduce).
     """
+    world = current()
     stats = RidgeStats(predictor)
     keep = torch.zeros(seqs.shape[1], dtype=torch.bool)
     keep[sink_len:] = True
     idx = torch.arange(len(seqs))
-    bar = tqdm(total=len(seqs), desc="fit: base+aux activations", unit="seq", disable=not progress)
-    for split, sel in (("fit", idx[idx % val_every != val_every - 1]), ("val", idx[idx % val_every == val_every - 1])):
+    splits = [("fit", idx[idx % val_every != val_every - 1]), ("val", idx[idx % val_every == val_every - 1])]
+    if world.distributed and any(len(sel) < world.size for _, sel in splits):
+        raise KvpError(f"too few calibration sequences ({len(seqs)}) to share among {world.size} processes")
+    splits = [(split, sel[world.rank :: world.size]) for split, sel in splits]
+    bar = tqdm(total=sum(len(sel) for _, sel in splits), desc="fit: base+aux activations", unit="seq",
+               disable=not progress)
+    for split, sel in splits:
         for s in range(0, len(sel), batch):
             ids = seqs[sel[s : s + batch]]
             yk, yv = true_kv(base, input_ids=ids)

@@ -1,0 +1,208 @@
+"""train: end-to-end training of the aux and the predictor through the frozen base (Horton et
+al., 2024), or of the aux alone with plain CE (the paper's OE-LP baseline, same budget).
+
+It starts from a fit folder: its healed aux and ridge predictor. It writes, atomically,
+- KVP: a predictor folder (predictor.safetensors, manifest naming the trained aux and the
+  base) holding the trained aux in `aux/` (an aux folder with its manifest), so `kvp eval`
+  and `kvp generate` take it as they take a fit folder;
+- baseline: an aux folder, which `kvp fit` and `kvp eval --aux` take like a derive folder.
+The same call runs under `torchrun` (DDP or FSDP). Checkpoints in `OUT.ckpt/` (by default)
+let a killed run resume to the result an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
+from ..distributed import resolve_device, session
+from ..errors import KvpError
+from ..models import check_same_tokenizer, load, resolve
+from ..models.arch import ArchSpec
+from ..predictor.module import WEIGHTS, KVPredictor
+from ..stage import SEQ_LEN, Clock, calibration, check_paths, context_len, model_ref, ref_spec, seed_all
+from .batches import Batches
+from .checkpoint import Checkpoints, steps_in
+from .loop import Outcome, run
+from .loss import Trainee
+from .recipe import Recipe, check_options, steps_for, warmup_for
+
+TOKENS = 1_000_000  # default budget when neither steps nor tokens is given
+LOG = "train_log.jsonl"
+
+
+@dataclass
+class Sources:
+    """What a run starts from: the fit folder (KVP), the aux folder, and the base's spec."""
+
+    predictor: Path | None
+    predictor_manifest: dict | None
+    aux: Path
+    aux_manifest: dict
+    base: str
+
+
+def sources(predictor: str | Path | None, aux: str | Path | None, base: str | None, baseline: bool) -> Sources:
+    if predictor is None and not baseline:
+        raise KvpError("KVP training starts from a fitted predictor: pass --predictor (or --baseline to "
+                       "fine-tune the aux alone)")
+    if predictor is None and aux is None:
+        raise KvpError("--baseline needs an aux folder (--aux) or a predictor folder naming one (--predictor)")
+    pm = read_manifest(predictor, "predictor") if predictor is not None else None
+    aux_dir = Path(aux or pm["inputs"]["aux"]["path"])
+    am = read_manifest(aux_dir, "aux")
+    recorded = pm["inputs"]["base"] if pm else am["inputs"]["base"]
+    return Sources(None if baseline else Path(predictor), None if baseline else pm, aux_dir, am,
+                   base or ref_spec(recorded))
+
+
+def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Path | None = None,
+          base: str | None = None, baseline: bool = False, steps: int | None = None, tokens: int | None = None,
+          batch: int = 8, accum: int = 1, seq_len: int = SEQ_LEN, lr: float = 1e-4, predictor_lr: float | None = None,
+          weight_decay: float = 0.0, warmup_steps: int | None = None, min_lr_ratio: float = 0.1, clip: float = 1.0,
+          lambda_c: float | None = None, z_loss: float = 0.0, kl: float | None = None, data: list[str] | None = None,
+          mix: str = "default", device: str = "auto", precision: str = "auto", activation_checkpointing: bool = False,
+          strategy: str = "ddp", checkpoint_every: int = 100, checkpoint_dir: str | Path | None = None,
+          resume: bool = False, stop_after: int | None = None, max_minutes: float | None = None,
+          overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path | None:
+    """Train and write folder `out`; return it, or None when stopped early (stop_after /
+    max_minutes) with a checkpoint to resume from.
+
+    `tokens` (default 1M, unless `steps` is given) is the budget over all processes; `batch`
+    is per process and micro-step. lambda_c defaults to 1 / base layers (the paper's better
+    setting). `resume` continues from the latest checkpoint if there is one; `max_minutes`
+    counts from the call's start (loading included), for machines that limit a command's time.
+    """
+    clock = Clock()
+    out = check_output_dir(out, overwrite)
+    if steps is None and tokens is None:
+        tokens = TOKENS
+    check_options(baseline=baseline, steps=steps, tokens=tokens, batch=batch, accum=accum, seq_len=seq_len, lr=lr,
+                  predictor_lr=predictor_lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                  min_lr_ratio=min_lr_ratio, clip=clip, lambda_c=lambda_c, z_loss=z_loss, kl=kl, precision=precision,
+                  strategy=strategy, mix=mix, data=data, checkpoint_every=checkpoint_every, stop_after=stop_after,
+                  max_minutes=max_minutes)
+    check_paths(data, "training data")
+    src = sources(predictor, aux, base, baseline)
+    dev = resolve_device(device)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
+    if steps_in(ckpt_dir) and not resume:
+        raise KvpError(f"checkpoints of an earlier run are in {ckpt_dir}: pass --resume to continue it, or delete "
+                       "that folder to start over")
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+
+    with session(dev) as world:
+        seed_all(seed)
+        with clock.step("load"):
+            base_dir, base_model, aux_model, pred, tok = _models(src, bf16)
+        sb = ArchSpec.of(base_model)
+        sink_len = 0 if baseline else src.predictor_manifest["sink_len"]
+        seq_len = min(seq_len, *(c for c in (context_len(base_model), context_len(aux_model)) if c))
+        if seq_len < sink_len + 2:
+            raise KvpError(f"seq-len must be >= {sink_len + 2} (sink {sink_len} + two predicted tokens)")
+
+        tokens_per_step = batch * accum * world.size * seq_len
+        n_steps = steps_for(tokens, steps, tokens_per_step)
+        recipe = Recipe(
+            mode="baseline" if baseline else "kvp", steps=n_steps, batch=batch, accum=accum, seq_len=seq_len,
+            world_size=world.size, lr=lr, predictor_lr=predictor_lr or lr, weight_decay=weight_decay,
+            warmup_steps=warmup_for(warmup_steps, n_steps), min_lr_ratio=min_lr_ratio, clip=clip,
+            lambda_c=0.0 if baseline else (1 / sb.n_layers if lambda_c is None else lambda_c), z_loss=z_loss,
+            kl=kl or 0.0, sink_len=sink_len, precision="bf16" if bf16 else "fp32",
+            activation_checkpointing=activation_checkpointing, strategy=strategy, data=tuple(data or ()), mix=mix,
+            seed=seed)
+        with clock.step("data"):
+            seqs, data_desc = calibration(tok, base_model, data, n_steps * tokens_per_step, seq_len=seq_len, mix=mix)
+        refs = {"base": model_ref(src.base, base_dir), "aux": model_ref(src.aux, src.aux)}
+        if pred is not None:
+            refs["predictor"] = {"path": str(src.predictor.resolve()),
+                                 "weights_sha256": sha256_file(src.predictor / WEIGHTS)}
+        identity = {**{k: r["weights_sha256"] for k, r in refs.items()}, "data": data_desc["tokens_sha256"]}
+        ckpts = Checkpoints(ckpt_dir, recipe, identity)
+        if world.main:
+            ckpts.clean_partial()
+        world.barrier()
+
+        trainee = Trainee(aux_model, pred).to(dev)
+        base_model.to(dev)
+        batches = Batches(seqs, recipe, world.rank)
+        with clock.step("train"):
+            outcome = run(trainee, base_model, recipe, batches, world, dev, ckpts, checkpoint_every=checkpoint_every,
+                          stop_after=stop_after, progress=progress,
+                          deadline=clock.start + 60 * max_minutes if max_minutes else None)
+        if not outcome.finished:
+            return None
+        if world.main:
+            training = {"tokens": n_steps * tokens_per_step, "steps": n_steps, "epochs": batches.epochs(n_steps),
+                        "train_seconds": round(outcome.train_seconds, 3), "device": _device_name(dev),
+                        "world_size": world.size, "strategy": strategy if world.distributed else None,
+                        "loss": summarize(outcome.history)}
+            _write(out, overwrite, src, recipe, outcome, refs, data_desc, training, tok, clock)
+            ckpts.remove()
+        world.barrier()
+    return out
+
+
+def _models(src: Sources, bf16: bool):
+    """(base folder, base, aux, predictor or None, tokenizer), refused unless they fit together."""
+    base_dir = resolve(src.base)
+    base, tok = load(base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)  # frozen: no fp32 master needed
+    aux, aux_tok = load(src.aux)
+    pred = KVPredictor.load(src.predictor) if src.predictor else None
+    check_same_tokenizer(tok, aux_tok)
+    sb, sa = ArchSpec.of(base), ArchSpec.of(aux)
+    if sa.vocab != sb.vocab:
+        raise KvpError(f"the aux's vocabulary ({sa.vocab}) differs from the base's ({sb.vocab})")
+    if pred is not None:
+        from ..runtime.pipeline import check_compatible  # transformers' generation code: only when needed
+
+        check_compatible(base, aux, pred)
+    return base_dir, base, aux, pred, tok
+
+
+def _device_name(dev: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "cpu"
+
+
+def summarize(history: list[dict]) -> dict:
+    """Per loss term: first, last, min, and the mean of the last tenth of the steps."""
+    keys = [k for k in history[-1] if k not in ("step", "lr_scale")]
+    tail = history[-max(1, len(history) // 10):]
+    return {k: {"first": history[0][k], "last": history[-1][k], "min": min(h[k] for h in history),
+                "mean_last_tenth": sum(h[k] for h in tail) / len(tail)} for k in keys}
+
+
+def _write(out: Path, overwrite: bool, src: Sources, recipe: Recipe, outcome: Outcome, refs: dict, data_desc: dict,
+           training: dict, tok, clock: Clock) -> None:
+    """The output folder (rank 0): the trained aux as an HF folder, and the trained predictor."""
+    weights = outcome.weights
+    aux_model, _ = load(src.aux)  # a plain copy: under FSDP the trained one is sharded
+    aux_model.load_state_dict({k.removeprefix("aux."): v for k, v in weights.items() if k.startswith("aux.")})
+    am = src.aux_manifest
+    lineage = {k: am[k] for k in ("family", "kept_layers", "layer_map", "base_layers", "aux_layers") if k in am}
+    method = "baseline-ce" if recipe.mode == "baseline" else "kvp-train"
+    common = {"calib_tokens": training["tokens"], "training": training}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        aux_dir, final_aux = (tmp, out) if recipe.mode == "baseline" else (tmp / "aux", out / "aux")
+        aux_model.save_pretrained(aux_dir, safe_serialization=True)
+        tok.save_pretrained(aux_dir)
+        (tmp / LOG).write_text("".join(json.dumps(h) + "\n" for h in outcome.history))
+        write_manifest(aux_dir, "aux", inputs={"base": refs["base"], "aux": refs["aux"], "data": data_desc},
+                       recipe={"method": method, **recipe.to_dict()}, **lineage, **common, **clock.record())
+        if recipe.mode == "kvp":
+            pred = KVPredictor.load(src.predictor)
+            pred.load_state_dict({k.removeprefix("predictor."): v for k, v in weights.items()
+                                  if k.startswith("predictor.")})
+            pred.save(tmp)
+            aux_ref = {**model_ref(final_aux, aux_dir), "path": str(final_aux.resolve())}
+            pm = src.predictor_manifest
+            write_manifest(tmp, "predictor",
+                           inputs={"aux": aux_ref, "base": refs["base"], "predictor": refs["predictor"],
+                                   "aux_init": refs["aux"], "data": data_desc},
+                           recipe={"method": method, **recipe.to_dict(), "sources": pm["recipe"].get("sources")},
+                           layer_map=pm["layer_map"], input_mode=pm["input_mode"], sink_len=pm["sink_len"],
+                           **common, **clock.record())

@@ -1,0 +1,204 @@
+"""The training loop: distributed wrapping, AdamW with warmup + cosine, accumulation, clipping,
+autocast, periodic checkpoints and resume.
+
+Every process runs this loop on its share of each step's batch (batches.py). DDP averages
+gradients across processes; FSDP (fully_shard per aux layer and on the whole) shards the
+trainee's parameters, gradients and optimizer state. The frozen base is replicated: it only
+needs forward and backward through its activations. Checkpoints hold the full (gathered)
+state, so a run resumes on the same number of processes with either strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm.auto import tqdm
+
+from ..distributed import World
+from ..models import arch
+from ..models.source import say
+from .batches import Batches
+from .checkpoint import Checkpoints
+from .loss import TERMS, Objective, Trainee
+from .recipe import Recipe
+
+GRAD_CKPT = {"use_reentrant": False}  # non-reentrant: gradients reach tensors the hooks inject
+
+
+@dataclass
+class Outcome:
+    finished: bool
+    step: int  # optimizer steps done
+    history: list[dict]  # per step: step, lr scale, loss terms, grad norm, tokens
+    train_seconds: float  # over all calls of a resumed run
+    weights: dict[str, torch.Tensor] | None  # the full trainee state (rank 0, when finished)
+
+
+def freeze(base, recipe: Recipe) -> None:
+    """No gradients for the base's weights; gradients still flow through its activations.
+
+    transformers checkpoints layers only in train mode; a frozen base must behave as in
+    inference there, so its attention dropout (if any) is zeroed."""
+    base.requires_grad_(False)
+    if recipe.activation_checkpointing and recipe.mode == "kvp":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRAD_CKPT)
+        base.train()
+        for layer in arch.decoder_layers(base):
+            arch.attention(layer).attention_dropout = 0.0
+
+
+def wrap(trainee: Trainee, recipe: Recipe, world: World, device: torch.device):
+    """The module the loop calls: the trainee itself, under DDP, or sharded with FSDP."""
+    if recipe.activation_checkpointing:
+        trainee.aux.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRAD_CKPT)
+    trainee.train()
+    if not world.distributed:
+        return trainee
+    if recipe.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in arch.decoder_layers(trainee.aux):
+        fully_shard(layer)
+    fully_shard(trainee)
+    return trainee
+
+
+def optimizer(trainee: Trainee, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; group 0 is the aux, group 1 the predictor (its own learning rate)."""
+    groups = [{"params": list(trainee.aux.parameters()), "lr": recipe.lr}]
+    if trainee.predictor is not None:
+        groups.append({"params": list(trainee.predictor.parameters()), "lr": recipe.predictor_lr})
+    return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+
+
+def _sync(model, world: World, recipe: Recipe, last: bool):
+    """Gradient synchronisation only on the last micro-step of an optimizer step."""
+    if not world.distributed or last:
+        if world.distributed and recipe.strategy == "fsdp":
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if recipe.strategy == "ddp":
+        return model.no_sync()
+    model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def _full_state(trainee: Trainee, opt: torch.optim.Optimizer):
+    """Gathered model and optimizer state (a collective under FSDP; every process calls it)."""
+    return get_state_dict(trainee, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _describe(terms: dict, tok_s: float) -> str:
+    shown = " ".join(f"{k} {v:.4g}" for k, v in terms.items() if k in TERMS)
+    return f"{shown} | {tok_s:,.0f} tok/s"
+
+
+def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, device: torch.device,
+        ckpts: Checkpoints, *, checkpoint_every: int, stop_after: int | None = None,
+        deadline: float | None = None, progress: bool = True) -> Outcome:
+    """Train from the latest checkpoint in `ckpts` (or from the start) to the end of the recipe,
+    or until `stop_after` steps in this call or the time.perf_counter() `deadline` (then
+    checkpoint and stop)."""
+    t0 = time.perf_counter()
+    freeze(base, recipe)
+    model = wrap(trainee, recipe, world, device)
+    opt = optimizer(trainee, recipe)
+    start, history, seconds_before = 0, [], 0.0
+    latest = ckpts.latest()
+    if latest is not None:
+        weights, state = ckpts.load(latest)
+        set_state_dict(trainee, opt, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        start, history, seconds_before = state["step"], state["history"], state["train_seconds"]
+        _restore_rng(state["rng"])
+        if world.main:
+            say(f"resuming from {latest} (step {start} of {recipe.steps})")
+    def autocast():
+        if recipe.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    objective = Objective(model, base, recipe, autocast)
+    lrs = [recipe.lr, recipe.predictor_lr]
+    log_every = max(1, recipe.steps // 20)
+    bar = tqdm(total=recipe.steps, initial=start, unit="step", desc=f"train {recipe.mode}",
+               disable=not (progress and world.main))
+    try:
+        for step in range(start, recipe.steps):
+            t_step = time.perf_counter()
+            scale = recipe.lr_scale(step)
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * scale
+            record = {"step": step + 1, "lr_scale": scale,
+                      **_optimizer_step(model, objective, opt, batches.micro_batches(step), recipe, world, device)}
+            history.append(record)
+            tok_s = recipe.tokens_per_step / (time.perf_counter() - t_step)
+            bar.update(1)
+            bar.set_postfix_str(_describe(record, tok_s), refresh=False)
+            if world.main and bar.disable and (step + 1) % log_every == 0:  # no bar: a line now and then
+                say(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
+            if step + 1 == recipe.steps:
+                break
+            out_of_time = deadline is not None and world.any(time.perf_counter() >= deadline, device)
+            stop = out_of_time or (stop_after is not None and step + 1 - start >= stop_after)
+            if stop or (step + 1) % checkpoint_every == 0:
+                _save(ckpts, trainee, opt, world, step + 1, history, seconds_before + time.perf_counter() - t0)
+            if stop:
+                if world.main:
+                    say(f"stopped after step {step + 1} of {recipe.steps}; checkpoint in {ckpts.folder} "
+                        "(run again with --resume to continue)")
+                return Outcome(False, step + 1, history, seconds_before + time.perf_counter() - t0, None)
+    finally:
+        bar.close()
+        objective.close()
+    weights, _ = _full_state(trainee, opt)
+    return Outcome(True, recipe.steps, history, seconds_before + time.perf_counter() - t0,
+                   weights if world.main else None)
+
+
+def _optimizer_step(model, objective: Objective, opt, micro: list[torch.Tensor], recipe: Recipe, world: World,
+                    device: torch.device) -> dict:
+    """Accumulate the micro-batches' gradients, clip, step; the loss terms averaged over all
+    micro-batches of all processes, and the gradient norm before clipping."""
+    sums = torch.zeros(len(TERMS), device=device)
+    for i, ids in enumerate(micro):
+        with _sync(model, world, recipe, last=i == len(micro) - 1):
+            terms = objective.step(ids.to(device), 1 / len(micro))
+        sums += torch.stack([terms.get(k, torch.zeros((), device=device)).float() for k in TERMS])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    means = world.mean(sums / len(micro)).tolist()
+    return {"grad_norm": float(grad_norm), **{k: v for k, v in zip(TERMS, means) if k in terms}}
+
+
+def _save(ckpts: Checkpoints, trainee: Trainee, opt, world: World, step: int, history: list, seconds: float) -> None:
+    weights, optim = _full_state(trainee, opt)
+    if world.main:
+        ckpts.save(step, weights, {"optimizer": optim, "step": step, "history": history, "train_seconds": seconds,
+                                   "rng": _rng_state()})
+    world.barrier()

@@ -1,0 +1,123 @@
+"""A training run's recipe: every choice that decides its trajectory, checked before any work.
+
+The recipe is recorded in the output manifest and in every checkpoint; a resumed run must
+have the same one, or it would not reach the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..data import MIXES
+from ..errors import KvpError
+
+MODES = ("kvp", "baseline")
+PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")
+WARMUP_SHARE = 0.05  # of the steps, when not given
+
+
+@dataclass(frozen=True)
+class Recipe:
+    mode: str  # "kvp": aux + predictor through the base (the paper); "baseline": aux alone, plain CE
+    steps: int
+    batch: int  # sequences per process per micro-step
+    accum: int  # micro-steps per optimizer step
+    seq_len: int
+    world_size: int
+    lr: float  # aux
+    predictor_lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float  # the cosine ends at lr * min_lr_ratio
+    clip: float  # max gradient norm; 0 is off
+    lambda_c: float  # weight of the summed per-layer L1 consistency loss
+    z_loss: float
+    kl: float
+    sink_len: int
+    precision: str  # "fp32" or "bf16" (autocast; weights stay fp32)
+    activation_checkpointing: bool
+    strategy: str
+    data: tuple[str, ...]
+    mix: str
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.batch * self.accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def lr_scale(self, step: int) -> float:
+        """Linear warmup to 1, then cosine to min_lr_ratio; `step` counts from 0.
+
+        A pure function of the step, so a resumed run needs no scheduler state."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
+        return d
+
+    def differences(self, recorded: dict) -> list[str]:
+        """Fields where a recorded recipe differs from this one."""
+        mine = self.to_dict()
+        return [f"{k} {recorded.get(k)!r} != {v!r}" for k, v in mine.items() if recorded.get(k) != v]
+
+
+def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batch: int, accum: int, seq_len: int,
+                  lr: float, predictor_lr: float | None, weight_decay: float, warmup_steps: int | None,
+                  min_lr_ratio: float, clip: float, lambda_c: float | None, z_loss: float, kl: float | None,
+                  precision: str, strategy: str, mix: str, data: list[str] | None, checkpoint_every: int,
+                  stop_after: int | None, max_minutes: float | None) -> None:
+    """Refuse out-of-range or contradictory options before anything is loaded."""
+    if steps is not None and tokens is not None:
+        raise KvpError("give either --steps or --tokens, not both")
+    ints = {"steps": steps, "tokens": tokens, "batch": batch, "accum": accum, "seq_len": seq_len,
+            "checkpoint_every": checkpoint_every, "stop_after": stop_after}
+    for name, v in ints.items():
+        if v is not None and v < 1:
+            raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+    positive = {"lr": lr, "predictor_lr": predictor_lr, "max_minutes": max_minutes}
+    for name, v in positive.items():
+        if v is not None and not v > 0:
+            raise KvpError(f"{name.replace('_', '-')} must be > 0, got {v}")
+    non_negative = {"weight_decay": weight_decay, "warmup_steps": warmup_steps, "clip": clip, "lambda_c": lambda_c,
+                    "z_loss": z_loss, "kl": kl}
+    for name, v in non_negative.items():
+        if v is not None and not v >= 0:
+            raise KvpError(f"{name.replace('_', '-')} must be >= 0, got {v}")
+    if not 0 <= min_lr_ratio <= 1:
+        raise KvpError(f"min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
+    for name, v, choices in (("precision", precision, PRECISIONS), ("strategy", strategy, STRATEGIES),
+                             ("data mix", mix, tuple(MIXES))):
+        if v not in choices:
+            raise KvpError(f"unknown {name} '{v}' (choose from {', '.join(choices)})")
+    if data and mix != "default":
+        raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to files given")
+    if baseline:
+        given = [n for n, v in (("lambda-c", lambda_c), ("kl", kl), ("predictor-lr", predictor_lr)) if v is not None]
+        if given:
+            raise KvpError(f"--{given[0]} applies to KVP training; --baseline trains the aux alone with plain CE")
+
+
+def steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> int:
+    """Steps from a token budget (rounded up to whole steps)."""
+    return steps if steps is not None else max(1, math.ceil(tokens / tokens_per_step))
+
+
+def warmup_for(warmup_steps: int | None, steps: int) -> int:
+    if warmup_steps is None:
+        return max(1, round(WARMUP_SHARE * steps))
+    if warmup_steps >= steps:
+        raise KvpError(f"warmup-steps ({warmup_steps}) must be fewer than the steps ({steps})")
+    return warmup_steps
