@@ -25,25 +25,35 @@ from ..predictor.module import KVPredictor
 
 
 def _neg(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).min
+    """Half the dtype's minimum: a masked score plus any real score stays finite."""
+    return torch.finfo(dtype).min / 2
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """GQA attention without repeating K/V: q [B,H,T,D], k/v [B,Hkv,K,D], visible [B,T,K] -> [B,T,H*D].
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GQA attention without repeating K/V: q [B,H,T,D], k/v [B,Hkv,K,D], bias [B,1,1,T,K] -> [B,T,H*D].
 
     Query heads are grouped onto their KV head (HF order: head h reads KV head h // rep), so
-    the cache is read once. Masked scores are set to the dtype's minimum (never -inf: a row
-    with nothing visible, a padding query, stays finite).
+    the cache is read once. The 1/sqrt(D) scale is applied to q (T*D values) rather than to
+    the scores (T*K), and masking is one broadcast add of `bias` (built once per forward by
+    `attention_bias`): on a 1024-token prompt the per-layer
+    Where + Mul over the scores had cost a quarter of the base prefill here.
     """
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
-    scores = torch.matmul(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2)) * (d**-0.5)
-    scores = scores.view(b, hkv, rep, t, -1)
-    scores = torch.where(visible[:, None, None], scores, torch.tensor(_neg(scores.dtype), dtype=scores.dtype))
-    probs = torch.softmax(scores, dim=-1).view(b, hkv, rep * t, -1)
+    q = q * (d**-0.5)
+    scores = torch.matmul(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2)).view(b, hkv, rep, t, -1)
+    probs = torch.softmax(scores + bias, dim=-1).view(b, hkv, rep * t, -1)
     out = torch.matmul(probs, v).view(b, h, t, d)
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def attention_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, K] bool -> [B, 1, 1, T, K] additive bias: 0 where visible, half the dtype's minimum
+    elsewhere (never -inf: a row with nothing visible, a padding query, stays finite, and so
+    does everything computed from it)."""
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(visible, zero, torch.tensor(_neg(dtype), dtype=dtype))[:, None, None]
 
 
 def causal_visibility(attention_mask: torch.Tensor, position_ids: torch.Tensor, past_len) -> torch.Tensor:
@@ -90,7 +100,7 @@ class Layer(nn.Module):
             self.qkv.weight.copy_(torch.cat(ws))
             self.qkv.bias.copy_(torch.cat(bs))
 
-    def forward(self, h, cos, sin, past_k, past_v, visible):
+    def forward(self, h, cos, sin, past_k, past_v, bias):
         """-> (h_out, k_full, v_full, pre-RoPE normed k, v, extra or None)."""
         s = self.spec
         b, t, _ = h.shape
@@ -108,7 +118,7 @@ class Layer(nn.Module):
         v_h = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         k_full = k_rot if past_k is None else torch.cat([past_k, k_rot], dim=2)
         v_full = v_h if past_v is None else torch.cat([past_v, v_h], dim=2)
-        h = h + self.o_proj(attend(q, k_full, v_full, visible))
+        h = h + self.o_proj(attend(q, k_full, v_full, bias))
         h = h + self.mlp(self.norm2(h))
         return h, k_full, v_full, k_pre, v, (parts[3] if len(parts) > 3 else None)
 
@@ -134,11 +144,11 @@ class Decoder(nn.Module):
         h = self.embed(input_ids)
         cos, sin = self.rotary(h, position_ids)
         past_len = past[0].shape[2] if self.with_past else 0
-        visible = causal_visibility(attention_mask, position_ids, past_len)
+        bias = attention_bias(causal_visibility(attention_mask, position_ids, past_len), h.dtype)
         present = []
         for i, layer in enumerate(self.layers):
             pk, pv = (past[2 * i], past[2 * i + 1]) if self.with_past else (None, None)
-            h, k, v, *_ = layer(h, cos, sin, pk, pv, visible)
+            h, k, v, *_ = layer(h, cos, sin, pk, pv, bias)
             present += [k, v]
         if self.last_only:
             h = h[:, -1:]
@@ -206,7 +216,7 @@ class KVPPrefill(nn.Module):
         cpos = pos[:, :-1]
         h = self.embed(ctx)
         cos, sin = self.aux_rotary(h, cpos)
-        visible = causal_visibility(cmask, cpos, 0)
+        bias = attention_bias(causal_visibility(cmask, cpos, 0), h.dtype)
         n_base = self.bspec.n_layers
         sums: dict[tuple[int, str], torch.Tensor] = {}
         aux_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -219,7 +229,7 @@ class KVPPrefill(nn.Module):
                 sums[(i, kind)] = piece if (i, kind) not in sums else sums[(i, kind)] + piece
 
         for j in range(self.depth):
-            h, _k, _v, k_pre, v, extra = self.layers[j](h, cos, sin, None, None, visible)
+            h, _k, _v, k_pre, v, extra = self.layers[j](h, cos, sin, None, None, bias)
             if extra is not None:
                 add(j, extra)
             aux_kv.append((k_pre, v))
