@@ -39,6 +39,13 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 64,128, got {value!r}") from None
+
+
 def _layer_list(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -363,3 +370,31 @@ def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, 
 
 if __name__ == "__main__":  # `torchrun -m kvp_export.cli train ...`
     main()
+
+
+@export.command("coreml")
+@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@click.option("--context", default=1024, show_default=True, help="Maximum context: KV cache slots of the packages.")
+@click.option("--prompt-lengths", default="64,128,256,512", show_default=True, callback=_int_list,
+              help="Enumerated prefill lengths; a prompt is right-padded to the next one.")
+@click.option("--target", "targets", multiple=True, type=click.Choice(["ios18", "ios17"]),
+              help="ios18: stateful multifunction package; ios17: stateless prefill + decode pair (default: both).")
+@click.option("--compress", "compressions", multiple=True, type=click.Choice(["fp16", "int8", "int4", "palettize4"]),
+              help="Weight variants (default fp16); int4 and palettize4 need --target ios18 only.")
+@click.option("--block-size", default=32, show_default=True, help="int4: input channels per quantization block.")
+@click.option("--group-size", default=16, show_default=True, help="palettize4: output channels per look-up table.")
+@click.option("--heldout", multiple=True, metavar="PATH", help="Held-out text for the reference prompt "
+              "(default: stdlib + Shakespeare).")
+@click.option("--seed", default=0, show_default=True)
+@output_options
+def export_coreml_cmd(predictor, context, prompt_lengths, targets, compressions, block_size, group_size, heldout,
+                      seed, out, overwrite):
+    """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""
+    from .export.coreml.export import export_coreml
+
+    click.echo(export_coreml(predictor, out, context=context, prompt_lengths=prompt_lengths,
+                             targets=targets or ("ios18", "ios17"), compressions=compressions or ("fp16",),
+                             block_size=block_size, group_size=group_size, heldout=list(heldout),
+                             overwrite=overwrite, seed=seed, progress=_progress()))
+
+

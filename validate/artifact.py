@@ -44,7 +44,7 @@ class OnnxArtifact:
         except (OSError, json.JSONDecodeError) as e:
             raise KvpError(f"unreadable manifest {path}: {e}") from None
         if manifest.get("stage") != "onnx":
-            raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected an ONNX export")
+            raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected an ONNX or Core ML export")
         for key in ("variants", "io", "model", "tokenizer"):
             if key not in manifest:
                 raise KvpError(f"manifest {path} has no '{key}' section")

@@ -59,8 +59,17 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
 def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
                  lengths, batches, warmup, repeats, humaneval_limit):
-    """Validate an ONNX export: parity, accuracy, TTFT; write report.json + report.md to OUT."""
+    """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
+
+    if export_stage(export_dir) == "coreml":
+        from .coreml import validate_coreml
+
+        payload = validate_coreml(export_dir, out, repeats=repeats, overwrite=overwrite)
+        click.echo((Path(out) / "report.md").read_text(), nl=False)
+        if not payload.get("ok", True):
+            sys.exit(GATE_FAILED)
+        return
 
     payload = validate_onnx(export_dir, out, variants=list(variants) or None,
                             checks=tuple(checks) or ("parity", "quality", "ttft"), gates=list(gates),
@@ -73,6 +82,16 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
         click.echo(f"gate failed: {g['gate']} (measured {g['key']} = {g['value']})", err=True)
     if failed:
         sys.exit(GATE_FAILED)
+
+
+def export_stage(folder: Path) -> str | None:
+    """The stage an export folder's manifest names (None when unreadable: the validators say why)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "manifest.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main() -> None:

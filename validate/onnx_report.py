@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from .errors import KvpError
 from .gates import Gate, evaluate, flatten
 from .parity import run_parity
 from .quality import run_quality
-from .report import md_table, write_report
+from .report import md_table, write_report_folder
 from .ttft import run_ttft
 
 CHECKS = ("parity", "quality", "ttft", "humaneval")
@@ -89,7 +87,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
         "gates": gate_results,
         "ok": all(g["ok"] for g in gate_results),
     }
-    _write(out, payload, overwrite)
+    write_report_folder(out, payload, markdown(payload), overwrite)
     return payload
 
 
@@ -111,19 +109,6 @@ def _metrics(results: dict) -> dict:
     for v, r in results.get("humaneval", {}).items():
         m.setdefault("humaneval", {})[v] = {path: {"pass@1": res["pass@1"]} for path, res in r["paths"].items()}
     return m
-
-
-def _write(out: Path, payload: dict, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        write_report(tmp, payload, markdown(payload))
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def markdown(p: dict) -> str:

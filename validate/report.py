@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,3 +46,19 @@ def write_report(folder: str | Path, payload: dict, markdown: str) -> tuple[Path
     atomic_write_text(j, json.dumps(payload, indent=2, default=str) + "\n")
     atomic_write_text(m, markdown.rstrip() + "\n")
     return j, m
+
+
+def write_report_folder(out: str | Path, payload: dict, markdown: str, overwrite: bool = False) -> Path:
+    """Write report.json + report.md as the folder `out`, atomically (built aside, then renamed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        write_report(tmp, payload, markdown)
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

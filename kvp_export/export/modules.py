@@ -100,8 +100,12 @@ class Layer(nn.Module):
             self.qkv.weight.copy_(torch.cat(ws))
             self.qkv.bias.copy_(torch.cat(bs))
 
-    def forward(self, h, cos, sin, past_k, past_v, bias):
-        """-> (h_out, k_full, v_full, pre-RoPE normed k, v, extra or None)."""
+    def project(self, h, cos, sin):
+        """The attention inputs of new tokens h [B, T, hidden]: (q, k_rot, v_h, k_pre, v, extra).
+
+        q [B, H, T, D] and k_rot [B, Hkv, T, D] rotated, v_h [B, Hkv, T, D]; k_pre (normed,
+        pre-RoPE) and v [B, T, Hkv*D] for the predictor; extra: the fused outputs, or None.
+        """
         s = self.spec
         b, t, _ = h.shape
         parts = torch.split(self.qkv(self.norm1(h)), self.split, dim=-1)
@@ -116,11 +120,20 @@ class Layer(nn.Module):
         q = arch.apply_rope(q.transpose(1, 2), cos, sin)
         k_rot = arch.apply_rope(k.transpose(1, 2), cos, sin)
         v_h = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        return q, k_rot, v_h, k_pre, v, (parts[3] if len(parts) > 3 else None)
+
+    def finish(self, h, attn):
+        """The residual adds after attention: o_proj of attn [B, T, H*D], then the MLP."""
+        h = h + self.o_proj(attn)
+        return h + self.mlp(self.norm2(h))
+
+    def forward(self, h, cos, sin, past_k, past_v, bias):
+        """-> (h_out, k_full, v_full, pre-RoPE normed k, v, extra or None); bias from `attention_bias`."""
+        q, k_rot, v_h, k_pre, v, extra = self.project(h, cos, sin)
         k_full = k_rot if past_k is None else torch.cat([past_k, k_rot], dim=2)
         v_full = v_h if past_v is None else torch.cat([past_v, v_h], dim=2)
-        h = h + self.o_proj(attend(q, k_full, v_full, bias))
-        h = h + self.mlp(self.norm2(h))
-        return h, k_full, v_full, k_pre, v, (parts[3] if len(parts) > 3 else None)
+        h = self.finish(h, attend(q, k_full, v_full, bias))
+        return h, k_full, v_full, k_pre, v, extra
 
 
 class Decoder(nn.Module):
@@ -209,15 +222,12 @@ class KVPPrefill(nn.Module):
         used = [j for j in range(n_aux + 1) if self.plan[j]] if self.mode == "hidden" else predictor.layer_map
         self.depth = min(max(used) + 1, n_aux)
 
-    def forward(self, input_ids, attention_mask):
-        n = input_ids.shape[1]
-        ctx, cmask = input_ids[:, :-1], attention_mask[:, :-1]
-        pos = positions_from_mask(attention_mask)
-        cpos = pos[:, :-1]
-        h = self.embed(ctx)
-        cos, sin = self.aux_rotary(h, cpos)
-        bias = attention_bias(causal_visibility(cmask, cpos, 0), h.dtype)
-        n_base = self.bspec.n_layers
+    def predict(self, h, step) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per base layer, predicted pre-RoPE keys and values [B, S, Hkv*D] from the aux run over embeddings h.
+
+        step(layer, h) -> (h, k_pre, v, extra) runs one aux layer: the caller decides how it
+        attends (a visibility mask here; the Core ML export uses its own static-shape attention).
+        """
         sums: dict[tuple[int, str], torch.Tensor] = {}
         aux_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -229,23 +239,34 @@ class KVPPrefill(nn.Module):
                 sums[(i, kind)] = piece if (i, kind) not in sums else sums[(i, kind)] + piece
 
         for j in range(self.depth):
-            h, _k, _v, k_pre, v, extra = self.layers[j](h, cos, sin, None, None, bias)
+            h, k_pre, v, extra = step(self.layers[j], h)
             if extra is not None:
                 add(j, extra)
             aux_kv.append((k_pre, v))
         if self.final is not None:
             add(len(self.layers), self.final(self.final_norm(h)))
+        if self.mode == "hidden":
+            return [(sums[(i, "k")], sums[(i, "v")]) for i in range(self.bspec.n_layers)]
+        return [(self.pk[i](aux_kv[s[0]][0]), self.pv[i](aux_kv[s[0]][1])) for i, s in enumerate(self.sources)]
+
+    def forward(self, input_ids, attention_mask):
+        n = input_ids.shape[1]
+        ctx, cmask = input_ids[:, :-1], attention_mask[:, :-1]
+        pos = positions_from_mask(attention_mask)
+        cpos = pos[:, :-1]
+        h = self.embed(ctx)
+        cos, sin = self.aux_rotary(h, cpos)
+        bias = attention_bias(causal_visibility(cmask, cpos, 0), h.dtype)
+
+        def step(layer, h):
+            h, _k, _v, k_pre, v, extra = layer(h, cos, sin, None, None, bias)
+            return h, k_pre, v, extra
 
         bcos, bsin = self.base_rotary(h, cpos)
         bs = self.bspec
         b, s_ctx = ctx.shape
         present = []
-        for i in range(n_base):
-            if self.mode == "hidden":
-                k, v = sums[(i, "k")], sums[(i, "v")]
-            else:
-                j = self.sources[i][0]
-                k, v = self.pk[i](aux_kv[j][0]), self.pv[i](aux_kv[j][1])
+        for k, v in self.predict(h, step):
             k = arch.apply_rope(k.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
             v = v.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
             present += [k, v]

@@ -1,0 +1,248 @@
+"""The PyTorch modules converted to Core ML: KVP prefill and base decode over a fixed-size KV cache.
+
+Batch 1, a cache of `context` slots per layer, slot = token position. The shapes are
+static (the prompt length comes from a small enumerated set) because the Neural Engine
+runs only static or enumerated shapes; the price is that decode attends over all
+`context` slots under a mask, so the smallest context that fits is the fastest.
+
+Prompts are right-padded to the exported length N; `last_index` is the last real
+token's index n-1. Same semantics as KVPPrefill + Decoder (export/modules.py) and the
+PyTorch KVP path (runtime/kvp.py):
+- prefill: the aux reads the N tokens and the predictor writes the base's keys and values
+  into slots 0..N-1; the base then runs the s sink tokens and the last token in one pass:
+  the sinks see only themselves (their exact KV replaces the predicted one in slots
+  0..s-1), the last token sees slots 0..n-1 (its own KV replaces slot n-1). Slots n..N-1
+  hold predictions for padding: masked, and overwritten by decode before they are seen.
+- decode: one token at `position` writes its KV into that slot and attends to slots
+  0..position.
+
+Stateful (iOS 18): the cache is two registered buffers, [layers, 1, Hkv, context, D],
+which coremltools turns into Core ML states, written by slice assignment. Stateless
+(iOS 17): the same computation with the cache as inputs and outputs (see `Stateless*`).
+
+Float16 choices (the Neural Engine computes in fp16 only):
+- RoPE comes from cos/sin tables built in float32 at export, gathered by position
+  (position x frequency in fp16 has a resolution of 2 past 2048);
+- RMSNorm divides by the largest magnitude before squaring: coremltools drops HF's float32
+  upcast, and SmolLM2-135M's residual reaches 2.4e4 (the sink token), whose square
+  overflows fp16 (max 65504);
+- the mask is additive and finite (-1e4), never finfo.min (-inf in fp16);
+- the cache write at a runtime position is a select against a one-hot slot mask: a slice at
+  a tensor-valued index would be frozen at the traced value;
+- attention stays 4-D (query heads grouped per KV head), and the mask is tiled with concat:
+  coremltools mis-converts `repeat` on a symbolic length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...models import arch
+from ..modules import KVPPrefill, Layer
+
+MASKED = -1e4  # additive mask: exp underflows to 0 in fp16, and never overflows like finfo.min
+
+
+class ScaledRMSNorm(nn.Module):
+    """RMSNorm that cannot overflow in float16: x / max|x| is squared, not x (same result)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, x):
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-3)
+        y = x / s
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / s / s))
+
+
+def attend4(q, k, v, bias):
+    """GQA attention in 4-D: q [1,H,T,D], k/v [1,Hkv,K,D], additive bias [T,K] -> [1,T,H*D].
+
+    Query heads are grouped onto their KV head (head h reads KV head h // rep, as in HF)."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    rep = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, rep * t, d) * (d**-0.5), k.transpose(-1, -2))
+    probs = torch.softmax(scores + torch.cat([bias] * rep).to(scores.dtype), dim=-1)
+    out = torch.matmul(probs, v).view(b, h, t, d)
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def mask_bias(visible):
+    return torch.where(visible, 0.0, MASKED)
+
+
+def rope_tables(model, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [context, D] in float32 with the model's own RoPE (scaling included)."""
+    cos, sin = arch.rope_cos_sin(model, torch.arange(context)[None], torch.float32)
+    return cos[0], sin[0]
+
+
+def fp16_safe(layer: Layer) -> Layer:
+    for name in ("norm1", "norm2", "q_norm", "k_norm"):
+        norm = getattr(layer, name)
+        if norm is not None:
+            setattr(layer, name, ScaledRMSNorm(norm))
+    return layer
+
+
+class BaseStack(nn.Module):
+    """The base's embeddings, layers, final norm, LM head and RoPE tables, shared by both functions."""
+
+    def __init__(self, base, context: int):
+        super().__init__()
+        self.spec = arch.ArchSpec.of(base)
+        self.embed = base.model.embed_tokens
+        self.layers = nn.ModuleList(fp16_safe(Layer(layer, self.spec)) for layer in arch.decoder_layers(base))
+        self.norm, self.lm_head = ScaledRMSNorm(base.model.norm), base.lm_head
+        cos, sin = rope_tables(base, context)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("slots", torch.arange(context, dtype=torch.int32), persistent=False)
+
+    def rope(self, pos):
+        return self.cos.index_select(0, pos)[None], self.sin.index_select(0, pos)[None]
+
+    def logits(self, h):
+        return self.lm_head(self.norm(h[:, -1]))
+
+
+def cache_shape(base, context: int) -> tuple[int, int, int, int, int]:
+    s = arch.ArchSpec.of(base)
+    return (s.n_layers, 1, s.n_kv_heads, context, s.head_dim)
+
+
+class _Prefill(nn.Module):
+    def __init__(self, base, aux, predictor, sink_len: int, context: int):
+        super().__init__()
+        self.kvp = KVPPrefill(base, aux, predictor, sink_len)
+        for layer in self.kvp.layers:
+            fp16_safe(layer)
+        self.kvp.final_norm = ScaledRMSNorm(self.kvp.final_norm)
+        self.base = BaseStack(base, context)
+        cos, sin = rope_tables(aux, context)
+        self.register_buffer("aux_cos", cos, persistent=False)
+        self.register_buffer("aux_sin", sin, persistent=False)
+        self.sink_len = sink_len
+
+    def run(self, input_ids, last_index):
+        """-> logits [1, V], keys and values [layers, 1, Hkv, N, D] (slots 0..N-1 of the cache)."""
+        n = input_ids.shape[1]
+        bs = self.base.spec
+        idx = self.base.slots[:n]
+        causal = mask_bias(idx[None, :] <= idx[:, None])
+        cos, sin = self.aux_cos[:n][None], self.aux_sin[:n][None]
+
+        def step(layer, h):
+            q, k, v, k_pre, v_pre, extra = layer.project(h, cos, sin)
+            return layer.finish(h, attend4(q, k, v, causal)), k_pre, v_pre, extra
+
+        predicted = self.kvp.predict(self.kvp.embed(input_ids), step)
+
+        s = self.sink_len
+        pos = torch.cat([idx[:s], last_index])
+        h = self.base.embed(torch.cat([input_ids[:, :s], input_ids.index_select(1, last_index)], dim=1))
+        qcos, qsin = self.base.rope(pos)
+        bias = mask_bias(idx[None, :] <= pos[:, None])
+        is_last = (idx == last_index).view(1, 1, n, 1)
+        bcos, bsin = self.base.cos[:n][None], self.base.sin[:n][None]
+        keys, values = [], []
+        for layer, (pk, pv) in zip(self.base.layers, predicted):
+            pk = arch.apply_rope(pk.view(1, n, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
+            pv = pv.view(1, n, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
+            q, k, v, *_ = layer.project(h, qcos, qsin)
+            k = torch.where(is_last, k[:, :, s:], torch.cat([k[:, :, :s], pk[:, :, s:]], dim=2))
+            v = torch.where(is_last, v[:, :, s:], torch.cat([v[:, :, :s], pv[:, :, s:]], dim=2))
+            h = layer.finish(h, attend4(q, k, v, bias))
+            keys.append(k)
+            values.append(v)
+        return self.base.logits(h), torch.stack(keys), torch.stack(values)
+
+
+class _Decode(nn.Module):
+    def __init__(self, base, context: int):
+        super().__init__()
+        self.base = BaseStack(base, context)
+
+    def run(self, input_ids, position, cache_k, cache_v):
+        """-> logits [1, V], the updated cache [layers, 1, Hkv, context, D], this token's KV [layers, 1, Hkv, 1, D]."""
+        slots = self.base.slots
+        here = (slots == position).view(1, 1, -1, 1)
+        bias = mask_bias(slots <= position)[None]
+        cos, sin = self.base.rope(position)
+        h = self.base.embed(input_ids)
+        keys, values, new_k, new_v = [], [], [], []
+        for i, layer in enumerate(self.base.layers):
+            q, k_new, v_new, *_ = layer.project(h, cos, sin)
+            k = torch.where(here, k_new, cache_k[i])
+            v = torch.where(here, v_new, cache_v[i])
+            h = layer.finish(h, attend4(q, k, v, bias))
+            keys.append(k)
+            values.append(v)
+            new_k.append(k_new)
+            new_v.append(v_new)
+        return self.base.logits(h), torch.stack(keys), torch.stack(values), torch.stack(new_k), torch.stack(new_v)
+
+
+class StatefulPrefill(_Prefill):
+    """prefill(input_ids [1, N] int32, last_index [1] int32) -> logits [1, V]; writes cache slots 0..N-1."""
+
+    def __init__(self, base, aux, predictor, sink_len: int, context: int):
+        super().__init__(base, aux, predictor, sink_len, context)
+        self.register_buffer("key_cache", torch.zeros(cache_shape(base, context)))
+        self.register_buffer("value_cache", torch.zeros(cache_shape(base, context)))
+
+    def forward(self, input_ids, last_index):
+        logits, k, v = self.run(input_ids, last_index)
+        n = input_ids.shape[1]
+        self.key_cache[:, :, :, :n] = k
+        self.value_cache[:, :, :, :n] = v
+        return logits
+
+
+class StatefulDecode(_Decode):
+    """decode(input_ids [1, 1] int32, position [1] int32) -> logits [1, V]; reads and updates the cache."""
+
+    def __init__(self, base, context: int):
+        super().__init__(base, context)
+        self.register_buffer("key_cache", torch.zeros(cache_shape(base, context)))
+        self.register_buffer("value_cache", torch.zeros(cache_shape(base, context)))
+
+    def forward(self, input_ids, position):
+        logits, k, v, _, _ = self.run(input_ids, position, self.key_cache, self.value_cache)
+        self.key_cache[:] = k
+        self.value_cache[:] = v
+        return logits
+
+
+class StatelessPrefill(_Prefill):
+    """prefill(input_ids, last_index) -> logits, keys, values [layers, 1, Hkv, N, D].
+
+    Hand-off: the caller copies keys/values into slots 0..N-1 of its own zeroed
+    [layers, 1, Hkv, context, D] buffers and decodes from position n."""
+
+    def forward(self, input_ids, last_index):
+        return self.run(input_ids, last_index)
+
+
+class StatelessDecode(_Decode):
+    """decode(input_ids, position, key_cache, value_cache [layers, 1, Hkv, context, D]) -> logits, new_keys, new_values.
+
+    new_keys/new_values [layers, 1, Hkv, 1, D] are this token's KV: the caller writes them into
+    slot `position` of its buffers (returning only them saves copying the whole cache out)."""
+
+    def forward(self, input_ids, position, key_cache, value_cache):
+        logits, _, _, k, v = self.run(input_ids, position, key_cache, value_cache)
+        return logits, k, v
+
+
+def build(base, aux, predictor, sink_len: int, context: int, stateful: bool) -> tuple[nn.Module, nn.Module]:
+    """(prefill, decode) modules in eval mode, weights shared with the HF models."""
+    if stateful:
+        mods = StatefulPrefill(base, aux, predictor, sink_len, context), StatefulDecode(base, context)
+    else:
+        mods = StatelessPrefill(base, aux, predictor, sink_len, context), StatelessDecode(base, context)
+    return mods[0].eval(), mods[1].eval()
