@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,26 +65,30 @@ def paths(report: Path) -> dict:
 
 
 def summary(a, out: Path) -> dict:
-    ridge, trained, baseline = paths(out / "eval-ridge"), paths(out / "eval-kvp"), paths(out / "eval-baseline")
     tk, tb = manifest(out / "kvp")["training"], manifest(out / "baseline")["training"]
     minutes = {name: round(manifest(out / folder)["wall_seconds"] / 60, 2)
                for name, folder in (("derive", "aux"), ("fit", "ridge"), ("eval_ridge", "eval-ridge"),
-                                    ("eval_kvp", "eval-kvp"), ("eval_baseline", "eval-baseline"))}
+                                    ("eval_kvp", "eval-kvp"), ("eval_baseline", "eval-baseline"))
+               if (out / folder).exists()}
     minutes.update(train_kvp=round(tk["train_seconds"] / 60, 2), train_baseline=round(tb["train_seconds"] / 60, 2))
-    return {
+    result = {
         "base": a.base, "keep": a.keep, "device": tk["device"], "world_size": tk["world_size"],
         "tokens": {"calibration": manifest(out / "ridge")["calib_tokens"], "train_kvp": tk["tokens"],
                    "train_baseline": tb["tokens"]},
         "minutes": minutes,
-        "paths": {
+        "train_loss_last_tenth": {name: {k: v["mean_last_tenth"] for k, v in t["loss"].items()}
+                                  for name, t in (("kvp", tk), ("baseline", tb))},
+    }
+    if a.no_eval:
+        return result
+    ridge, trained, baseline = paths(out / "eval-ridge"), paths(out / "eval-kvp"), paths(out / "eval-baseline")
+    result["paths"] = {
             "base": ridge["base"], "no_prompt": ridge["no_prompt"], "mean_kv": ridge["mean_kv"],
             "aux_healed": ridge["aux"], "kvp_ridge": ridge["kvp"],
             "aux_trained_kvp": trained["aux"], "kvp_trained": trained["kvp"],
             "aux_baseline_oe_lp": baseline["aux"],
-        },
-        "train_loss_last_tenth": {name: {k: v["mean_last_tenth"] for k, v in t["loss"].items()}
-                                  for name, t in (("kvp", tk), ("baseline", tb))},
     }
+    return result
 
 
 def main() -> int:
@@ -112,7 +117,13 @@ def main() -> int:
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--max-minutes", type=float, help="stop training in time to return within this call's limit")
+    p.add_argument("--no-eval", action="store_true", help="skip the NLL / agreement evals (e.g. when HumanEval "
+                   "is the measure: benchmarks/humaneval_gpu.py)")
+    p.add_argument("--threads", type=int, help="CPU threads for the CPU stages (derive, fit, eval); sets "
+                   "OMP_NUM_THREADS for them (default: torch's, the physical cores)")
     a = p.parse_args()
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
     start, out = time.monotonic(), a.out
     calib = [*repeat("--calib", a.calib), "--calib-tokens", a.calib_tokens]
     stage("derive", [*kvp_cmd("derive"), "--base", a.base, "-k", a.keep, "--heal", "bridge", *calib, "-o", out / "aux"],
@@ -135,6 +146,11 @@ def main() -> int:
                                        *limit, "-o", out / name], out / name):
             print(f"[train {name}] stopped at its time limit (checkpointed); run again", file=sys.stderr)
             return INCOMPLETE
+    if a.no_eval:
+        result = summary(a, out)
+        (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
     ev = ["--n", a.eval_n, "--prompt-len", a.prompt_len, "--cont-len", a.cont_len, "--greedy-tokens",
           a.greedy_tokens, *repeat("--heldout", a.heldout)]
     stage("eval ridge", [*kvp_cmd("eval"), "--predictor", out / "ridge", *ev, "-o", out / "eval-ridge"],

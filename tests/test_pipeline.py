@@ -206,3 +206,20 @@ def test_fixed_prefix_is_an_exact_cached_sink(built):
     k_base = full.cache.layers[0].keys[1, :, start : start + n_prefix]
     assert torch.allclose(k_kvp, k_base, atol=1e-5)
     assert len(g.completions) == len(PROMPTS)
+
+
+def test_stop_callback_ends_rows_early(built):
+    """decode's `stop` marks rows finished (HumanEval's early stop); a bf16 pipeline still runs."""
+    pipe = KVPPipeline.from_predictor(built["pred"])
+    full = pipe.generate(PROMPTS, max_new_tokens=16)
+    calls = []
+
+    def stop(rows):
+        calls.append(len(rows[0]))
+        return [True] * len(rows)
+
+    short = pipe.generate(PROMPTS, max_new_tokens=16, stop=stop)
+    assert calls == [8]  # checked every 8 steps, and every row was finished at the first check
+    assert all(s == f[: len(s)] and len(s) <= 8 for s, f in zip(short.token_ids, full.token_ids))
+    bf16 = KVPPipeline.from_predictor(built["pred"], dtype=torch.bfloat16)
+    assert len(bf16.generate(PROMPTS, max_new_tokens=4).completions) == len(PROMPTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +44,22 @@ def decode(
     sampling: Sampling = Sampling(),
     eos_ids: set[int] | None = None,
     pad_id: int = 0,
+    stop: Callable[[list[list[int]]], list[bool]] | None = None,
+    stop_every: int = 8,
 ) -> torch.Tensor:
-    """Generate up to max_new_tokens [B, T] from a prefill; finished rows are padded with pad_id."""
-    gen = torch.Generator().manual_seed(sampling.seed)
+    """Generate up to max_new_tokens [B, T] from a prefill; finished rows are padded with pad_id.
+
+    Tensors follow the prefill's device (CPU or CUDA). `stop(rows)`, called every `stop_every`
+    steps with each row's generated ids so far, marks rows as finished (e.g. at a stop string);
+    decoding ends once every row is finished."""
+    dev = pre.logits.device
+    gen = torch.Generator(device=dev).manual_seed(sampling.seed)
     procs = sampling.processors()
     logits, cache, mask, pos = pre.logits, pre.cache, pre.mask, pre.next_pos.clone()
-    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=dev)
     out: list[torch.Tensor] = []
-    seen = torch.empty(logits.shape[0], 0, dtype=torch.long)
-    eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long)
+    seen = torch.empty(logits.shape[0], 0, dtype=torch.long, device=dev)
+    eos = torch.tensor(sorted(eos_ids or ()), dtype=torch.long, device=dev)
     for step in range(max_new_tokens):
         if sampling.temperature > 0:
             probs = torch.softmax(procs(seen, logits), dim=-1)
@@ -63,6 +71,8 @@ def decode(
         seen = torch.cat([seen, tok[:, None]], dim=1)
         if len(eos):
             done |= torch.isin(tok, eos)
+        if stop is not None and (step + 1) % stop_every == 0:
+            done |= torch.tensor(stop(seen.tolist()), dtype=torch.bool, device=dev)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)

@@ -75,7 +75,7 @@ class SinkCache:
     @torch.no_grad()
     def get(self, tokens: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if tokens not in self._memo:
-            ids = torch.tensor([tokens])
+            ids = torch.tensor([tokens], device=self.base.device)
             out = self.base.model(input_ids=ids, use_cache=True)
             cache = out.past_key_values
             self._memo[tokens] = [(cache.layers[i].keys[0], cache.layers[i].values[0]) for i in range(len(cache.layers))]
@@ -93,25 +93,37 @@ def predict_kv(
     spec = arch.ArchSpec.of(base)
     xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ctx_ids, attention_mask=ctx_mask,
                               position_ids=ctx_pos)
-    cos, sin = arch.rope_cos_sin(base, ctx_pos, xk[0].dtype)
+    # The predictor may keep float32 weights beside bf16 models (GPU): it computes in its own
+    # dtype and hands the base its KV in the base's dtype (no-ops when everything is float32).
+    pdt, bdt = predictor.mean_k.dtype, base.dtype
+    if xk[0].dtype != pdt:
+        xk = [x.to(pdt) for x in xk]
+        xv = xk if input_mode_shared(predictor) else [x.to(pdt) for x in xv]
+    cos, sin = arch.rope_cos_sin(base, ctx_pos, pdt)
     out = []
     for k, v in predictor(xk, xv):
         k = arch.apply_rope(arch.split_heads(k, spec.n_kv_heads), cos, sin)
-        out.append((k, arch.split_heads(v, spec.n_kv_heads)))
+        out.append((k.to(bdt), arch.split_heads(v, spec.n_kv_heads).to(bdt)))
     return out
+
+
+def input_mode_shared(predictor: KVPredictor) -> bool:
+    """In hidden mode K and V read the same aux activations (the same list)."""
+    return predictor.input_mode == "hidden"
 
 
 def _constant_kv(predictor: KVPredictor, spec, ctx_pos, base, source: str):
     """The trivial baselines' KV: the calibration mean per layer, or zeros (masked out)."""
     b, s = ctx_pos.shape
-    cos, sin = arch.rope_cos_sin(base, ctx_pos, predictor.mean_k.dtype)
+    dt = base.dtype
+    cos, sin = arch.rope_cos_sin(base, ctx_pos, dt)
     out = []
     for i in range(spec.n_layers):
         if source == "mean":
-            k = predictor.mean_k[i].expand(b, s, -1)
-            v = predictor.mean_v[i].expand(b, s, -1)
+            k = predictor.mean_k[i].to(ctx_pos.device, dt).expand(b, s, -1)
+            v = predictor.mean_v[i].to(ctx_pos.device, dt).expand(b, s, -1)
         else:
-            k = v = torch.zeros(b, s, spec.kv_dim)
+            k = v = torch.zeros(b, s, spec.kv_dim, device=ctx_pos.device, dtype=dt)
         k = arch.apply_rope(arch.split_heads(k, spec.n_kv_heads), cos, sin)
         out.append((k, arch.split_heads(v.contiguous(), spec.n_kv_heads)))  # the sink is written into it
     return out
@@ -192,7 +204,7 @@ def score_continuation(model, pre: Prefilled, cont: torch.Tensor) -> torch.Tenso
     if cont.shape[1] <= 1:
         return pre.logits[:, None]
     t = cont.shape[1] - 1
-    pos = pre.next_pos[:, None] + torch.arange(t)
-    mask = torch.cat([pre.mask, torch.ones(cont.shape[0], t, dtype=pre.mask.dtype)], dim=1)
+    pos = pre.next_pos[:, None] + torch.arange(t, device=cont.device)
+    mask = torch.cat([pre.mask, torch.ones(cont.shape[0], t, dtype=pre.mask.dtype, device=cont.device)], dim=1)
     out = model(input_ids=cont[:, :-1], attention_mask=mask, position_ids=pos, past_key_values=pre.cache, use_cache=True)
     return torch.cat([pre.logits[:, None], out.logits.float()], dim=1)

@@ -8,6 +8,7 @@ ordinary base prefill instead, for comparison.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,17 @@ class KVPPipeline:
         self.eos_ids = _eos_ids(tokenizer, base)
 
     @classmethod
-    def from_predictor(cls, folder: str | Path, *, aux: str | None = None, base: str | None = None) -> KVPPipeline:
-        """Load what a `fit` folder names (aux and base may be overridden)."""
+    def from_predictor(cls, folder: str | Path, *, aux: str | None = None, base: str | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> KVPPipeline:
+        """Load what a `fit` folder names (aux and base may be overridden). On a GPU pass e.g.
+        device="cuda", dtype=torch.bfloat16: the models take that dtype, the predictor stays
+        float32 (it is small) and casts at its edges."""
         manifest = read_manifest(folder, "predictor")
-        predictor = KVPredictor.load(folder)
+        predictor = KVPredictor.load(folder).to(device)
         aux = aux or manifest["inputs"]["aux"]["path"]
-        base_model, tok = load(base or ref_spec(manifest["inputs"]["base"]))
-        aux_model, aux_tok = load(aux)
+        base_model, tok = load(base or ref_spec(manifest["inputs"]["base"]), dtype=dtype)
+        aux_model, aux_tok = load(aux, dtype=dtype)
+        base_model, aux_model = base_model.to(device), aux_model.to(device)
         check_same_tokenizer(tok, aux_tok)
         return cls(base_model, aux_model, predictor, tok, sink_len=manifest["sink_len"],
                    manifest=manifest, aux_dir=Path(aux))
@@ -110,17 +115,21 @@ class KVPPipeline:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 use_kvp: bool = True, prefix: str | None = None) -> Generation:
+                 use_kvp: bool = True, prefix: str | None = None,
+                 stop: Callable[[list[list[int]]], list[bool]] | None = None) -> Generation:
         """Generate for a batch of prompts. With `prefix`, the whole prefix is the exact sink:
         its KV is computed by the base once and reused by every later call."""
         check_sampling(max_new_tokens, sampling)
         ids, mask = self.encode(prompts, extra=max_new_tokens, prefix=prefix)
+        ids, mask = ids.to(self.base.device), mask.to(self.base.device)
         sink = max(self.sink_len, len(self.tokenizer(prefix).input_ids)) if prefix else None
         t0 = time.perf_counter()
         pre = self.prefill(ids, mask, use_kvp=use_kvp, sink_len=sink)
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
         ttft = time.perf_counter() - t0
         out = decode(self.base, pre, max_new_tokens, sampling=sampling, eos_ids=self.eos_ids,
-                     pad_id=self.tokenizer.pad_token_id)
+                     pad_id=self.tokenizer.pad_token_id, stop=stop)
         rows = [self._until_eos(r) for r in out.tolist()]
         return Generation(
             prompts=list(prompts),
