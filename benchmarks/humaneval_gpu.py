@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from kvp_validate.humaneval import _TOP_LEVEL, run_humaneval
 
 from kvp_export.artifacts import read_manifest
 from kvp_export.models import check_same_tokenizer, load
@@ -35,7 +36,6 @@ from kvp_export.runtime.decode import decode
 from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp
 from kvp_export.runtime.pipeline import _eos_ids
 from kvp_export.stage import ref_spec
-from kvp_validate.humaneval import _TOP_LEVEL, run_humaneval
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -120,11 +120,11 @@ def main() -> int:
         info: dict = {"kind": kind, "folder": folder or None, "base": base_spec}
         if kind == "base":
             model, mtok = base, tok
-            prefill = lambda ids, mask, m=base: prefill_full(m, ids, mask)  # noqa: E731
+            prefill = lambda ids, mask, m=base: prefill_full(m, ids, mask)
         elif kind == "aux":
             model, mtok = load(folder, dtype=dtype)
             model = model.to(device)
-            prefill = lambda ids, mask, m=model: prefill_full(m, ids, mask)  # noqa: E731
+            prefill = lambda ids, mask, m=model: prefill_full(m, ids, mask)
         else:
             man = read_manifest(folder, "predictor")
             aux_dir = man["inputs"]["aux"]["path"]
@@ -136,7 +136,7 @@ def main() -> int:
             sinks = SinkCache(base)
             info.update(aux=aux_dir, sink_len=sink)
             model, mtok = base, tok
-            prefill = (lambda ids, mask, aux=aux, pred=pred, sink=sink, sinks=sinks:  # noqa: E731
+            prefill = (lambda ids, mask, aux=aux, pred=pred, sink=sink, sinks=sinks:
                        prefill_kvp(base, aux, pred, ids, mask, sink_len=sink, sinks=sinks))
         log(f"[{name}] {kind} {folder or ''}")
         gen = batched_generate(mtok, model, prefill, batch=a.batch, max_new=a.max_new_tokens,

@@ -73,7 +73,7 @@ def main() -> int:
     p.add_argument("rest", nargs="*", help="after --: more train_gpu.py arguments")
     a = p.parse_args()
     start = time.monotonic()
-    left = lambda: a.max_minutes - (time.monotonic() - start) / 60  # noqa: E731
+    left = lambda: a.max_minutes - (time.monotonic() - start) / 60
     name = Path(a.model).name
     work = a.work / name
     a.out.mkdir(parents=True, exist_ok=True)

@@ -53,11 +53,11 @@ def test_decoder_module_matches_hf(assets, family):
 @pytest.mark.parametrize("input_mode,sink_len", [("hidden", 1), ("kv", 0), ("hidden", 2)])
 def test_kvp_modules_match_the_pytorch_runtime(assets, tmp_path, input_mode, sink_len):
     """kvp_prefill's outputs fed to the decoder as they are give the PyTorch KVP logits (sink included)."""
+    from kvp_export.derive import derive
     from kvp_export.export.modules import Decoder, KVPPrefill
     from kvp_export.predictor.fit import fit
-    from kvp_export.derive import derive
-    from kvp_export.runtime.pipeline import KVPPipeline
     from kvp_export.runtime.kvp import prefill_kvp
+    from kvp_export.runtime.pipeline import KVPPipeline
 
     calib = [str(assets["corpus"])]
     aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="none", progress=False)
@@ -82,7 +82,7 @@ def test_export_layout_manifest_and_checker(exported):
 
     m = json.loads((exported / "manifest.json").read_text())
     assert m["stage"] == "onnx" and set(m["variants"]) == {"fp32", "int8", "int4"}
-    for variant, graphs in m["variants"].items():
+    for graphs in m["variants"].values():
         assert set(graphs) == {"kvp_prefill", "base_decode", "base_prefill", "aux_decode", "aux_prefill"}
         for entry in graphs.values():
             onnx.checker.check_model(str(exported / entry["file"]), full_check=True)
@@ -100,10 +100,11 @@ def test_graph_flops_match_the_analytic_count(exported, assets):
     """The exported base prefill does what the analytic model counts (projections, attention, last-token head),
     except that the graph computes the full square of attention scores where the analytic count
     takes the causal half."""
+    from kvp_validate.ttft import poly
+
     from kvp_export import flops
     from kvp_export.models import load
     from kvp_export.models.arch import ArchSpec
-    from kvp_validate.ttft import poly
 
     m = json.loads((exported / "manifest.json").read_text())
     base, _ = load(str(assets["llama"]))
@@ -144,8 +145,9 @@ def test_parity_fp32_and_quantized_within_tolerance(exported):
 
 
 def test_onnx_generation_equals_pytorch_kvp_token_for_token(exported, built):
-    from kvp_export.runtime.pipeline import KVPPipeline
     from kvp_validate.runtime import OnnxKVP, Sampling
+
+    from kvp_export.runtime.pipeline import KVPPipeline
 
     prompts = ["w1 w2 w3 w4 w5 w6 the fox def w7", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16"]
     want = KVPPipeline.from_predictor(built["pred"]).generate(prompts, max_new_tokens=10)
@@ -169,6 +171,7 @@ def test_optimum_generates_from_the_base_decoder(exported, assets):
     """Our base_decode graph is a plain decoder to other ONNX LLM runtimes: optimum's
     ORTModelForCausalLM greedy output equals transformers' on the same base."""
     from optimum.onnxruntime import ORTModelForCausalLM
+
     from kvp_export.models import load
 
     ort_model = ORTModelForCausalLM.from_pretrained(exported / "fp32", file_name="base_decode.onnx", use_cache=True,

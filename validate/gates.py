@@ -43,9 +43,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, float]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out |= flatten(v, key + ".")
-        elif isinstance(v, bool):
-            out[key] = float(v)
-        elif isinstance(v, int | float):
+        elif isinstance(v, bool) or isinstance(v, int | float):
             out[key] = float(v)
     return out
 

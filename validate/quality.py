@@ -56,7 +56,7 @@ def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy
             f"greedy{greedy_tokens}_exact": float(match.all(1).mean()),
         }
     out["kvp"]["nll_delta_vs_base"] = out["kvp"]["nll"] - out["base"]["nll"]
-    return {"variant": variant, "sequences": int(len(prompts)), "prompt_len": int(prompts.shape[1]),
+    return {"variant": variant, "sequences": len(prompts), "prompt_len": int(prompts.shape[1]),
             "cont_len": int(conts.shape[1]), "greedy_tokens": greedy_tokens, "paths": out}
 
 

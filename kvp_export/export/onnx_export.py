@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from tqdm.auto import tqdm
 
 from .. import data
-from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
+from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifest
 from ..errors import KvpError
 from ..models.arch import ArchSpec
 from ..runtime.pipeline import KVPPipeline
