@@ -165,18 +165,19 @@ def plot(rows: list[dict], path: Path, *, at: str, metric: str, title: str = "")
 
     ylabel, higher = METRICS[metric]
     pts, labels = [], []
+    one_run = len({r["run"] for r in rows}) == 1
     for r in rows:
         t, q = r.get("ttft", {}).get(at), r.get("quality", {})
         if t and q.get(metric) is not None:
             pts.append((t["kvp_ms"], q[metric]))
-            labels.append(f"{r['run']} {r['format']} {r['variant']}")
+            labels.append(f"{r['format']} {r['variant']}" if one_run else f"{r['run']} {r['format']} {r['variant']}")
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xs, ys = zip(*pts)
     ax.scatter(xs, ys, s=36, color="tab:blue", zorder=3, label="KVP variants")
-    for (x, y), lab in zip(pts, labels):
-        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for i, ((x, y), lab) in enumerate(zip(pts, labels)):  # staggered, so close points stay readable
+        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -10), fontsize=7)
     front = pareto_front(pts, higher)
     fx = [pts[i][0] for i in front]
     fy = [pts[i][1] for i in front]

@@ -371,11 +371,11 @@ def _format(e: ValidationError, where: str, lines: dict[tuple, int], overrides: 
     parts = []
     for err in e.errors():
         loc = _loc(tuple(err["loc"]))
-        field = ".".join(str(p) for p in loc) or "(recipe)"
         msg = err["msg"].removeprefix("Value error, ")
         head, sep, rest = msg.partition(": ")
         if sep and err["type"] == "value_error" and re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)*", head):
             loc, msg = loc + tuple(head.split(".")), rest  # a cross-field check names its field
+        field = ".".join(str(p) for p in loc) or "(recipe)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
