@@ -249,3 +249,26 @@ def test_pareto_front():
     pts = [(10, 0.5), (5, 0.3), (7, 0.6), (12, 0.55), (20, 0.9)]
     assert pareto_front(pts, higher_better=True) == [1, 2, 4]
     assert pareto_front([(1, 3.0), (2, 2.0), (3, 2.5)], higher_better=False) == [0, 1]
+
+
+def test_run_with_coreml_export(tiny_run, assets, tmp_path):
+    """Core ML enabled: export + the validator's Linux checks as stages, gated, in the table and JUnit."""
+    import shutil
+
+    pytest.importorskip("coremltools")
+    run_dir = tmp_path / "ml"
+    shutil.copytree(tiny_run["dir"], run_dir)
+    junit = tmp_path / "j.xml"
+    res = CliRunner().invoke(main, tiny_args(assets, run_dir, "--set", "export.coreml.enabled=true",
+                                             "--set", "export.coreml.context=64",
+                                             "--set", "export.coreml.prompt_lengths=[8,16]", "--junit", str(junit)))
+    assert res.exit_code == 0, res.output
+    run = json.loads((run_dir / "run.json").read_text())
+    status = {s["name"]: s["status"] for s in run["stages"]}
+    assert status == {"derive": "cached", "fit": "cached", "onnx": "cached", "coreml": "ran",
+                      "validate-onnx": "cached", "validate-coreml": "ran"}
+    assert {"gate": "coreml.ok==1", "key": "coreml.ok", "value": 1.0, "ok": True} in run["gates"]
+    rows = json.loads((run_dir / "compare.json").read_text())["rows"]
+    assert ("coreml", "ios18-fp16") in {(r["format"], r["variant"]) for r in rows}
+    root = ET.parse(junit).getroot()
+    assert root.get("failures") == "0" and int(root.get("skipped")) == 1  # macOS measurements
