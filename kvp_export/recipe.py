@@ -306,7 +306,9 @@ class Recipe(Strict):
         return out + list(g.extra)
 
     def dump(self) -> dict:
-        return self.model_dump(mode="json", by_alias=True)
+        """The recipe with defaults filled in; loads back to the same recipe (no train section under fit)."""
+        exclude = {"train"} if self.predictor.method == "fit" else set()
+        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
 
     def label(self, path: str | Path | None = None) -> str:
         if self.name:

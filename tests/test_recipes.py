@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from kvp_export.cli import main
@@ -143,7 +144,8 @@ def test_tiny_recipe_end_to_end(tiny_run):
     rows = json.loads((run_dir / "compare.json").read_text())["rows"]
     assert [(r["format"], r["variant"]) for r in rows] == [("onnx", "fp32"), ("onnx", "int8")]
     assert rows[0]["parity"] == "ok" and set(rows[0]["ttft"]) == {"1x8", "1x12"}
-    assert (run_dir / "recipe.yaml").is_file()
+    again = load_recipe(run_dir / "recipe.yaml")  # the run's recipe, defaults filled in, loads back as it is
+    assert again.dump() == yaml.safe_load((run_dir / "recipe.yaml").read_text()) and again.name == "tiny-ci"
     assert tiny_run["seconds"] < 120
 
 
