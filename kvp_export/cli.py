@@ -368,6 +368,67 @@ def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, 
         click.echo(result)
 
 
+# --------------------------------------------------------------------------- recipes
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, e.g. --set fit.sink=2 --set export.onnx.variants=[fp32,int8] "
+              "(the value is YAML; validated like the file).")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Run folder (default: runs/<recipe name>). A rerun reuses its finished stages.")
+@click.option("--junit", type=click.Path(path_type=Path), metavar="PATH",
+              help="Also write JUnit XML: one test case per stage, gate and parity check.")
+@click.option("--force", is_flag=True, help="Run every stage again, even those already in the run folder.")
+@click.option("--dry-run", is_flag=True, help="Check the recipe, print it with defaults filled in, run nothing.")
+def run_cmd(recipe, overrides, out, junit, force, dry_run):
+    """Run RECIPE: derive -> fit (or train) -> export -> validate, each stage cached; exit 3 if a gate fails."""
+    import yaml
+
+    from .recipe import load_recipe
+    from .run import GATE_FAILED, default_run_dir, run_recipe
+
+    r = load_recipe(recipe, overrides)
+    if r.name is None:
+        r.name = r.label(recipe)
+    if dry_run:
+        click.echo(yaml.safe_dump(r.dump(), sort_keys=False), nl=False)
+        click.echo("gates: " + (", ".join(r.onnx_gates()) or "none"), err=True)
+        return
+    run_dir = out or default_run_dir(r, recipe)
+    res = run_recipe(r, run_dir, progress=_progress(), force=force, junit=junit)
+    for s in res.stages:
+        click.echo(f"{s.name:<16} {s.status:<7} {s.seconds:>8.1f} s  {s.folder}")
+    passed = sum(g["ok"] for g in res.gates)
+    click.echo(f"gates: {passed}/{len(res.gates)} passed; {res.seconds:.1f} s; report: {run_dir / 'report.md'}")
+    for g in res.failed_gates:
+        why = g.get("reason") or f"measured {g['key']} = {g['value']:g}"
+        click.echo(f"gate failed: {g['gate']} ({why})", err=True)
+    if junit:
+        click.echo(f"kvp: JUnit XML written to {junit}", err=True)
+    if res.failed_gates:
+        sys.exit(GATE_FAILED)
+
+
+@main.command("compare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for compare.md, compare.json and pareto.png.")
+@click.option("--at", help="TTFT point (BATCHxLENGTH, e.g. 1x512) for the plot (default: batch 1, longest common).")
+@click.option("--metric", type=click.Choice(["first_token_agreement", "nll", "delta_nll"]),
+              default="first_token_agreement", show_default=True, help="Quality on the plot's y axis.")
+@click.option("--title", default="KVP variants compared", show_default=True)
+def compare_cmd(inputs, out, at, metric, title):
+    """Compare runs (run folders) or validation reports: one table and a Pareto plot of quality vs TTFT."""
+    from .compare import collect, render
+
+    payload = render(collect(list(inputs)), out, at=at, metric=metric, title=title)
+    click.echo((Path(out) / "compare.md").read_text(), nl=False)
+    click.echo(f"kvp: {len(payload['rows'])} rows; compare.md, compare.json"
+               f"{', pareto.png' if payload['pareto']['png'] else ''} in {out}", err=True)
+
+
 if __name__ == "__main__":  # `torchrun -m kvp_export.cli train ...`
     main()
 

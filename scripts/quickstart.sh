@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# Quick start: smollm2-135m -> aux (keep 0.5, bridge healing) -> KV predictor -> report.
-# Outputs go under ./runs/quickstart (override with RUNS=...). N held-out sequences (default 16)
-# and CALIB_TOKENS calibration tokens for healing and fitting (default 100000, the product default)
-# set the run time.
+# Quick start: the default recipe, recipes/smollm2-135m/keep-0.50.yaml, end to end with `kvp run`:
+# pull smollm2-135m -> aux (keep 0.5, bridge healing) -> ridge KV predictor -> ONNX fp32/int8/int4
+# -> validation (parity, accuracy, TTFT) and its gates. The run folder (default
+# runs/smollm2-135m-keep-0.50) gets report.md, pareto.png and run.json; a second call reuses
+# every finished stage and takes seconds.
+# Knobs: RUN=folder; CALIB_TOKENS (default: the recipe's 100000) and N (held-out pairs, default
+# the recipe's 64) for a quicker look, e.g. CALIB_TOKENS=8192 N=8 scripts/quickstart.sh.
+# Extra arguments go to `kvp run` (e.g. --set validate.lengths=[128,512] --junit junit.xml).
 set -euo pipefail
-RUNS=${RUNS:-runs/quickstart}
-N=${N:-16}
-CALIB_TOKENS=${CALIB_TOKENS:-100000}
-
-kvp models pull smollm2-135m
-kvp derive --base smollm2-135m --keep 0.5 --heal bridge --calib-tokens "$CALIB_TOKENS" \
-    -o "$RUNS/aux" --overwrite
-kvp fit --aux "$RUNS/aux" --calib-tokens "$CALIB_TOKENS" -o "$RUNS/predictor" --overwrite
-kvp generate --predictor "$RUNS/predictor" --max-new-tokens 24 \
-    'def fibonacci(n):' 'The three most important things about a garden are'
-kvp eval --predictor "$RUNS/predictor" --n "$N" -o "$RUNS/report" --overwrite
+RECIPE=${RECIPE:-recipes/smollm2-135m/keep-0.50.yaml}
+args=()
+[[ -n "${RUN:-}" ]] && args+=(-o "$RUN")
+[[ -n "${CALIB_TOKENS:-}" ]] && args+=(--set "data.calib_tokens=$CALIB_TOKENS")
+[[ -n "${N:-}" ]] && args+=(--set "export.onnx.eval_n=$N")
+exec kvp run "$RECIPE" "${args[@]}" "$@"

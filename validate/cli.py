@@ -57,8 +57,10 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
+@click.option("--junit", type=click.Path(path_type=Path), metavar="PATH",
+              help="Also write JUnit XML: one test case per gate and per parity check (for CI).")
 def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
-                 lengths, batches, warmup, repeats, humaneval_limit):
+                 lengths, batches, warmup, repeats, humaneval_limit, junit):
     """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
 
@@ -67,6 +69,7 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
 
         payload = validate_coreml(export_dir, out, repeats=repeats, overwrite=overwrite)
         click.echo((Path(out) / "report.md").read_text(), nl=False)
+        _junit(junit, payload)
         if not payload.get("ok", True):
             sys.exit(GATE_FAILED)
         return
@@ -77,11 +80,20 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
                             batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
                             tolerances=_tolerances(tols), overwrite=overwrite, progress=sys.stderr.isatty())
     click.echo((Path(out) / "report.md").read_text(), nl=False)
+    _junit(junit, payload)
     failed = [g for g in payload["gates"] if not g["ok"]]
     for g in failed:
         click.echo(f"gate failed: {g['gate']} (measured {g['key']} = {g['value']})", err=True)
     if failed:
         sys.exit(GATE_FAILED)
+
+
+def _junit(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        from .junit import report_suites, write_junit
+
+        write_junit(path, report_suites(payload), name="kvp validate")
+        click.echo(f"kvp: JUnit XML written to {path}", err=True)
 
 
 def export_stage(folder: Path) -> str | None:

@@ -98,7 +98,10 @@ def _metrics(results: dict) -> dict:
         m.setdefault("parity", {})[v] = {"ok": r["ok"], **{f"{c['graph']}.{c['metric']}".replace(" ", "_"): c["value"]
                                                           for c in r["checks"]}}
     for v, r in results.get("quality", {}).items():
-        m.setdefault("quality", {})[v] = r["paths"]
+        base_nll = r["paths"].get("base", {}).get("nll")
+        m.setdefault("quality", {})[v] = {  # delta_nll: the path's NLL minus the base's (quality vs the base)
+            path: dict(vals) | ({"delta_nll": vals["nll"] - base_nll} if base_nll is not None and "nll" in vals else {})
+            for path, vals in r["paths"].items()}
     for v, r in results.get("ttft", {}).items():
         m.setdefault("ttft", {})[v] = {
             f"{p['batch']}x{p['prompt_len']}": {k: p[k] for k in ("kvp_speedup", "kvp_flops_ratio", "kvp_efficiency",
