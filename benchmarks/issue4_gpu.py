@@ -69,6 +69,8 @@ def main() -> int:
     p.add_argument("--humaneval", action="store_true")
     p.add_argument("--he-batch", type=int, default=32)
     p.add_argument("--he-limit", type=int)
+    p.add_argument("--he-runs", help="comma-separated HumanEval paths, in this order (default: all five: "
+                   "base,aux_healed,aux_baseline,kvp_ridge,kvp_trained)")
     p.add_argument("--max-minutes", type=float, default=1e9)
     p.add_argument("rest", nargs="*", help="after --: more train_gpu.py arguments")
     a = p.parse_args()
@@ -96,6 +98,9 @@ def main() -> int:
     if a.humaneval:
         runs = ["base=base", f"aux_healed=aux:{work / 'aux'}", f"aux_baseline=aux:{work / 'baseline'}",
                 f"kvp_ridge=kvp:{work / 'ridge'}", f"kvp_trained=kvp:{work / 'kvp'}"]
+        if a.he_runs:
+            by_name = {r.split("=", 1)[0]: r for r in runs}
+            runs = [by_name[n] for n in a.he_runs.split(",")]
         cmd = [sys.executable, str(HERE / "humaneval_gpu.py"), "--base", a.model, "--out", str(work / "humaneval"),
                "--batch", str(a.he_batch), *(["--limit", str(a.he_limit)] if a.he_limit else []),
                *[x for r in runs for x in ("--run", r)]]
