@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from kvp_validate.report import md_table
+from kvp_validate.ttft import poly
 
 
 def main(root: Path) -> None:
@@ -29,9 +30,24 @@ def main(root: Path) -> None:
     print(md_table(["aux", "variant", "kvp_prefill", "base_decode", "base_prefill", "aux_prefill", "export s"],
                    rows, 1) + "\n")
 
+    print("FLOPs per sequence counted on the exported graphs (GFLOP; KVP = kvp_prefill + the base's first step):\n")
+    rows = []
+    for k, m in manifests.items():
+        f = m["flops"]
+        for n in (512, 1024):
+            base, aux = poly(f["base_prefill"]["coef"], n), poly(f["aux_prefill"]["coef"], n)
+            kvp = poly(f["kvp_prefill"]["coef"], n) + poly(f["base_decode"]["first_step"], n - 1)
+            rows.append([k, n, base / 1e9, aux / 1e9, poly(f["kvp_prefill"]["coef"], n) / 1e9,
+                         poly(f["base_decode"]["first_step"], n - 1) / 1e9, kvp / 1e9, base / kvp, kvp / aux])
+    print(md_table(["aux", "N", "base_prefill", "aux_prefill", "kvp_prefill", "first step", "KVP", "base / KVP",
+                    "KVP / aux"], rows, 3) + "\n")
+
     print("Parity with the PyTorch reference (worst-row logits relative error; greedy-8 agreement):\n")
     rows = []
     for k, r in reports.items():
+        rerun = root / k / "parity" / "report.json"  # a parity-only re-run, when there is one
+        if rerun.is_file():
+            r = json.loads(rerun.read_text())
         for v, p in r["results"]["parity"].items():
             c = {(x["graph"], x["metric"]): x["value"] for x in p["checks"]}
             rows.append([k, v, c[("base_prefill", "logits_rel")], c[("kvp_prefill + base_decode", "logits_rel")],
