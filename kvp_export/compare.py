@@ -79,7 +79,8 @@ def _coreml_rows(label: str, payload: dict) -> list[dict]:
 
 def rows_from_report(folder: Path, label: str | None = None) -> list[dict]:
     payload = _read_json(folder / "report.json")
-    label = label or folder.name
+    # a report folder named generically (runs/x/validate) is labelled by the folder above it
+    label = label or (folder.resolve().parent.name if folder.name in ("validate", "report") else folder.name)
     if "linux_checks" in payload:
         return _coreml_rows(label, payload)
     manifest = None
