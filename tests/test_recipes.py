@@ -46,7 +46,7 @@ def test_shipped_recipes_are_valid():
     r = load_recipe(ROOT / "recipes/smollm2-135m/keep-0.50.yaml")
     assert r.aux.keep == 0.5 and r.onnx_variants() == ["fp32", "int8", "int4"]
     assert "quality.int4.kvp.delta_nll<=0.9" in r.onnx_gates()
-    assert "ttft.int8.1x1024.kvp_speedup>=1.25" in r.onnx_gates()
+    assert "ttft.int8.1x1024.kvp_speedup>=1.15" in r.onnx_gates()
 
 
 def test_unknown_key_names_line_and_field(tmp_path):
