@@ -232,7 +232,7 @@ class OnnxKVP:
                  mode: str = "kvp", stop_strings: tuple[str, ...] = ()) -> Generation:
         if max_new_tokens < 1:
             raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        sampling.check()
+        sampling.check()  # the PyTorch pipeline shares these parameters and checks (runtime/decode.py)
         ids, mask = self.encode(prompts, extra=max_new_tokens)
         t0 = time.perf_counter()
         state = self.prefill(ids, mask, mode)

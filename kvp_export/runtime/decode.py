@@ -13,17 +13,17 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from kvp_validate.runtime import Sampling as SamplingParams
+
 from .kvp import Prefilled
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Greedy when temperature == 0; otherwise temperature / top-k / top-p sampling (seeded)."""
+class Sampling(SamplingParams):
+    """Greedy when temperature == 0; otherwise temperature / top-k / top-p sampling (seeded).
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    The parameters and their checks are the validator's (kvp_validate.runtime, which samples
+    in numpy on onnxruntime); this adds the torch logits processors."""
 
     def processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()

@@ -154,12 +154,7 @@ def _eos_ids(tokenizer, model) -> set[int]:
 def check_sampling(max_new_tokens: int, s: Sampling) -> None:
     if max_new_tokens < 1:
         raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    if s.temperature < 0:
-        raise KvpError(f"temperature must be >= 0 (0 is greedy), got {s.temperature}")
-    if s.top_k < 0:
-        raise KvpError(f"top-k must be >= 0 (0 is off), got {s.top_k}")
-    if not 0 < s.top_p <= 1:
-        raise KvpError(f"top-p must be in (0, 1], got {s.top_p}")
+    s.check()
 
 
 def read_prompts(path: str | Path) -> list[str]:
