@@ -212,14 +212,20 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, aux_only, no_kvp,
     check_sampling(max_new_tokens, sampling)
     pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
     g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, use_kvp=not no_kvp, prefix=prefix)
+    mode = "KVP" if g.kvp else "base"
+    _print_generation(g, as_json, f"prefill (TTFT) of the batch of {len(prompts)}, {mode}: "
+                                  f"{g.prefill_seconds * 1e3:.1f} ms")
+
+
+def _print_generation(g, as_json: bool, ttft_line: str) -> None:
+    """Completions (or the whole generation as JSON), then the TTFT line."""
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(g), indent=2, ensure_ascii=False))
         return
     for i, (p, c, n_p, ids) in enumerate(zip(g.prompts, g.completions, g.prompt_tokens, g.token_ids), 1):
         click.echo(f"--- [{i}] prompt {n_p} tokens, completion {len(ids)} tokens ---")
         click.echo(p + c)
-    mode = "KVP" if g.kvp else "base"
-    click.echo(f"prefill (TTFT) of the batch of {len(prompts)}, {mode}: {g.prefill_seconds * 1e3:.1f} ms")
+    click.echo(ttft_line)
 
 
 def _generate_onnx(folder, variant, threads, mode, prompts, max_new_tokens, temperature, top_k, top_p, seed, as_json):
@@ -228,15 +234,9 @@ def _generate_onnx(folder, variant, threads, mode, prompts, max_new_tokens, temp
     rt = OnnxKVP(folder, variant, threads)
     g = rt.generate(prompts, max_new_tokens=max_new_tokens, mode=mode,
                     sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    if as_json:
-        click.echo(json.dumps(dataclasses.asdict(g), indent=2, ensure_ascii=False))
-        return
-    for i, (p, c, n_p, ids) in enumerate(zip(g.prompts, g.completions, g.prompt_tokens, g.token_ids), 1):
-        click.echo(f"--- [{i}] prompt {n_p} tokens, completion {len(ids)} tokens ---")
-        click.echo(p + c)
     parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in g.seconds.items() if k != "total")
-    click.echo(f"TTFT of the batch of {len(prompts)}, {g.mode} on onnxruntime {variant} ({threads} threads): "
-               f"{g.ttft_seconds * 1e3:.1f} ms ({parts})")
+    _print_generation(g, as_json, f"TTFT of the batch of {len(prompts)}, {g.mode} on onnxruntime {variant} "
+                                  f"({threads} threads): {g.ttft_seconds * 1e3:.1f} ms ({parts})")
 
 
 @main.command("eval")
