@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvp_validate.artifact import load_manifest
 from kvp_validate.report import atomic_write_text as write_text
 
 from .errors import KvpError
@@ -123,15 +124,7 @@ def write_manifest(folder: str | Path, stage: str, inputs: dict[str, Any], **fie
 
 
 def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
-    path = Path(folder) / MANIFEST
-    if not Path(folder).exists():
-        raise KvpError(f"no such folder: {folder}")
-    if not path.is_file():
-        raise KvpError(f"not an artifact folder (no {MANIFEST}): {folder}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KvpError(f"unreadable manifest {path}: {e}") from None
+    manifest = load_manifest(folder)
     if stage and manifest.get("stage") != stage:
         raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected '{stage}'")
     return manifest

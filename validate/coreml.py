@@ -14,7 +14,6 @@ reads UNMEASURED: a number is only ever a measurement.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import mlpackage
+from .artifact import check_sections, load_manifest
 from .errors import KvpError
 from .report import md_table, write_report_folder
 
@@ -39,20 +39,10 @@ class CoremlExport:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise KvpError(f"no such export folder: {folder}")
-        path = self.folder / MANIFEST
-        if not path.is_file():
-            raise KvpError(f"not an export folder (no {MANIFEST}): {folder}")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise KvpError(f"unreadable manifest {path}: {e}") from None
+        self.manifest = load_manifest(self.folder, "export")
         if self.manifest.get("stage") != "coreml":
             raise KvpError(f"{folder} is a '{self.manifest.get('stage')}' artifact, expected a Core ML export")
-        for key in ("variants", "model", "checks", "reference"):
-            if key not in self.manifest:
-                raise KvpError(f"manifest {path} has no '{key}' section")
+        check_sections(self.manifest, self.folder, ("variants", "model", "checks", "reference"))
         for v in self.variants:
             for role in self.manifest["variants"][v]["packages"]:
                 if not self.package(v, role).is_dir():

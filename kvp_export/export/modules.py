@@ -22,6 +22,7 @@ from torch import nn
 
 from ..models import arch
 from ..predictor.module import KVPredictor
+from ..runtime.kvp import positions_from_mask
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -66,10 +67,6 @@ def causal_visibility(attention_mask: torch.Tensor, position_ids: torch.Tensor, 
     idx = torch.arange(t, device=attention_mask.device)
     see_new = (idx[None, :] <= idx[:, None])[None] & new_mask[:, None, :]
     return torch.cat([see_past, see_new], dim=-1)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Layer(nn.Module):

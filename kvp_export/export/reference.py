@@ -37,8 +37,9 @@ def build_reference(base, aux, predictor, sink_len: int, ids: torch.Tensor, mask
         "kvp": (base, lambda: prefill_kvp(base, aux, predictor, ids, mask, sink_len=sink_len)),
     }
     for name, (model, run) in paths.items():
-        ref[f"{name}.logits"] = run().logits.numpy()
-        ref[f"{name}.tokens"] = decode(model, run(), GREEDY_TOKENS, pad_id=pad_id).numpy()
+        pre = run()  # decode reads pre.logits before it extends the cache
+        ref[f"{name}.logits"] = pre.logits.numpy().copy()
+        ref[f"{name}.tokens"] = decode(model, pre, GREEDY_TOKENS, pad_id=pad_id).numpy()
     pos = positions_from_mask(mask)
     for i, (k, v) in enumerate(predict_kv(base, aux, predictor, ids[:, :-1], mask[:, :-1], pos[:, :-1])):
         ref[f"kvp.present.{i}.key"], ref[f"kvp.present.{i}.value"] = k.numpy(), v.numpy()

@@ -22,7 +22,8 @@ import torch
 from ..errors import KvpError
 from ..models import arch
 from ..predictor.module import KVPredictor
-from .modules import Decoder, KVPPrefill, positions_from_mask
+from ..runtime.kvp import positions_from_mask
+from .modules import Decoder, KVPPrefill
 
 OPSET = 17
 GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_decode", "aux_prefill")
