@@ -130,8 +130,9 @@ def _folder_files(folder: Path) -> list[Path]:
 def load_corpus(paths: list[str]) -> Corpus:
     """Documents from text files, folders (recursively) and JSONL files, in the order given.
 
-    Names are the paths as given (joined with the path inside a folder), so a relative
-    path yields the same names, hence the same split, on every machine.
+    A file is named by its path as given; a document found in a folder by the folder's own
+    name and its path inside it. The held-out split hashes these names, so a folder gives
+    the same split wherever it lives (a temporary folder in a test, a checkout elsewhere).
     """
     docs: list[Document] = []
     n_files = 0
@@ -141,7 +142,8 @@ def load_corpus(paths: list[str]) -> Corpus:
             raise KvpError(f"no such file or folder: {p}")
         files = _folder_files(path) if path.is_dir() else [path]
         for f in files:
-            docs += _file_documents(f, f.as_posix())
+            name = (Path(path.resolve().name) / f.relative_to(path)).as_posix() if path.is_dir() else f.as_posix()
+            docs += _file_documents(f, name)
         n_files += len(files)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
@@ -156,7 +158,8 @@ def _check_unique(docs: list[Document]) -> None:
     seen: set[str] = set()
     for d in docs:
         if d.name in seen:
-            raise KvpError(f"document listed twice: {d.name}")
+            raise KvpError(f"document listed twice: {d.name} (the same file given twice, or two corpus folders "
+                           "of the same name: documents in a folder are named from the folder's name)")
         seen.add(d.name)
 
 

@@ -93,7 +93,7 @@ def test_folder_recursion_and_jsonl(tmp_path):
 
     c = load_corpus([str(root), str(extra)])
     names = [d.name for d in c.documents]
-    r = root.as_posix()
+    r = "corp"  # a folder's documents are named from the folder itself: the same split wherever it lives
     assert names == [f"{r}/a/b/code.py", f"{r}/a/b/doc.rst", f"{r}/a/notes.md", f"{r}/a/recs.jsonl:1",
                      f"{r}/a/recs.jsonl:3", f"{r}/top.txt", extra.as_posix()]
     assert [d.text for d in c.documents][3:5] == ["one", "three"]
@@ -105,6 +105,17 @@ def test_folder_recursion_and_jsonl(tmp_path):
 def test_same_file_twice_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     raises_one_line("listed twice", load_corpus, [str(tmp_path / "a.txt"), str(tmp_path / "a.txt")])
+
+
+def test_a_folder_splits_the_same_wherever_it_lives(tmp_path):
+    """The held-out split hashes document names; a temporary copy of a corpus must split alike."""
+    for where in ("one", "two/deeper"):
+        for i in range(30):
+            (tmp_path / where / "corp").mkdir(parents=True, exist_ok=True)
+            (tmp_path / where / "corp" / f"d{i}.txt").write_text(f"doc {i}")
+    held = [[d.name for d in data.corpus_from_spec([str(tmp_path / w / "corp")], "heldout").documents]
+            for w in ("one", "two/deeper")]
+    assert held[0] == held[1] and held[0]
 
 
 def test_content_hash_covers_names_and_texts():

@@ -91,7 +91,8 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
 
     Every `val_every`-th sequence goes to the validation split used to pick the ridge strength.
     Under torchrun each process takes every world.size-th sequence of each split (the sums
-    are reduced across processes afterwards, RidgeStats.allreduce).
+    are reduced across processes afterwards, RidgeStats.allreduce); a process left without a
+    sequence of a split adds zero statistics of the right shapes, so any count works.
     """
     world = current()
     stats = RidgeStats(predictor)
@@ -99,8 +100,6 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
     keep[sink_len:] = True
     idx = torch.arange(len(seqs))
     splits = [("fit", idx[idx % val_every != val_every - 1]), ("val", idx[idx % val_every == val_every - 1])]
-    if world.distributed and any(len(sel) < world.size for _, sel in splits):
-        raise KvpError(f"too few calibration sequences ({len(seqs)}) to share among {world.size} processes")
     splits = [(split, sel[world.rank :: world.size]) for split, sel in splits]
     bar = tqdm(total=sum(len(sel) for _, sel in splits), desc="fit: base+aux activations", unit="seq",
                disable=not progress)
@@ -111,6 +110,11 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
             xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
             stats.add(split, xk, xv, yk, yv, keep.expand(ids.shape[0], -1))
             bar.update(ids.shape[0])
+        if not len(sel) and world.distributed:  # keep every rank's all-reduce in step
+            ids = seqs[:1]
+            xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
+            yk, yv = true_kv(base, input_ids=ids)
+            stats.add(split, xk, xv, yk, yv, torch.zeros_like(ids, dtype=torch.bool))
     bar.close()
     return stats
 
