@@ -14,6 +14,7 @@ Imports no torch.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from kvp_validate.report import atomic_write_text, md_table
@@ -157,6 +158,21 @@ def pareto_front(pts: list[tuple[float, float]], higher_better: bool) -> list[in
     return front
 
 
+def _point_names(rows: list[dict]):
+    """Short point labels: the runs' common prefix ("smollm2-135m-") and a format shared by every
+    row are left out, so close points stay readable."""
+    runs = sorted({r["run"] for r in rows})
+    prefix = os.path.commonprefix(runs) if len(runs) > 1 else ""
+    prefix = prefix[: max(prefix.rfind("-"), prefix.rfind("_"), prefix.rfind("/")) + 1]
+    one_format = len({r["format"] for r in rows}) == 1
+
+    def name(r: dict) -> str:
+        parts = [] if len(runs) == 1 else [r["run"][len(prefix):] or r["run"]]
+        return " ".join(parts + ([] if one_format else [r["format"]]) + [r["variant"]])
+
+    return name
+
+
 def plot(rows: list[dict], path: Path, *, at: str, metric: str, title: str = "") -> bool:
     """The Pareto PNG; False when no row has both a TTFT at `at` and the metric."""
     import matplotlib
@@ -166,12 +182,12 @@ def plot(rows: list[dict], path: Path, *, at: str, metric: str, title: str = "")
 
     ylabel, higher = METRICS[metric]
     pts, labels = [], []
-    one_run = len({r["run"] for r in rows}) == 1
+    name = _point_names(rows)
     for r in rows:
         t, q = r.get("ttft", {}).get(at), r.get("quality", {})
         if t and q.get(metric) is not None:
             pts.append((t["kvp_ms"], q[metric]))
-            labels.append(f"{r['format']} {r['variant']}" if one_run else f"{r['run']} {r['format']} {r['variant']}")
+            labels.append(name(r))
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -183,8 +199,8 @@ def plot(rows: list[dict], path: Path, *, at: str, metric: str, title: str = "")
     fx = [pts[i][0] for i in front]
     fy = [pts[i][1] for i in front]
     ax.step(fx, fy, where="post", color="tab:red", lw=1.2, zorder=2, label="Pareto front")
-    base_seen = set()
-    for r in rows:  # the base of each run and variant format, for reference (quality 1 / base NLL, delta 0)
+    base_seen, labelled = set(), set()
+    for r in rows:  # the base of each run and variant, for reference (quality 1 / base NLL, delta 0)
         t, q = r.get("ttft", {}).get(at), r.get("quality", {})
         if not t or not q or (r["run"], r["variant"]) in base_seen:
             continue
@@ -192,9 +208,11 @@ def plot(rows: list[dict], path: Path, *, at: str, metric: str, title: str = "")
         by = {"first_token_agreement": 1.0, "nll": q.get("base_nll"), "delta_nll": 0.0}[metric]
         if by is not None:
             ax.scatter([t["base_ms"]], [by], marker="x", color="gray", zorder=3,
-                       label="base prefill" if len(base_seen) == 1 else None)
-            ax.annotate(f"base {r['variant']}", (t["base_ms"], by), textcoords="offset points", xytext=(5, -9),
-                        fontsize=6, color="gray")
+                       label="base prefill (each run)" if len(base_seen) == 1 else None)
+            if r["variant"] not in labelled:  # runs of one base: name each variant's base once
+                labelled.add(r["variant"])
+                ax.annotate(f"base {r['variant']}", (t["base_ms"], by), textcoords="offset points",
+                            xytext=(3, -9 - 7 * (len(labelled) - 1)), fontsize=6, color="gray")
     ax.set_xlabel(f"TTFT (ms) at batch x prompt = {at}, onnxruntime CPU")
     ax.set_ylabel(ylabel)
     ax.set_title(title or "Quality against time to first token")

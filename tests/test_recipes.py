@@ -253,6 +253,16 @@ def test_pareto_front():
     assert pareto_front([(1, 3.0), (2, 2.0), (3, 2.5)], higher_better=False) == [0, 1]
 
 
+def test_plot_labels_drop_what_every_point_shares():
+    from kvp_export.compare import _point_names
+
+    rows = [{"run": f"smollm2-135m-keep-{k}", "format": "onnx", "variant": v} for k in ("0.25", "0.50") for v in
+            ("fp32", "int8")]
+    assert [_point_names(rows)(r) for r in rows] == ["0.25 fp32", "0.25 int8", "0.50 fp32", "0.50 int8"]
+    one = [{"run": "a", "format": "onnx", "variant": "fp32"}, {"run": "a", "format": "coreml", "variant": "fp16"}]
+    assert [_point_names(one)(r) for r in one] == ["onnx fp32", "coreml fp16"]
+
+
 def test_run_with_coreml_export(tiny_run, assets, tmp_path):
     """Core ML enabled: export + the validator's Linux checks as stages, gated, in the table and JUnit."""
     import shutil
