@@ -11,4 +11,4 @@ for k in 0.25 0.50 0.75; do
     [[ $rc -ne 0 && $rc -ne 3 ]] && exit $rc   # a failed gate (3) still gives a row to compare
     runs+=("runs/smollm2-135m-keep-$k")
 done
-kvp compare "${runs[@]}" -o benchmarks/compare-smollm2 --title "smollm2-135m: KVP-LP keep 0.25 / 0.50 / 0.75"
+kvp compare "${runs[@]}" -o benchmarks/compare-smollm2 --title "smollm2-135m: KVP-LP keep 0.25 / 0.50 / 0.75 (kvp run, onnxruntime CPU)"
