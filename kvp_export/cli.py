@@ -401,7 +401,8 @@ def run_cmd(recipe, overrides, out, junit, force, dry_run):
     for s in res.stages:
         click.echo(f"{s.name:<16} {s.status:<7} {s.seconds:>8.1f} s  {s.folder}")
     passed = sum(g["ok"] for g in res.gates)
-    click.echo(f"gates: {passed}/{len(res.gates)} passed; {res.seconds:.1f} s; report: {run_dir / 'report.md'}")
+    verdict = f"{passed}/{len(res.gates)} passed" if res.gates else "none (validation off or no gates set)"
+    click.echo(f"gates: {verdict}; {res.seconds:.1f} s; report: {run_dir / 'report.md'}")
     for g in res.failed_gates:
         why = g.get("reason") or f"measured {g['key']} = {g['value']:g}"
         click.echo(f"gate failed: {g['gate']} ({why})", err=True)

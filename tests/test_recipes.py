@@ -159,6 +159,18 @@ def test_second_run_reuses_every_stage(tiny_run, assets):
     assert res.output.count("cached") >= 4 and seconds < 10
 
 
+def test_validation_off_builds_the_stages_and_gates_nothing(tiny_run, assets, tmp_path):
+    """`--set validate.enabled=false` builds (here: reuses) derive/fit/export and says no gate ran."""
+    import shutil
+
+    run_dir = tmp_path / "built"
+    shutil.copytree(tiny_run["dir"], run_dir)
+    res = CliRunner().invoke(main, tiny_args(assets, run_dir, "--set", "validate.enabled=false"))
+    assert res.exit_code == 0, res.output
+    assert [s["name"] for s in json.loads((run_dir / "run.json").read_text())["stages"]] == ["derive", "fit", "onnx"]
+    assert "gates: none (validation off or no gates set)" in res.output
+
+
 def test_changed_section_reruns_only_downstream(tiny_run, assets, tmp_path):
     """A changed export section reruns export + validation; a partial stage folder is redone."""
     import shutil
