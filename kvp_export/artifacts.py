@@ -19,20 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvp_validate.artifact import load_manifest
+from kvp_validate.artifact import load_manifest, sha256_file  # noqa: F401  (sha256_file: re-exported for the stages)
 from kvp_validate.report import atomic_write_text as write_text
 
 from .errors import KvpError
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -387,7 +387,9 @@ def run_cmd(recipe, overrides, out, junit, force, dry_run):
     import yaml
 
     from .recipe import load_recipe
-    from .run import GATE_FAILED, default_run_dir, run_recipe
+    from kvp_validate.gates import GATE_FAILED
+
+    from .run import default_run_dir, run_recipe
 
     r = load_recipe(recipe, overrides)
     if r.name is None:

@@ -34,7 +34,6 @@ from .errors import KvpError
 from .recipe import Recipe, section_hash
 
 RUN_JSON = "run.json"
-GATE_FAILED = 3
 
 
 @dataclass
@@ -51,7 +50,6 @@ class RunResult:
     run_dir: Path
     stages: list[StageResult] = field(default_factory=list)
     gates: list[dict] = field(default_factory=list)
-    ok: bool = True
     seconds: float = 0.0
 
     @property
@@ -76,8 +74,8 @@ def _fingerprint(spec: str | None) -> object:
                                   f.stat().st_mtime_ns] for f in files]
 
 
-def _manifest_hash(folder: Path, name: str = "manifest.json") -> str:
-    return sha256_file(folder / name)
+def _manifest_hash(folder: Path) -> str:
+    return sha256_file(folder / "manifest.json")
 
 
 def _complete(folder: Path, marker: str, stage: str | None) -> bool:
@@ -224,7 +222,6 @@ class Runner:
                 self.result.gates.append({"gate": "coreml.ok==1", "key": "coreml.ok", "value": float(payload["ok"]),
                                           "ok": bool(payload["ok"])})
             reports["coreml"] = payload
-        self.result.ok = all(g["ok"] for g in self.result.gates)
         self.result.seconds = round(time.perf_counter() - self.t0, 2)
         self.write_summary(final=True)
         self.write_report()
@@ -250,7 +247,7 @@ class Runner:
             "seconds": round(time.perf_counter() - self.t0, 2),
             "stages": [asdict(s) for s in res.stages],
             "gates": res.gates,
-            "ok": all(g["ok"] for g in res.gates),
+            "ok": not res.failed_gates,
         }
 
     def write_summary(self, final: bool) -> None:

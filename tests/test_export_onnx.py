@@ -189,8 +189,10 @@ def test_optimum_generates_from_the_base_decoder(exported, assets):
 def test_validate_cli_end_to_end_with_gates(exported, tmp_path):
     args = ["validate", str(exported), "--lengths", "8,12", "--batches", "1,2", "--repeats", "1", "--warmup", "0",
             "--threads", "1", "--variant", "fp32", "--variant", "int8"]
+    # a measured KVP metric (the base's agreement with itself would be 1 by construction); the
+    # random model's NLL sits near ln(vocab) = 4.7 and fails this only when missing or NaN
     ok = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r1"), "--gate", "parity.fp32.ok==1",
-                                   "--gate", "quality.fp32.base.first_token_agreement>=1"])
+                                   "--gate", "quality.fp32.kvp.nll<=6"])
     assert ok.exit_code == 0, ok.output
     report = json.loads((tmp_path / "r1" / "report.json").read_text())
     assert report["ok"] and report["results"]["parity"]["fp32"]["ok"]

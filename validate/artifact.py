@@ -18,10 +18,10 @@ from .errors import KvpError
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
@@ -127,7 +127,7 @@ class OnnxArtifact:
         path = self.folder / info["folder"] / "tokenizer.json"
         if not path.is_file():
             raise KvpError(f"missing tokenizer file {path}")
-        if _sha256(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise KvpError(f"tokenizer {path} is not the one exported with these graphs (SHA-256 differs)")
         tok = Tokenizer.from_file(str(path))
         if tok.get_vocab_size() > self.model["vocab"]:

@@ -12,8 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import KvpError
-
-GATE_FAILED = 3
+from .gates import GATE_FAILED
 
 
 def _ints(ctx, param, value: str) -> tuple[int, ...]:

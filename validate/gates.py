@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from .errors import KvpError
 
+GATE_FAILED = 3  # the exit code of kvp validate / kvp run when a gate fails
+
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([A-Za-z0-9_.@*\-]+)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 

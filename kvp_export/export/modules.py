@@ -189,7 +189,7 @@ class KVPPrefill(nn.Module):
         n_aux = self.aspec.n_layers
         self.sources = predictor.sources
         # Which aux source index (0..n_aux; n_aux = final normed state) feeds which predictor slices.
-        self.plan: list[list[tuple[int, str, int, int]]] = [[] for _ in range(n_aux + 1)]  # (base layer, k|v, part, width)
+        self.plan: list[list[tuple[int, str, int]]] = [[] for _ in range(n_aux + 1)]  # (base layer, k|v, width)
         fused_w: list[list[torch.Tensor]] = [[] for _ in range(n_aux + 1)]
         fused_b: list[list[torch.Tensor]] = [[] for _ in range(n_aux + 1)]
         if self.mode == "hidden":
@@ -199,7 +199,7 @@ class KVPPrefill(nn.Module):
                     for part, j in enumerate(src):
                         fused_w[j].append(lin.weight[:, part * d : (part + 1) * d])
                         fused_b[j].append(lin.bias if part == 0 else torch.zeros_like(lin.bias))
-                        self.plan[j].append((i, kind, part, lin.out_features))
+                        self.plan[j].append((i, kind, lin.out_features))
         else:  # "kv": the predictor reads the aux's own keys (normed, pre-RoPE) and values
             self.pk, self.pv = predictor.k, predictor.v
         layers = []
@@ -211,7 +211,7 @@ class KVPPrefill(nn.Module):
         self.final_norm = aux.model.norm
         self.final = None
         if fused_w[n_aux]:
-            self.final = nn.Linear(self.aspec.hidden, sum(p[3] for p in self.plan[n_aux]))
+            self.final = nn.Linear(self.aspec.hidden, sum(p[2] for p in self.plan[n_aux]))
             with torch.no_grad():
                 self.final.weight.copy_(torch.cat(fused_w[n_aux]))
                 self.final.bias.copy_(torch.cat(fused_b[n_aux]))
@@ -230,7 +230,7 @@ class KVPPrefill(nn.Module):
 
         def add(j: int, out: torch.Tensor) -> None:
             off = 0
-            for i, kind, _part, width in self.plan[j]:
+            for i, kind, width in self.plan[j]:
                 piece = out[..., off : off + width]
                 off += width
                 sums[(i, kind)] = piece if (i, kind) not in sums else sums[(i, kind)] + piece

@@ -28,7 +28,7 @@ from ..stage import Clock, check_positive, model_ref, seed_all
 from . import graph_flops
 from .quantize import check_variants, quantize
 from .reference import build_reference, reference_inputs, save_reference
-from .to_onnx import GRAPHS, OPSET, export_graph
+from .to_onnx import GRAPHS, OPSET, export_graph, kv_names
 
 EVAL_PAIRS = "eval_pairs.npz"
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -49,7 +49,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
     with clock.step("load"):
         pipe = KVPPipeline.from_predictor(predictor)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
-    spec = ArchSpec.of(base)
+    spec, aux_spec = ArchSpec.of(base), ArchSpec.of(aux)
     context = int(getattr(base.config, "max_position_embeddings", 0) or 0)
     if prompt_len + cont_len > context > 0:
         raise KvpError(f"evaluation pairs of {prompt_len}+{cont_len} tokens exceed the context ({context})")
@@ -67,7 +67,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                 io[name] = graph_io(export_graph(name, tmp / "fp32" / f"{name}.onnx", base, aux, pred, pipe.sink_len))
                 bar.update()
         with clock.step("count_flops"):
-            flops = count_flops(tmp / "fp32", spec, ArchSpec.of(aux), pipe.sink_len)
+            flops = count_flops(tmp / "fp32", spec, aux_spec, pipe.sink_len)
         quant: dict[str, dict] = {}
         for variant in variants[1:]:
             with clock.step(f"quantize_{variant}"):
@@ -91,7 +91,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
         files = {v: {name: graph_files(tmp, v, name) for name in GRAPHS} for v in variants}
         manifest_fields = {
             "model": {
-                "model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": ArchSpec.of(aux).n_layers,
+                "model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": aux_spec.n_layers,
                 "kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "context": context,
                 "sink_len": pipe.sink_len, "eos_token_ids": sorted(pipe.eos_ids), "pad_token_id": tok.pad_token_id,
             },
@@ -151,9 +151,7 @@ def _feeds_decode(spec: ArchSpec, past: int, new: int) -> dict[str, np.ndarray]:
     kv = np.zeros((1, spec.n_kv_heads, past, spec.head_dim), np.float32)
     feeds = {"input_ids": np.ones((1, new), np.int64), "attention_mask": np.ones((1, past + new), np.int64),
              "position_ids": np.arange(past, past + new, dtype=np.int64)[None]}
-    for i in range(spec.n_layers):
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = kv
-    return feeds
+    return feeds | dict.fromkeys(kv_names("past_key_values", spec.n_layers), kv)
 
 
 def count_flops(folder: Path, base: ArchSpec, aux: ArchSpec, sink_len: int) -> dict:

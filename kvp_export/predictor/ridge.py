@@ -91,8 +91,7 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
 
     Every `val_every`-th sequence goes to the validation split used to pick the ridge strength.
     Under torchrun each process takes every world.size-th sequence of each split (the sums
-    are reduced across processes afterwards, RidgeStats.allreduce); a process left without a
-    sequence of a split adds zero statistics of the right shapes, so any count works.
+    are reduced across processes afterwards, RidgeStats.allreduce), so any count works.
     """
     world = current()
     stats = RidgeStats(predictor)
@@ -104,17 +103,17 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
     bar = tqdm(total=sum(len(sel) for _, sel in splits), desc="fit: base+aux activations", unit="seq",
                disable=not progress)
     for split, sel in splits:
+        mask = keep.expand(batch, -1)
+        if not len(sel) and world.distributed:
+            # no sequence of this split here: one with nothing kept adds zero statistics of the
+            # right shapes, so every rank's all-reduce stays in step
+            sel, mask = sel.new_zeros(1), torch.zeros(1, seqs.shape[1], dtype=torch.bool)
         for s in range(0, len(sel), batch):
             ids = seqs[sel[s : s + batch]]
             yk, yv = true_kv(base, input_ids=ids)
             xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
-            stats.add(split, xk, xv, yk, yv, keep.expand(ids.shape[0], -1))
-            bar.update(ids.shape[0])
-        if not len(sel) and world.distributed:  # keep every rank's all-reduce in step
-            ids = seqs[:1]
-            xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
-            yk, yv = true_kv(base, input_ids=ids)
-            stats.add(split, xk, xv, yk, yv, torch.zeros_like(ids, dtype=torch.bool))
+            stats.add(split, xk, xv, yk, yv, mask[: len(ids)])
+            bar.update(len(ids))
     bar.close()
     return stats
 
