@@ -432,10 +432,6 @@ def compare_cmd(inputs, out, at, metric, title):
                f"{', pareto.png' if payload['pareto']['png'] else ''} in {out}", err=True)
 
 
-if __name__ == "__main__":  # `torchrun -m kvp_export.cli train ...`
-    main()
-
-
 @export.command("coreml")
 @click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
 @click.option("--context", default=1024, show_default=True, help="Maximum context: KV cache slots of the packages.")
@@ -462,3 +458,5 @@ def export_coreml_cmd(predictor, context, prompt_lengths, targets, compressions,
                              overwrite=overwrite, seed=seed, progress=_progress()))
 
 
+if __name__ == "__main__":  # `python -m kvp_export.cli` (and `torchrun -m kvp_export.cli train ...`)
+    main()

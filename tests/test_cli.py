@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -133,6 +135,20 @@ def test_packaging_lists_every_subpackage():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kvp_export").rglob("__init__.py")}
     assert found <= listed and "kvp_validate" in listed
+
+
+@pytest.mark.parametrize("module", ["kvp_export", "kvp_export.cli"])
+def test_python_dash_m_has_every_verb(module):
+    """`python -m kvp_export` and `python -m kvp_export.cli` (torchrun's form) run the whole CLI,
+    verbs registered late in cli.py included."""
+    def help_of(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", module, *args, "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert {"export", "train", "run", "validate"} <= set(re.findall(r"^  (\w+)", help_of(), re.M))
+    assert {"onnx", "coreml"} <= set(re.findall(r"^  (\w+)", help_of("export"), re.M))
 
 
 # --------------------------------------------------------------------------- bad input
