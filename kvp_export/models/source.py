@@ -1,8 +1,9 @@
 """Model sources: zoo names, GGUF files and Hugging Face folders, all resolved to a folder.
 
 Every later stage loads a plain float Hugging Face folder written by the pinned
-transformers (DESIGN.md section 6: folders from other versions load wrongly). A GGUF
-is converted once, checked against the GGUF-loaded model's logits, and cached.
+transformers: folders from other versions load wrongly (docs/architecture.md, "Stack facts
+that shaped the code"). A GGUF is converted once, checked against the GGUF-loaded model's
+logits, and cached.
 """
 
 from __future__ import annotations

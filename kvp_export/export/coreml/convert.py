@@ -1,9 +1,10 @@
 """Tracing the modules of stateful.py and converting them to Core ML ML Programs.
 
 jit.trace, not torch.export: under torch 2.13 coremltools 9.0's torch.export path needs a
-converter registered for aten.alias, and tracing is the path Apple documents for
-stateful models (DESIGN.md section 6). The modules take every position as a tensor, so
-nothing but the enumerated prompt length depends on the traced example.
+converter registered for aten.alias, and tracing is the path Apple documents for stateful
+models (docs/architecture.md, "Stack facts that shaped the code"). The modules take every
+position as a tensor, so nothing but the enumerated prompt length depends on the traced
+example.
 
 Targets:
 - ios18: one multifunction package, `prefill` and `decode` (the default) sharing weights
