@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -178,8 +179,16 @@ def optional_model_overrides(f):
               help="Generate with an ONNX export folder on onnxruntime instead of PyTorch.")
 @click.option("--variant", default="fp32", show_default=True, help="With --onnx: fp32, int8 or int4.")
 @click.option("--threads", default=2, show_default=True, help="With --onnx: onnxruntime intra-op threads.")
-@click.option("--aux-only", is_flag=True, help="With --onnx: the aux alone (prefill and decode), for comparison.")
-@click.option("--no-kvp", is_flag=True, help="Plain base prefill instead of KV prediction (for comparison).")
+@click.option("--mode", type=click.Choice(["auto", "kvp", "base", "aux"]), default="auto", show_default=True,
+              help="auto: KVP from the crossover prompt length on (measured at export for --onnx; measured once "
+                   "and cached for PyTorch), the base prefill below it; kvp / base force either; aux (--onnx "
+                   "only): the aux alone.")
+@click.option("--crossover", type=int, default=None,
+              help="With --mode auto: use KVP from this prompt length on, instead of the measured crossover.")
+@click.option("--aux-only", is_flag=True, help="Same as --mode aux.")
+@click.option("--no-kvp", is_flag=True, help="Same as --mode base.")
+@click.option("--warm-repeats", default=3, show_default=True,
+              help="Prefill the batch this many more times and report the median as the warm TTFT (0: skip).")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, help="0 is off.")
@@ -191,9 +200,12 @@ def optional_model_overrides(f):
               "KV exactly, once (an extended sink).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("prompt", nargs=-1)
-def generate(predictor, aux, base, onnx_dir, variant, threads, aux_only, no_kvp, max_new_tokens, temperature, top_k,
-             top_p, seed, prompts_file, prefix, as_json, prompt):
-    """Generate from PROMPT(s) with KV prediction; print completions and the prefill time (TTFT)."""
+def generate(predictor, aux, base, onnx_dir, variant, threads, mode, crossover, aux_only, no_kvp, warm_repeats,
+             max_new_tokens, temperature, top_k, top_p, seed, prompts_file, prefix, as_json, prompt):
+    """Generate from PROMPT(s); print completions, the load time and the time to first token.
+
+    Loading (models or onnxruntime sessions) is timed apart from TTFT; TTFT is given for this
+    first call after loading and warm (the median of --warm-repeats more prefills)."""
     from .runtime.decode import Sampling
     from .runtime.pipeline import KVPPipeline, check_sampling, read_prompts
 
@@ -202,41 +214,87 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, aux_only, no_kvp,
         raise KvpError("no prompts given (pass PROMPT arguments or --prompts-file)")
     if (predictor is None) == (onnx_dir is None):
         raise KvpError("pass exactly one of --predictor (PyTorch) or --onnx (an ONNX export folder)")
+    if aux_only and no_kvp:
+        raise KvpError("pass at most one of --aux-only and --no-kvp")
+    mode = "aux" if aux_only else "base" if no_kvp else mode
+    if warm_repeats < 0:
+        raise KvpError(f"--warm-repeats must be >= 0, got {warm_repeats}")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if onnx_dir is not None:
         if prefix or aux or base:
             raise KvpError("--prefix, --aux and --base apply to the PyTorch path only")
-        _generate_onnx(onnx_dir, variant, threads, "aux" if aux_only else "base" if no_kvp else "kvp", prompts,
-                       max_new_tokens, temperature, top_k, top_p, seed, as_json)
+        _generate_onnx(onnx_dir, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, warm_repeats,
+                       as_json)
         return
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if mode == "aux":
+        raise KvpError("--mode aux needs --onnx (the PyTorch path generates with the base)")
     check_sampling(max_new_tokens, sampling)
+    t0 = time.perf_counter()
     pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
-    g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, use_kvp=not no_kvp, prefix=prefix)
-    mode = "KVP" if g.kvp else "base"
-    _print_generation(g, as_json, f"prefill (TTFT) of the batch of {len(prompts)}, {mode}: "
-                                  f"{g.prefill_seconds * 1e3:.1f} ms")
+    load = {"models": time.perf_counter() - t0}
+    g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, mode=mode, prefix=prefix,
+                      warm_repeats=warm_repeats, crossover=-1 if crossover is None else crossover)
+    timing = {"runtime": "PyTorch", "path": "kvp" if g.kvp else "base", "mode": mode, "crossover": g.crossover,
+              "load_ms": {k: v * 1e3 for k, v in load.items()}, "ttft_first_call_ms": g.prefill_seconds * 1e3,
+              "ttft_warm_ms": None if g.warm_prefill_seconds is None else g.warm_prefill_seconds * 1e3,
+              "warm_repeats": warm_repeats,
+              **({"crossover_calibration_ms": g.seconds["crossover_calibration"] * 1e3}
+                 if "crossover_calibration" in g.seconds else {})}
+    _print_generation(g, as_json, timing)
 
 
-def _print_generation(g, as_json: bool, ttft_line: str) -> None:
-    """Completions (or the whole generation as JSON), then the TTFT line."""
+def _print_generation(g, as_json: bool, timing: dict) -> None:
+    """Completions (or the whole generation and its timing as JSON), then the timing lines."""
     if as_json:
-        click.echo(json.dumps(dataclasses.asdict(g), indent=2, ensure_ascii=False))
+        click.echo(json.dumps({**dataclasses.asdict(g), "timing": timing}, indent=2, ensure_ascii=False))
         return
     for i, (p, c, n_p, ids) in enumerate(zip(g.prompts, g.completions, g.prompt_tokens, g.token_ids), 1):
         click.echo(f"--- [{i}] prompt {n_p} tokens, completion {len(ids)} tokens ---")
         click.echo(p + c)
-    click.echo(ttft_line)
+    for line in timing_lines(timing, len(g.prompts)):
+        click.echo(line)
 
 
-def _generate_onnx(folder, variant, threads, mode, prompts, max_new_tokens, temperature, top_k, top_p, seed, as_json):
-    from kvp_validate.runtime import OnnxKVP, Sampling
+def timing_lines(t: dict, batch: int) -> list[str]:
+    """Load time, first-call TTFT and warm TTFT as separate, labelled lines."""
+    def ms(x: float) -> str:
+        return f"{x:.1f} ms"
 
-    rt = OnnxKVP(folder, variant, threads)
-    g = rt.generate(prompts, max_new_tokens=max_new_tokens, mode=mode,
-                    sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in g.seconds.items() if k != "total")
-    _print_generation(g, as_json, f"TTFT of the batch of {len(prompts)}, {g.mode} on onnxruntime {variant} "
-                                  f"({threads} threads): {g.ttft_seconds * 1e3:.1f} ms ({parts})")
+    def parts(d: dict) -> str:
+        inner = ", ".join(f"{k} {ms(v)}" for k, v in d.items() if k not in ("total", "wall"))
+        return f" ({inner})" if inner else ""
+
+    load = t["load_ms"]
+    total = load.get("wall", sum(load.values()))
+    lines = [f"load ({t['runtime']}): {ms(total)}{parts(load)}" if load else f"load ({t['runtime']}): already loaded"]
+    if "crossover_calibration_ms" in t:
+        lines.append(f"crossover calibration (once, then cached): {ms(t['crossover_calibration_ms'])}")
+    why = f"mode {t['mode']}"
+    if t["mode"] == "auto":
+        why += f", KVP from {t['crossover']} tokens on" if t["crossover"] is not None else ", KVP never pays here"
+    lines.append(f"path: {t['path']} ({why})")
+    lines.append(f"TTFT of the batch of {batch}, first call after loading: {ms(t['ttft_first_call_ms'])}"
+                 f"{parts(t.get('first_call_parts_ms', {}))}")
+    if t["ttft_warm_ms"] is not None:
+        lines.append(f"TTFT warm (median of {t['warm_repeats']} more calls): {ms(t['ttft_warm_ms'])}"
+                     f"{parts(t.get('warm_parts_ms', {}))}")
+    return lines
+
+
+def _generate_onnx(folder, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, warm_repeats,
+                   as_json):
+    from kvp_validate.runtime import OnnxKVP
+
+    rt = OnnxKVP(folder, variant, threads, **({"crossover": crossover} if crossover is not None else {}))
+    g = rt.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, warm_repeats=warm_repeats,
+                    sampling=sampling)  # the PyTorch Sampling is the validator's, plus torch processors
+    timing = {"runtime": f"onnxruntime {variant}, {threads} threads", "path": g.mode, "mode": mode,
+              "crossover": g.crossover, "load_ms": {k: v * 1e3 for k, v in g.load_seconds.items()},
+              "ttft_first_call_ms": g.ttft_seconds * 1e3,
+              "first_call_parts_ms": {k: v * 1e3 for k, v in g.seconds.items()},
+              "ttft_warm_ms": None if g.warm_ttft_seconds is None else g.warm_ttft_seconds * 1e3,
+              "warm_parts_ms": {k: v * 1e3 for k, v in g.warm_seconds.items()}, "warm_repeats": warm_repeats}
+    _print_generation(g, as_json, timing)
 
 
 @main.command("eval")

@@ -172,6 +172,9 @@ class Gates(Strict):
     min_first_token_agreement: Threshold | None = None  # KVP's first token = the base's
     min_speedup: Threshold | None = None  # measured KVP TTFT speedup over base prefill
     speedup_at: list[str] | None = None  # TTFT points (BxN) the speedup gate reads (default: every point)
+    max_delta_nll_vs_fp32: Threshold | None = None  # a quantized variant's KVP NLL - fp32's KVP NLL
+    max_auto_vs_base: Threshold | None = None  # the default mode's worst TTFT / the base's (batch 1, 5..1024)
+    max_coldstart_kvp_vs_base: Threshold | None = None  # KVP's cold start / the base's, at each coldstart length
     extra: list[str] = Field(default_factory=list)
 
     @field_validator("extra")
@@ -198,8 +201,8 @@ class Gates(Strict):
 
 class Validate(Strict):
     enabled: bool = True
-    checks: list[Literal["parity", "quality", "ttft", "humaneval"]] = Field(
-        default_factory=lambda: ["parity", "quality", "ttft"])
+    checks: list[Literal["parity", "quality", "ttft", "coldstart", "humaneval"]] = Field(
+        default_factory=lambda: ["parity", "quality", "ttft", "coldstart"])
     threads: int = Field(2, ge=1)
     quality_n: int | None = Field(None, ge=1)
     greedy_tokens: int = Field(16, ge=1)
@@ -208,10 +211,11 @@ class Validate(Strict):
     warmup: int = Field(1, ge=0)
     repeats: int = Field(5, ge=1)
     humaneval_limit: int | None = Field(None, ge=1)
-    tolerances: dict[str, dict[str, float]] = Field(default_factory=dict)  # parity: {int8: {logits_rel: 0.2}}
+    coldstart_lengths: list[int] = Field(default_factory=lambda: [128, 512])  # a fresh process per point
+    tolerances: dict[str, dict[str, float]] = Field(default_factory=dict)  # parity: {int8: {kl_vs_fp32: 0.15}}
     gates: Gates = Field(default_factory=Gates)
 
-    @field_validator("lengths", "batches")
+    @field_validator("lengths", "batches", "coldstart_lengths")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or min(v) < 1:
@@ -250,7 +254,9 @@ class Recipe(Strict):
             raise ValueError("validate.enabled: validate is enabled but no export is (enable export.onnx or export.coreml, "
                              "or set validate.enabled: false)")
         g = v.gates
-        named = {"max_delta_nll": "quality", "min_first_token_agreement": "quality", "min_speedup": "ttft"}
+        named = {"max_delta_nll": "quality", "min_first_token_agreement": "quality", "min_speedup": "ttft",
+                 "max_delta_nll_vs_fp32": "quality", "max_auto_vs_base": "ttft",
+                 "max_coldstart_kvp_vs_base": "coldstart"}
         for gate, check in named.items():
             if getattr(g, gate) is not None:
                 if not onnx.enabled:
@@ -303,6 +309,15 @@ class Recipe(Strict):
         points = g.speedup_at or [f"{b}x{n}" for b in self.validate_.batches for n in self.validate_.lengths]
         for p in points:
             expand(g.min_speedup, "ttft.{v}." + p + ".kvp_speedup", ">=")
+        if g.max_delta_nll_vs_fp32 is not None:  # quantized variants only: fp32 is the reference
+            thr = g.max_delta_nll_vs_fp32
+            for var in variants[1:]:
+                val = thr.get(var) if isinstance(thr, dict) else thr
+                if val is not None:
+                    out.append(f"quality.{var}.kvp.delta_nll_vs_fp32<={val:g}")
+        expand(g.max_auto_vs_base, "ttft.{v}.auto.worst_vs_base", "<=")
+        for n in self.validate_.coldstart_lengths:
+            expand(g.max_coldstart_kvp_vs_base, "coldstart.{v}." + f"1x{n}" + ".kvp_vs_base", "<=")
         return out + list(g.extra)
 
     def dump(self) -> dict:

@@ -141,7 +141,7 @@ class Runner:
             a = r.aux
             derive(out, base=r.base, keep=a.keep, layers=a.layers, select=a.select, heal=a.heal,
                    sibling=a.sibling, calib=calib, calib_tokens=r.data.calib_tokens, distill_epochs=a.distill_epochs,
-                   distill_lr=a.distill_lr, seed=seed, progress=self.progress)
+                   distill_lr=a.distill_lr, seed=seed, share=True, progress=self.progress)
 
         aux = self.stage("derive", [r.base, _fingerprint(r.base), _fingerprint(r.aux.sibling), r.aux.model_dump(),
                                     calib_fp, r.data.calib_tokens, seed], do_derive, expect="aux")
@@ -155,6 +155,9 @@ class Runner:
 
         pred = self.stage("fit", [r.fit.model_dump(), _manifest_hash(aux), calib_fp, r.data.calib_tokens, seed],
                           do_fit, expect="predictor")
+        from .predictor import shared
+
+        shared.clear()  # derive's activations (several GB) served the fit, or a cached fit needed none
 
         if r.predictor.method == "train":
             def do_train(out: Path) -> None:
@@ -203,7 +206,8 @@ class Runner:
                 validate_onnx(onnx_dir, out, variants=r.onnx_variants(), checks=tuple(v.checks), gates=gates,
                               threads=v.threads, quality_n=v.quality_n, greedy_tokens=v.greedy_tokens,
                               lengths=tuple(v.lengths), batches=tuple(v.batches), warmup=v.warmup, repeats=v.repeats,
-                              humaneval_limit=v.humaneval_limit, tolerances=v.tolerances, progress=self.progress)
+                              humaneval_limit=v.humaneval_limit, tolerances=v.tolerances,
+                              coldstart_lengths=tuple(v.coldstart_lengths), progress=self.progress)
 
             section = v.model_dump(exclude={"gates"})
             folder = self.stage("validate-onnx", [section, _manifest_hash(onnx_dir)], do_validate,

@@ -74,11 +74,20 @@ def test_derive_fit_generate_eval(assets, calib, tmp_path, family):
     ok(kvp("fit", "--aux", aux, "--input", "hidden", "--sink", "1", *calib, "-o", pred))
     assert read_manifest(pred, "predictor")["inputs"]["base"]["spec"] == str(assets[family])
 
-    out = ok(kvp("generate", "--predictor", pred, "--max-new-tokens", "5", "w1 w2 w3 the fox", "def ( w4 )")).stdout
-    assert out.count("--- [") == 2 and re.search(r"prefill \(TTFT\) of the batch of 2, KVP: [\d.]+ ms", out)
+    out = ok(kvp("generate", "--predictor", pred, "--max-new-tokens", "5", "--mode", "kvp", "w1 w2 w3 the fox",
+                 "def ( w4 )")).stdout
+    assert out.count("--- [") == 2 and re.search(r"^load \(PyTorch\): [\d.]+ ms \(models [\d.]+ ms\)$", out, re.M)
+    assert re.search(r"^TTFT of the batch of 2, first call after loading: [\d.]+ ms$", out, re.M)
+    assert re.search(r"^TTFT warm \(median of 3 more calls\): [\d.]+ ms$", out, re.M) and "path: kvp (mode kvp)" in out
     g = json.loads(ok(kvp("generate", "--predictor", pred, "--json", "--max-new-tokens", "3", "--temperature",
-                          "0.8", "--top-k", "10", "--top-p", "0.9", "--seed", "1", "w1 w2")).stdout)
+                          "0.8", "--top-k", "10", "--top-p", "0.9", "--seed", "1", "--mode", "kvp", "w1 w2")).stdout)
     assert g["kvp"] and g["prompt_tokens"] == [2] and len(g["token_ids"][0]) <= 3
+    assert g["timing"]["ttft_first_call_ms"] > 0 and g["timing"]["ttft_warm_ms"] > 0
+    # the default mode: KVP from the crossover on, the base below it
+    for cross, want in (("2", True), ("99", False)):
+        g = json.loads(ok(kvp("generate", "--predictor", pred, "--json", "--max-new-tokens", "2", "--crossover",
+                              cross, "w1 w2 w3 the fox")).stdout)
+        assert g["kvp"] is want and g["timing"]["mode"] == "auto" and g["timing"]["crossover"] == int(cross)
 
     md = ok(kvp("eval", "--predictor", pred, "--n", "4", "--prompt-len", "24", "--cont-len", "8",
                 "--greedy-tokens", "4", "--heldout", assets["corpus"], "-o", rep)).stdout
@@ -126,7 +135,7 @@ def test_exactness_through_the_cli(assets, tmp_path):
     KVPredictor.identity(4, 32).save(tmp_path / "pred")
     prompts = ["w1 w2 w3 def ( w4 ) : return w5 w6 w7", "the fox w9"]
     runs = [json.loads(ok(kvp("generate", "--predictor", tmp_path / "pred", "--json", "--max-new-tokens", "16",
-                              *flag, *prompts)).stdout) for flag in ([], ["--no-kvp"])]
+                              *flag, *prompts)).stdout) for flag in (["--mode", "kvp"], ["--no-kvp"])]
     assert runs[0]["token_ids"] == runs[1]["token_ids"] and runs[0]["kvp"] and not runs[1]["kvp"]
 
 

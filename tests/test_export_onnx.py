@@ -150,13 +150,57 @@ def test_onnx_generation_equals_pytorch_kvp_token_for_token(exported, built):
     from kvp_export.runtime.pipeline import KVPPipeline
 
     prompts = ["w1 w2 w3 w4 w5 w6 the fox def w7", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16"]
-    want = KVPPipeline.from_predictor(built["pred"]).generate(prompts, max_new_tokens=10)
+    want = KVPPipeline.from_predictor(built["pred"]).generate(prompts, max_new_tokens=10, mode="kvp")
     rt = OnnxKVP(exported, "fp32", threads=1)
-    got = rt.generate(prompts, max_new_tokens=10)
+    got = rt.generate(prompts, max_new_tokens=10, mode="kvp", warm_repeats=2)
     assert got.mode == "kvp" and got.token_ids == want.token_ids
-    sampled = [rt.generate(prompts, max_new_tokens=6, sampling=Sampling(0.9, 20, 0.9, seed=3)).token_ids for _ in range(2)]
+    sampled = [rt.generate(prompts, max_new_tokens=6, sampling=Sampling(0.9, 20, 0.9, seed=3), mode="kvp").token_ids
+               for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded
     assert set(got.seconds) == {"kvp_prefill", "base_first_step", "total"}
+    # loading is timed apart from TTFT: the first call loaded both graphs, later calls none
+    assert set(got.load_seconds) == {"kvp_prefill", "base_decode", "wall"} and got.warm_ttft_seconds > 0
+    assert rt.generate(prompts, max_new_tokens=2, mode="kvp").load_seconds == {}
+
+
+def test_auto_mode_uses_the_base_below_the_crossover_through_the_decoder(exported):
+    """Below the crossover, "auto" runs the base prompt through base_decode with an empty cache
+    (no third graph to load): the same logits as base_prefill; from the crossover on, KVP."""
+    from kvp_validate.runtime import OnnxKVP
+
+    ids = np.array([[5, 9, 11, 7, 30, 31, 32, 8, 40, 41]])
+    rt = OnnxKVP(exported, "fp32", threads=1, crossover=8)
+    assert rt.load("auto").keys() == {"kvp_prefill", "base_decode", "wall"}
+    assert rt.prefill(ids, None, "auto").mode == "kvp"
+    short = rt.prefill(ids[:, :6], None, "auto")
+    assert short.mode == "base" and "base_decode" in short.seconds and "base_prefill" not in rt._sessions
+    full = rt.prefill(ids[:, :6], None, "base")
+    np.testing.assert_allclose(short.logits, full.logits, rtol=1e-4, atol=1e-4)
+    assert [a.shape for a in short.past] == [a.shape for a in full.past]
+    never = OnnxKVP(exported, "fp32", threads=1, crossover=None)
+    assert never.prefill(ids, None, "auto").mode == "base"
+
+
+def test_a_stale_optimized_graph_is_not_used(exported, tmp_path, capsys):
+    """An optimised graph whose source hash or onnxruntime version no longer matches is skipped
+    with a one-line warning, and the source graph is loaded instead."""
+    import json
+
+    from kvp_validate.artifact import OnnxArtifact
+    from kvp_validate.runtime import optimized_graph
+
+    folder = copy_export(exported, tmp_path)
+    art = OnnxArtifact.open(folder)
+    assert optimized_graph(art, "fp32", "base_decode") is not None
+    m = json.loads((folder / "manifest.json").read_text())
+    m["optimized"]["fp32"]["base_decode"]["onnxruntime"] = "0.0.1"
+    m["optimized"]["fp32"]["kvp_prefill"]["source_sha256"] = {"kvp_prefill.onnx": "0" * 64}
+    (folder / "manifest.json").write_text(json.dumps(m))
+    art = OnnxArtifact.open(folder)
+    assert optimized_graph(art, "fp32", "base_decode") is None
+    assert optimized_graph(art, "fp32", "kvp_prefill") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "onnxruntime 0.0.1" in err[0] and "hash differs" in err[1]
 
 
 def test_short_prompts_fall_back_to_the_base_prefill(exported):
@@ -255,9 +299,11 @@ def test_missing_graph_or_manifest(exported, tmp_path):
 def test_graph_whose_io_does_not_match_the_manifest(exported, tmp_path):
     d = copy_export(exported, tmp_path)
     m = json.loads((d / "manifest.json").read_text())
-    # a graph from elsewhere: the aux decoder (2 layers) put where the base decoder (4) belongs
-    shutil.copy(d / "fp32" / "aux_decode.onnx", d / "fp32" / "base_decode.onnx")
-    m["variants"]["fp32"]["base_decode"]["bytes"] = (d / "fp32" / "base_decode.onnx").stat().st_size
+    # a graph from elsewhere: the aux decoder (2 layers) put where the base decoder (4) belongs,
+    # as the source graph and as its optimised copy (which the runtime loads)
+    for sub, key in (("fp32", "variants"), ("optimized/fp32", "optimized")):
+        shutil.copy(d / sub / "aux_decode.onnx", d / sub / "base_decode.onnx")
+        m[key]["fp32"]["base_decode"]["bytes"] = (d / sub / "base_decode.onnx").stat().st_size
     (d / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(_validate(d, tmp_path), "do not match the manifest")
 
@@ -280,11 +326,22 @@ def test_prompt_longer_than_the_exported_context(exported):
     assert_one_line_error(r, "longer than the exported context")
 
 
-def test_generate_cli_prints_ttft(exported):
-    r = CliRunner().invoke(main, ["generate", "--onnx", str(exported), "--threads", "1", "--max-new-tokens", "4",
-                                  "w1 w2 w3 w4 w5", "w6 w7 w8 w9 w10 w11"])
+def test_generate_cli_prints_load_and_ttft_apart(exported):
+    args = ["generate", "--onnx", str(exported), "--threads", "1", "--max-new-tokens", "4", "--mode", "kvp",
+            "w1 w2 w3 w4 w5", "w6 w7 w8 w9 w10 w11"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "TTFT of the batch of 2, kvp on onnxruntime fp32" in r.output and "kvp_prefill" in r.output
+    lines = r.output.splitlines()
+    load = next(ln for ln in lines if ln.startswith("load (onnxruntime fp32, 1 threads): "))
+    assert "kvp_prefill" in load and "base_decode" in load
+    assert any(ln.startswith("TTFT of the batch of 2, first call after loading: ") and "kvp_prefill" in ln
+               for ln in lines)
+    assert any(ln.startswith("TTFT warm (median of 3 more calls): ") for ln in lines)
+    assert "path: kvp (mode kvp)" in lines
+    j = json.loads(CliRunner().invoke(main, [*args, "--json", "--warm-repeats", "1"]).output)
+    t = j["timing"]
+    assert t["path"] == "kvp" and t["ttft_first_call_ms"] > 0 and t["ttft_warm_ms"] > 0
+    assert set(t["load_ms"]) == {"kvp_prefill", "base_decode", "wall"}
 
 
 def test_export_refuses_bad_options_before_work(built, tmp_path):
@@ -292,3 +349,32 @@ def test_export_refuses_bad_options_before_work(built, tmp_path):
                                   "--block-size", "48"])
     assert_one_line_error(r, "block size")
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- parity catches broken graphs
+
+
+@pytest.fixture(scope="module")
+def parity_fp32(exported):
+    from kvp_validate.artifact import OnnxArtifact
+    from kvp_validate.parity import run_parity
+
+    return run_parity(OnnxArtifact.open(exported), "fp32", threads=1)
+
+
+@pytest.mark.parametrize("fault", ["zero_layer", "swap_kv", "rope_base"])
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_parity_fails_a_deliberately_broken_graph(exported, tmp_path, parity_fp32, variant, fault):
+    """A zeroed layer, swapped K/V or a wrong RoPE base fails parity: fp32 against PyTorch, int8
+    against the (intact) fp32 graphs; the same int8 graphs unbroken pass."""
+    from kvp_validate.artifact import OnnxArtifact
+    from kvp_validate.parity import run_parity
+    from kvp_validate.selftest import break_export
+
+    broken = OnnxArtifact.open(break_export(exported, tmp_path / "broken", variant, fault))
+    r = run_parity(broken, variant, threads=1, fp32=None if variant == "fp32" else parity_fp32)
+    failed = [f"{c['graph']}.{c['metric']}={c['value']:.3g}" for c in r["checks"] if not c["ok"]]
+    assert failed, r["checks"]
+    if variant == "int8":
+        ok = run_parity(OnnxArtifact.open(exported), variant, threads=1, fp32=parity_fp32)
+        assert ok["ok"], [c for c in ok["checks"] if not c["ok"]]

@@ -31,6 +31,28 @@ def calib_kw(assets) -> dict:
 # --------------------------------------------------------------------------- end to end
 
 
+def test_fit_from_healing_activations_equals_a_fit_that_runs_the_models(assets, tmp_path, built):
+    """`kvp run` hands healing's passes over the calibration text to the fit (predictor/shared.py):
+    the aux is the one a plain derive heals, and the predictor the one a plain fit finds."""
+    from safetensors.torch import load_file
+
+    from kvp_export.predictor import shared
+
+    aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="bridge", share=True, **calib_kw(assets))
+    assert shared.pending()
+    pred = fit(aux, tmp_path / "pred", **calib_kw(assets))
+    assert not shared.pending()  # taken, and the store freed
+    for name, folder in (("model.safetensors", "aux"), ("predictor.safetensors", "pred")):
+        got, want = load_file(tmp_path / folder / name), load_file(built[folder] / name)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    report = read_manifest(pred, "predictor")["fit_report"]
+    assert report["activations"] == {"base": "from derive", "aux": "from derive"}
+    assert read_manifest(built["pred"], "predictor")["fit_report"]["activations"] == {"base": "computed",
+                                                                                     "aux": "computed"}
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_derive_fit_generate_eval(assets, tmp_path, family):
     from transformers import AutoModelForCausalLM
@@ -54,7 +76,7 @@ def test_derive_fit_generate_eval(assets, tmp_path, family):
     assert pm["inputs"]["aux"]["path"] == str(aux.resolve()) and pm["inputs"]["base"]["weights_sha256"]
 
     pipe = KVPPipeline.from_predictor(pred)
-    g = pipe.generate(PROMPTS, max_new_tokens=6)
+    g = pipe.generate(PROMPTS, max_new_tokens=6, mode="kvp")
     assert g.kvp and len(g.completions) == 2 and g.prefill_seconds > 0
     assert g.prompt_tokens == [14, 4] and all(len(ids) <= 6 for ids in g.token_ids)
 
@@ -117,7 +139,7 @@ def test_sibling_aux_uses_chunked_layer_map(assets, tmp_path):
     assert m["inputs"]["sibling"]["spec"] == str(assets["sibling"])
     pred = fit(aux, tmp_path / "pred", input_mode="kv", **calib_kw(assets))
     assert KVPredictor.load(pred).dims == {"in_k": 16, "in_v": 16, "out": 32}
-    g = KVPPipeline.from_predictor(pred).generate(PROMPTS, max_new_tokens=3)
+    g = KVPPipeline.from_predictor(pred).generate(PROMPTS, max_new_tokens=3, mode="kvp")
     assert len(g.token_ids) == 2
 
 
@@ -131,9 +153,9 @@ def test_fit_kv_input_and_sink(built, assets, tmp_path):
 def test_generation_sampling_is_seeded(built):
     pipe = KVPPipeline.from_predictor(built["pred"])
     s = Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=3)
-    a, b = (pipe.generate(PROMPTS, max_new_tokens=8, sampling=s) for _ in range(2))
+    a, b = (pipe.generate(PROMPTS, max_new_tokens=8, sampling=s, mode="kvp") for _ in range(2))
     assert a.token_ids == b.token_ids
-    base = pipe.generate(PROMPTS, max_new_tokens=4, use_kvp=False)
+    base = pipe.generate(PROMPTS, max_new_tokens=4, mode="base")
     assert not base.kvp
 
 
@@ -163,8 +185,8 @@ def assert_kvp_equals_base(pipe: KVPPipeline, prompts: list[str], tokens: int = 
     kvp = pipe.prefill(ids, mask, use_kvp=True).logits
     full = pipe.prefill(ids, mask, use_kvp=False).logits
     assert (kvp - full).abs().max().item() < 1e-4
-    a = pipe.generate(prompts, max_new_tokens=tokens, use_kvp=True)
-    b = pipe.generate(prompts, max_new_tokens=tokens, use_kvp=False)
+    a = pipe.generate(prompts, max_new_tokens=tokens, mode="kvp")
+    b = pipe.generate(prompts, max_new_tokens=tokens, mode="base")
     assert a.token_ids == b.token_ids and a.completions == b.completions
 
 
@@ -189,13 +211,29 @@ def test_exactness_identity_predictor_smollm2():
     assert_kvp_equals_base(pipe, ["def fibonacci(n):\n    if n < 2:\n        return n\n", "The capital of France is"])
 
 
+def test_auto_mode_measures_the_crossover_once_and_caches_it(built):
+    """mode "auto": the crossover is measured on first use (kvp_validate.crossover), cached on
+    disk for this predictor, device, dtype, threads and CPU, and decides the path per call."""
+    pipe = KVPPipeline.from_predictor(built["pred"])
+    g = pipe.generate(PROMPTS, max_new_tokens=2)
+    assert g.seconds["crossover_calibration"] > 0 and g.kvp == (g.crossover is not None and 14 >= g.crossover)
+    again = KVPPipeline.from_predictor(built["pred"]).generate(PROMPTS, max_new_tokens=2)
+    assert "crossover_calibration" not in again.seconds and again.crossover == g.crossover  # from the cache
+    assert pipe.generate(PROMPTS, max_new_tokens=2, crossover=2).kvp
+    assert not pipe.generate(PROMPTS, max_new_tokens=2, crossover=None).kvp
+    timed = pipe.generate(PROMPTS, max_new_tokens=2, mode="kvp", warm_repeats=2)
+    assert timed.warm_prefill_seconds > 0 and timed.prefill_seconds > 0
+    with pytest.raises(KvpError, match="unknown mode"):
+        pipe.generate(PROMPTS, mode="aux")
+
+
 def test_fixed_prefix_is_an_exact_cached_sink(built):
     """A template prefix is computed by the base once and reused; its KV equals the base's own."""
     pipe = KVPPipeline.from_predictor(built["pred"])
     prefix = "def return the fox"
-    g = pipe.generate(PROMPTS, max_new_tokens=4, prefix=prefix)
+    g = pipe.generate(PROMPTS, max_new_tokens=4, prefix=prefix, mode="kvp")
     assert len(pipe.sinks._memo) == 1
-    pipe.generate(PROMPTS[:1], max_new_tokens=2, prefix=prefix)
+    pipe.generate(PROMPTS[:1], max_new_tokens=2, prefix=prefix, mode="kvp")
     assert len(pipe.sinks._memo) == 1
     ids, mask = pipe.encode(PROMPTS, prefix=prefix)
     n_prefix = len(pipe.tokenizer(prefix).input_ids)
@@ -211,15 +249,15 @@ def test_fixed_prefix_is_an_exact_cached_sink(built):
 def test_stop_callback_ends_rows_early(built):
     """decode's `stop` marks rows finished (HumanEval's early stop); a bf16 pipeline still runs."""
     pipe = KVPPipeline.from_predictor(built["pred"])
-    full = pipe.generate(PROMPTS, max_new_tokens=16)
+    full = pipe.generate(PROMPTS, max_new_tokens=16, mode="kvp")
     calls = []
 
     def stop(rows):
         calls.append(len(rows[0]))
         return [True] * len(rows)
 
-    short = pipe.generate(PROMPTS, max_new_tokens=16, stop=stop)
+    short = pipe.generate(PROMPTS, max_new_tokens=16, stop=stop, mode="kvp")
     assert calls == [8]  # checked every 8 steps, and every row was finished at the first check
     assert all(s == f[: len(s)] and len(s) <= 8 for s, f in zip(short.token_ids, full.token_ids))
     bf16 = KVPPipeline.from_predictor(built["pred"], dtype=torch.bfloat16)
-    assert len(bf16.generate(PROMPTS, max_new_tokens=4).completions) == len(PROMPTS)
+    assert len(bf16.generate(PROMPTS, max_new_tokens=4, mode="kvp").completions) == len(PROMPTS)

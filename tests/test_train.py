@@ -169,7 +169,7 @@ def test_training_reduces_the_loss_and_writes_loadable_folders(built, assets, tm
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in log] == list(range(1, 17))
     assert not (tmp_path / "out.ckpt").exists()  # removed once the output is written
-    g = KVPPipeline.from_predictor(out).generate(["w1 w2 w3 the fox", "def ( w4 )"], max_new_tokens=3)
+    g = KVPPipeline.from_predictor(out).generate(["w1 w2 w3 the fox", "def ( w4 )"], max_new_tokens=3, mode="kvp")
     assert len(g.token_ids) == 2
 
 

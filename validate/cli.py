@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
+from .coldstart import LENGTHS as COLDSTART_LENGTHS
 from .errors import KvpError
 from .gates import GATE_FAILED
+from .onnx_report import CHECKS, DEFAULT_CHECKS
 
 
 def _ints(ctx, param, value: str) -> tuple[int, ...]:
@@ -26,7 +28,7 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 
 
 def _tolerances(values: tuple[str, ...]) -> dict:
-    """--tol int8.logits_rel=0.2 -> {"int8": {"logits_rel": 0.2}}"""
+    """--tol int8.kl_vs_fp32=0.15 -> {"int8": {"kl_vs_fp32": 0.15}}"""
     out: dict = {}
     for v in values:
         try:
@@ -34,7 +36,7 @@ def _tolerances(values: tuple[str, ...]) -> dict:
             variant, name = key.split(".", 1)
             out.setdefault(variant, {})[name] = float(num)
         except ValueError:
-            raise KvpError(f"invalid tolerance '{v}' (expected VARIANT.METRIC=VALUE, e.g. int8.logits_rel=0.2)") from None
+            raise KvpError(f"invalid tolerance '{v}' (expected VARIANT.METRIC=VALUE, e.g. int8.kl_vs_fp32=0.15)") from None
     return out
 
 
@@ -43,8 +45,8 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--variant", "variants", multiple=True, help="Variants to check (default: all in the export).")
-@click.option("--check", "checks", multiple=True, type=click.Choice(["parity", "quality", "ttft", "humaneval"]),
-              help="Checks to run (default: parity, quality, ttft).")
+@click.option("--check", "checks", multiple=True, type=click.Choice(list(CHECKS)),
+              help=f"Checks to run (default: {', '.join(DEFAULT_CHECKS)}).")
 @click.option("--gate", "gates", multiple=True, metavar="KEY OP VALUE",
               help="e.g. 'parity.*.ok==1' or 'ttft.fp32.1x512.kvp_speedup>=1.5'; exit 3 when one fails.")
 @click.option("--tol", "tols", multiple=True, metavar="VARIANT.METRIC=VALUE", help="Override a parity tolerance.")
@@ -56,10 +58,12 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
+@click.option("--coldstart-lengths", default=",".join(map(str, COLDSTART_LENGTHS)), show_default=True, callback=_ints,
+              help="Cold start: prompt lengths (batch 1), each path and length in a fresh process.")
 @click.option("--junit", type=click.Path(path_type=Path), metavar="PATH",
               help="Also write JUnit XML: one test case per gate and per parity check (for CI).")
 def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
-                 lengths, batches, warmup, repeats, humaneval_limit, junit):
+                 lengths, batches, warmup, repeats, humaneval_limit, coldstart_lengths, junit):
     """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
 
@@ -74,10 +78,11 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
         return
 
     payload = validate_onnx(export_dir, out, variants=list(variants) or None,
-                            checks=tuple(checks) or ("parity", "quality", "ttft"), gates=list(gates),
+                            checks=tuple(checks) or DEFAULT_CHECKS, gates=list(gates),
                             threads=threads, quality_n=quality_n, greedy_tokens=greedy_tokens, lengths=lengths,
                             batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
-                            tolerances=_tolerances(tols), overwrite=overwrite, progress=sys.stderr.isatty())
+                            tolerances=_tolerances(tols), coldstart_lengths=coldstart_lengths, overwrite=overwrite,
+                            progress=sys.stderr.isatty())
     click.echo((Path(out) / "report.md").read_text(), nl=False)
     _junit(junit, payload)
     failed = [g for g in payload["gates"] if not g["ok"]]

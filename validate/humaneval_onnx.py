@@ -11,14 +11,14 @@ from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
 from .humaneval import STOP_STRINGS, run_humaneval
-from .runtime import MODES, OnnxKVP
+from .runtime import PATHS, OnnxKVP
 
 
 def run_humaneval_onnx(art: OnnxArtifact, variant: str, *, limit: int | None = None, max_new_tokens: int = 256,
                        batch: int = 8, threads: int = 2, progress: bool = False) -> dict:
     rt = OnnxKVP(art, variant, threads)
     out = {"variant": variant, "max_new_tokens": max_new_tokens, "paths": {}}
-    for mode in MODES:
+    for mode in PATHS:
         def generate(prompts: list[str], n: int, mode=mode) -> list[list[str]]:
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             done: dict[int, str] = {}

@@ -7,42 +7,30 @@ gate fails (see cli.py).
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 
 from .artifact import OnnxArtifact
+from .coldstart import LENGTHS as COLDSTART_LENGTHS
+from .coldstart import run_coldstart
 from .errors import KvpError
 from .gates import Gate, evaluate, flatten
+from .machine import describe, machine
 from .parity import run_parity
 from .quality import run_quality
 from .report import md_table, write_report_folder
 from .ttft import run_ttft
 
-CHECKS = ("parity", "quality", "ttft", "humaneval")
-
-
-def machine() -> dict:
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__}
+CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval")
+DEFAULT_CHECKS = ("parity", "quality", "ttft", "coldstart")
 
 
 def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | None = None,
-                  checks: tuple[str, ...] = ("parity", "quality", "ttft"), gates: list[str] | None = None,
+                  checks: tuple[str, ...] = DEFAULT_CHECKS, gates: list[str] | None = None,
                   threads: int = 2, quality_n: int | None = None, greedy_tokens: int = 16,
                   lengths=(128, 512, 1024), batches=(1, 4, 8), warmup: int = 1, repeats: int = 5,
-                  humaneval_limit: int | None = None, tolerances: dict | None = None, overwrite: bool = False,
+                  humaneval_limit: int | None = None, tolerances: dict | None = None,
+                  coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, overwrite: bool = False,
                   progress: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload."""
     parsed = [Gate.parse(g) for g in gates or []]
@@ -59,15 +47,22 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     art.tokenizer()  # a mismatched tokenizer fails before any measurement
     t0 = time.perf_counter()
     results: dict = {c: {} for c in checks}
+    # fp32 first: a quantized variant's parity is judged against the fp32 graphs, which must pass first
+    variants = sorted(variants, key=lambda v: v != "fp32")
+    fp32_outputs: dict = {}  # the fp32 graphs' outputs on parity's pairs, computed once for every variant
     for v in variants:
         if "parity" in checks:
-            results["parity"][v] = run_parity(art, v, threads, (tolerances or {}).get(v))
+            results["parity"][v] = run_parity(art, v, threads, (tolerances or {}).get(v),
+                                              fp32=results["parity"].get("fp32"), cache=fp32_outputs)
         if "quality" in checks:
             results["quality"][v] = run_quality(art, v, n=quality_n, greedy_tokens=greedy_tokens, threads=threads,
                                                 progress=progress)
         if "ttft" in checks:
             results["ttft"][v] = run_ttft(art, v, lengths=lengths, batches=batches, threads=threads, warmup=warmup,
                                           repeats=repeats, progress=progress)
+        if "coldstart" in checks:
+            results["coldstart"][v] = run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
+                                                    repeats=min(repeats, 3), progress=progress)
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
 
@@ -97,18 +92,40 @@ def _metrics(results: dict) -> dict:
     for v, r in results.get("parity", {}).items():
         m.setdefault("parity", {})[v] = {"ok": r["ok"], **{f"{c['graph']}.{c['metric']}".replace(" ", "_"): c["value"]
                                                           for c in r["checks"]}}
+    fp32_q = results.get("quality", {}).get("fp32", {}).get("paths", {})
     for v, r in results.get("quality", {}).items():
         base_nll = r["paths"].get("base", {}).get("nll")
-        m.setdefault("quality", {})[v] = {  # delta_nll: the path's NLL minus the base's (quality vs the base)
-            path: dict(vals) | ({"delta_nll": vals["nll"] - base_nll} if base_nll is not None and "nll" in vals else {})
+        # delta_nll: the path's NLL minus the same variant's base (what KVP costs against that base);
+        # delta_nll_vs_fp32: minus the same path in fp32 (what quantization costs)
+        m.setdefault("quality", {})[v] = {
+            path: dict(vals)
+            | ({"delta_nll": vals["nll"] - base_nll} if base_nll is not None and "nll" in vals else {})
+            | ({"delta_nll_vs_fp32": vals["nll"] - fp32_q[path]["nll"]} if v != "fp32" and "nll" in fp32_q.get(path, {})
+               else {})
             for path, vals in r["paths"].items()}
     for v, r in results.get("ttft", {}).items():
         m.setdefault("ttft", {})[v] = {
             f"{p['batch']}x{p['prompt_len']}": {k: p[k] for k in ("kvp_speedup", "kvp_flops_ratio", "kvp_efficiency",
-                                                                  "aux_speedup", "kvp_over_aux")}
+                                                                  "aux_speedup", "kvp_over_aux", "auto_vs_base")}
             | {f"ms_{k}": val for k, val in p["ms"].items()}
             for p in r["points"]
         }
+        if "auto" in r:  # the default mode: its worst TTFT against the base's, and where KVP starts to pay
+            a = r["auto"]
+            m["ttft"][v]["auto"] = {"worst_vs_base": a["worst_vs_base"]}
+            m.setdefault("crossover", {})[v] = {
+                k: val for k, val in (("measured", a["measured_crossover"]), ("export", a["export_crossover"]))
+                if val is not None}
+    for v, r in results.get("coldstart", {}).items():
+        m.setdefault("coldstart", {})[v] = {
+            f"1x{p['prompt_len']}": {} for p in r["points"]}
+        for p in r["points"]:
+            m["coldstart"][v][f"1x{p['prompt_len']}"][p["path"]] = {
+                f"{k}_ms": p[f"{k}_ms"] for k in ("first_token", "load", "first_call", "warm")} | {
+                f"load_{g}_ms": ms for g, ms in p["graphs_ms"].items()}
+        for point in m["coldstart"][v].values():  # KVP's cold start against the base's at the same point
+            if "kvp" in point and "base" in point:
+                point["kvp_vs_base"] = point["kvp"]["first_token_ms"] / point["base"]["first_token_ms"]
     for v, r in results.get("humaneval", {}).items():
         m.setdefault("humaneval", {})[v] = {path: {"pass@1": res["pass@1"]} for path, res in r["paths"].items()}
     return m
@@ -117,12 +134,15 @@ def _metrics(results: dict) -> dict:
 def markdown(p: dict) -> str:
     mach = p["machine"]
     lines = [f"# Validation of {p['export']}", "",
-             f"{p['created']} on {mach['cpu']} ({mach['cores']} cores), onnxruntime {mach['onnxruntime']}; "
-             f"{p['seconds']} s.", ""]
+             f"{p['created']} on {describe(mach)}, onnxruntime {mach.get('onnxruntime')}; {p['seconds']} s.", ""]
     res = p["results"]
     if res.get("parity"):
-        lines += ["## Parity with the PyTorch reference", ""]
-        rows = [[v, c["graph"], c["metric"], c["value"], c["limit"], "ok" if c["ok"] else "FAIL"]
+        lines += ["## Parity", "",
+                  "fp32 against the PyTorch reference; quantized variants against the fp32 graphs on the same "
+                  "inputs (KL, top-1, NLL delta), with their errors against the PyTorch reference reported "
+                  "(limit -) but not gated, since they depend on the CPU's int8 kernels.", ""]
+        rows = [[v, c["graph"], c["metric"], c["value"], c["limit"],
+                 ("ok" if c["ok"] else "FAIL") if c["limit"] is not None else "reported"]
                 for v, r in res["parity"].items() for c in r["checks"]]
         lines += [md_table(["variant", "graph", "metric", "value", "limit", ""], rows, 4), ""]
     if res.get("quality"):
@@ -150,6 +170,25 @@ def markdown(p: dict) -> str:
         lines += [md_table(["variant", "BxN", "base ms", "KVP ms", "kvp_prefill", "predictor (est.)", "base first step",
                             "aux ms", "KVP speedup", "FLOPs ratio", "efficiency", "KVP / aux", "decode step ms"],
                            rows, 2), ""]
+    sweeps = {v: t["auto"] for v, t in res.get("ttft", {}).items() if "auto" in t}
+    if sweeps:
+        lines += ["## Default mode (auto) against the base, batch 1", "",
+                  "auto = KVP from the crossover prompt length on (measured at export, on the exporting machine), "
+                  "the base through its decoder below it. `measured crossover` is where KVP started to win here.", ""]
+        rows = [[v, sw["export_crossover"], sw["measured_crossover"], sw["worst_vs_base"]] for v, sw in sweeps.items()]
+        lines += [md_table(["variant", "export crossover", "measured crossover", "worst auto / base"], rows, 2), ""]
+        rows = [[v, p["prompt_len"], p["base_ms"], p["kvp_ms"], p["auto_ms"], p["auto_ms"] / p["base_ms"]]
+                for v, sw in sweeps.items() for p in sw["points"]]
+        lines += [md_table(["variant", "prompt", "base ms", "KVP ms", "auto ms", "auto / base"], rows, 2), ""]
+    if res.get("coldstart"):
+        lines += ["## Cold start (a fresh process to the first token)", "",
+                  "first token = open the export + create the sessions the path needs to generate (prefill graph "
+                  "and decoder, concurrently) + the first call; Python's start and imports are not included.", ""]
+        rows = [[v, f"1x{p['prompt_len']}", p["path"], p["first_token_ms"], p["load_ms"],
+                 ", ".join(f"{g} {ms:.0f}" for g, ms in p["graphs_ms"].items()), p["first_call_ms"], p["warm_ms"]]
+                for v, c in res["coldstart"].items() for p in c["points"]]
+        lines += [md_table(["variant", "BxN", "path", "first token ms", "load ms (wall)", "per graph ms",
+                            "first call ms", "warm ms"], rows, 1), ""]
     if res.get("humaneval"):
         lines += ["## HumanEval (greedy pass@1, sandboxed execution)", ""]
         rows = [[v, path, r["pass@1"], r["problems"]] for v, h in res["humaneval"].items()

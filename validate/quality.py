@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
-from .runtime import MODES, OnnxKVP
+from .runtime import PATHS, OnnxKVP
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -30,13 +30,13 @@ def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy
         prompts, conts = prompts[:n], conts[:n]
     rt = OnnxKVP(art, variant, threads)
     pad = int(art.model["pad_token_id"] or 0)
-    nll = dict.fromkeys(MODES, 0.0)
-    first = {m: [] for m in MODES}
-    gen = {m: [] for m in MODES}
+    nll = dict.fromkeys(PATHS, 0.0)
+    first = {m: [] for m in PATHS}
+    gen = {m: [] for m in PATHS}
     bar = tqdm(total=len(prompts), desc=f"quality {variant}", unit="seq", disable=not progress)
     for s in range(0, len(prompts), batch):
         p, c = prompts[s : s + batch], conts[s : s + batch]
-        for mode in MODES:
+        for mode in PATHS:
             state = rt.prefill(p, None, mode)
             lp = log_softmax(rt.score(state, c))
             nll[mode] += float(-np.take_along_axis(lp, c[..., None], -1).sum())
@@ -47,7 +47,7 @@ def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy
     first_all = {m: np.concatenate(v) for m, v in first.items()}
     gen_all = {m: np.concatenate(v) for m, v in gen.items()}
     out = {}
-    for mode in MODES:
+    for mode in PATHS:
         match = gen_all[mode] == gen_all["base"]
         out[mode] = {
             "nll": nll[mode] / conts.size,
@@ -55,7 +55,6 @@ def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy
             f"greedy{greedy_tokens}_agreement": float(match.mean()),
             f"greedy{greedy_tokens}_exact": float(match.all(1).mean()),
         }
-    out["kvp"]["nll_delta_vs_base"] = out["kvp"]["nll"] - out["base"]["nll"]
     return {"variant": variant, "sequences": len(prompts), "prompt_len": int(prompts.shape[1]),
             "cont_len": int(conts.shape[1]), "greedy_tokens": greedy_tokens, "paths": out}
 

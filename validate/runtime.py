@@ -7,32 +7,74 @@ Three prefill paths over left-padded prompts, one decoding loop:
 - "base": base_prefill, the baseline;
 - "aux":  aux_prefill, the aux alone (it also decodes alone, with aux_decode).
 Every later token is an ordinary decode step of base_decode (aux_decode for "aux").
+The default mode, "auto", is "kvp" from the export's measured crossover prompt length on
+(crossover.py) and the base below it; below it the base prompt runs through base_decode with
+an empty cache, so "auto" loads two graphs (kvp_prefill, base_decode) and not three.
+
+Sessions are created by `load` (concurrently), never inside a timed call, so load time and
+TTFT are reported apart. An optimised copy of each graph, saved at export (`optimized/`, see
+kvp_export/export/optimize.py), is used when its recorded source hash and onnxruntime version
+match; otherwise the source graph is loaded with a one-line warning.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .artifact import OnnxArtifact
+from .crossover import use_kvp
 from .errors import KvpError
 
-MODES = ("kvp", "base", "aux")
+PATHS = ("kvp", "base", "aux")  # the three prefill paths, as measured and compared
+MODES = ("auto", *PATHS)  # what a caller may ask for
+# The graphs each mode needs to generate (first token and decoding).
+GRAPHS_FOR = {"auto": ("kvp_prefill", "base_decode"), "kvp": ("kvp_prefill", "base_decode"),
+              "base": ("base_prefill", "base_decode"), "aux": ("aux_prefill", "aux_decode")}
+OPTIMIZED_DIR = "optimized"  # per variant: graphs onnxruntime has already optimised (export)
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """Fixed threads (TTFT is compared at a fixed count), all graph optimisations, sequential."""
+def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                    ) -> ort.SessionOptions:
+    """Fixed threads (TTFT is compared at a fixed count), the given graph optimisations, sequential."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = level
     opts.log_severity_level = 3
     return opts
+
+
+def optimized_graph(art: OnnxArtifact, variant: str, name: str) -> Path | None:
+    """The export's pre-optimised copy of a graph, when it is there and still matches (else None).
+
+    It matches when its record names the source graph's recorded SHA-256 and this onnxruntime's
+    version; a stale copy is skipped with a one-line warning and the source graph is loaded."""
+    entry = art.manifest.get("optimized", {}).get(variant, {}).get(name)
+    if not entry:
+        return None
+    path = art.folder / entry["file"]
+    source_sha = art.manifest["variants"][variant][name]["sha256"]
+    why = None
+    if entry.get("onnxruntime") != ort.__version__:
+        why = f"made by onnxruntime {entry.get('onnxruntime')}, this is {ort.__version__}"
+    elif entry.get("source_sha256") != source_sha:
+        why = "its source graph's hash differs"
+    elif not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        why = "the file is missing or its size differs"
+    if why:
+        print(f"kvp: warning: not using the optimised {variant}/{name} ({why}); loading the source graph",
+              file=sys.stderr)
+        return None
+    return path
 
 
 @dataclass(frozen=True)
@@ -86,6 +128,13 @@ class State:
 
 @dataclass
 class Generation:
+    """Completions and how long the first token took, with loading kept apart from TTFT.
+
+    load_seconds: the sessions this call had to create (per graph, and "wall" for all of them
+    loaded concurrently); empty when they were loaded before. ttft_seconds: this call's prefill
+    (the first call after a load pays one-time allocations). warm_ttft_seconds: the median of
+    `warm_repeats` more prefills of the same batch (None when none were asked for)."""
+
     prompts: list[str]
     completions: list[str]
     token_ids: list[list[int]]
@@ -93,12 +142,19 @@ class Generation:
     ttft_seconds: float
     seconds: dict[str, float]
     mode: str
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    warm_ttft_seconds: float | None = None
+    warm_seconds: dict[str, float] = field(default_factory=dict)
+    crossover: int | None = None
 
 
 class OnnxKVP:
     """The graphs of one variant of an export, with sessions opened on first use."""
 
-    def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = 2):
+    def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = 2, *,
+                 crossover: int | None = -1, use_optimized: bool = True):
+        """`crossover`: the prompt length from which "auto" uses KVP; -1 (default) takes the one
+        the export measured for this variant, None means never."""
         self.art = artifact if isinstance(artifact, OnnxArtifact) else OnnxArtifact.open(artifact)
         self.art.check_variant(variant)
         if threads < 1:
@@ -106,21 +162,56 @@ class OnnxKVP:
         self.variant, self.threads = variant, threads
         self.model = self.art.model
         self.sink_len = int(self.model["sink_len"])
+        if crossover == -1:
+            crossover = self.art.manifest.get("crossover", {}).get(variant, {}).get("prompt_len")
+        self.crossover = crossover
+        self.use_optimized = use_optimized
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self.load_seconds: dict[str, float] = {}
         self._tok = None
 
     # --- sessions and tokenizer ---
 
+    def _create(self, name: str) -> ort.InferenceSession:
+        src = self.art.graph(self.variant, name)
+        opt = optimized_graph(self.art, self.variant, name) if self.use_optimized else None
+        # the saved copy is already optimised: only the (cheap) basic passes run again at load
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if opt else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = opt or src
+        t0 = time.perf_counter()
+        try:
+            sess = ort.InferenceSession(str(path), session_options(self.threads, level),
+                                        providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - a corrupt graph is the user's file
+            raise KvpError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
+        self.load_seconds[name] = time.perf_counter() - t0
+        self.art.check_session_io(sess, self.variant, name)
+        return sess
+
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
-            path = self.art.graph(self.variant, name)
-            try:
-                sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
-            except Exception as e:  # noqa: BLE001 - a corrupt graph is the user's file
-                raise KvpError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
-            self.art.check_session_io(sess, self.variant, name)
-            self._sessions[name] = sess
+            self._sessions[name] = self._create(name)
         return self._sessions[name]
+
+    def load(self, mode: str = "auto", concurrent: bool = True) -> dict[str, float]:
+        """Create the sessions `mode` needs now (in parallel threads: onnxruntime releases the GIL
+        while it reads and optimises a graph); return seconds per graph and the wall time."""
+        self._check_mode(mode)
+        names = [n for n in GRAPHS_FOR[mode] if n not in self._sessions]
+        t0 = time.perf_counter()
+        if concurrent and len(names) > 1:
+            with ThreadPoolExecutor(len(names)) as pool:
+                for name, sess in zip(names, pool.map(self._create, names)):
+                    self._sessions[name] = sess
+        else:
+            for name in names:
+                self.session(name)
+        return {**{n: self.load_seconds[n] for n in names}, "wall": time.perf_counter() - t0}
+
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in MODES:
+            raise KvpError(f"unknown prefill mode '{mode}' (choose from {', '.join(MODES)})")
 
     @property
     def tokenizer(self):
@@ -135,25 +226,50 @@ class OnnxKVP:
         if limit and n_tokens + extra > limit:
             raise KvpError(f"prompt of {n_tokens} tokens (+{extra} to generate) is longer than the exported context ({limit})")
 
-    def kvp_applies(self, mask: np.ndarray) -> bool:
+    @property
+    def min_kvp_len(self) -> int:
         """KVP needs every prompt to hold the sink, at least as many predicted tokens, and the last."""
-        return int(mask.sum(-1).min()) >= 2 * self.sink_len + 2
+        return 2 * self.sink_len + 2
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, mode: str = "kvp") -> State:
-        if mode not in MODES:
-            raise KvpError(f"unknown prefill mode '{mode}' (choose from {', '.join(MODES)})")
+    def kvp_applies(self, mask: np.ndarray) -> bool:
+        return int(mask.sum(-1).min()) >= self.min_kvp_len
+
+    def resolve(self, mode: str, ids: np.ndarray, mask: np.ndarray) -> str:
+        """The path a call takes: "auto" is KVP from the crossover prompt length on (the padded
+        length: what the graphs compute over), else the base through its decoder."""
+        self._check_mode(mode)
+        if mode in ("auto", "kvp") and not self.kvp_applies(mask):
+            return "base_via_decoder"  # too short for KVP: the base, with the graphs already loaded
+        if mode == "auto":
+            return "kvp" if use_kvp(ids.shape[1], self.crossover) else "base_via_decoder"
+        return mode
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, mode: str = "auto") -> State:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         mask = np.ones_like(ids) if mask is None else np.ascontiguousarray(mask, dtype=np.int64)
         self.check_context(ids.shape[1])
-        if mode == "kvp" and self.kvp_applies(mask):
+        path = self.resolve(mode, ids, mask)
+        if path == "kvp":
             return self._prefill_kvp(ids, mask)
+        if path == "base_via_decoder":
+            return self._prefill_with_decoder(ids, mask)
         model = "aux" if mode == "aux" else "base"
         pos = positions(mask)
         t0 = time.perf_counter()
         out = self.session(f"{model}_prefill").run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
         dt = time.perf_counter() - t0
-        return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, mode if mode != "kvp" else "base",
-                     {f"{model}_prefill": dt, "total": dt})
+        return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, model, {f"{model}_prefill": dt, "total": dt})
+
+    def _prefill_with_decoder(self, ids: np.ndarray, mask: np.ndarray) -> State:
+        """The base prompt through base_decode with an empty cache: the same computation as
+        base_prefill (plus logits at every position), without loading a third graph."""
+        m = self.model
+        empty = np.zeros((ids.shape[0], m["kv_heads"], 0, m["head_dim"]), np.float32)
+        pos = positions(mask)
+        t0 = time.perf_counter()
+        out = self.step("base", ids, mask, pos, [empty] * (2 * m["base_layers"]))
+        dt = time.perf_counter() - t0
+        return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, "base", {"base_decode": dt, "total": dt})
 
     def _prefill_kvp(self, ids: np.ndarray, mask: np.ndarray) -> State:
         t0 = time.perf_counter()
@@ -229,14 +345,22 @@ class OnnxKVP:
         return ids, mask
 
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 mode: str = "kvp", stop_strings: tuple[str, ...] = ()) -> Generation:
+                 mode: str = "auto", stop_strings: tuple[str, ...] = (), warm_repeats: int = 0) -> Generation:
         if max_new_tokens < 1:
             raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        if warm_repeats < 0:
+            raise KvpError(f"warm repeats must be >= 0, got {warm_repeats}")
         sampling.check()  # the PyTorch pipeline shares these parameters and checks (runtime/decode.py)
         ids, mask = self.encode(prompts, extra=max_new_tokens)
+        loaded = self.load(mode) if any(n not in self._sessions for n in GRAPHS_FOR[mode]) else {}
         t0 = time.perf_counter()
         state = self.prefill(ids, mask, mode)
         ttft = time.perf_counter() - t0
+        warm, warm_parts = None, {}
+        if warm_repeats:
+            runs = [self.prefill(ids, mask, mode).seconds for _ in range(warm_repeats)]
+            warm_parts = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            warm = warm_parts["total"]
         stop = None
         if stop_strings:
             def stop(toks: np.ndarray) -> np.ndarray:
@@ -246,7 +370,8 @@ class OnnxKVP:
         eos = set(self.model["eos_token_ids"])
         rows = [next((r[:i] for i, t in enumerate(r) if t in eos), r) for r in toks.tolist()]
         return Generation(list(prompts), [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows], rows,
-                          mask.sum(-1).tolist(), ttft, state.seconds, state.mode)
+                          mask.sum(-1).tolist(), ttft, state.seconds, state.mode, loaded, warm, warm_parts,
+                          self.crossover)
 
 
 def positions(mask: np.ndarray) -> np.ndarray:

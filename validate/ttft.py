@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
+from .crossover import crossover_from, lengths_for, measure_paths
 from .errors import KvpError
 from .runtime import OnnxKVP, positions
 
@@ -43,6 +44,22 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def prefill_timer(rt: OnnxKVP, batch: int = 1, seed: int = 0):
+    """time_ms(path, n): one prefill of `batch` random prompts of n tokens. Paths: "base"
+    (base_prefill), "kvp", "base_decoder" (the base prompt through base_decode with an empty
+    cache: the default mode's path below the crossover) and "auto" (the default mode)."""
+    rng = np.random.default_rng(seed)
+
+    def time_ms(path: str, n: int) -> float:
+        ids = rng.integers(0, rt.model["vocab"], size=(batch, n), dtype=np.int64)
+        mask = np.ones_like(ids)
+        if path == "base_decoder":
+            return _timed(lambda: rt._prefill_with_decoder(ids, mask)) * 1e3
+        return _timed(lambda: rt.prefill(ids, mask, path)) * 1e3
+
+    return time_ms
 
 
 def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int, seed: int = 0) -> dict:
@@ -73,6 +90,8 @@ def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int,
         "kvp": run_kvp,
         "base_step": lambda: step.run(["logits"], step_feeds),
     }
+    if rt.resolve("auto", ids, mask) != "kvp":  # the default mode's own path here (else it is "kvp")
+        paths["auto"] = lambda: rt.prefill(ids, mask, "auto")
     times: dict[str, list[float]] = {k: [] for k in [*paths, "kvp_prefill", "base_first_step"]}
     for r in range(warmup + repeats):
         for name, fn in paths.items():
@@ -84,18 +103,32 @@ def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int,
                     times["base_first_step"].append(kvp_first["base_first_step"])
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     med["predictor_est"] = max(med["kvp_prefill"] - med["aux_ctx"], 0.0)
+    med.setdefault("auto", med["kvp"])
     return med
 
 
+def run_sweep(rt: OnnxKVP, lengths: tuple[int, ...], repeats: int = 3) -> dict:
+    """Batch 1 over short prompts: base, KVP and the default mode ("auto", which switches at the
+    export's crossover), so the report shows where KVP starts to pay on this machine (the
+    crossover measured here) and that the default mode is never slower than the base."""
+    lengths = lengths_for(1, rt.model.get("context"), lengths)
+    points = measure_paths(prefill_timer(rt), lengths, ("base", "kvp", "auto"), repeats=repeats)
+    kvp_points = [p for p in points if p["prompt_len"] >= rt.min_kvp_len]
+    return {"export_crossover": rt.crossover, "measured_crossover": crossover_from(kvp_points), "points": points}
+
+
+SWEEP = (5, 16, 32, 64, 128, 256)  # the short prompts of the default mode's check (batch 1)
+
+
 def run_ttft(art: OnnxArtifact, variant: str, *, lengths=(128, 512, 1024), batches=(1, 4, 8), threads: int = 2,
-             warmup: int = 1, repeats: int = 5, progress: bool = False) -> dict:
+             warmup: int = 1, repeats: int = 5, sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
     if repeats < 1 or warmup < 0:
         raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     rt = OnnxKVP(art, variant, threads)
     for n in lengths:
         rt.check_context(n, 1)
-        if n < 2 * rt.sink_len + 2:
-            raise KvpError(f"TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {2 * rt.sink_len + 2}")
+        if n < rt.min_kvp_len:
+            raise KvpError(f"TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
     points = []
     grid = [(b, n) for n in lengths for b in batches]
     for b, n in tqdm(grid, desc=f"ttft {variant}", unit="point", disable=not progress):
@@ -107,6 +140,12 @@ def run_ttft(art: OnnxArtifact, variant: str, *, lengths=(128, 512, 1024), batch
             "batch": b, "prompt_len": n, "ms": ms, "flops": fl,
             "kvp_speedup": speedup, "kvp_flops_ratio": flops_ratio, "kvp_efficiency": speedup / flops_ratio,
             "aux_speedup": ms["base"] / ms["aux"], "aux_flops_ratio": fl["base"] / fl["aux"],
-            "kvp_over_aux": ms["kvp"] / ms["aux"],
+            "kvp_over_aux": ms["kvp"] / ms["aux"], "auto_vs_base": ms["auto"] / ms["base"],
         })
-    return {"variant": variant, "threads": threads, "warmup": warmup, "repeats": repeats, "points": points}
+    out = {"variant": variant, "threads": threads, "warmup": warmup, "repeats": repeats, "points": points}
+    if sweep:
+        sw = run_sweep(rt, tuple(sweep))
+        ratios = [p["auto_ms"] / p["base_ms"] for p in sw["points"]]
+        ratios += [p["auto_vs_base"] for p in points if p["batch"] == 1]
+        out["auto"] = {**sw, "worst_vs_base": max(ratios)}
+    return out

@@ -52,11 +52,12 @@ def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = N
            layers: list[int] | None = None, select: str = "regular", heal: str | None = None,
            sibling: str | None = None, calib: list[str] | None = None, calib_tokens: int = CALIB_TOKENS,
            distill_epochs: int = 2, distill_lr: float = 1e-4, overwrite: bool = False, seed: int = 0,
-           progress: bool = True) -> Path:
+           share: bool = False, progress: bool = True) -> Path:
     """Write the auxiliary model folder `out` and return it.
 
     Layer-pruned by default (keep 0.5, bridge healing); `sibling` takes an existing smaller
-    model instead. Calibration text is read only when healing or importance needs it.
+    model instead. Calibration text is read only when healing or importance needs it. `share`
+    leaves healing's activations for a fit in the same process (predictor/shared.py; `kvp run`).
     """
     clock = Clock()
     out = check_output_dir(out, overwrite)
@@ -77,7 +78,8 @@ def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = N
         aux, fields = _sibling(base_model, tok, sibling, inputs, clock)
     else:
         aux, fields = _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock,
-                                    progress, heal=heal, distill_epochs=distill_epochs, distill_lr=distill_lr)
+                                    progress, heal=heal, distill_epochs=distill_epochs, distill_lr=distill_lr,
+                                    share=share)
     with clock.step("save"), atomic_dir(out, overwrite=overwrite) as tmp:
         aux.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -113,7 +115,8 @@ def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, in
     aux = prune(base_model, kept)
     with clock.step("heal"):
         stats = heal_aux(base_model, aux, kept, seqs, method=heal_args["heal"], progress=progress,
-                         distill_epochs=heal_args["distill_epochs"], distill_lr=heal_args["distill_lr"])
+                         distill_epochs=heal_args["distill_epochs"], distill_lr=heal_args["distill_lr"],
+                         share=heal_args["share"])
     fields = {
         "family": "lp",
         "kept_layers": kept,

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
+from ..predictor import shared
+from ..predictor.features import capture
 
 METHODS = ("none", "bridge", "distill")
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -37,15 +39,27 @@ def targets_depths(kept: list[int], n_base: int) -> list[int]:
 
 
 @torch.no_grad()
-def _base_targets(base, seqs, depths: list[int], batch: int) -> dict[int, torch.Tensor]:
+def _base_targets(base, seqs, depths: list[int], batch: int, kv: tuple[list, list] | None = None,
+                  progress: bool = False) -> dict[int, torch.Tensor]:
+    """The base's residual stream after each layer in `depths`, for every sequence. With `kv`
+    (two lists of [N, S, kv_dim] tensors), the same pass also fills every layer's pre-RoPE keys
+    and values (what the predictor fit needs; see predictor/shared.py)."""
     want = set(depths)
-    out = {d: torch.empty(*seqs.shape, arch.ArchSpec.of(base).hidden) for d in want}
-    for s in range(0, len(seqs), batch):
-        for i, _, h in arch.layer_io(base, seqs[s : s + batch]):
-            if i in want:
-                out[i][s : s + batch] = h
-            if i >= max(want):
-                break
+    spec = arch.ArchSpec.of(base)
+    out = {d: torch.empty(*seqs.shape, spec.hidden) for d in want}
+    last = spec.n_layers - 1 if kv is not None else max(want)
+    bar = tqdm(total=len(seqs), desc="heal: base activations", unit="seq", disable=not progress)
+    with capture(base, hidden=False, kv=kv is not None) as got:
+        for s in range(0, len(seqs), batch):
+            bar.update(len(seqs[s : s + batch]))
+            for i, _, h in arch.layer_io(base, seqs[s : s + batch]):
+                if i in want:
+                    out[i][s : s + batch] = h
+                if kv is not None:
+                    kv[0][i][s : s + batch], kv[1][i][s : s + batch] = got.keys[i], got.values[i]
+                if i >= last:
+                    break
+    bar.close()
     return out
 
 
@@ -63,22 +77,27 @@ def _weights(y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8) -> dict:
+def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8, keep: bool = False):
     """The closed-form bridge: refit down_proj by weighted ridge regression.
 
     Minimises sum_t w_t ||layer(h_t) - y_t||^2 over down_proj's weight, holding the MLP's
     inner activations fixed, shrunk towards the original weight; alpha is chosen on every
     `val_every`-th sequence. (Refitting o_proj jointly was measured worse: it shifts the MLP's
     input, so the activations the fit held fixed no longer hold; drift rose from ~0.2 to ~0.35.)
+    With `keep`, also returns the layer's new output (a + down_proj(m) from the parts computed
+    here: only down_proj changed, so the layer need not run again) and its normed input.
     """
     down = layer.mlp.down_proj
     w0 = down.weight.detach().T.double()  # [inter, hidden]
     d = w0.shape[0]
     mom = {k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, w0.shape[1], dtype=torch.float64), 0.0]
            for k in ("fit", "val")}
+    parts = []
     for s in range(0, len(h_all), batch):
         h, y = h_all[s : s + batch], y_all[s : s + batch]
         a, m = _mlp_parts(layer, h, pe_of(h))
+        if keep:
+            parts.append((a, m))
         sw = _weights(y).sqrt()
         x, r = (m * sw).flatten(0, 1), ((y - a - down(m)) * sw).flatten(0, 1)  # r: what the layer misses
         for b in range(h.shape[0]):
@@ -91,7 +110,10 @@ def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8) -> d
     alpha, val_err = choose_alpha(tuple(mom["fit"]), tuple(mom["val"]), ALPHAS)
     w = w0 + ridge_solve(mom["fit"][0] + mom["val"][0], mom["fit"][1] + mom["val"][1], alpha)
     down.weight.copy_(w.T.to(down.weight.dtype))
-    return {"alpha": alpha, "val_residual_kept": val_err / max(mom["val"][2], 1e-30)}
+    stats = {"alpha": alpha, "val_residual_kept": val_err / max(mom["val"][2], 1e-30)}
+    if not keep:
+        return stats
+    return stats, torch.cat([a + down(m) for a, m in parts])
 
 
 def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> float:
@@ -123,17 +145,25 @@ def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> 
 
 
 def heal(base, aux, kept: list[int], seqs: torch.Tensor, method: str = "bridge", *, batch: int = 4,
-         distill_epochs: int = 2, distill_lr: float = 1e-4, progress: bool = True) -> dict:
-    """Heal `aux` (a pruned copy of `base` keeping `kept`) in place. Returns per-layer statistics."""
+         distill_epochs: int = 2, distill_lr: float = 1e-4, share: bool = False, progress: bool = True) -> dict:
+    """Heal `aux` (a pruned copy of `base` keeping `kept`) in place. Returns per-layer statistics.
+
+    With `share`, the passes over the calibration sequences also leave what the predictor fit
+    needs (the base's keys and values, the healed aux's normed layer inputs) in
+    predictor/shared.py, for a fit in the same process."""
     if method not in METHODS:
         raise KvpError(f"unknown healing method '{method}' (choose from {', '.join(METHODS)})")
     if method == "none":
         return {"method": "none"}
-    n_base = arch.ArchSpec.of(base).n_layers
+    spec = arch.ArchSpec.of(base)
+    n_base = spec.n_layers
     depths = targets_depths(kept, n_base)
-    targets = _base_targets(base, seqs, depths, batch)
+    kv = None
+    if share:
+        kv = tuple([torch.empty(*seqs.shape, spec.kv_dim) for _ in range(n_base)] for _ in range(2))
+    targets = _base_targets(base, seqs, depths, batch, kv, progress)
     layers = arch.decoder_layers(aux)
-    stats = []
+    stats, inputs = [], []
 
     def pe_of(h):
         return arch.rotary(aux)(h, arch.positions(h.shape[0], h.shape[1]))
@@ -141,13 +171,27 @@ def heal(base, aux, kept: list[int], seqs: torch.Tensor, method: str = "bridge",
     with torch.no_grad():
         h = torch.cat([arch.embed(aux, seqs[s : s + batch]) for s in range(0, len(seqs), batch)])
     for j in tqdm(range(len(layers)), desc=f"heal ({method})", unit="layer", disable=not progress):
-        layer, y = layers[j], targets[depths[j]]
-        st = {"layer": kept[j], "target_depth": depths[j], **_fit_bridge(layer, pe_of, h, y, batch)}
-        if method == "distill":
+        layer, y = layers[j], targets.pop(depths[j])  # each depth is one layer's target: free it after
+        if share:
+            with torch.no_grad():  # the normed state entering attention: the predictor's hidden input
+                inputs.append(torch.cat([layer.input_layernorm(h[s : s + batch]) for s in range(0, len(h), batch)]))
+        if method == "bridge":  # only down_proj changes: the new output comes from the fit's own parts
+            fitted, h = _fit_bridge(layer, pe_of, h, y, batch, keep=True)
+            st = {"layer": kept[j], "target_depth": depths[j], **fitted}
+        else:
+            st = {"layer": kept[j], "target_depth": depths[j], **_fit_bridge(layer, pe_of, h, y, batch)}
             st["distill_loss"] = _distill(layer, pe_of, h, y, batch, distill_epochs, distill_lr)
+            with torch.no_grad():
+                h = torch.cat([arch.run_layer(layer, h[s : s + batch], pe_of(h[s : s + batch]))
+                               for s in range(0, len(h), batch)])
         with torch.no_grad():
-            h = torch.cat([arch.run_layer(layer, h[s : s + batch], pe_of(h[s : s + batch]))
-                           for s in range(0, len(h), batch)])
             st["rel_drift"] = float(((h - y).norm(dim=-1) / y.norm(dim=-1).clamp(min=1e-6))[:, 1:].mean())
         stats.append(st)
+        del y
+    if share:
+        with torch.no_grad():
+            inputs.append(torch.cat([aux.model.norm(h[s : s + batch]) for s in range(0, len(h), batch)]))
+        tokens = shared.digest(seqs)
+        shared.put("base_kv", (shared.digest(base), tokens), kv)
+        shared.put("aux_hidden", (shared.digest(aux), tokens), inputs)
     return {"method": method, "layers": stats, "tokens": int(seqs.numel())}

@@ -5,9 +5,14 @@ Layout of the folder (all of it described by manifest.json, which the validator 
                         generation_config.json and the tokenizer files, so each variant folder is
                         also an optimum folder: ORTModelForCausalLM.from_pretrained(dir,
                         file_name="base_decode.onnx") generates from it as a plain base model;
+  optimized/<variant>/   the same graphs after onnxruntime's graph optimisations (optimize.py):
+                        what the project's runtime loads, so sessions skip that work;
   tokenizer/            the tokenizer (tokenizers' tokenizer.json) the validator encodes with;
   reference.npz         PyTorch outputs on fixed inputs (parity);
   eval_pairs.npz        held-out (prompt, continuation) token ids (quality through the runtime).
+The manifest also records, per variant, the crossover: the prompt length from which KVP's first
+token comes sooner than the base's on the exporting machine (kvp_validate.crossover), which the
+runtime's default mode uses.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..models.arch import ArchSpec
 from ..runtime.pipeline import KVPPipeline
 from ..stage import Clock, check_positive, model_ref, seed_all
 from . import graph_flops
+from .optimize import save_optimized
 from .quantize import check_variants, quantize
 from .reference import build_reference, reference_inputs, save_reference
 from .to_onnx import GRAPHS, OPSET, export_graph, kv_names
@@ -38,9 +44,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] | tuple[str, ...] = ("fp32", "int8", "int4"),
                 block_size: int = 32, accuracy_level: int = 4, int8_method: str = "dynamic",
                 int4_method: str = "hqq", eval_n: int = 64, prompt_len: int = 192,
-                cont_len: int = 64, heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0,
-                progress: bool = True) -> Path:
-    """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`."""
+                cont_len: int = 64, heldout: list[str] | None = None, threads: int = 2, crossover: bool = True,
+                overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+    """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`.
+
+    `threads`: onnxruntime threads for the crossover measurement (`crossover=False` skips it;
+    the runtime's default mode then always uses KVP where it applies)."""
     clock = Clock()
     out = check_output_dir(out, overwrite)
     variants = check_variants(variants, block_size, accuracy_level, int8_method, int4_method)
@@ -89,6 +98,9 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
         for variant in variants:
             copy_model_files(base_dir, tmp / "tokenizer", tmp / variant)
         files = {v: {name: graph_files(tmp, v, name) for name in GRAPHS} for v in variants}
+        with clock.step("optimize"):
+            optimized = {v: {name: save_optimized(tmp, v, name, files[v][name]["sha256"]) for name in GRAPHS}
+                         for v in variants}
         manifest_fields = {
             "model": {
                 "model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": aux_spec.n_layers,
@@ -99,21 +111,44 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                           "vocab_size": len(tok)},
             "io": io,
             "variants": files,
+            "optimized": optimized,
             "quantization": quant,
             "flops": flops,
             "reference": {"file": "reference.npz", "greedy_tokens": 8},
             "eval": {"file": EVAL_PAIRS, "n": eval_n, "prompt_len": prompt_len, "cont_len": cont_len,
                      "heldout": corpus.description},
         }
-        write_manifest(tmp, "onnx", inputs={
+        inputs = {
             "predictor": {"path": str(Path(predictor).resolve()),
                           "sha256": sha256_file(Path(predictor) / "predictor.safetensors")},
             "aux": model_ref(pipe.aux_dir, pipe.aux_dir),
             "base": pipe.manifest["inputs"]["base"],
-        }, recipe={"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
-                   "int8_method": int8_method, "int4_method": int4_method,
-                   "opset": OPSET, "seed": seed},
-            **manifest_fields, **clock.record())
+        }
+        recipe = {"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
+                  "int8_method": int8_method, "int4_method": int4_method, "opset": OPSET, "seed": seed}
+        write_manifest(tmp, "onnx", inputs=inputs, recipe=recipe, **manifest_fields)
+        if crossover:  # measured on the graphs as written, through the runtime that will use it
+            with clock.step("crossover"):
+                manifest_fields["crossover"] = measure_crossovers(tmp, variants, threads)
+        write_manifest(tmp, "onnx", inputs=inputs, recipe=recipe, **manifest_fields, **clock.record())
+    return out
+
+
+def measure_crossovers(folder: Path, variants: list[str], threads: int) -> dict:
+    """Per variant, the prompt length from which KVP beats the base (kvp_validate.crossover)."""
+    from kvp_validate.crossover import find_crossover, lengths_for
+    from kvp_validate.machine import machine
+    from kvp_validate.runtime import OnnxKVP
+    from kvp_validate.ttft import prefill_timer
+
+    out = {}
+    for v in variants:
+        rt = OnnxKVP(folder, v, threads, crossover=None)
+        rt.load("auto")
+        # against the path the default mode takes below the crossover: the base through its decoder
+        found = find_crossover(prefill_timer(rt), lengths_for(rt.min_kvp_len, rt.model.get("context")),
+                               base="base_decoder")
+        out[v] = {**found, "threads": threads, "cpu": machine()["cpu"], "isa": machine()["isa"]}
     return out
 
 

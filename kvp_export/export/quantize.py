@@ -2,7 +2,11 @@
 
 int8, two methods (`int8_method`):
 - "dynamic" (default): onnxruntime's dynamic quantization of the weight MatMuls (int8 weights
-  per output channel, activations quantized per tensor on the fly; attention's
+  per output channel in a 7-bit range, activations quantized to uint8 per tensor on the fly;
+  the 7-bit range (`reduce_range`) keeps onnxruntime's AVX2 u8 x s8 kernels, which add pairs of
+  products in saturating int16, exact, so the graph computes the same on CPUs with and without
+  VNNI; with full 8-bit weights an AVX2-only CPU measured a logits error of 0.49 where VNNI
+  CPUs measured 0.15 (BENCHMARKS.md, "int8 across CPUs"); attention's
   activation-by-activation MatMuls and the embedding stay fp32). The MatMuls whose inputs
   carry the attention sink's massive activations stay fp32 too: the MLP down projections and
   the q/k/v projections (with the predictor fused into them), since one per-tensor activation
@@ -77,13 +81,14 @@ def _outlier_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in OUTLIER_MATMULS)]
 
 
-def quantize_dynamic_int8(src: Path, dst: Path) -> list[str]:
+def quantize_dynamic_int8(src: Path, dst: Path, reduce_range: bool = True, weight_type: str = "int8") -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     kept = _outlier_nodes(onnx.load(str(src), load_external_data=False))
+    wtype = QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8
     with _quiet():
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=kept, use_external_data_format=_large(src),
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=wtype, per_channel=True,
+                         reduce_range=reduce_range, nodes_to_exclude=kept, use_external_data_format=_large(src),
                          extra_options={"MatMulConstBOnly": True})
     return kept
 
@@ -111,7 +116,10 @@ def quantize(variant: str, src: Path, dst: Path, *, block_size: int, accuracy_le
              int8_method: str = "dynamic", int4_method: str = "hqq") -> dict:
     """Write the `variant` of graph `src` to `dst`, check it, and return what was done (for the manifest)."""
     if variant == "int8" and int8_method == "dynamic":
-        info = {"method": "dynamic", "kept_fp32": quantize_dynamic_int8(src, dst)}
+        info = {"method": "dynamic", "weights": "int8 per output channel, 7-bit range (reduce_range)",
+                "activations": "uint8 per tensor, computed at run time",
+                "why_reduce_range": "exact on AVX2 without VNNI (no int16 saturation), same on every x86-64 CPU",
+                "kept_fp32": quantize_dynamic_int8(src, dst, reduce_range=True)}
     elif variant == "int8":
         quantize_nbits(src, dst, 8, 128, accuracy_level, "rtn")
         info = {"method": "weight-only", "bits": 8, "block_size": 128, "accuracy_level": accuracy_level}

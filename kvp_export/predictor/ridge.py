@@ -19,6 +19,7 @@ from ..distributed import current
 from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
+from . import shared
 from .features import predictor_inputs, true_kv
 from .module import KVPredictor, gather, two_sided_sources, window_sources
 
@@ -86,12 +87,15 @@ class RidgeStats:
 
 @torch.no_grad()
 def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int, batch: int = 4,
-            val_every: int = 8, progress: bool = True) -> RidgeStats:
+            val_every: int = 8, progress: bool = True, base_kv: tuple[list, list] | None = None,
+            aux_inputs: list | None = None) -> RidgeStats:
     """Run base and aux over the calibration sequences and accumulate the statistics.
 
     Every `val_every`-th sequence goes to the validation split used to pick the ridge strength.
     Under torchrun each process takes every world.size-th sequence of each split (the sums
     are reduced across processes afterwards, RidgeStats.allreduce), so any count works.
+    `base_kv` / `aux_inputs`: the same activations already computed for all of `seqs` (per layer
+    [N, S, dim]; see shared.py); the corresponding forward pass is then skipped.
     """
     world = current()
     stats = RidgeStats(predictor)
@@ -109,9 +113,16 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
             # right shapes, so every rank's all-reduce stays in step
             sel, mask = sel.new_zeros(1), torch.zeros(1, seqs.shape[1], dtype=torch.bool)
         for s in range(0, len(sel), batch):
-            ids = seqs[sel[s : s + batch]]
-            yk, yv = true_kv(base, input_ids=ids)
-            xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
+            rows = sel[s : s + batch]
+            ids = seqs[rows]
+            if base_kv is not None:
+                yk, yv = [t[rows] for t in base_kv[0]], [t[rows] for t in base_kv[1]]
+            else:
+                yk, yv = true_kv(base, input_ids=ids)
+            if aux_inputs is not None:
+                xk = xv = [t[rows] for t in aux_inputs]
+            else:
+                xk, xv = predictor_inputs(aux, predictor.input_mode, input_ids=ids)
             stats.add(split, xk, xv, yk, yv, mask[: len(ids)])
             bar.update(len(ids))
     bar.close()
@@ -159,10 +170,23 @@ def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
 
 def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: int = 1, *,
               kept: list[int] | None = None, window: int = 0, progress: bool = True) -> tuple[KVPredictor, dict]:
-    """Fit a predictor in closed form. Returns (predictor, fit report)."""
+    """Fit a predictor in closed form. Returns (predictor, fit report).
+
+    Activations that derive left for these models and sequences in this process (shared.py) are
+    used instead of running the models again."""
     if seqs.shape[1] <= sink_len + 1:
         raise KvpError(f"calibration sequences of {seqs.shape[1]} tokens leave nothing to fit after a sink of {sink_len}")
     pred = new_predictor(base, aux, layer_map, input_mode, kept, window)
-    stats = collect(base, aux, seqs, pred, sink_len, progress=progress)
+    base_kv = aux_inputs = None
+    if shared.pending():
+        tokens = shared.digest(seqs)
+        base_kv = shared.take("base_kv", (shared.digest(base), tokens))
+        if input_mode == "hidden":
+            aux_inputs = shared.take("aux_hidden", (shared.digest(aux), tokens))
+        shared.clear()  # whatever was not taken is for other models or sequences
+    stats = collect(base, aux, seqs, pred, sink_len, progress=progress, base_kv=base_kv, aux_inputs=aux_inputs)
     stats.allreduce()
-    return pred.eval(), solve(stats)
+    report = solve(stats)
+    report["activations"] = {"base": "from derive" if base_kv is not None else "computed",
+                             "aux": "from derive" if aux_inputs is not None else "computed"}
+    return pred.eval(), report

@@ -1,20 +1,30 @@
 """KVP generation from a predictor folder: text in, text out, with the prefill time (TTFT).
 
 Prompts of different lengths are batched with left padding; the base decodes every
-token, the aux and predictor only read the prompt (kvp.py). `use_kvp=False` runs the
-ordinary base prefill instead, for comparison.
+token, the aux and predictor only read the prompt (kvp.py). Modes: "kvp", "base" (the
+ordinary base prefill, for comparison) and "auto" (the default): KVP from the crossover
+prompt length on, the base below it, since on a short prompt reading the aux's weights on top
+of the base's costs more than it saves (kvp_validate.crossover). The crossover is measured once
+per predictor, device, dtype, thread count and CPU, and cached under the cache folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from kvp_validate.crossover import find_crossover, lengths_for
+from kvp_validate.crossover import use_kvp as kvp_pays
+from kvp_validate.machine import machine
 
-from ..artifacts import read_manifest
+from ..artifacts import read_manifest, write_json
+from ..cache import cache_dir
 from ..data import jsonl_records
 from ..errors import KvpError
 from ..models import check_same_tokenizer, load
@@ -25,14 +35,20 @@ from .decode import Sampling, decode
 from .kvp import Prefilled, SinkCache, check_context, prefill_full, prefill_kvp
 
 
+MODES = ("auto", "kvp", "base")
+
+
 @dataclass
 class Generation:
     prompts: list[str]
     completions: list[str]
     prompt_tokens: list[int]
     token_ids: list[list[int]]  # generated ids per prompt, up to (not including) EOS
-    prefill_seconds: float  # the whole batch's prefill: time to first token
-    kvp: bool
+    prefill_seconds: float  # this call's prefill of the whole batch: its time to first token
+    kvp: bool  # the path taken: KVP, or the base prefill
+    warm_prefill_seconds: float | None = None  # median of warm repeats of the same prefill
+    crossover: int | None = None  # "auto": KVP from this prompt length on
+    seconds: dict[str, float] = field(default_factory=dict)  # e.g. the crossover's one-time calibration
 
 
 def check_compatible(base, aux, predictor: KVPredictor) -> None:
@@ -113,21 +129,71 @@ class KVPPipeline:
         return prefill_kvp(self.base, self.aux, self.predictor, ids, mask, sink_len=sink_len or self.sink_len,
                            sinks=self.sinks)
 
+    def _timed_prefill(self, ids, mask, kvp: bool, sink: int | None) -> float:
+        t0 = time.perf_counter()
+        self.prefill(ids, mask, use_kvp=kvp, sink_len=sink)
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        return time.perf_counter() - t0
+
+    def crossover(self) -> tuple[int | None, float]:
+        """The prompt length from which KVP beats the base prefill here, and the seconds spent
+        measuring it (0 when cached). Measured once with kvp_validate.crossover.find_crossover on
+        random tokens after the sink, and cached by predictor, device, dtype, threads and CPU."""
+        if getattr(self, "_crossover", None) is not None:
+            return self._crossover[0], 0.0
+        key = {"predictor": self.manifest.get("created"), "aux": str(self.aux_dir), "device": str(self.base.device),
+               "dtype": str(self.base.dtype), "threads": torch.get_num_threads(), "cpu": machine()["cpu"],
+               "torch": torch.__version__}
+        path = cache_dir("crossover") / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+                                         + ".json")
+        t0 = time.perf_counter()
+        try:
+            found = json.loads(path.read_text())["crossover"]
+        except (OSError, ValueError, KeyError):
+            limit = getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30
+            gen = torch.Generator().manual_seed(0)
+            vocab = self.base.config.vocab_size
+
+            def time_ms(path: str, n: int) -> float:
+                ids = torch.randint(0, vocab, (1, n), generator=gen).to(self.base.device)
+                mask = torch.ones_like(ids)
+                return self._timed_prefill(ids, mask, path == "kvp", None) * 1e3
+
+            found = find_crossover(time_ms, lengths_for(2 * self.sink_len + 2, limit))
+            write_json(path, {"key": key, "crossover": found})
+        self._crossover = (found["prompt_len"], found)
+        return found["prompt_len"], time.perf_counter() - t0
+
     @torch.no_grad()
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 use_kvp: bool = True, prefix: str | None = None,
+                 mode: str = "auto", prefix: str | None = None, warm_repeats: int = 0, crossover: int | None = -1,
                  stop: Callable[[list[list[int]]], list[bool]] | None = None) -> Generation:
         """Generate for a batch of prompts. With `prefix`, the whole prefix is the exact sink:
-        its KV is computed by the base once and reused by every later call."""
+        its KV is computed by the base once and reused by every later call. `warm_repeats` more
+        prefills of the same batch give the warm TTFT (their median) beside this call's. `crossover`
+        (mode "auto"): KVP from this prompt length on; -1 measures it (once, cached), None: never."""
         check_sampling(max_new_tokens, sampling)
+        if mode not in MODES:
+            raise KvpError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         ids, mask = self.encode(prompts, extra=max_new_tokens, prefix=prefix)
         ids, mask = ids.to(self.base.device), mask.to(self.base.device)
         sink = max(self.sink_len, len(self.tokenizer(prefix).input_ids)) if prefix else None
+        cross, extra = None, {}
+        if mode == "auto" and crossover != -1:
+            cross = crossover
+        elif mode == "auto":
+            cross, calib = self.crossover()
+            if calib:
+                extra["crossover_calibration"] = calib
+        kvp = mode == "kvp" or (mode == "auto" and kvp_pays(ids.shape[1], cross))
         t0 = time.perf_counter()
-        pre = self.prefill(ids, mask, use_kvp=use_kvp, sink_len=sink)
+        pre = self.prefill(ids, mask, use_kvp=kvp, sink_len=sink)
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
         ttft = time.perf_counter() - t0
+        warm = (statistics.median([self._timed_prefill(ids, mask, kvp, sink) for _ in range(warm_repeats)])
+                if warm_repeats else None)
         out = decode(self.base, pre, max_new_tokens, sampling=sampling, eos_ids=self.eos_ids,
                      pad_id=self.tokenizer.pad_token_id, stop=stop)
         rows = [self._until_eos(r) for r in out.tolist()]
@@ -137,7 +203,10 @@ class KVPPipeline:
             prompt_tokens=mask.sum(-1).tolist(),
             token_ids=rows,
             prefill_seconds=ttft,
-            kvp=use_kvp,
+            kvp=kvp,
+            warm_prefill_seconds=warm,
+            crossover=cross,
+            seconds=extra,
         )
 
     def _until_eos(self, row: list[int]) -> list[int]:
