@@ -112,6 +112,46 @@ def models_pull(name: str, force: bool):
     click.echo(pull(name, force=force))
 
 
+# --------------------------------------------------------------------------- data
+
+
+@main.group("data")
+def data_group():
+    """Named corpora from pinned PyPI sdists (`pypi-code`), cached under KVP_CACHE_DIR."""
+
+
+def _corpus_option(f):
+    return click.option("--corpus", "name", default="pypi-code", show_default=True,
+                        help="The named corpus (stages take it as --calib/--heldout/--data NAME).")(f)
+
+
+@data_group.command("build")
+@_corpus_option
+@click.option("--tokenizer", default=DEFAULT_MODEL, show_default=True,
+              help="Model (zoo name, GGUF file or HF folder) whose tokenizer the shards are for.")
+@click.option("--force", is_flag=True, help="Filter and tokenise again (cached sdists are reused while their "
+              "hashes hold).")
+def data_build(name, tokenizer, force):
+    """Download, filter, decontaminate and split the corpus, and tokenise it into cached shards."""
+    from . import corpus
+    from .models import load_tokenizer
+
+    built = corpus.build_corpus(name, load_tokenizer(tokenizer), force=force, progress=_progress())
+    click.echo(corpus.render(corpus.info(name)), nl=False)
+    click.echo(f"shards: {built['shards']}")
+
+
+@data_group.command("info")
+@_corpus_option
+@click.option("--json", "as_json", is_flag=True, help="The whole description, machine-readable.")
+def data_info(name, as_json):
+    """Describe the corpus as built: projects, filter and decontamination counts, splits, shards."""
+    from . import corpus
+
+    info = corpus.info(name)
+    click.echo(json.dumps(info, indent=2) if as_json else corpus.render(info).rstrip("\n"))
+
+
 # --------------------------------------------------------------------------- stages
 
 
