@@ -206,6 +206,23 @@ def test_shards_stream_what_in_memory_tokenisation_makes(source):
     assert not torch.equal(held[:1], tensor[:1])
 
 
+def test_training_batches_stream_from_shards_as_from_memory(source):
+    from test_train import recipe
+
+    from kvp_export.run import _fingerprint
+    from kvp_export.train.batches import Batches
+
+    docs = data.corpus_from_spec(["test-code"], "calib")
+    tok = bpe_tokenizer([d.text for d in docs.documents])
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    rows, _ = stage.calibration(tok, model, ["test-code"], 4000, seq_len=16, stream=True)
+    r = recipe(batch=3, accum=2, seq_len=16, seed=5)
+    streamed, held = Batches(rows, r, 0), Batches(rows.tensor(), r, 0)
+    for step in range(len(rows) // 3):  # past an epoch boundary
+        assert all(torch.equal(a, b) for a, b in zip(streamed.micro_batches(step), held.micro_batches(step)))
+    assert _fingerprint("test-code") == ["test-code", source["spec"].key()]  # `kvp run` keys it by its pins
+
+
 def _open(source, tok, split):
     return shards.open_split(shards.shard_dir(source["store"], tok), tok, split, desc(source)["sha256"])
 
