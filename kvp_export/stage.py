@@ -94,6 +94,8 @@ def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split
     if name is not None:
         from . import corpus
 
+        if mix != "default":
+            raise KvpError(f"the data mix '{mix}' chooses among the default corpora; it does not apply to '{name}'")
         rows, description = corpus.sequences(name, tokenizer, split, seq_len, n_tokens)
         seqs, digest = (rows if stream else rows.tensor()), rows.sha256()
     else:

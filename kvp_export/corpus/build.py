@@ -135,7 +135,7 @@ def build_store(spec: CorpusSpec, *, progress: bool = True, force: bool = False)
         members = sorted(_files(sdists[p.name], lambda path: path.endswith(".py"),
                                 lambda path, size: ok and filters.path_reason(path, size) is None), key=lambda m: m[0])
         for path, size, raw in tqdm(members, desc=f"filtering {p.name}", unit="file", file=sys.stderr,
-                                     disable=not progress, leave=False):
+                                     disable=None if progress else True, leave=False):
             name = f"{p.name}/{path}"
             why, tasks = ("license", []) if not ok else (filters.path_reason(path, size), [])
             if why is None:

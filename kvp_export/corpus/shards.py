@@ -66,7 +66,7 @@ def build_shards(store: Path, tokenizer, *, progress: bool = True, force: bool =
     splits = {}
     with atomic_dir(folder, overwrite=True) as tmp, \
             tqdm(total=total, unit="char", unit_scale=True, desc="tokenizing corpus", file=sys.stderr,
-                 disable=not progress) as bar:
+                 disable=None if progress else True) as bar:
         for split in SPLITS:
             splits[split] = _write_split(tmp, split, read_documents(store, split), tokenizer, dtype, eos, bar)
         write_json(tmp / META, {"tokenizer_sha256": tokenizer_sha256(tokenizer), "vocab": len(tokenizer),
