@@ -213,9 +213,9 @@ def test_early_stopping_returns_the_best_weights(built, assets, tmp_path, monkey
         terms = evaluate(self, x)
         return {**terms, "ce_base": terms["ce_base"] + now["offset"]}
 
-    def at_step(self, model, objective, trainee, done, device):
+    def at_step(self, model, objective, trainee, done, device, world):
         now["offset"] = float(done)
-        return held_evaluate(self, model, objective, trainee, done, device)
+        return held_evaluate(self, model, objective, trainee, done, device, world)
 
     monkeypatch.setattr(Objective, "evaluate", shifted)
     monkeypatch.setattr(loop.Heldout, "evaluate", at_step)

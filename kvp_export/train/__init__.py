@@ -161,8 +161,9 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
                         "train_seconds": round(outcome.train_seconds, 3), "device": _device_name(dev),
                         "world_size": world.size, "strategy": strategy if world.distributed else None,
                         "loss": summarize(outcome.history), "heldout": heldout_summary(outcome, recipe, heldout_desc)}
-            _write(out, overwrite, src, recipe, outcome, refs, {**data_desc, **({"heldout": heldout_desc} if heldout_desc
-                   else {})}, training, tok, clock)
+            if heldout_desc is not None:
+                data_desc = {**data_desc, "heldout": heldout_desc}
+            _write(out, overwrite, src, recipe, outcome, refs, data_desc, training, tok, clock)
             ckpts.remove()
         world.barrier()
     return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -62,18 +61,23 @@ class Heldout:
     def best_eval(self) -> dict | None:
         return min(self.evals, key=lambda e: (e[self.r.metric], e["step"])) if self.evals else None
 
-    def evaluate(self, model, objective: Objective, trainee: Trainee, done: int, device: torch.device) -> dict:
-        """Evaluate now (every process, the same sequences); keep the weights if they are the best."""
+    def evaluate(self, model, objective: Objective, trainee: Trainee, done: int, device: torch.device,
+                 world: World) -> dict:
+        """Evaluate now (every process, the same sequences); keep the weights if they are the best.
+        The losses are averaged over processes, so all of them take the same decision."""
         model.eval()
-        sums: dict[str, float] = defaultdict(float)
+        sums = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
+        seen: set[str] = set()
         try:
             for s in range(0, len(self.seqs), self.r.batch):
                 ids = self.seqs[s:s + self.r.batch]
-                for k, v in objective.evaluate(ids.to(device)).items():
-                    sums[k] += float(v) * len(ids)
+                terms = objective.evaluate(ids.to(device))
+                seen |= set(terms)
+                sums += torch.stack([terms.get(k, torch.zeros((), device=device)).double() for k in TERMS]) * len(ids)
         finally:
             model.train()
-        record = {"step": done, **{k: sums[k] / len(self.seqs) for k in TERMS if k in sums}}
+        means = world.mean(sums / len(self.seqs)).tolist()
+        record = {"step": done, **{k: v for k, v in zip(TERMS, means) if k in seen}}
         previous = self.best_eval
         record["best"] = previous is None or record[self.r.metric] < previous[self.r.metric]
         self.evals.append(record)
@@ -219,7 +223,7 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
             if world.main and bar.disable and (step + 1) % log_every == 0:  # no bar: a line now and then
                 say(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
             if held is not None and held.due(step + 1):
-                e = held.evaluate(model, objective, trainee, step + 1, device)
+                e = held.evaluate(model, objective, trainee, step + 1, device, world)
                 if world.main:
                     line = (f"held-out {recipe.metric} {e[recipe.metric]:.4g} at step {step + 1}"
                             f"{' (best)' if e['best'] else f' (best {held.best_eval[recipe.metric]:.4g})'}")
