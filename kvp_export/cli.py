@@ -67,7 +67,8 @@ def calib_options(f):
     f = click.option("--calib-tokens", default=CALIB_TOKENS, show_default=True,
                      help="Calibration tokens (in sequences of 256).")(f)
     f = click.option("--calib", multiple=True, metavar="PATH",
-                     help="Calibration text: files, folders or JSONL; repeatable (default: stdlib + Shakespeare).")(f)
+                     help="Calibration text: files, folders or JSONL, or a named corpus (pypi-code); repeatable "
+                     "(default: stdlib + Shakespeare).")(f)
     return f
 
 
@@ -111,6 +112,46 @@ def models_pull(name: str, force: bool):
     from .models import pull
 
     click.echo(pull(name, force=force))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@main.group("data")
+def data_group():
+    """Named corpora from pinned PyPI sdists (`pypi-code`), cached under KVP_CACHE_DIR."""
+
+
+def _corpus_option(f):
+    return click.option("--corpus", "name", default="pypi-code", show_default=True,
+                        help="The named corpus (stages take it as --calib/--heldout/--data NAME).")(f)
+
+
+@data_group.command("build")
+@_corpus_option
+@click.option("--tokenizer", default=DEFAULT_MODEL, show_default=True,
+              help="Model (zoo name, GGUF file or HF folder) whose tokenizer the shards are for.")
+@click.option("--force", is_flag=True, help="Filter and tokenise again (cached sdists are reused while their "
+              "hashes hold).")
+def data_build(name, tokenizer, force):
+    """Download, filter, decontaminate and split the corpus, and tokenise it into cached shards."""
+    from . import corpus
+    from .models import load_tokenizer
+
+    built = corpus.build_corpus(name, load_tokenizer(tokenizer), force=force, progress=_progress())
+    click.echo(corpus.render(corpus.info(name)), nl=False)
+    click.echo(f"shards: {built['shards']}")
+
+
+@data_group.command("info")
+@_corpus_option
+@click.option("--json", "as_json", is_flag=True, help="The whole description, machine-readable.")
+def data_info(name, as_json):
+    """Describe the corpus as built: projects, filter and decontamination counts, splits, shards."""
+    from . import corpus
+
+    info = corpus.info(name)
+    click.echo(json.dumps(info, indent=2) if as_json else corpus.render(info).rstrip("\n"))
 
 
 # --------------------------------------------------------------------------- stages
@@ -385,8 +426,8 @@ main.add_command(validate_cmd, "validate")
 @click.option("--z-loss", default=0.0, show_default=True, help="Weight of a z-loss on the aux's logits.")
 @click.option("--kl", type=float, help="Weight of KL(base with true KV || base with predicted KV) (default 0).")
 @click.option("--data", multiple=True, metavar="PATH",
-              help="Training text: files, folders or JSONL; repeatable (default: the calibration split of "
-              "stdlib + Shakespeare, as for fit).")
+              help="Training text: files, folders or JSONL, or a named corpus (pypi-code); repeatable (default: "
+              "the calibration split of stdlib + Shakespeare, as for fit). Held-out loss: its held-out split.")
 @click.option("--mix", type=click.Choice(list(MIXES)), default="default", show_default=True,
               help="Built-in corpus: 'code' is the standard library alone (for code models).")
 @click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
@@ -401,12 +442,16 @@ main.add_command(validate_cmd, "validate")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint, if there is one.")
 @click.option("--stop-after", type=int, help="Checkpoint and stop after this many steps in this call.")
 @click.option("--max-minutes", type=float, help="Checkpoint and stop once this call has run this long.")
+@click.option("--eval-every", type=int, help="Steps between held-out evaluations, which pick the best weights "
+              "(default: a tenth of the steps; 0 is off).")
+@click.option("--eval-tokens", default=16_384, show_default=True, help="Held-out tokens per evaluation.")
+@click.option("--patience", type=int, help="Stop after this many evaluations without a better held-out loss.")
 @click.option("--seed", default=0, show_default=True)
 @output_options
 def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, lr, predictor_lr, weight_decay,
           warmup_steps, min_lr_ratio, clip, lambda_c, z_loss, kl, data, mix, device, precision,
-          activation_checkpointing, strategy, checkpoint_every, checkpoint_dir, resume, stop_after, max_minutes, seed,
-          out, overwrite):
+          activation_checkpointing, strategy, checkpoint_every, checkpoint_dir, resume, stop_after, max_minutes,
+          eval_every, eval_tokens, patience, seed, out, overwrite):
     """Train the aux and predictor of a fit folder end to end through the frozen base; write OUT.
 
     Runs the same under `torchrun --nproc_per_node N` (DDP or FSDP). Prints OUT when done;
@@ -420,8 +465,8 @@ def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, 
                  lambda_c=lambda_c, z_loss=z_loss, kl=kl, data=list(data), mix=mix, device=device,
                  precision=precision, activation_checkpointing=activation_checkpointing, strategy=strategy,
                  checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume,
-                 stop_after=stop_after, max_minutes=max_minutes, overwrite=overwrite, seed=seed,
-                 progress=_progress())
+                 stop_after=stop_after, max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
+                 patience=patience, overwrite=overwrite, seed=seed, progress=_progress())
     if result is not None and launched_as_main():
         click.echo(result)
 

@@ -214,8 +214,22 @@ def _split(docs: list[Document], split: str, key: Callable[[str], str] = lambda 
     return [d for d, h in zip(docs, held) if h == (split == "heldout")]
 
 
+def named_source(spec: list[str] | tuple[str, ...] | None) -> str | None:
+    """The named corpus (kvp_export.corpus, e.g. `pypi-code`) a spec gives instead of paths, if any.
+
+    A name wins over a file or folder of the same name in the working folder (write
+    `./pypi-code` for that); a named corpus stands alone, never mixed with paths."""
+    from .corpus.spec import SOURCES
+
+    named = [s for s in spec or () if s in SOURCES]
+    if named and len(spec) > 1:
+        raise KvpError(f"'{named[0]}' is a corpus of its own: give it alone, without other paths or corpora")
+    return named[0] if named else None
+
+
 def corpus_from_spec(spec: list[str] | None, split: str, mix: str = "default") -> Corpus:
-    """The corpus a stage uses: the default one (of `mix`), or the user's files split by the same rule.
+    """The corpus a stage uses: the default one (of `mix`), a named one (`pypi-code`), or the
+    user's files split by the same rule.
 
     A user corpus of a single document serves "calib" whole; "heldout" then needs at
     least two documents and raises otherwise.
@@ -227,6 +241,11 @@ def corpus_from_spec(spec: list[str] | None, split: str, mix: str = "default") -
         return default_corpus(split, mix)
     if mix != "default":
         raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to files given")
+    name = named_source(spec)
+    if name is not None:
+        from . import corpus
+
+        return corpus.corpus(name, split)
     full = load_corpus(spec)
     docs = _split(full.documents, split)
     whole = {k: v for k, v in full.description.items() if k != "sources"}

@@ -32,7 +32,8 @@ class Strict(BaseModel):
 
 
 class Data(Strict):
-    """Calibration / held-out text: files, folders or JSONL (default: stdlib + Shakespeare)."""
+    """Calibration / held-out text: files, folders or JSONL, or a named corpus such as `pypi-code`
+    (default: stdlib + Shakespeare)."""
 
     calib: list[str] = Field(default_factory=list)
     calib_tokens: int = Field(100_000, ge=1)
@@ -99,11 +100,16 @@ class Train(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False
     checkpoint_every: int = Field(100, ge=1)
+    eval_every: int | None = Field(None, ge=0)  # None: about ten held-out evaluations a run; 0: off
+    eval_tokens: int = Field(16_384, ge=1)
+    patience: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _budget(self) -> Train:
         if self.steps is not None and self.tokens is not None:
             raise ValueError("tokens: give either steps or tokens, not both")
+        if self.patience is not None and self.eval_every == 0:
+            raise ValueError("patience: early stopping reads the held-out evaluations; eval_every is 0 (off)")
         return self
 
 

@@ -62,10 +62,14 @@ def _say(msg: str) -> None:
 
 
 def _fingerprint(spec: str | None) -> object:
-    """How a model or data path enters a key: a zoo name as it is (pinned by hash); a path by its
-    files' names, sizes and modification times (cheap: no weights are read)."""
+    """How a model or data path enters a key: a zoo name as it is (pinned by hash); a named corpus
+    by its pins; a path by its files' names, sizes and modification times (cheap: no weights are read)."""
     if spec is None:
         return None
+    from .corpus.spec import SOURCES
+
+    if spec in SOURCES:  # a named corpus: its pins (and the package version, in every key) fix it
+        return [spec, SOURCES[spec].key()]
     p = Path(spec)
     if not p.exists():
         return spec

@@ -48,7 +48,9 @@ def seed_all(seed: int) -> None:
 
 
 def check_paths(paths: list[str] | tuple[str, ...] | None, what: str) -> None:
-    """Fail on a missing input path before any model is loaded."""
+    """Fail on a missing input path before any model is loaded (a named corpus is no path)."""
+    if data.named_source(paths):
+        return
     for p in paths or ():
         if not Path(p).exists():
             raise KvpError(f"no such {what} file or folder: {p}")
@@ -79,20 +81,38 @@ def context_len(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def calibration(tokenizer, model, paths: list[str] | None, n_tokens: int, *, seq_len: int = SEQ_LEN,
-                mix: str = "default") -> tuple[torch.Tensor, dict]:
-    """Calibration (or training) sequences [n, seq_len] and their description (corpus, hashes, counts).
+def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split: str = "calib",
+              seq_len: int = SEQ_LEN, mix: str = "default", stream: bool = False) -> tuple[torch.Tensor, dict]:
+    """Sequences [n, seq_len] of one split of a corpus, and their description (corpus, hashes, counts).
 
-    Sequences are `seq_len` tokens, or the model's context if that is shorter.
+    Sequences are `seq_len` tokens, or the model's context if that is shorter. A named
+    corpus (`pypi-code`) is read from its cached token shards; with `stream` its rows stay
+    there and are read on demand (a `corpus.shards.Rows`, indexable like the tensor).
     """
-    corpus = data.corpus_from_spec(list(paths) if paths else None, "calib", mix)
     seq_len = min(seq_len, context_len(model) or seq_len)
-    seqs = data.token_sequences(tokenizer, corpus, seq_len, n_tokens)
+    name = data.named_source(paths)
+    if name is not None:
+        from . import corpus
+
+        if mix != "default":
+            raise KvpError(f"the data mix '{mix}' chooses among the default corpora; it does not apply to '{name}'")
+        rows, description = corpus.sequences(name, tokenizer, split, seq_len, n_tokens)
+        seqs, digest = (rows if stream else rows.tensor()), rows.sha256()
+    else:
+        source = data.corpus_from_spec(list(paths) if paths else None, split, mix)
+        seqs, description = data.token_sequences(tokenizer, source, seq_len, n_tokens), source.description
+        digest = sha256_bytes(seqs.numpy().astype("int64").tobytes())
     return seqs, {
-        "corpus": corpus.description,
+        "corpus": description,
         "seq_len": seq_len,
         "sequences": len(seqs),
         "tokens": int(seqs.numel()),
         "tokens_requested": n_tokens,
-        "tokens_sha256": sha256_bytes(seqs.numpy().astype("int64").tobytes()),
+        "tokens_sha256": digest,
     }
+
+
+def calibration(tokenizer, model, paths: list[str] | None, n_tokens: int, *, seq_len: int = SEQ_LEN,
+                mix: str = "default", stream: bool = False) -> tuple[torch.Tensor, dict]:
+    """Calibration (or training) sequences: the "calib" split (see `sequences`)."""
+    return sequences(tokenizer, model, paths, n_tokens, seq_len=seq_len, mix=mix, stream=stream)

@@ -28,7 +28,7 @@ from kvp_export.models import load
 from kvp_export.predictor.fit import fit
 from kvp_export.predictor.module import KVPredictor
 from kvp_export.runtime.pipeline import KVPPipeline
-from kvp_export.stage import ref_spec
+from kvp_export.stage import ref_spec, sequences
 from kvp_export.train import train
 from kvp_export.train.batches import Batches
 from kvp_export.train.loop import freeze, wrap
@@ -171,6 +171,65 @@ def test_training_reduces_the_loss_and_writes_loadable_folders(built, assets, tm
     assert not (tmp_path / "out.ckpt").exists()  # removed once the output is written
     g = KVPPipeline.from_predictor(out).generate(["w1 w2 w3 the fox", "def ( w4 )"], max_new_tokens=3, mode="kvp")
     assert len(g.token_ids) == 2
+
+
+def _heldout_ce_base(out: Path, base, tok, assets) -> float:
+    """The held-out loss of a trained folder, computed afresh as the loop computes it."""
+    seqs, _ = sequences(tok, base, [str(assets["corpus"])], 16_384, split="heldout", seq_len=32)
+    trainee = Trainee(load(out / "aux")[0], KVPredictor.load(out))
+    obj = Objective(trainee, base, recipe(), contextlib.nullcontext)
+    total = sum(float(obj.evaluate(seqs[s:s + 2])["ce_base"]) * len(seqs[s:s + 2]) for s in range(0, len(seqs), 2))
+    obj.close()
+    return total / len(seqs)
+
+
+def test_heldout_loss_is_logged_and_the_best_step_kept(built, assets, tmp_path):
+    m = read_manifest(built["pred"], "predictor")
+    base, tok = load(ref_spec(m["inputs"]["base"]))
+    out = train(tmp_path / "out", predictor=built["pred"], steps=6, eval_every=2, **small(assets))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    held = {h["step"]: h for h in log if "heldout_ce_base" in h}
+    assert sorted(held) == [2, 4, 6] and {"heldout_loss", "heldout_ce_aux", "heldout_best"} <= set(held[2])
+    t = read_manifest(out, "predictor")["training"]
+    best = min(held, key=lambda s: held[s]["heldout_ce_base"])
+    assert t["heldout"]["best_step"] == best and t["heldout"]["evaluations"] == 3 and not t["heldout"]["stopped_early"]
+    assert t["heldout"]["best_loss"] == held[best]["heldout_ce_base"] and t["heldout"]["metric"] == "ce_base"
+    assert abs(_heldout_ce_base(out, base, tok, assets) - t["heldout"]["best_loss"]) < 1e-4
+    assert t["unique_tokens"] >= 6 * 2 * 32 and t["epochs"] == pytest.approx(6 * 2 * 32 / t["unique_tokens"])
+    assert read_manifest(out, "predictor")["inputs"]["data"]["heldout"]["corpus"]["split"]["name"] == "heldout"
+
+
+def test_early_stopping_returns_the_best_weights(built, assets, tmp_path, monkeypatch):
+    """Held-out losses made worse by 1 per step: step 1 is the best, patience 2 stops after step 3,
+    and the output holds step 1's weights (its held-out loss, computed afresh, is the logged one)."""
+    from kvp_export.train import loop
+
+    m = read_manifest(built["pred"], "predictor")
+    base, tok = load(ref_spec(m["inputs"]["base"]))
+    now = {"offset": 0.0}
+    evaluate, held_evaluate = Objective.evaluate, loop.Heldout.evaluate
+
+    def shifted(self, x):
+        terms = evaluate(self, x)
+        return {**terms, "ce_base": terms["ce_base"] + now["offset"]}
+
+    def at_step(self, model, objective, trainee, done, device, world):
+        now["offset"] = float(done)
+        return held_evaluate(self, model, objective, trainee, done, device, world)
+
+    monkeypatch.setattr(Objective, "evaluate", shifted)
+    monkeypatch.setattr(loop.Heldout, "evaluate", at_step)
+    out = train(tmp_path / "out", predictor=built["pred"], steps=10, eval_every=1, patience=2,
+                **small(assets, checkpoint_every=2))
+    t = read_manifest(out, "predictor")["training"]
+    assert t["steps"] == 3 and t["tokens"] == 3 * 2 * 32 and t["heldout"]["stopped_early"]
+    assert t["heldout"]["best_step"] == 1 and t["heldout"]["evaluations"] == 3 and t["heldout"]["patience"] == 2
+    monkeypatch.undo()
+    assert abs(_heldout_ce_base(out, base, tok, assets) - (t["heldout"]["best_loss"] - 1.0)) < 1e-4
+    with pytest.raises(KvpError, match="--patience .* needs held-out evaluations"):
+        train(tmp_path / "x", predictor=built["pred"], steps=2, eval_every=0, patience=1, **small(assets))
+    with pytest.raises(KvpError, match=r"eval-tokens \(8\) is less than one sequence of 32"):
+        train(tmp_path / "x", predictor=built["pred"], steps=2, eval_tokens=8, **small(assets))
 
 
 def test_cli_train_then_eval_and_the_baseline(built, assets, tmp_path):

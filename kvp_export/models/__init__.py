@@ -1,6 +1,6 @@
 """Model sources: the zoo, GGUF conversion, resolving and loading (see zoo.py, source.py)."""
 
-from .source import check_same_tokenizer, convert_gguf, load, resolve
+from .source import check_same_tokenizer, convert_gguf, load, load_tokenizer, resolve
 from .zoo import DEFAULT_MODEL, ZOO, ZooEntry, list_models, pull
 
 __all__ = [

@@ -232,6 +232,17 @@ def load(spec: str | Path, *, dtype: torch.dtype = torch.float32, attn_implement
     return model.eval(), tok
 
 
+def load_tokenizer(spec: str | Path):
+    """The tokenizer alone of any model spec `resolve` accepts (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **_FOLDER_TOKENIZER_KW)
+    except (OSError, ValueError) as e:
+        raise KvpError(f"cannot load the tokenizer of {folder}: {_first_line(e)}") from None
+
+
 def check_same_tokenizer(tok_a, tok_b) -> None:
     """Refuse two tokenizers that would give a base and auxiliary model different token ids."""
     if len(tok_a) != len(tok_b):

@@ -8,6 +8,13 @@ It starts from a fit folder: its healed aux and ridge predictor. It writes, atom
 - baseline: an aux folder, which `kvp fit` and `kvp eval --aux` take like a derive folder.
 The same call runs under `torchrun` (DDP or FSDP). Checkpoints in `OUT.ckpt/` (by default)
 let a killed run resume to the result an uninterrupted run reaches.
+
+Generalisation is measured, not assumed: every `eval_every` steps (about ten times a run by
+default) the loss is computed on held-out sequences (the held-out split of the same data:
+for `pypi-code`, projects never trained on), written to `train_log.jsonl`, and the output
+holds the weights of the best held-out step; `patience` stops a run that stopped improving.
+The manifest records the best step and its loss, the unique tokens of the training stream
+and the epochs made over it.
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ from ..errors import KvpError
 from ..models import check_same_tokenizer, load, resolve
 from ..models.arch import ArchSpec
 from ..predictor.module import WEIGHTS, KVPredictor
-from ..stage import SEQ_LEN, Clock, calibration, check_paths, context_len, model_ref, ref_spec, seed_all
+from ..stage import SEQ_LEN, Clock, calibration, check_paths, context_len, model_ref, ref_spec, seed_all, sequences
 from .batches import Batches
 from .checkpoint import Checkpoints, steps_in
 from .loop import Outcome, run
 from .loss import Trainee
-from .recipe import Recipe, check_options, steps_for, warmup_for
+from .recipe import Recipe, check_options, eval_every_for, steps_for, warmup_for
 
 TOKENS = 1_000_000  # default budget when neither steps nor tokens is given
+EVAL_TOKENS = 16_384  # held-out tokens per evaluation (a few percent of a default run's compute)
 LOG = "train_log.jsonl"
 
 
@@ -68,6 +76,7 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
           mix: str = "default", device: str = "auto", precision: str = "auto", activation_checkpointing: bool = False,
           strategy: str = "ddp", checkpoint_every: int = 100, checkpoint_dir: str | Path | None = None,
           resume: bool = False, stop_after: int | None = None, max_minutes: float | None = None,
+          eval_every: int | None = None, eval_tokens: int = EVAL_TOKENS, patience: int | None = None,
           overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path | None:
     """Train and write folder `out`; return it, or None when stopped early (stop_after /
     max_minutes) with a checkpoint to resume from.
@@ -76,6 +85,8 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
     is per process and micro-step. lambda_c defaults to 1 / base layers (the paper's better
     setting). `resume` continues from the latest checkpoint if there is one; `max_minutes`
     counts from the call's start (loading included), for machines that limit a command's time.
+    `eval_every` (default: a tenth of the steps; 0 is off) evaluates `eval_tokens` held-out
+    tokens; `patience` stops after that many evaluations without a new best.
     """
     clock = Clock()
     out = check_output_dir(out, overwrite)
@@ -85,7 +96,7 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
                   predictor_lr=predictor_lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                   min_lr_ratio=min_lr_ratio, clip=clip, lambda_c=lambda_c, z_loss=z_loss, kl=kl, precision=precision,
                   strategy=strategy, mix=mix, data=data, checkpoint_every=checkpoint_every, stop_after=stop_after,
-                  max_minutes=max_minutes)
+                  max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens, patience=patience)
     check_paths(data, "training data")
     src = sources(predictor, aux, base, baseline)
     dev = resolve_device(device)
@@ -107,6 +118,9 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
 
         tokens_per_step = batch * accum * world.size * seq_len
         n_steps = steps_for(tokens, steps, tokens_per_step)
+        every = eval_every_for(eval_every, n_steps)
+        if every and eval_tokens < seq_len:
+            raise KvpError(f"eval-tokens ({eval_tokens}) is less than one sequence of {seq_len} tokens")
         recipe = Recipe(
             mode="baseline" if baseline else "kvp", steps=n_steps, batch=batch, accum=accum, seq_len=seq_len,
             world_size=world.size, lr=lr, predictor_lr=predictor_lr or lr, weight_decay=weight_decay,
@@ -114,14 +128,19 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
             lambda_c=0.0 if baseline else (1 / sb.n_layers if lambda_c is None else lambda_c), z_loss=z_loss,
             kl=kl or 0.0, sink_len=sink_len, precision="bf16" if bf16 else "fp32",
             activation_checkpointing=activation_checkpointing, strategy=strategy, data=tuple(data or ()), mix=mix,
-            seed=seed)
+            seed=seed, eval_every=every, eval_tokens=eval_tokens if every else 0, patience=patience or 0)
         with clock.step("data"):
-            seqs, data_desc = calibration(tok, base_model, data, n_steps * tokens_per_step, seq_len=seq_len, mix=mix)
+            seqs, data_desc = calibration(tok, base_model, data, n_steps * tokens_per_step, seq_len=seq_len, mix=mix,
+                                          stream=True)
+            heldout, heldout_desc = (sequences(tok, base_model, data, eval_tokens, split="heldout", seq_len=seq_len,
+                                               mix=mix) if every else (None, None))
         refs = {"base": model_ref(src.base, base_dir), "aux": model_ref(src.aux, src.aux)}
         if pred is not None:
             refs["predictor"] = {"path": str(src.predictor.resolve()),
                                  "weights_sha256": sha256_file(src.predictor / WEIGHTS)}
         identity = {**{k: r["weights_sha256"] for k, r in refs.items()}, "data": data_desc["tokens_sha256"]}
+        if heldout_desc is not None:
+            identity["heldout"] = heldout_desc["tokens_sha256"]
         ckpts = Checkpoints(ckpt_dir, recipe, identity)
         if world.main:
             ckpts.clean_partial()
@@ -132,15 +151,18 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
         batches = Batches(seqs, recipe, world.rank)
         with clock.step("train"):
             outcome = run(trainee, base_model, recipe, batches, world, dev, ckpts, checkpoint_every=checkpoint_every,
-                          stop_after=stop_after, progress=progress,
+                          heldout=heldout, stop_after=stop_after, progress=progress,
                           deadline=clock.start + 60 * max_minutes if max_minutes else None)
         if not outcome.finished:
             return None
         if world.main:
-            training = {"tokens": n_steps * tokens_per_step, "steps": n_steps, "epochs": batches.epochs(n_steps),
+            training = {"tokens": outcome.step * tokens_per_step, "steps": outcome.step,
+                        "unique_tokens": int(seqs.numel()), "epochs": batches.epochs(outcome.step),
                         "train_seconds": round(outcome.train_seconds, 3), "device": _device_name(dev),
                         "world_size": world.size, "strategy": strategy if world.distributed else None,
-                        "loss": summarize(outcome.history)}
+                        "loss": summarize(outcome.history), "heldout": heldout_summary(outcome, recipe, heldout_desc)}
+            if heldout_desc is not None:
+                data_desc = {**data_desc, "heldout": heldout_desc}
             _write(out, overwrite, src, recipe, outcome, refs, data_desc, training, tok, clock)
             ckpts.remove()
         world.barrier()
@@ -176,6 +198,25 @@ def summarize(history: list[dict]) -> dict:
                 "mean_last_tenth": sum(h[k] for h in tail) / len(tail)} for k in keys}
 
 
+def heldout_summary(outcome: Outcome, recipe: Recipe, desc: dict | None) -> dict | None:
+    """The held-out evaluations in brief: which step's weights the output holds, and why."""
+    if not outcome.evals:
+        return None
+    best = min(outcome.evals, key=lambda e: (e[recipe.metric], e["step"]))
+    return {"metric": recipe.metric, "every": recipe.eval_every, "tokens": desc["tokens"],
+            "sequences": desc["sequences"], "evaluations": len(outcome.evals), "best_step": best["step"],
+            "best_loss": best[recipe.metric], "last_step": outcome.evals[-1]["step"],
+            "last_loss": outcome.evals[-1][recipe.metric], "patience": recipe.patience or None,
+            "stopped_early": outcome.stopped_early, "weights": f"step {best['step']} (best held-out {recipe.metric})"}
+
+
+def log_lines(history: list[dict], evals: list[dict]) -> str:
+    """train_log.jsonl: one line per step; an evaluation's terms ride on its step as heldout_*."""
+    by_step = {e["step"]: e for e in evals}
+    return "".join(json.dumps({**h, **{f"heldout_{k}": v for k, v in by_step.get(h["step"], {}).items()
+                                       if k != "step"}}) + "\n" for h in history)
+
+
 def _write(out: Path, overwrite: bool, src: Sources, recipe: Recipe, outcome: Outcome, refs: dict, data_desc: dict,
            training: dict, tok, clock: Clock) -> None:
     """The output folder (rank 0): the trained aux as an HF folder, and the trained predictor."""
@@ -190,7 +231,7 @@ def _write(out: Path, overwrite: bool, src: Sources, recipe: Recipe, outcome: Ou
         aux_dir, final_aux = (tmp, out) if recipe.mode == "baseline" else (tmp / "aux", out / "aux")
         aux_model.save_pretrained(aux_dir, safe_serialization=True)
         tok.save_pretrained(aux_dir)
-        (tmp / LOG).write_text("".join(json.dumps(h) + "\n" for h in outcome.history))
+        (tmp / LOG).write_text(log_lines(outcome.history, outcome.evals))
         write_manifest(aux_dir, "aux", inputs={"base": refs["base"], "aux": refs["aux"], "data": data_desc},
                        recipe={"method": method, **recipe.to_dict()}, **lineage, **common, **clock.record())
         if recipe.mode == "kvp":

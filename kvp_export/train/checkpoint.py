@@ -4,7 +4,9 @@ A checkpoint is a folder `step-NNNNNNNN/` in the run's checkpoint folder:
 - `weights.safetensors`: the full trainee state (aux + predictor), never pickled;
 - `state.pt`: optimizer state, step, loss history and RNG states: tensors and plain
   containers only, read back with `torch.load(weights_only=True)`;
-- `meta.json`: the step, the recipe, the inputs' hashes and the SHA-256 of both files.
+- `best.safetensors` (with held-out evaluations): the trainee state at the best held-out
+  loss so far, so a resumed run still returns the best weights;
+- `meta.json`: the step, the recipe, the inputs' hashes and the SHA-256 of every file.
 It is built under a temporary name and renamed, so a run killed while saving leaves the
 previous checkpoints intact. On loading, a file that does not match meta.json is refused as
 corrupt, and a checkpoint of another recipe or other inputs is refused as another run's.
@@ -26,7 +28,7 @@ from ..errors import KvpError
 from .recipe import Recipe
 
 PREFIX = "step-"
-WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
+WEIGHTS, STATE, META, BEST = "weights.safetensors", "state.pt", "meta.json", "best.safetensors"
 KEEP = 2  # the latest and one before it
 
 
@@ -59,15 +61,19 @@ class Checkpoints:
             for p in self.folder.glob(f".{PREFIX}*"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def save(self, step: int, weights: dict[str, torch.Tensor], state: dict) -> Path:
+    def save(self, step: int, weights: dict[str, torch.Tensor], state: dict,
+             best: dict[str, torch.Tensor] | None = None) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{PREFIX}{step:08d}.partial-"))
         try:
             # clones: safetensors refuses tensors that share memory (tied embeddings)
             save_file({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            if best is not None:
+                save_file({k: v.detach().cpu().clone().contiguous() for k, v in best.items()}, str(tmp / BEST))
             torch.save(state, tmp / STATE)
+            files = (WEIGHTS, STATE) + ((BEST,) if best is not None else ())
             write_json(tmp / META, {"step": step, "recipe": self.recipe.to_dict(), "inputs": self.inputs,
-                                    "files": {f: sha256_file(tmp / f) for f in (WEIGHTS, STATE)}})
+                                    "files": {f: sha256_file(tmp / f) for f in files}})
             os.replace(tmp, self.path(step))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +92,7 @@ class Checkpoints:
             files = meta["files"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise corrupt(f"unreadable {META} ({type(e).__name__})") from None
-        for name in (WEIGHTS, STATE):
+        for name in (WEIGHTS, STATE, *((BEST,) if BEST in files else ())):
             if not (path / name).is_file():
                 raise corrupt(f"{name} is missing")
             if sha256_file(path / name) != files.get(name):
@@ -102,6 +108,8 @@ class Checkpoints:
         try:
             weights = load_file(str(path / WEIGHTS))
             state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+            if BEST in files:
+                state["best_weights"] = load_file(str(path / BEST))
         except Exception as e:  # noqa: BLE001 - the hashes matched, yet it does not parse
             raise corrupt(f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         return weights, state

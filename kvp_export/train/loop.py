@@ -1,5 +1,6 @@
 """The training loop: distributed wrapping, AdamW with warmup + cosine, accumulation, clipping,
-autocast, periodic checkpoints and resume.
+autocast, periodic checkpoints and resume, and held-out evaluation that keeps the best weights
+(and stops early after `patience` evaluations without a new best).
 
 Every process runs this loop on its share of each step's batch (batches.py). DDP averages
 gradients across processes; FSDP (fully_shard per aux layer and on the whole) shards the
@@ -11,11 +12,13 @@ state, so a run resumes on the same number of processes with either strategy.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from tqdm.auto import tqdm
 
 from ..distributed import World
@@ -35,7 +38,64 @@ class Outcome:
     step: int  # optimizer steps done
     history: list[dict]  # per step: step, lr scale, loss terms, grad norm, tokens
     train_seconds: float  # over all calls of a resumed run
-    weights: dict[str, torch.Tensor] | None  # the full trainee state (rank 0, when finished)
+    weights: dict[str, torch.Tensor] | None  # the full trainee state (rank 0, when finished): the best
+    # held-out step's when evaluating, else the last step's
+    evals: list[dict] = field(default_factory=list)  # per held-out evaluation: step, loss terms, best
+    stopped_early: bool = False
+
+
+class Heldout:
+    """Held-out evaluation every `recipe.eval_every` steps and after the last: the loss terms on
+    the same held-out sequences each time, the best weights by `recipe.metric`, and patience."""
+
+    def __init__(self, seqs, recipe: Recipe):
+        self.seqs, self.r = seqs, recipe
+        self.evals: list[dict] = []
+        self.best: dict[str, torch.Tensor] | None = None
+        self.bad = 0  # evaluations since the last new best
+
+    def due(self, done: int) -> bool:
+        return done % self.r.eval_every == 0 or done == self.r.steps
+
+    @property
+    def best_eval(self) -> dict | None:
+        return min(self.evals, key=lambda e: (e[self.r.metric], e["step"])) if self.evals else None
+
+    def evaluate(self, model, objective: Objective, trainee: Trainee, done: int, device: torch.device,
+                 world: World) -> dict:
+        """Evaluate now (every process, the same sequences); keep the weights if they are the best.
+        The losses are averaged over processes, so all of them take the same decision."""
+        model.eval()
+        sums = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
+        seen: set[str] = set()
+        try:
+            for s in range(0, len(self.seqs), self.r.batch):
+                ids = self.seqs[s:s + self.r.batch]
+                terms = objective.evaluate(ids.to(device))
+                seen |= set(terms)
+                sums += torch.stack([terms.get(k, torch.zeros((), device=device)).double() for k in TERMS]) * len(ids)
+        finally:
+            model.train()
+        means = world.mean(sums / len(self.seqs)).tolist()
+        record = {"step": done, **{k: v for k, v in zip(TERMS, means) if k in seen}}
+        previous = self.best_eval
+        record["best"] = previous is None or record[self.r.metric] < previous[self.r.metric]
+        self.evals.append(record)
+        if record["best"]:
+            self.bad = 0
+            self.best = _model_weights(trainee)  # a collective under FSDP: every process decides alike
+        else:
+            self.bad += 1
+        return record
+
+    def exhausted(self) -> bool:
+        return bool(self.r.patience) and self.bad >= self.r.patience
+
+
+def _model_weights(trainee: Trainee) -> dict[str, torch.Tensor]:
+    """A gathered copy of the trainee's weights (on the CPU; training goes on with its own)."""
+    state = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def freeze(base, recipe: Recipe) -> None:
@@ -115,22 +175,26 @@ def _describe(terms: dict, tok_s: float) -> str:
 
 
 def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, device: torch.device,
-        ckpts: Checkpoints, *, checkpoint_every: int, stop_after: int | None = None,
+        ckpts: Checkpoints, *, checkpoint_every: int, heldout=None, stop_after: int | None = None,
         deadline: float | None = None, progress: bool = True) -> Outcome:
-    """Train from the latest checkpoint in `ckpts` (or from the start) to the end of the recipe,
-    or until `stop_after` steps in this call or the time.perf_counter() `deadline` (then
-    checkpoint and stop)."""
+    """Train from the latest checkpoint in `ckpts` (or from the start) to the end of the recipe
+    (or to an early stop on the held-out loss), or until `stop_after` steps in this call or the
+    time.perf_counter() `deadline` (then checkpoint and stop). `heldout`: the held-out
+    sequences, when recipe.eval_every is set."""
     t0 = time.perf_counter()
     freeze(base, recipe)
     model = wrap(trainee, recipe, world, device)
     opt = optimizer(trainee, recipe)
     start, history, seconds_before = 0, [], 0.0
+    held = Heldout(heldout, recipe) if recipe.eval_every else None
     latest = ckpts.latest()
     if latest is not None:
         weights, state = ckpts.load(latest)
         set_state_dict(trainee, opt, model_state_dict=weights, optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
         start, history, seconds_before = state["step"], state["history"], state["train_seconds"]
+        if held is not None:
+            held.evals, held.bad, held.best = state["evals"], state["bad_evals"], state.get("best_weights")
         _restore_rng(state["rng"])
         if world.main:
             say(f"resuming from {latest} (step {start} of {recipe.steps})")
@@ -158,23 +222,48 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
             bar.set_postfix_str(_describe(record, tok_s), refresh=False)
             if world.main and bar.disable and (step + 1) % log_every == 0:  # no bar: a line now and then
                 say(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
+            if held is not None and held.due(step + 1):
+                e = held.evaluate(model, objective, trainee, step + 1, device, world)
+                if world.main:
+                    line = (f"held-out {recipe.metric} {e[recipe.metric]:.4g} at step {step + 1}"
+                            f"{' (best)' if e['best'] else f' (best {held.best_eval[recipe.metric]:.4g})'}")
+                    if bar.disable:
+                        say(line)
+                    else:
+                        bar.write(line, file=sys.stderr)
+                if held.exhausted():
+                    if world.main:
+                        say(f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
+                            f"{recipe.patience} evaluations")
+                    weights = _final_weights(trainee, opt, held, world)
+                    return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
+                                   held.evals, stopped_early=True)
             if step + 1 == recipe.steps:
                 break
             out_of_time = deadline is not None and world.any(time.perf_counter() >= deadline, device)
             stop = out_of_time or (stop_after is not None and step + 1 - start >= stop_after)
             if stop or (step + 1) % checkpoint_every == 0:
-                _save(ckpts, trainee, opt, world, step + 1, history, seconds_before + time.perf_counter() - t0)
+                _save(ckpts, trainee, opt, world, step + 1, history, seconds_before + time.perf_counter() - t0, held)
             if stop:
                 if world.main:
                     say(f"stopped after step {step + 1} of {recipe.steps}; checkpoint in {ckpts.folder} "
                         "(run again with --resume to continue)")
-                return Outcome(False, step + 1, history, seconds_before + time.perf_counter() - t0, None)
+                return Outcome(False, step + 1, history, seconds_before + time.perf_counter() - t0, None,
+                               held.evals if held else [])
     finally:
         bar.close()
         objective.close()
-    weights, _ = _full_state(trainee, opt)
-    return Outcome(True, recipe.steps, history, seconds_before + time.perf_counter() - t0,
-                   weights if world.main else None)
+    weights = _final_weights(trainee, opt, held, world)
+    return Outcome(True, recipe.steps, history, seconds_before + time.perf_counter() - t0, weights,
+                   held.evals if held else [])
+
+
+def _final_weights(trainee: Trainee, opt, held: Heldout | None, world: World) -> dict | None:
+    """What the run returns (rank 0): the best held-out weights when evaluating, else the last."""
+    weights, _ = _full_state(trainee, opt)  # a collective under FSDP: every process calls it
+    if held is not None and held.best is not None:
+        weights = held.best
+    return weights if world.main else None
 
 
 def _optimizer_step(model, objective: Objective, opt, micro: list[torch.Tensor], recipe: Recipe, world: World,
@@ -196,9 +285,12 @@ def _optimizer_step(model, objective: Objective, opt, micro: list[torch.Tensor],
     return {"grad_norm": float(grad_norm), **{k: v for k, v in zip(TERMS, means) if k in terms}}
 
 
-def _save(ckpts: Checkpoints, trainee: Trainee, opt, world: World, step: int, history: list, seconds: float) -> None:
+def _save(ckpts: Checkpoints, trainee: Trainee, opt, world: World, step: int, history: list, seconds: float,
+          held: Heldout | None) -> None:
     weights, optim = _full_state(trainee, opt)
     if world.main:
-        ckpts.save(step, weights, {"optimizer": optim, "step": step, "history": history, "train_seconds": seconds,
-                                   "rng": _rng_state()})
+        state = {"optimizer": optim, "step": step, "history": history, "train_seconds": seconds, "rng": _rng_state()}
+        if held is not None:
+            state |= {"evals": held.evals, "bad_evals": held.bad}
+        ckpts.save(step, weights, state, best=held.best if held else None)
     world.barrier()

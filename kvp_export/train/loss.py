@@ -108,32 +108,46 @@ class Objective:
                 logits = None
         return list(zip(got.keys, got.values)), logits
 
-    def step(self, ids: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-        """Forward, then backward of loss * scale (scale = 1 / micro-steps per optimizer step)."""
+    def _terms(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch ("loss" is their sum); the caller resets the injection."""
         r = self.r
         terms: dict[str, torch.Tensor] = {}
+        with self.autocast():
+            if r.mode == "kvp":
+                true, true_logits = self._targets(ids)
+            aux_logits, pred = self.model(ids)
+            terms["ce_aux"] = next_token_ce(aux_logits, ids)
+            if r.z_loss:
+                terms["z"] = r.z_loss * torch.logsumexp(aux_logits.float(), -1).pow(2).mean()
+            if r.mode == "kvp":
+                s = r.sink_len
+                self.inject.kv = [(torch.cat([tk[:, :s], pk[:, s:]], 1), torch.cat([tv[:, :s], pv[:, s:]], 1))
+                                  for (pk, pv), (tk, tv) in zip(pred, true)]
+                logits = self.base(input_ids=ids, use_cache=False).logits
+                terms["ce_base"] = next_token_ce(logits, ids)
+                terms["l1"] = r.lambda_c * consistency_l1(pred, true, s)
+                if r.kl:
+                    terms["kl"] = r.kl * F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1),
+                                                  F.log_softmax(true_logits.float(), -1).flatten(0, 1),
+                                                  log_target=True, reduction="batchmean")
+            terms["loss"] = sum(terms.values())
+        return terms
+
+    def step(self, ids: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+        """Forward, then backward of loss * scale (scale = 1 / micro-steps per optimizer step)."""
         try:
-            with self.autocast():
-                if r.mode == "kvp":
-                    true, true_logits = self._targets(ids)
-                aux_logits, pred = self.model(ids)
-                terms["ce_aux"] = next_token_ce(aux_logits, ids)
-                if r.z_loss:
-                    terms["z"] = r.z_loss * torch.logsumexp(aux_logits.float(), -1).pow(2).mean()
-                if r.mode == "kvp":
-                    s = r.sink_len
-                    self.inject.kv = [(torch.cat([tk[:, :s], pk[:, s:]], 1), torch.cat([tv[:, :s], pv[:, s:]], 1))
-                                      for (pk, pv), (tk, tv) in zip(pred, true)]
-                    logits = self.base(input_ids=ids, use_cache=False).logits
-                    terms["ce_base"] = next_token_ce(logits, ids)
-                    terms["l1"] = r.lambda_c * consistency_l1(pred, true, s)
-                    if r.kl:
-                        terms["kl"] = r.kl * F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1),
-                                                      F.log_softmax(true_logits.float(), -1).flatten(0, 1),
-                                                      log_target=True, reduction="batchmean")
-                loss = sum(terms.values())
-            (loss * scale).backward()  # inside the try: recomputed base layers still read the predicted KV
+            terms = self._terms(ids)
+            (terms["loss"] * scale).backward()  # inside the try: recomputed base layers still read the predicted KV
         finally:
             if self.inject is not None:
                 self.inject.kv = None
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def evaluate(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of a held-out batch, without gradients (the caller sets eval mode)."""
+        try:
+            return self._terms(ids)
+        finally:
+            if self.inject is not None:
+                self.inject.kv = None

@@ -43,6 +43,15 @@ class Recipe:
     data: tuple[str, ...]
     mix: str
     seed: int
+    eval_every: int = 0  # optimizer steps between held-out evaluations (and after the last); 0 is off
+    eval_tokens: int = 0  # held-out tokens per evaluation
+    patience: int = 0  # stop after this many evaluations without a new best; 0 is off
+
+    @property
+    def metric(self) -> str:
+        """The held-out loss that picks the best checkpoint: the base's CE reading predicted KV
+        (what KVP serves), or for the baseline the aux's own CE."""
+        return "ce_aux" if self.mode == "baseline" else "ce_base"
 
     @property
     def global_batch(self) -> int:
@@ -78,12 +87,14 @@ def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batc
                   lr: float, predictor_lr: float | None, weight_decay: float, warmup_steps: int | None,
                   min_lr_ratio: float, clip: float, lambda_c: float | None, z_loss: float, kl: float | None,
                   precision: str, strategy: str, mix: str, data: list[str] | None, checkpoint_every: int,
-                  stop_after: int | None, max_minutes: float | None) -> None:
+                  stop_after: int | None, max_minutes: float | None, eval_every: int | None = None,
+                  eval_tokens: int = 1, patience: int | None = None) -> None:
     """Refuse out-of-range or contradictory options before anything is loaded."""
     if steps is not None and tokens is not None:
         raise KvpError("give either --steps or --tokens, not both")
     ints = {"steps": steps, "tokens": tokens, "batch": batch, "accum": accum, "seq_len": seq_len,
-            "checkpoint_every": checkpoint_every, "stop_after": stop_after}
+            "checkpoint_every": checkpoint_every, "stop_after": stop_after, "eval_tokens": eval_tokens,
+            "patience": patience}
     for name, v in ints.items():
         if v is not None and v < 1:
             raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
@@ -92,7 +103,7 @@ def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batc
         if v is not None and not v > 0:
             raise KvpError(f"{name.replace('_', '-')} must be > 0, got {v}")
     non_negative = {"weight_decay": weight_decay, "warmup_steps": warmup_steps, "clip": clip, "lambda_c": lambda_c,
-                    "z_loss": z_loss, "kl": kl}
+                    "z_loss": z_loss, "kl": kl, "eval_every": eval_every}
     for name, v in non_negative.items():
         if v is not None and not v >= 0:
             raise KvpError(f"{name.replace('_', '-')} must be >= 0, got {v}")
@@ -104,6 +115,8 @@ def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batc
             raise KvpError(f"unknown {name} '{v}' (choose from {', '.join(choices)})")
     if data and mix != "default":
         raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to files given")
+    if patience is not None and eval_every == 0:
+        raise KvpError("--patience stops on the held-out loss: it needs held-out evaluations (--eval-every > 0)")
     if baseline:
         given = [n for n, v in (("lambda-c", lambda_c), ("kl", kl), ("predictor-lr", predictor_lr)) if v is not None]
         if given:
@@ -121,3 +134,8 @@ def warmup_for(warmup_steps: int | None, steps: int) -> int:
     if warmup_steps >= steps:
         raise KvpError(f"warmup-steps ({warmup_steps}) must be fewer than the steps ({steps})")
     return warmup_steps
+
+
+def eval_every_for(eval_every: int | None, steps: int) -> int:
+    """Held-out evaluations: every `eval_every` steps, by default about ten over the run."""
+    return max(1, steps // 10) if eval_every is None else eval_every
