@@ -378,3 +378,24 @@ def test_parity_fails_a_deliberately_broken_graph(exported, tmp_path, parity_fp3
     if variant == "int8":
         ok = run_parity(OnnxArtifact.open(exported), variant, threads=1, fp32=parity_fp32)
         assert ok["ok"], [c for c in ok["checks"] if not c["ok"]]
+
+
+def test_validate_coldstart_and_default_mode_are_reported_and_gateable(exported, tmp_path):
+    """--check coldstart measures each path in a fresh process; the TTFT check reports the default
+    mode against the base and the crossover; both are gateable."""
+    r = CliRunner().invoke(main, ["validate", str(exported), "-o", str(tmp_path / "rep"), "--variant", "fp32",
+                                  "--check", "coldstart", "--check", "ttft", "--threads", "1", "--lengths", "8",
+                                  "--batches", "1", "--repeats", "1", "--coldstart-lengths", "12",
+                                  "--gate", "coldstart.fp32.1x12.kvp.first_token_ms>0",
+                                  "--gate", "ttft.fp32.auto.worst_vs_base>0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rep" / "report.json").read_text())["metrics"]
+    for path in ("base", "aux", "kvp"):
+        p = f"coldstart.fp32.1x12.{path}."
+        assert m[p + "first_token_ms"] >= m[p + "load_ms"] > 0 and m[p + "warm_ms"] > 0
+    assert m["coldstart.fp32.1x12.kvp.load_kvp_prefill_ms"] > 0 and "coldstart.fp32.1x12.kvp_vs_base" in m
+    assert m["ttft.fp32.auto.worst_vs_base"] > 0
+    cross = json.loads((exported / "manifest.json").read_text())["crossover"]["fp32"]
+    assert [p["prompt_len"] for p in cross["points"]] == [8, 16, 24, 32, 48, 64, 96, 128, 192]  # below the context
+    assert m.get("crossover.fp32.export") == cross["prompt_len"]
+    assert "## Cold start" in r.output and "## Default mode (auto)" in r.output

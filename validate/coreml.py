@@ -303,8 +303,10 @@ def section(folder: str | Path, repeats: int = 5) -> dict:
     else:
         mac = {v: {cu: dict.fromkeys(MEASURES, UNMEASURED) for cu in COMPUTE_UNITS} for v in art.variants}
     parity_ok = not ok or all(m["parity"]["ok"] for per in mac.values() for m in per.values())
+    from .machine import machine
+
     return {"export": str(art.folder.resolve()), "host": f"{platform.system()} {platform.machine()}",
-            "model": art.model, "recipe": art.manifest.get("recipe", {}), "linux_checks": checks,
+            "machine": machine(), "model": art.model, "recipe": art.manifest.get("recipe", {}), "linux_checks": checks,
             "macos": {"measured": ok, "reason": why or None, "variants": mac},
             "ok": parity_ok and all(c["ok"] for c in checks.values())}
 

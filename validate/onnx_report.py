@@ -50,24 +50,31 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     # fp32 first: a quantized variant's parity is judged against the fp32 graphs, which must pass first
     variants = sorted(variants, key=lambda v: v != "fp32")
     fp32_outputs: dict = {}  # the fp32 graphs' outputs on parity's pairs, computed once for every variant
+    seconds: dict[str, dict[str, float]] = {c: {} for c in checks}
+
+    def timed(check: str, v: str, fn):
+        t = time.perf_counter()
+        results[check][v] = fn()
+        seconds[check][v] = round(time.perf_counter() - t, 1)
+
     for v in variants:
         if "parity" in checks:
-            results["parity"][v] = run_parity(art, v, threads, (tolerances or {}).get(v),
-                                              fp32=results["parity"].get("fp32"), cache=fp32_outputs)
+            timed("parity", v, lambda: run_parity(art, v, threads, (tolerances or {}).get(v),
+                                                  fp32=results["parity"].get("fp32"), cache=fp32_outputs))
         if "quality" in checks:
-            results["quality"][v] = run_quality(art, v, n=quality_n, greedy_tokens=greedy_tokens, threads=threads,
-                                                progress=progress)
+            timed("quality", v, lambda: run_quality(art, v, n=quality_n, greedy_tokens=greedy_tokens,
+                                                    threads=threads, progress=progress))
         if "ttft" in checks:
-            results["ttft"][v] = run_ttft(art, v, lengths=lengths, batches=batches, threads=threads, warmup=warmup,
-                                          repeats=repeats, progress=progress)
+            timed("ttft", v, lambda: run_ttft(art, v, lengths=lengths, batches=batches, threads=threads,
+                                              warmup=warmup, repeats=repeats, progress=progress))
         if "coldstart" in checks:
-            results["coldstart"][v] = run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
-                                                    repeats=min(repeats, 3), progress=progress)
+            timed("coldstart", v, lambda: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
+                                                        repeats=min(repeats, 3), progress=progress))
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
 
-            results["humaneval"][v] = run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
-                                                         progress=progress)
+            timed("humaneval", v, lambda: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
+                                                             progress=progress))
     metrics = flatten(_metrics(results))
     gate_results = evaluate(parsed, metrics)
     payload = {
@@ -75,6 +82,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - t0, 1),
+        "check_seconds": seconds,
         "variants": variants,
         "model": art.model,
         "results": results,
