@@ -246,15 +246,18 @@ def _verdict(stderr: Path) -> str:
 
 
 def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, *,
-                  allow_unsafe: bool = False) -> SandboxResult:
+                  allow_unsafe: bool = False, _guard: bool = True) -> SandboxResult:
     """Run `program` (Python source) in the sandbox; passed means it ran to its end.
 
-    Raises KvpError when this host has no OS sandbox, unless allow_unsafe."""
+    Raises KvpError when this host has no OS sandbox, unless allow_unsafe. `_guard=False`
+    (tests only) leaves the Python guard out, to show what the OS layers hold alone."""
     if not (timeout_s > 0 and memory_mb > 0):
         raise ValidationError(f"sandbox limits must be positive, got timeout_s={timeout_s}, memory_mb={memory_mb}")
     run_layers = layers(allow_unsafe)
+    if not _guard:
+        run_layers = tuple(x for x in run_layers if x != "guard")
     plan = _bwrap()
-    limits = [str(memory_mb), str(math.ceil(timeout_s) + 1)]
+    limits = [str(memory_mb), str(math.ceil(timeout_s) + 1), *([] if _guard else [child.NO_GUARD])]
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvp-sandbox-") as tmp:
         stderr = Path(tmp, "stderr")  # out of the program's reach: it only holds the descriptor
