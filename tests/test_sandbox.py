@@ -360,3 +360,16 @@ def test_seccomp_filter_shape():
     if prog is None:
         pytest.skip("no seccomp table for this architecture")
     assert len(prog) % 8 == 0 and len(prog) // 8 < 4096
+
+
+def test_kvp_run_refuses_humaneval_before_any_stage(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from kvp_export.cli import main
+
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: "forced off by the test")
+    out = tmp_path / "run"
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "ci.yaml"
+    res = CliRunner().invoke(main, ["run", str(tiny), "-o", str(out), "--set", "validate.checks=[parity, quality, ttft, humaneval]"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "refusing to execute generated code: forced off by the test" in res.output and not out.exists()
