@@ -150,10 +150,11 @@ def _bwrap() -> _Bwrap | str:
             return "running as root needs setpriv (util-linux) to drop to an unprivileged user"
     argv, layers = _bwrap_argv(bwrap, setpriv)
     seccomp = _seccomp.program()
-    plan = _Bwrap((*argv, "--", *(_setpriv_argv(setpriv) if setpriv else ())), (*layers, *(("seccomp",) if seccomp else ())),
-                  seccomp)
+    plan = _Bwrap((*argv, "--", *(_setpriv_argv(setpriv) if setpriv else ())),
+                  (*layers, *(("seccomp",) if seccomp else ())), seccomp)
     exe = _interpreter()[0]
-    probe = f"import os, sys; assert os.getuid() == {SANDBOX_UID if setpriv else os.getuid()}; assert not os.path.exists('/etc')"
+    uid = SANDBOX_UID if setpriv else os.getuid()
+    probe = f"import os; assert os.getuid() == {uid} and not os.path.exists('/etc')"
     try:
         proc = _start(plan, [exe, "-I", "-S", "-c", probe], {}, subprocess.PIPE)
         err = proc.communicate(timeout=30)[1]
