@@ -6,7 +6,7 @@ planted secret not leaked, the victim process and this one alive, no sandbox pro
 Every attempt runs twice: with the Python guard, and without it (`_guard=False`) so that the
 OS layers alone are shown to hold; as root, and again as an unprivileged user (a numeric uid
 without a passwd entry, through the system Python) when this process is root.
-About 30 s on 2 cores. Needs bubblewrap; skipped (with the reason) where the host has none.
+About 60 s on 2 cores. Needs bubblewrap; skipped (with the reason) where the host has none.
 """
 
 from __future__ import annotations
@@ -203,18 +203,19 @@ class Host:
 
 
 def sandbox_processes(uid: int, wait_s: float = 3.0) -> list[int]:
-    """Processes running as the sandbox's uid (other than the victim), after up to wait_s."""
+    """Processes of the sandbox's uid in another PID namespace than ours (sandboxed ones),
+    after waiting up to wait_s for them to go."""
+    ours = os.readlink("/proc/self/ns/pid")
     deadline = time.monotonic() + wait_s
     while True:
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                ns = os.readlink(f"/proc/{pid}/ns/pid")
             except OSError:
                 continue
-            ruid = int(status.split("\nUid:")[1].split()[0])
-            if ruid == uid and not cmd.startswith(b"sleep\0") and b"kvp_sandbox_runner" not in cmd:
+            if int(status.split("\nUid:")[1].split()[0]) == uid and ns != ours:
                 found.append(int(pid))
         if not found or time.monotonic() > deadline:
             return found
@@ -244,7 +245,7 @@ def run_table(progs: dict[str, str], guard: bool) -> dict[str, dict]:
 
 
 @pytest.fixture
-def host(tmp_path_factory):
+def host():
     root = Path(tempfile.mkdtemp(prefix="kvp-escape-"))  # under /tmp: reachable by the normal user too
     h = Host(root, None)
     yield h
@@ -373,3 +374,18 @@ def test_kvp_run_refuses_humaneval_before_any_stage(monkeypatch, tmp_path):
     res = CliRunner().invoke(main, ["run", str(tiny), "-o", str(out), "--set", "validate.checks=[parity, quality, ttft, humaneval]"])
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert "refusing to execute generated code: forced off by the test" in res.output and not out.exists()
+
+
+def test_the_table_sees_an_escape_where_there_is_no_os_sandbox(host, monkeypatch):
+    """Positive control: on the unsafe path (no bwrap) without the guard, as the old sandbox
+    was measured, some attempts do escape, and both the verdict and the host checks show it."""
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: "forced off by the test")
+    progs = programs(host)
+    for name in ("io.FileIO write", "read planted secret"):
+        r = run_sandboxed(progs[name], allow_unsafe=True, _guard=False)
+        assert r.status == "passed", (name, r)
+    assert any("outside folder now holds" in d for d in host.damage())
+    host.target.unlink()
+    host.victim_proc.kill()
+    host.victim_proc.wait()
+    assert host.damage() == ["victim process died"]
