@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 from kvp_validate.humaneval import _TOP_LEVEL, run_humaneval
+from kvp_validate.errors import KvpError
+from kvp_validate.sandbox import layers
 
 from kvp_export.artifacts import read_manifest
 from kvp_export.models import check_same_tokenizer, load
@@ -89,7 +91,14 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="first N problems only (smoke tests)")
     p.add_argument("--workers", type=int, default=8, help="sandboxes at a time")
     p.add_argument("--sink-len", type=int, help="exact sink positions (default: the predictor's)")
+    p.add_argument("--allow-unsafe-execution", action="store_true",
+                   help="execute completions even where no OS sandbox (bubblewrap) is available (docs/sandbox.md)")
     a = p.parse_args()
+    try:
+        layers(a.allow_unsafe_execution)  # refused here, before any model loads, on a host with no OS sandbox
+    except KvpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     a.out.mkdir(parents=True, exist_ok=True)
     dtype, device = DTYPES[a.dtype], torch.device(a.device)
 
@@ -142,9 +151,10 @@ def main() -> int:
         gen = batched_generate(mtok, model, prefill, batch=a.batch, max_new=a.max_new_tokens,
                                eos_ids=_eos_ids(mtok, model), device=device, log=log)
         with torch.inference_mode():
-            report = run_humaneval(gen, limit=a.limit, workers=a.workers, progress=False)
+            report = run_humaneval(gen, limit=a.limit, workers=a.workers, progress=False,
+                                   allow_unsafe=a.allow_unsafe_execution)
         info.update(pass_at_1=report["pass_at_k"]["pass@1"], passed=report["problems_passed"],
-                    n_problems=report["n_problems"], status_counts=report["status_counts"],
+                    n_problems=report["n_problems"], status_counts=report["status_counts"], sandbox=report["sandbox"],
                     seconds={**report["seconds"], "total_with_load": time.perf_counter() - t0},
                     device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     dtype=a.dtype, batch=a.batch, max_new_tokens=a.max_new_tokens)

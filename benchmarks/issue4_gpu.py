@@ -67,6 +67,8 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--humaneval", action="store_true")
+    p.add_argument("--allow-unsafe-execution", action="store_true",
+                   help="HumanEval without an OS sandbox (passed on to humaneval_gpu.py; docs/sandbox.md)")
     p.add_argument("--he-batch", type=int, default=32)
     p.add_argument("--he-limit", type=int)
     p.add_argument("--he-runs", help="comma-separated HumanEval paths, in this order (default: all five: "
@@ -103,6 +105,7 @@ def main() -> int:
             runs = [by_name[n] for n in a.he_runs.split(",")]
         cmd = [sys.executable, str(HERE / "humaneval_gpu.py"), "--base", a.model, "--out", str(work / "humaneval"),
                "--batch", str(a.he_batch), *(["--limit", str(a.he_limit)] if a.he_limit else []),
+               *(["--allow-unsafe-execution"] if a.allow_unsafe_execution else []),
                *[x for r in runs for x in ("--run", r)]]
         log(" ".join(cmd))
         try:

@@ -485,7 +485,10 @@ def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, 
               help="Also write JUnit XML: one test case per stage, gate and parity check.")
 @click.option("--force", is_flag=True, help="Run every stage again, even those already in the run folder.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, print it with defaults filled in, run nothing.")
-def run_cmd(recipe, overrides, out, junit, force, dry_run):
+@click.option("--allow-unsafe-execution", is_flag=True,
+              help="validate.checks humaneval: execute generated code even where no OS sandbox (bubblewrap) is "
+                   "available (docs/sandbox.md).")
+def run_cmd(recipe, overrides, out, junit, force, dry_run, allow_unsafe_execution):
     """Run RECIPE: derive -> fit (or train) -> export -> validate, each stage cached; exit 3 if a gate fails."""
     import yaml
 
@@ -502,7 +505,8 @@ def run_cmd(recipe, overrides, out, junit, force, dry_run):
         click.echo("gates: " + (", ".join(r.onnx_gates()) or "none"), err=True)
         return
     run_dir = out or default_run_dir(r, recipe)
-    res = run_recipe(r, run_dir, progress=_progress(), force=force, junit=junit)
+    res = run_recipe(r, run_dir, progress=_progress(), force=force, junit=junit,
+                     allow_unsafe_execution=allow_unsafe_execution)
     for s in res.stages:
         click.echo(f"{s.name:<16} {s.status:<7} {s.seconds:>8.1f} s  {s.folder}")
     passed = sum(g["ok"] for g in res.gates)

@@ -95,8 +95,10 @@ def _complete(folder: Path, marker: str, stage: str | None) -> bool:
 
 
 class Runner:
-    def __init__(self, recipe: Recipe, run_dir: Path, *, progress: bool = False, force: bool = False):
+    def __init__(self, recipe: Recipe, run_dir: Path, *, progress: bool = False, force: bool = False,
+                 allow_unsafe_execution: bool = False):
         self.r = recipe
+        self.allow_unsafe_execution = allow_unsafe_execution
         self.run_dir = Path(run_dir)
         self.stages_dir = self.run_dir / "stages"
         self.progress = progress
@@ -132,6 +134,10 @@ class Runner:
 
     def run(self) -> RunResult:
         r, seed = self.r, self.r.seed
+        if r.validate.enabled and "humaneval" in r.validate.checks:  # refused before any stage, not hours later
+            from kvp_validate.sandbox import layers
+
+            layers(self.allow_unsafe_execution)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(r.dump(), sort_keys=False))
         calib = list(r.data.calib)
@@ -211,7 +217,8 @@ class Runner:
                               threads=v.threads, quality_n=v.quality_n, greedy_tokens=v.greedy_tokens,
                               lengths=tuple(v.lengths), batches=tuple(v.batches), warmup=v.warmup, repeats=v.repeats,
                               humaneval_limit=v.humaneval_limit, tolerances=v.tolerances,
-                              coldstart_lengths=tuple(v.coldstart_lengths), progress=self.progress)
+                              coldstart_lengths=tuple(v.coldstart_lengths), progress=self.progress,
+                              allow_unsafe_execution=self.allow_unsafe_execution)
 
             section = v.model_dump(exclude={"gates"})
             folder = self.stage("validate-onnx", [section, _manifest_hash(onnx_dir)], do_validate,
@@ -306,11 +313,12 @@ def junit_suites(result: RunResult, run_dir: Path) -> list:
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, *, progress: bool = False, force: bool = False,
-               junit: Path | None = None) -> RunResult:
+               junit: Path | None = None, allow_unsafe_execution: bool = False) -> RunResult:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise KvpError(f"run folder path exists and is not a folder: {run_dir}")
-    result = Runner(recipe, run_dir, progress=progress, force=force).run()
+    result = Runner(recipe, run_dir, progress=progress, force=force,
+                    allow_unsafe_execution=allow_unsafe_execution).run()
     if junit is not None:
         from kvp_validate.junit import write_junit
 

@@ -1,4 +1,7 @@
-"""Child side of the sandbox: `python -I _sandbox_child.py MEMORY_MB CPU_S` in the sandbox folder.
+"""Child side of the sandbox: `python -I [-S] _sandbox_child.py MEMORY_MB CPU_S` in the sandbox folder.
+
+Standard library only: under bwrap it runs from a read-only copy in the sandbox folder, with
+nothing of this package (or any site-packages) in reach.
 
 It is trusted code that runs before the untrusted program.py in the same interpreter: it sets
 the resource limits (here rather than in a `preexec_fn`, see sandbox.py), installs the guard,
@@ -8,7 +11,8 @@ The guard replaces the functions that create processes, signal other processes, 
 sockets, raise limits or delete and rename files with ones that raise `SandboxViolation`, and
 confines file writes to the sandbox folder. It is a tripwire that gives a clear "forbidden"
 verdict, not a security boundary: Python code can always rebuild a module it was denied. The
-OS layers (limits, the killed session, namespaces) are what hold against such code.
+OS layers (sandbox.py: bwrap's namespaces, the unprivileged uid, seccomp, limits) are what
+hold against such code.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import traceback
 # 1 and 2 are the interpreter's own failures; the parent reads anything else as "error".
 PASSED, FAILED, FORBIDDEN, MEMORY, TIMEOUT = 0, 3, 4, 5, 6
 MARK = "kvp-sandbox: "  # prefix of the verdict line on stderr
+NO_GUARD = "--no-guard"  # tests only: the OS layers alone
 
 DENIED = {  # module names -> function names
     "os posix": "fork forkpty system popen posix_spawn posix_spawnp execv execve execvp execvpe "
@@ -156,7 +161,8 @@ def main() -> None:
     with open("program.py", encoding="utf-8") as f:
         source = f.read()
     set_limits(memory_mb, cpu_s)
-    install_guard(os.path.realpath(os.getcwd()))
+    if NO_GUARD not in sys.argv[3:]:
+        install_guard(os.path.realpath(os.getcwd()))
     code, detail = run(source)
     try:
         sys.stderr.write(f"\n{MARK}{detail[:500]}\n")

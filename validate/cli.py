@@ -60,10 +60,13 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
 @click.option("--coldstart-lengths", default=",".join(map(str, COLDSTART_LENGTHS)), show_default=True, callback=_ints,
               help="Cold start: prompt lengths (batch 1), each path and length in a fresh process.")
+@click.option("--allow-unsafe-execution", is_flag=True,
+              help="HumanEval: execute generated code even where no OS sandbox (bubblewrap) is available, with only "
+                   "rlimits and a Python guard (docs/sandbox.md).")
 @click.option("--junit", type=click.Path(path_type=Path), metavar="PATH",
               help="Also write JUnit XML: one test case per gate and per parity check (for CI).")
 def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
-                 lengths, batches, warmup, repeats, humaneval_limit, coldstart_lengths, junit):
+                 lengths, batches, warmup, repeats, humaneval_limit, coldstart_lengths, allow_unsafe_execution, junit):
     """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
 
@@ -82,7 +85,7 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
                             threads=threads, quality_n=quality_n, greedy_tokens=greedy_tokens, lengths=lengths,
                             batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
                             tolerances=_tolerances(tols), coldstart_lengths=coldstart_lengths, overwrite=overwrite,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), allow_unsafe_execution=allow_unsafe_execution)
     click.echo((Path(out) / "report.md").read_text(), nl=False)
     _junit(junit, payload)
     failed = [g for g in payload["gates"] if not g["ok"]]

@@ -68,13 +68,16 @@ def program(problem: Problem, completion: str) -> str:
     return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
 
 
-def check(problem: Problem, completion: str, *, timeout_s: float = 10.0, memory_mb: int = 1024) -> SandboxResult:
-    """Run one completion against its problem's tests."""
-    return run_sandboxed(program(problem, completion), timeout_s=timeout_s, memory_mb=memory_mb)
+def check(problem: Problem, completion: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
+          allow_unsafe: bool = False) -> SandboxResult:
+    """Run one completion against its problem's tests (refused without an OS sandbox unless
+    allow_unsafe: sandbox.py)."""
+    return run_sandboxed(program(problem, completion), timeout_s=timeout_s, memory_mb=memory_mb,
+                         allow_unsafe=allow_unsafe)
 
 
 def check_all(problems: Sequence[Problem], completions: Sequence[str], *, workers: int = 2, progress: bool = True,
-              timeout_s: float = 10.0, memory_mb: int = 1024) -> list[SandboxResult]:
+              timeout_s: float = 10.0, memory_mb: int = 1024, allow_unsafe: bool = False) -> list[SandboxResult]:
     """Check completions[i] against problems[i], `workers` sandboxes at a time; results in order.
 
     Threads are enough: each only waits on its own subprocess."""
@@ -82,10 +85,11 @@ def check_all(problems: Sequence[Problem], completions: Sequence[str], *, worker
         raise ValidationError(f"HumanEval: {len(problems)} problems but {len(completions)} completions")
     if workers < 1:
         raise ValidationError(f"HumanEval: workers must be at least 1, got {workers}")
+    layers(allow_unsafe)  # refuses once, before any thread starts, where the host has no OS sandbox
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(problems), desc="humaneval", unit="check", disable=not progress) as bar:
         def one(pair: tuple[Problem, str]) -> SandboxResult:
-            result = check(*pair, timeout_s=timeout_s, memory_mb=memory_mb)
+            result = check(*pair, timeout_s=timeout_s, memory_mb=memory_mb, allow_unsafe=allow_unsafe)
             bar.update()
             return result
         return list(pool.map(one, zip(problems, completions)))
@@ -108,7 +112,7 @@ def _check_ks(ks: Sequence[int], n: int) -> None:
 
 def evaluate_completions(problems: Sequence[Problem], completions_per_problem: dict[str, list[str]],
                          ks: Sequence[int] = (1,), *, workers: int = 2, progress: bool = True,
-                         timeout_s: float = 10.0, memory_mb: int = 1024) -> dict:
+                         timeout_s: float = 10.0, memory_mb: int = 1024, allow_unsafe: bool = False) -> dict:
     """Execute every completion; return pass@k (mean over problems), counts by status and
     per-problem results, as plain JSON types for report.json."""
     by_id = {p.task_id: p for p in problems}
@@ -118,7 +122,7 @@ def evaluate_completions(problems: Sequence[Problem], completions_per_problem: d
     _check_ks(ks, min(len(c) for c in completions_per_problem.values()))
     pairs = [(by_id[t], c) for t in by_id for c in completions_per_problem[t]]
     results = check_all([p for p, _ in pairs], [c for _, c in pairs], workers=workers, progress=progress,
-                        timeout_s=timeout_s, memory_mb=memory_mb)
+                        timeout_s=timeout_s, memory_mb=memory_mb, allow_unsafe=allow_unsafe)
     per_problem, it = {}, iter(results)
     for task_id in by_id:
         rs = [next(it) for _ in completions_per_problem[task_id]]
@@ -132,19 +136,20 @@ def evaluate_completions(problems: Sequence[Problem], completions_per_problem: d
         "n_problems": len(by_id),
         "n_completions": len(results),
         "status_counts": {s: counts[s] for s in STATUSES},
-        "sandbox": {"layers": list(layers()), "timeout_s": timeout_s, "memory_mb": memory_mb},
+        "sandbox": {"layers": list(results[0].layers), "timeout_s": timeout_s, "memory_mb": memory_mb},
         "problems": per_problem,
     }
 
 
 def run_humaneval(generate: Callable[[list[str], int], list[list[str]]], *, limit: int | None = None,
                   ids: Sequence[str] | None = None, samples: int = 1, ks: Sequence[int] = (1,), workers: int = 2,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, allow_unsafe: bool = False) -> dict:
     """Generate `samples` completions per prompt, truncate, execute, score.
 
     `generate(prompts, n)` returns n raw completions (text after the prompt) per prompt. The
     result is evaluate_completions' dict plus the raw completions and the timings."""
     _check_ks(ks, samples)
+    layers(allow_unsafe)  # refused before generating, where the host has no OS sandbox
     problems = load_problems(limit, ids)
     start = time.monotonic()
     raw = generate([p.prompt for p in problems], samples)
@@ -153,7 +158,7 @@ def run_humaneval(generate: Callable[[list[str], int], list[list[str]]], *, limi
         raise ValidationError(f"HumanEval: generate must return {samples} strings for each of the "
                               f"{len(problems)} prompts")
     report = evaluate_completions(problems, {p.task_id: [truncate(c) for c in r] for p, r in zip(problems, raw)},
-                                  ks, workers=workers, progress=progress)
+                                  ks, workers=workers, progress=progress, allow_unsafe=allow_unsafe)
     report["seconds"] = {"generate": generate_s, "check": time.monotonic() - start - generate_s}
     report["raw_completions"] = {p.task_id: r for p, r in zip(problems, raw)}
     return report

@@ -15,7 +15,8 @@ from .runtime import PATHS, OnnxKVP
 
 
 def run_humaneval_onnx(art: OnnxArtifact, variant: str, *, limit: int | None = None, max_new_tokens: int = 256,
-                       batch: int = 8, threads: int = 2, progress: bool = False) -> dict:
+                       batch: int = 8, threads: int = 2, progress: bool = False,
+                       allow_unsafe: bool = False) -> dict:
     rt = OnnxKVP(art, variant, threads)
     out = {"variant": variant, "max_new_tokens": max_new_tokens, "paths": {}}
     for mode in PATHS:
@@ -30,10 +31,10 @@ def run_humaneval_onnx(art: OnnxArtifact, variant: str, *, limit: int | None = N
                 done |= dict(zip(idx, g.completions))
             return [[done[i]] * n for i in range(len(prompts))]
 
-        rep = run_humaneval(generate, limit=limit, progress=progress)
+        rep = run_humaneval(generate, limit=limit, progress=progress, allow_unsafe=allow_unsafe)
         out["paths"][mode] = {"pass@1": rep["pass_at_k"]["pass@1"], "problems": rep["n_problems"],
                               "passed": rep["problems_passed"], "status_counts": rep["status_counts"],
-                              "seconds": rep["seconds"]}
+                              "seconds": rep["seconds"], "sandbox": rep["sandbox"]}
     return out
 
 

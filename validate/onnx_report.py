@@ -31,12 +31,19 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
                   lengths=(128, 512, 1024), batches=(1, 4, 8), warmup: int = 1, repeats: int = 5,
                   humaneval_limit: int | None = None, tolerances: dict | None = None,
                   coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, overwrite: bool = False,
-                  progress: bool = False) -> dict:
-    """Run the checks on each variant and write the report folder `out`; return the payload."""
+                  progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
+    """Run the checks on each variant and write the report folder `out`; return the payload.
+
+    HumanEval executes generated code: refused before anything runs where the host has no OS
+    sandbox, unless allow_unsafe_execution (sandbox.py)."""
     parsed = [Gate.parse(g) for g in gates or []]
     bad = [c for c in checks if c not in CHECKS]
     if bad:
         raise KvpError(f"unknown check '{bad[0]}' (choose from {', '.join(CHECKS)})")
+    if "humaneval" in checks:
+        from .sandbox import layers
+
+        layers(allow_unsafe_execution)
     out = Path(out)
     if out.exists() and not overwrite:
         raise KvpError(f"output folder exists: {out} (pass --overwrite to replace it)")
@@ -74,7 +81,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
             from .humaneval_onnx import run_humaneval_onnx
 
             timed("humaneval", v, lambda: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
-                                                             progress=progress))
+                                                             progress=progress, allow_unsafe=allow_unsafe_execution))
     metrics = flatten(_metrics(results))
     gate_results = evaluate(parsed, metrics)
     payload = {
@@ -202,6 +209,9 @@ def markdown(p: dict) -> str:
         rows = [[v, path, r["pass@1"], r["problems"]] for v, h in res["humaneval"].items()
                 for path, r in h["paths"].items()]
         lines += [md_table(["variant", "path", "pass@1", "problems"], rows), ""]
+        used = sorted({", ".join(r["sandbox"]["layers"]) for h in res["humaneval"].values()
+                       for r in h["paths"].values() if "sandbox" in r})
+        lines += [f"Sandbox layers: {u}" for u in used] + ([""] if used else [])
     if p["gates"]:
         lines += ["## Gates", ""]
         rows = [[g["gate"], g["key"], g["value"], "pass" if g["ok"] else "FAIL"] for g in p["gates"]]
