@@ -28,9 +28,15 @@ LENGTHS = (128, 512)
 def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = PATHS,
                   lengths: tuple[int, ...] = LENGTHS, threads: int = 2, repeats: int = 3,
                   timeout: float = 600, progress: bool = False) -> dict:
-    """Measure each (path, length) in its own fresh process; return the points."""
+    """Measure each (path, length) in its own fresh process; return the points. Lengths the
+    export's context cannot hold are skipped (and listed under "skipped")."""
     from tqdm.auto import tqdm
 
+    from .artifact import OnnxArtifact
+
+    context = OnnxArtifact.open(folder).model.get("context") or 0
+    skipped = [n for n in lengths if context and n >= context]
+    lengths = tuple(n for n in lengths if n not in skipped)
     points = []
     grid = [(path, n) for path in paths for n in lengths]
     for path, n in tqdm(grid, desc=f"cold start {variant}", unit="process", disable=not progress):
@@ -44,7 +50,7 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
             last = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise KvpError(f"cold start {variant} {path} 1x{n} failed: {last}")
         points.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    return {"variant": variant, "threads": threads, "repeats": repeats, "points": points}
+    return {"variant": variant, "threads": threads, "repeats": repeats, "points": points, "skipped": skipped}
 
 
 def _child(folder: str, variant: str, path: str, n: int, threads: int, repeats: int) -> dict:
