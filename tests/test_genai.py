@@ -1,0 +1,111 @@
+"""onnxruntime-genai runs each variant folder's base decoder (genai_config.json), on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before onnxruntime_genai is imported anywhere
+og = pytest.importorskip("onnxruntime_genai")
+
+from kvp_export.errors import KvpError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(built, assets, tmp_path_factory):
+    from kvp_export.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    return export_onnx(built["pred"], out, variants=("fp32", "int8"), heldout=[str(assets["corpus"])], eval_n=8,
+                       prompt_len=24, cont_len=8, crossover=False, progress=False)
+
+
+PROMPTS = ["w1 w2 w3 the fox def w4", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16", "return w5"]
+
+
+def test_every_variant_folder_is_a_genai_model_folder(exported):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    from kvp_validate.artifact import sha256_file
+
+    for variant in ("fp32", "int8"):
+        entry = manifest["genai"][variant]
+        assert entry["config"] == f"{variant}/genai_config.json" and entry["decoder"] == f"{variant}/base_decode.onnx"
+        assert sha256_file(exported / entry["config"]) == entry["sha256"]
+        cfg = json.loads((exported / entry["config"]).read_text())
+        dec = cfg["model"]["decoder"]
+        assert dec["filename"] == "base_decode.onnx" and cfg["search"]["past_present_share_buffer"] is False
+        assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (4, 2, 16)
+        # the names genai binds are the graph's, as the manifest records them
+        io = manifest["io"]["base_decode"]
+        assert [dec["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")] == io["inputs"][:3]
+        assert dec["inputs"]["past_key_names"] % 0 == io["inputs"][3] and dec["outputs"]["logits"] == io["outputs"][0]
+        assert dec["outputs"]["present_key_names"] % 3 == io["outputs"][-2]
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (exported / variant / name).is_file()
+        og.Model(str(exported / variant))  # genai's own parser accepts it (unknown keys would throw)
+
+
+def test_genai_greedy_equals_our_runtime_and_transformers(exported, assets):
+    from kvp_validate.genai import GenaiBase
+    from kvp_validate.runtime import OnnxKVP
+
+    from kvp_export.models import load
+
+    base, tok = load(str(assets["llama"]))
+    rt = OnnxKVP(exported, "fp32", threads=1)
+    genai = GenaiBase(exported, "fp32")
+    n = 12
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        ours = rt.generate([prompt], max_new_tokens=n, mode="base").token_ids[0]
+        hf = base.generate(tok(prompt, return_tensors="pt").input_ids, max_new_tokens=n, do_sample=False)[0]
+        hf = hf[len(ids):].tolist()
+        hf = next((hf[:i] for i, t in enumerate(hf) if t in genai.eos_ids()), hf)
+        got = genai.greedy(ids, n)
+        assert got == ours == hf, prompt
+        assert len(got) == n or got == hf
+
+
+def test_genai_feeds_the_mask_over_past_and_new_and_positions(exported):
+    """What genai binds at the first token step: attention_mask [B, past+1] of ones and
+    position_ids [B, 1] = the prompt length, past_key_values.* = the prompt's present.*."""
+    model = og.Model(str(exported / "fp32"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=10)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([[10, 20, 30, 40, 5]], np.int32))
+    gen.generate_next_token()  # the prompt
+    gen.generate_next_token()  # the first token step's inputs are now bound
+    assert np.asarray(gen.get_input("attention_mask")).tolist() == [[1] * 6]
+    assert np.asarray(gen.get_input("position_ids")).tolist() == [[5]]
+    assert np.asarray(gen.get_input("past_key_values.0.key")).shape == (1, 2, 5, 16)
+
+
+def test_quantized_variant_generates_through_genai(exported):
+    from kvp_validate.genai import GenaiBase
+    from kvp_validate.runtime import OnnxKVP
+
+    ids = [10, 20, 30, 40, 5, 6]
+    got = GenaiBase(exported, "int8").greedy(ids, 6)
+    rt = OnnxKVP(exported, "int8", threads=1)
+    state = rt.prefill(np.array([ids]), None, "base")
+    want = rt.decode(state, 6)[0].tolist()
+    assert got == want[: len(got)] and len(got) >= 1
+
+
+def test_bad_genai_folders_are_one_line_errors(exported, tmp_path):
+    import shutil
+
+    from kvp_validate.genai import GenaiBase
+
+    d = tmp_path / "copy"
+    shutil.copytree(exported / "fp32", d / "fp32")
+    (d / "fp32" / "base_decode.onnx").unlink()
+    with pytest.raises(KvpError, match="names a missing graph"):
+        GenaiBase(d, "fp32")
+    (d / "fp32" / "genai_config.json").unlink()
+    with pytest.raises(KvpError, match="no genai_config.json"):
+        GenaiBase(d, "fp32")
