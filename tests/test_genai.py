@@ -109,3 +109,51 @@ def test_bad_genai_folders_are_one_line_errors(exported, tmp_path):
     (d / "fp32" / "genai_config.json").unlink()
     with pytest.raises(KvpError, match="no genai_config.json"):
         GenaiBase(d, "fp32")
+
+
+def gguf_style_bpe(folder, corpus):
+    """A byte-level BPE saved the way transformers converts one from GGUF: class LlamaTokenizerFast,
+    decoder ByteFallback/Fuse/Replace('▁')/ByteLevel (onnxruntime-extensions then encodes spaces as -1)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([])
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " "),
+                                    decoders.ByteLevel()])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": False, "add_eos_token": False, "model_max_length": 256}))
+    return tk
+
+
+def test_gguf_converted_byte_level_tokenizer_gets_a_genai_copy(exported, assets, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from kvp_export.export.genai import GENAI_TOKENIZER, needs_genai_tokenizer, write_genai_tokenizer
+
+    d = tmp_path / "fp32"
+    shutil.copytree(exported / "fp32", d)
+    assert write_genai_tokenizer(d) is None  # the word-level tokenizer: nothing to correct
+    (d / "special_tokens_map.json").unlink()
+    tk = gguf_style_bpe(d, assets["corpus"])
+    texts = ["w1 w2  the fox\n    def w3(x):\treturn x", "héllo wörld 你好 🙂", "(w4)  =  w5\n\n"]
+    cfg = json.loads((d / "genai_config.json").read_text())
+    broken = og.Tokenizer(og.Model(str(d)))
+    assert any(-1 in broken.encode(t).tolist() for t in texts)  # what genai does with the files as they are
+    assert write_genai_tokenizer(d) == GENAI_TOKENIZER
+    cfg["model"]["tokenizer_dir"] = GENAI_TOKENIZER
+    (d / "genai_config.json").write_text(json.dumps(cfg))
+    fixed = og.Tokenizer(og.Model(str(d)))
+    copy = Tokenizer.from_file(str(d / GENAI_TOKENIZER / "tokenizer.json"))
+    for t in texts:
+        ids = tk.encode(t).ids
+        assert fixed.encode(t).tolist() == ids and fixed.decode(ids) == t == tk.decode(ids) == copy.decode(ids)
+    assert not needs_genai_tokenizer(json.loads(copy.to_str()),
+                                     json.loads((d / GENAI_TOKENIZER / "tokenizer_config.json").read_text()))

@@ -19,6 +19,7 @@ runtime's default mode uses.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -175,7 +176,12 @@ def graph_files(root: Path, variant: str, name: str) -> dict:
 
 def genai_files(root: Path, variant: str, config: Path) -> dict:
     """The manifest's entry for a variant's onnxruntime-genai folder (genai.py)."""
-    return {"config": f"{variant}/{config.name}", "sha256": sha256_file(config), "decoder": f"{variant}/base_decode.onnx"}
+    entry = {"config": f"{variant}/{config.name}", "sha256": sha256_file(config), "decoder": f"{variant}/base_decode.onnx"}
+    tokenizer_dir = json.loads(config.read_text())["model"].get("tokenizer_dir")
+    if tokenizer_dir:  # genai's corrected copy of a GGUF-converted byte-level tokenizer (genai.py)
+        entry["tokenizer_dir"] = f"{variant}/{tokenizer_dir}"
+        entry["tokenizer_sha256"] = sha256_file(root / variant / tokenizer_dir / "tokenizer.json")
+    return entry
 
 
 def copy_model_files(base_dir: Path, tokenizer_dir: Path, dst: Path) -> None:
