@@ -157,3 +157,36 @@ def test_gguf_converted_byte_level_tokenizer_gets_a_genai_copy(exported, assets,
         assert fixed.encode(t).tolist() == ids and fixed.decode(ids) == t == tk.decode(ids) == copy.decode(ids)
     assert not needs_genai_tokenizer(json.loads(copy.to_str()),
                                      json.loads((d / GENAI_TOKENIZER / "tokenizer_config.json").read_text()))
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_kvp_through_a_genai_decoder_pipeline_equals_our_kvp(exported, variant):
+    """genai 0.18's decoder-pipeline: the prompt stage is KVP (kvp_prefill + the base's first
+    step), the token stage base_decode; first token and greedy continuation equal our runtime's
+    KVP path (and differ from the base's, so the prompt stage really ran)."""
+    from kvp_validate.runtime import OnnxKVP
+
+    from kvp_export.export.genai_kvp import write_genai_kvp
+
+    folder = write_genai_kvp(exported, variant)
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "decoder-pipeline"
+    model = og.Model(str(folder))
+    rt = OnnxKVP(exported, variant, threads=1)
+    n, differs = 12, 0
+    for ids in ([10, 20, 30, 40, 5, 6, 7, 8], [3, 9, 27, 81, 50, 60, 70, 80, 90, 100, 11, 12, 13], [4, 5, 6, 7]):
+        state = rt.prefill(np.array([ids]), None, "kvp")
+        assert state.mode == "kvp"
+        want = rt.decode(state, n)[0].tolist()
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + n)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array([ids], np.int32))
+        got = []
+        while not gen.is_done() and len(got) < n:
+            gen.generate_next_token()
+            got.append(int(gen.get_next_tokens()[0]))
+        assert got == want[: len(got)] and (len(got) == n or got[-1] in (2,)), (ids, got, want)
+        base = rt.decode(rt.prefill(np.array([ids]), None, "base"), n)[0].tolist()
+        differs += base != want
+    assert differs >= 1
