@@ -190,3 +190,45 @@ def test_kvp_through_a_genai_decoder_pipeline_equals_our_kvp(exported, variant):
         base = rt.decode(rt.prefill(np.array([ids]), None, "base"), n)[0].tolist()
         differs += base != want
     assert differs >= 1
+
+
+def test_generate_cli_with_the_genai_runtime(exported, tmp_path):
+    """`kvp generate --onnx ... --runtime genai`: the same greedy tokens as our onnxruntime loop,
+    base and KVP (after `kvp export genai-kvp`); bad input is one line."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kvp_export.cli import main
+
+    d = tmp_path / "export"
+    shutil.copytree(exported, d, ignore=shutil.ignore_patterns("genai-kvp"))
+    prompts = ["w1 w2 w3 the fox def w4", "w9 w8 ( ) : = w10 w11 w12"]
+
+    def gen(*extra):
+        r = CliRunner().invoke(main, ["generate", "--onnx", str(d), "--threads", "1", "--max-new-tokens", "8",
+                                      "--warm-repeats", "0", "--json", *extra, *prompts])
+        return r
+
+    for mode in ("base", "kvp"):
+        if mode == "kvp":
+            bad = gen("--runtime", "genai", "--mode", "kvp")
+            one_line_error(bad, "no genai-kvp/ in")
+            r = CliRunner().invoke(main, ["export", "genai-kvp", str(d), "--variant", "fp32"])
+            assert r.exit_code == 0, r.output
+        ours = json.loads(gen("--mode", mode).output)
+        r = gen("--runtime", "genai", "--mode", mode)
+        assert r.exit_code == 0, r.output
+        got = json.loads(r.output)
+        assert got["mode"] == mode and got["token_ids"] == ours["token_ids"] and got["completions"] == ours["completions"]
+        assert got["timing"]["runtime"].startswith("onnxruntime-genai")
+    (d / "fp32" / "genai_config.json").unlink()
+    r = gen("--runtime", "genai", "--mode", "base")
+    one_line_error(r, "no genai_config.json in")
+    one_line_error(gen("--runtime", "genai", "--mode", "aux"), "not the aux")
+
+
+def one_line_error(result, needle):
+    assert result.exit_code == 1, result.output
+    err = result.output.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], result.output

@@ -39,40 +39,69 @@ def genai_folder(export: str | Path, variant: str = "fp32") -> Path:
     import json
 
     try:
-        name = json.loads(cfg.read_text())["model"]["decoder"]["filename"]
-    except (ValueError, KeyError, TypeError) as e:
+        decoder = json.loads(cfg.read_text())["model"]["decoder"]
+        names = ([decoder["filename"]] if "pipeline" not in decoder else
+                 [stage["filename"] for stages in decoder["pipeline"] for stage in stages.values()])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise KvpError(f"unreadable {cfg}: {e}") from None
-    if not (folder / name).is_file():
-        raise KvpError(f"{cfg} names a missing graph: {folder / name}")
+    for name in names:
+        if not (folder / name).is_file():
+            raise KvpError(f"{cfg} names a missing graph: {folder / name}")
     return folder
 
 
-class GenaiBase:
-    """The base model of one variant folder under onnxruntime-genai (loaded once)."""
+KVP_FOLDER = "genai-kvp"  # kvp_export.export.genai_kvp.FOLDER: the decoder-pipeline with KVP's prompt stage
 
-    def __init__(self, export: str | Path, variant: str = "fp32"):
+
+class GenaiBase:
+    """One genai model folder, loaded once: `<export>/<variant>` (the base decoder) or, with
+    kvp=True, `<export>/<variant>/genai-kvp` (KVP's prompt stage, then the base decoder)."""
+
+    def __init__(self, export: str | Path, variant: str = "fp32", *, kvp: bool = False, threads: int | None = None):
+        import json
+        import time
+
         self.og = import_genai()
-        self.folder = genai_folder(export, variant)
+        self.kvp = kvp
+        base = genai_folder(export, variant)
+        if kvp:
+            if not (base / KVP_FOLDER / GENAI_CONFIG).is_file():
+                raise KvpError(f"no {KVP_FOLDER}/ in {base} (build it: kvp export genai-kvp {export} --variant {variant})")
+            base = genai_folder(base, KVP_FOLDER)
+        self.folder = base
+        t0 = time.perf_counter()
         try:
-            self.model = self.og.Model(str(self.folder))
+            config = self.og.Config(str(self.folder))
+            if threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            self.model = self.og.Model(config)
         except Exception as e:  # genai raises a plain RuntimeError with its own message
             raise KvpError(f"onnxruntime-genai cannot load {self.folder}: {str(e).splitlines()[0]}") from None
+        self.load_seconds = time.perf_counter() - t0
 
-    def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of one prompt (ids), at most max_new_tokens, ending at EOS (excluded)."""
+    def run(self, prompt_ids: Sequence[int], max_new_tokens: int, **search) -> tuple[list[int], float]:
+        """(new tokens up to EOS excluded, seconds from the prompt to the first token id)."""
+        import time
+
         import numpy as np
 
-        og = self.og
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
-        gen = og.Generator(self.model, params)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, **search, max_length=len(prompt_ids) + max_new_tokens)
+        gen = self.og.Generator(self.model, params)
+        t0 = time.perf_counter()
         gen.append_tokens(np.asarray([list(prompt_ids)], dtype=np.int32))
-        out: list[int] = []
+        gen.generate_next_token()
+        ttft = time.perf_counter() - t0
+        out = [int(gen.get_next_tokens()[0])]
         while not gen.is_done() and len(out) < max_new_tokens:
             gen.generate_next_token()
             out.append(int(gen.get_next_tokens()[0]))
         eos = self.eos_ids()
-        return next((out[:i] for i, t in enumerate(out) if t in eos), out)
+        return next((out[:i] for i, t in enumerate(out) if t in eos), out), ttft
+
+    def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of one prompt (ids), at most max_new_tokens, ending at EOS (excluded)."""
+        return self.run(prompt_ids, max_new_tokens)[0]
 
     def eos_ids(self) -> set[int]:
         import json
