@@ -5,4 +5,6 @@ Pipeline: models (sources) -> derive (auxiliary model) -> predictor (fit) -> run
 `kvp` CLI verb.
 """
 
-__version__ = "0.1.0"
+from kvp_validate._version import __version__  # one version for kvp-export and kvp-validate
+
+__all__ = ["__version__"]

@@ -220,6 +220,9 @@ def optional_model_overrides(f):
               help="Generate with an ONNX export folder on onnxruntime instead of PyTorch.")
 @click.option("--variant", default="fp32", show_default=True, help="With --onnx: fp32, int8 or int4.")
 @click.option("--threads", default=2, show_default=True, help="With --onnx: onnxruntime intra-op threads.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "genai"]), default="onnxruntime", show_default=True,
+              help="With --onnx: our onnxruntime loop, or onnxruntime-genai (greedy; --mode base: the variant "
+                   "folder's genai_config.json; kvp/auto: its genai-kvp/ pipeline, from `kvp export genai-kvp`).")
 @click.option("--mode", type=click.Choice(["auto", "kvp", "base", "aux"]), default="auto", show_default=True,
               help="auto: KVP from the crossover prompt length on (measured at export for --onnx; measured once "
                    "and cached for PyTorch), the base prefill below it; kvp / base force either; aux (--onnx "
@@ -241,8 +244,8 @@ def optional_model_overrides(f):
               "KV exactly, once (an extended sink).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("prompt", nargs=-1)
-def generate(predictor, aux, base, onnx_dir, variant, threads, mode, crossover, aux_only, no_kvp, warm_repeats,
-             max_new_tokens, temperature, top_k, top_p, seed, prompts_file, prefix, as_json, prompt):
+def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, crossover, aux_only, no_kvp,
+             warm_repeats, max_new_tokens, temperature, top_k, top_p, seed, prompts_file, prefix, as_json, prompt):
     """Generate from PROMPT(s); print completions, the load time and the time to first token.
 
     Loading (models or onnxruntime sessions) is timed apart from TTFT; TTFT is given for this
@@ -255,6 +258,8 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, mode, crossover, 
         raise KvpError("no prompts given (pass PROMPT arguments or --prompts-file)")
     if (predictor is None) == (onnx_dir is None):
         raise KvpError("pass exactly one of --predictor (PyTorch) or --onnx (an ONNX export folder)")
+    if runtime == "genai" and onnx_dir is None:
+        raise KvpError("--runtime genai needs --onnx (an ONNX export folder)")
     if aux_only and no_kvp:
         raise KvpError("pass at most one of --aux-only and --no-kvp")
     mode = "aux" if aux_only else "base" if no_kvp else mode
@@ -264,6 +269,9 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, mode, crossover, 
     if onnx_dir is not None:
         if prefix or aux or base:
             raise KvpError("--prefix, --aux and --base apply to the PyTorch path only")
+        if runtime == "genai":
+            _generate_genai(onnx_dir, variant, threads, mode, prompts, max_new_tokens, sampling, as_json)
+            return
         _generate_onnx(onnx_dir, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, warm_repeats,
                        as_json)
         return
@@ -338,6 +346,36 @@ def _generate_onnx(folder, variant, threads, mode, crossover, prompts, max_new_t
     _print_generation(g, as_json, timing)
 
 
+def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sampling, as_json):
+    """One genai generator per prompt (genai 0.18 does not mask a padded batch); greedy only."""
+    from kvp_validate.genai import GenaiBase
+    from kvp_validate.runtime import Generation, OnnxKVP
+
+    if mode == "aux":
+        raise KvpError("--runtime genai runs the base (--mode base) or KVP (--mode kvp / auto), not the aux")
+    if sampling.temperature > 0:
+        raise KvpError("--runtime genai is greedy here (--temperature 0)")
+    rt = OnnxKVP(folder, variant, threads, crossover=None)  # the export's checks, tokenizer and context
+    ids, mask = rt.encode(prompts, extra=max_new_tokens)
+    rows = [r[m.astype(bool)].tolist() for r, m in zip(ids, mask)]
+    path = "base" if mode == "base" or min(map(len, rows)) < rt.min_kvp_len else "kvp"
+    if mode == "kvp" and path == "base":
+        raise KvpError(f"a prompt is shorter than KVP's minimum of {rt.min_kvp_len} tokens (use --mode base)")
+    model = GenaiBase(folder, variant, kvp=path == "kvp", threads=threads)
+    runs = [model.run(r, max_new_tokens) for r in rows]
+    tokens = [t for t, _ in runs]
+    texts = [rt.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    ttft = sum(s for _, s in runs)
+    g = Generation(list(prompts), texts, tokens, [len(r) for r in rows], ttft, {"genai": ttft, "total": ttft}, path,
+                   {"genai_model": model.load_seconds}, None, {}, None)
+    timing = {"runtime": f"onnxruntime-genai {variant}, {threads} threads", "path": path, "mode": mode,
+              "crossover": None, "load_ms": {"genai_model": model.load_seconds * 1e3},
+              "ttft_first_call_ms": ttft * 1e3, "first_call_parts_ms": {f"prompt {i + 1}": s * 1e3
+                                                                        for i, (_, s) in enumerate(runs)},
+              "ttft_warm_ms": None, "warm_repeats": 0}
+    _print_generation(g, as_json, timing)
+
+
 @main.command("eval")
 @model_overrides
 @click.option("--n", default=64, show_default=True, help="Held-out (prompt, continuation) pairs.")
@@ -395,6 +433,23 @@ def export_onnx_cmd(predictor, variants, block_size, accuracy_level, int8_method
                            int4_method=int4_method, eval_n=eval_n,
                            prompt_len=prompt_len, cont_len=cont_len, heldout=list(heldout), overwrite=overwrite,
                            seed=seed, progress=_progress()))
+
+
+@export.command("genai-kvp")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Variants (default: all in the export).")
+def export_genai_kvp_cmd(export_dir, variants):
+    """KVP under onnxruntime-genai: write <variant>/genai-kvp/ (a decoder-pipeline: KVP's prompt stage, then
+    base_decode) into an ONNX export folder."""
+    from .export.genai_kvp import write_genai_kvp
+
+    if not variants:
+        try:
+            variants = list(json.loads((Path(export_dir) / "manifest.json").read_text())["variants"])
+        except (OSError, ValueError, KeyError) as e:
+            raise KvpError(f"not an ONNX export folder: {export_dir} ({e})") from None
+    for v in variants:
+        click.echo(write_genai_kvp(export_dir, v))
 
 
 from kvp_validate.cli import validate_cmd  # noqa: E402 - torch-free; shared with `kvp-validate`

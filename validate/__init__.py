@@ -3,3 +3,5 @@
 Installed as `kvp_validate` (the folder is validate/). Imports no torch: a CI job that
 validates graphs installs only the runtimes, numpy and tokenizers.
 """
+
+from ._version import __version__  # noqa: E402,F401

@@ -316,6 +316,7 @@ def validate_coreml(folder: str | Path, out: str | Path, *, repeats: int = 5, ov
     out = Path(out)
     if out.exists() and not overwrite:
         raise KvpError(f"output folder exists: {out} (pass --overwrite to replace it)")
+    mlpackage.coremltools()  # first, so a validator without the coreml extra says so in one line
     payload = section(folder, repeats) | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_report_folder(out, payload, markdown(payload), overwrite)
     return payload

@@ -36,7 +36,11 @@ def coremltools():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("coremltools").setLevel(logging.ERROR)
-        import coremltools as ct
+        try:
+            import coremltools as ct
+        except ImportError:
+            raise KvpError("Core ML checks need coremltools: pip install 'kvp-validate[coreml]' "
+                           "(or kvp-export[coreml])") from None
     return ct
 
 

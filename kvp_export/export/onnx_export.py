@@ -5,6 +5,8 @@ Layout of the folder (all of it described by manifest.json, which the validator 
                         generation_config.json and the tokenizer files, so each variant folder is
                         also an optimum folder: ORTModelForCausalLM.from_pretrained(dir,
                         file_name="base_decode.onnx") generates from it as a plain base model;
+                        and genai_config.json (genai.py), so onnxruntime-genai's og.Model(dir)
+                        generates from base_decode.onnx the same way;
   optimized/<variant>/   the same graphs after onnxruntime's graph optimisations (optimize.py):
                         what the project's runtime loads, so sessions skip that work;
   tokenizer/            the tokenizer (tokenizers' tokenizer.json) the validator encodes with;
@@ -17,6 +19,7 @@ runtime's default mode uses.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ from ..models.arch import ArchSpec
 from ..runtime.pipeline import KVPPipeline
 from ..stage import Clock, check_positive, model_ref, seed_all
 from . import graph_flops
+from .genai import write_genai_config
 from .optimize import save_optimized
 from .quantize import check_variants, quantize
 from .reference import build_reference, reference_inputs, save_reference
@@ -95,8 +99,12 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             np.savez(tmp / EVAL_PAIRS, prompts=prompts.numpy(), continuations=conts.numpy())
         tok.save_pretrained(tmp / "tokenizer")
         base_dir = Path(pipe.manifest["inputs"]["base"]["path"])
+        genai = {}
         for variant in variants:
             copy_model_files(base_dir, tmp / "tokenizer", tmp / variant)
+            genai[variant] = genai_files(tmp, variant, write_genai_config(
+                tmp / variant, spec, context=context, bos_token_id=tok.bos_token_id,
+                eos_token_ids=sorted(pipe.eos_ids), pad_token_id=tok.pad_token_id))
         files = {v: {name: graph_files(tmp, v, name) for name in GRAPHS} for v in variants}
         with clock.step("optimize"):
             optimized = {v: {name: save_optimized(tmp, v, name, files[v][name]["sha256"]) for name in GRAPHS}
@@ -112,6 +120,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             "io": io,
             "variants": files,
             "optimized": optimized,
+            "genai": genai,
             "quantization": quant,
             "flops": flops,
             "reference": {"file": "reference.npz", "greedy_tokens": 8},
@@ -163,6 +172,16 @@ def graph_files(root: Path, variant: str, name: str) -> dict:
         "bytes": sum(p.stat().st_size for p in files),
         "sha256": {p.name: sha256_file(p) for p in files},
     }
+
+
+def genai_files(root: Path, variant: str, config: Path) -> dict:
+    """The manifest's entry for a variant's onnxruntime-genai folder (genai.py)."""
+    entry = {"config": f"{variant}/{config.name}", "sha256": sha256_file(config), "decoder": f"{variant}/base_decode.onnx"}
+    tokenizer_dir = json.loads(config.read_text())["model"].get("tokenizer_dir")
+    if tokenizer_dir:  # genai's corrected copy of a GGUF-converted byte-level tokenizer (genai.py)
+        entry["tokenizer_dir"] = f"{variant}/{tokenizer_dir}"
+        entry["tokenizer_sha256"] = sha256_file(root / variant / tokenizer_dir / "tokenizer.json")
+    return entry
 
 
 def copy_model_files(base_dir: Path, tokenizer_dir: Path, dst: Path) -> None:
