@@ -180,7 +180,7 @@ class Gates(Strict):
     speedup_at: list[str] | None = None  # TTFT points (BxN) the speedup gate reads (default: every point)
     max_delta_nll_vs_fp32: Threshold | None = None  # a quantized variant's KVP NLL - fp32's KVP NLL
     max_auto_vs_base: Threshold | None = None  # the default mode's worst TTFT / the base's (batch 1, 5..1024)
-    max_coldstart_kvp_vs_base: Threshold | None = None  # KVP's cold start / the base's, at each coldstart length
+    max_coldstart_vs_base: Threshold | None = None  # the default mode's cold start / the base's, each length
     extra: list[str] = Field(default_factory=list)
 
     @field_validator("extra")
@@ -262,7 +262,7 @@ class Recipe(Strict):
         g = v.gates
         named = {"max_delta_nll": "quality", "min_first_token_agreement": "quality", "min_speedup": "ttft",
                  "max_delta_nll_vs_fp32": "quality", "max_auto_vs_base": "ttft",
-                 "max_coldstart_kvp_vs_base": "coldstart"}
+                 "max_coldstart_vs_base": "coldstart"}
         for gate, check in named.items():
             if getattr(g, gate) is not None:
                 if not onnx.enabled:
@@ -323,7 +323,7 @@ class Recipe(Strict):
                     out.append(f"quality.{var}.kvp.delta_nll_vs_fp32<={val:g}")
         expand(g.max_auto_vs_base, "ttft.{v}.auto.worst_vs_base", "<=")
         for n in self.validate_.coldstart_lengths:
-            expand(g.max_coldstart_kvp_vs_base, "coldstart.{v}." + f"1x{n}" + ".kvp_vs_base", "<=")
+            expand(g.max_coldstart_vs_base, "coldstart.{v}." + f"1x{n}" + ".auto_vs_base", "<=")
         return out + list(g.extra)
 
     def dump(self) -> dict:

@@ -121,3 +121,15 @@ def built(assets, tmp_path_factory) -> dict[str, Path]:
                      calib_tokens=2048, progress=False)
         pred = fit(aux, root / "pred", calib=calib, calib_tokens=2048, progress=False)
     return {"aux": aux, "pred": pred}
+
+
+@pytest.fixture(scope="session")
+def fp32_export(built, assets, tmp_path_factory):
+    """An fp32-only ONNX export of `built` (no crossover measurement): for tests of what
+    consumes an export (the standalone validator, the CI examples)."""
+    from kvp_export.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-fp32") / "export"
+    with one_thread():
+        return export_onnx(built["pred"], out, variants=("fp32",), heldout=[str(assets["corpus"])], eval_n=8,
+                           prompt_len=24, cont_len=8, crossover=False, progress=False)

@@ -19,12 +19,8 @@ pytestmark = pytest.mark.venv
 
 
 @pytest.fixture(scope="module")
-def exported(built, assets, tmp_path_factory):
-    from kvp_export.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "export"
-    return export_onnx(built["pred"], out, variants=("fp32",), heldout=[str(assets["corpus"])], eval_n=8,
-                       prompt_len=24, cont_len=8, crossover=False, progress=False)
+def exported(fp32_export):
+    return fp32_export
 
 
 def shell(cmd: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:

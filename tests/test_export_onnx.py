@@ -390,10 +390,10 @@ def test_validate_coldstart_and_default_mode_are_reported_and_gateable(exported,
                                   "--gate", "ttft.fp32.auto.worst_vs_base>0"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "rep" / "report.json").read_text())["metrics"]
-    for path in ("base", "aux", "kvp"):
+    for path in ("base", "aux", "kvp", "auto"):
         p = f"coldstart.fp32.1x12.{path}."
         assert m[p + "first_token_ms"] >= m[p + "load_ms"] > 0 and m[p + "warm_ms"] > 0
-    assert m["coldstart.fp32.1x12.kvp.load_kvp_prefill_ms"] > 0 and "coldstart.fp32.1x12.kvp_vs_base" in m
+    assert m["coldstart.fp32.1x12.kvp.load_kvp_prefill_ms"] > 0 and "coldstart.fp32.1x12.auto_vs_base" in m
     assert m["ttft.fp32.auto.worst_vs_base"] > 0
     cross = json.loads((exported / "manifest.json").read_text())["crossover"]["fp32"]
     assert [p["prompt_len"] for p in cross["points"]] == [8, 16, 24, 32, 48, 64, 96, 128, 192]  # below the context

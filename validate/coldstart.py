@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import KvpError
 
-PATHS = ("base", "aux", "kvp")
+PATHS = ("base", "aux", "kvp", "auto")  # auto: the default mode, KVP from the export's crossover on
 LENGTHS = (128, 512)
 
 

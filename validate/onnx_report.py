@@ -138,9 +138,10 @@ def _metrics(results: dict) -> dict:
             m["coldstart"][v][f"1x{p['prompt_len']}"][p["path"]] = {
                 f"{k}_ms": p[f"{k}_ms"] for k in ("first_token", "load", "first_call", "warm")} | {
                 f"load_{g}_ms": ms for g, ms in p["graphs_ms"].items()}
-        for point in m["coldstart"][v].values():  # KVP's cold start against the base's at the same point
-            if "kvp" in point and "base" in point:
-                point["kvp_vs_base"] = point["kvp"]["first_token_ms"] / point["base"]["first_token_ms"]
+        for point in m["coldstart"][v].values():  # KVP's and the default mode's cold start against the base's
+            for path in ("kvp", "auto"):
+                if path in point and "base" in point:
+                    point[f"{path}_vs_base"] = point[path]["first_token_ms"] / point["base"]["first_token_ms"]
     for v, r in results.get("humaneval", {}).items():
         m.setdefault("humaneval", {})[v] = {path: {"pass@1": res["pass@1"]} for path, res in r["paths"].items()}
     return m
