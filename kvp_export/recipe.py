@@ -218,6 +218,7 @@ class Validate(Strict):
     repeats: int = Field(5, ge=1)
     humaneval_limit: int | None = Field(None, ge=1)
     coldstart_lengths: list[int] = Field(default_factory=lambda: [128, 512])  # a fresh process per point
+    coldstart_runs: int = Field(1, ge=1)  # fresh processes per point (median)
     tolerances: dict[str, dict[str, float]] = Field(default_factory=dict)  # parity: {int8: {kl_vs_fp32: 0.15}}
     gates: Gates = Field(default_factory=Gates)
 

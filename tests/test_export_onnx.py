@@ -385,7 +385,7 @@ def test_validate_coldstart_and_default_mode_are_reported_and_gateable(exported,
     mode against the base and the crossover; both are gateable."""
     r = CliRunner().invoke(main, ["validate", str(exported), "-o", str(tmp_path / "rep"), "--variant", "fp32",
                                   "--check", "coldstart", "--check", "ttft", "--threads", "1", "--lengths", "8",
-                                  "--batches", "1", "--repeats", "1", "--coldstart-lengths", "12",
+                                  "--batches", "1", "--repeats", "1", "--coldstart-lengths", "12", "--coldstart-runs", "2",
                                   "--gate", "coldstart.fp32.1x12.kvp.first_token_ms>0",
                                   "--gate", "ttft.fp32.auto.worst_vs_base>0"])
     assert r.exit_code == 0, r.output
@@ -394,6 +394,8 @@ def test_validate_coldstart_and_default_mode_are_reported_and_gateable(exported,
         p = f"coldstart.fp32.1x12.{path}."
         assert m[p + "first_token_ms"] >= m[p + "load_ms"] > 0 and m[p + "warm_ms"] > 0
     assert m["coldstart.fp32.1x12.kvp.load_kvp_prefill_ms"] > 0 and "coldstart.fp32.1x12.auto_vs_base" in m
+    points = json.loads((tmp_path / "rep" / "report.json").read_text())["results"]["coldstart"]["fp32"]["points"]
+    assert {p["runs"] for p in points} == {2}  # each figure a median over two fresh processes
     assert m["ttft.fp32.auto.worst_vs_base"] > 0
     cross = json.loads((exported / "manifest.json").read_text())["crossover"]["fp32"]
     assert [p["prompt_len"] for p in cross["points"]] == [8, 16, 24, 32, 48, 64, 96, 128, 192]  # below the context

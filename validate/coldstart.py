@@ -26,10 +26,12 @@ LENGTHS = (128, 512)
 
 
 def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = PATHS,
-                  lengths: tuple[int, ...] = LENGTHS, threads: int = 2, repeats: int = 3,
+                  lengths: tuple[int, ...] = LENGTHS, threads: int = 2, repeats: int = 3, runs: int = 1,
                   timeout: float = 600, progress: bool = False) -> dict:
-    """Measure each (path, length) in its own fresh process; return the points. Lengths the
-    export's context cannot hold are skipped (and listed under "skipped")."""
+    """Measure each (path, length) in `runs` fresh processes (interleaved across paths, since
+    one process's load time varies by tens of percent with the OS's page cache); each figure
+    of a point is the median over its runs. Lengths the export's context cannot hold are
+    skipped (and listed under "skipped")."""
     from tqdm.auto import tqdm
 
     from .artifact import OnnxArtifact
@@ -38,7 +40,10 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
     skipped = [n for n in lengths if context and n >= context]
     lengths = tuple(n for n in lengths if n not in skipped)
     points = []
-    grid = [(path, n) for path in paths for n in lengths]
+    if runs < 1:
+        raise KvpError(f"cold start runs must be >= 1, got {runs}")
+    grid = [(path, n) for _ in range(runs) for n in lengths for path in paths]
+    got: dict[tuple[str, int], list[dict]] = {}
     for path, n in tqdm(grid, desc=f"cold start {variant}", unit="process", disable=not progress):
         cmd = [sys.executable, "-m", "kvp_validate.coldstart", str(folder), variant, path, str(n), str(threads),
                str(repeats)]
@@ -49,8 +54,19 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise KvpError(f"cold start {variant} {path} 1x{n} failed: {last}")
-        points.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    return {"variant": variant, "threads": threads, "repeats": repeats, "points": points, "skipped": skipped}
+        got.setdefault((path, n), []).append(json.loads(res.stdout.strip().splitlines()[-1]))
+    for (path, n), rs in got.items():
+        point = {k: (_median([r[k] for r in rs]) if k.endswith("_ms") and k != "graphs_ms" else rs[0][k])
+                 for k in rs[0]}
+        point["graphs_ms"] = {g: statistics.median(r["graphs_ms"][g] for r in rs) for g in rs[0]["graphs_ms"]}
+        point["runs"] = len(rs)
+        points.append(point)
+    return {"variant": variant, "threads": threads, "repeats": repeats, "runs": runs, "points": points,
+            "skipped": skipped}
+
+
+def _median(values: list):
+    return None if any(v is None for v in values) else statistics.median(values)
 
 
 def _child(folder: str, variant: str, path: str, n: int, threads: int, repeats: int) -> dict:

@@ -30,7 +30,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
                   threads: int = 2, quality_n: int | None = None, greedy_tokens: int = 16,
                   lengths=(128, 512, 1024), batches=(1, 4, 8), warmup: int = 1, repeats: int = 5,
                   humaneval_limit: int | None = None, tolerances: dict | None = None,
-                  coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, overwrite: bool = False,
+                  coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, coldstart_runs: int = 1,
+                  overwrite: bool = False,
                   progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload.
 
@@ -76,7 +77,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
                                               warmup=warmup, repeats=repeats, progress=progress))
         if "coldstart" in checks:
             timed("coldstart", v, lambda: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
-                                                        repeats=min(repeats, 3), progress=progress))
+                                                        repeats=min(repeats, 3), runs=coldstart_runs,
+                                                        progress=progress))
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
 
