@@ -38,7 +38,7 @@ MODES = ("auto", *PATHS)  # what a caller may ask for
 # The graphs each mode needs to generate (first token and decoding).
 GRAPHS_FOR = {"auto": ("kvp_prefill", "base_decode"), "kvp": ("kvp_prefill", "base_decode"),
               "base": ("base_prefill", "base_decode"), "aux": ("aux_prefill", "aux_decode")}
-OPTIMIZED_DIR = "optimized"  # per variant: graphs onnxruntime has already optimised (export)
+OPTIMIZED_DIR = "optimized"  # optimized/<variant>/<graph>.onnx: graphs onnxruntime has already optimised
 
 
 def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

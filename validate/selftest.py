@@ -24,9 +24,9 @@ from onnx import numpy_helper
 
 from .artifact import MANIFEST, sha256_file
 from .errors import KvpError
+from .runtime import OPTIMIZED_DIR
 
 FAULTS = ("zero_layer", "swap_kv", "rope_base")
-GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_prefill", "aux_decode")
 
 
 def _weights_of_layer(model: onnx.ModelProto, layer: int) -> set[str]:
@@ -100,9 +100,9 @@ def break_export(src: str | Path, dst: str | Path, variant: str, fault: str) -> 
     shutil.copytree(src, dst)
     manifest = json.loads((dst / MANIFEST).read_text())
     manifest.pop("optimized", None)  # the runtime must load the broken source graphs
-    shutil.rmtree(dst / "optimized", ignore_errors=True)
+    shutil.rmtree(dst / OPTIMIZED_DIR, ignore_errors=True)
     changed = 0
-    for name in GRAPHS:
+    for name in manifest["variants"][variant]:
         if fault == "swap_kv" and name != "kvp_prefill":
             continue
         if fault == "zero_layer" and not name.startswith("base"):

@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnxruntime as ort
+from kvp_validate.runtime import OPTIMIZED_DIR  # the runtime reads what this writes
 
 from .to_onnx import EXTERNAL_DATA_BYTES
 
-OPTIMIZED_DIR = "optimized"
 LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
