@@ -29,7 +29,8 @@ CANDIDATES = {
 
 
 def build(export: Path, scratch: Path) -> None:
-    from kvp_export.export.onnx_export import copy_model_files, graph_files
+    from kvp_export.export.graph_jobs import graph_files
+    from kvp_export.export.onnx_export import copy_model_files
     from kvp_export.export.quantize import quantize_dynamic_int8, quantize_nbits
     from kvp_export.export.to_onnx import GRAPHS
 

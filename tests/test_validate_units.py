@@ -35,3 +35,18 @@ def test_sampling_is_seeded_and_respects_top_k_top_p():
     assert (a == b).all()
     with pytest.raises(KvpError, match="top-p"):
         Sampling(temperature=1.0, top_p=0).check()
+
+
+def test_crossover_needs_kvp_to_win_by_the_margin_at_every_longer_length():
+    from kvp_validate.crossover import MARGIN, crossover_from
+
+    def pts(ratios):  # kvp_ms / base_ms at lengths 8, 16, 32, ...
+        return [{"prompt_len": 8 << i, "base_ms": 100.0, "kvp_ms": 100.0 * r} for i, r in enumerate(ratios)]
+
+    assert crossover_from(pts([1.5, 0.8, 0.7])) == 16
+    # a win inside the noise (0.95) does not count: the default mode keeps the base there
+    assert crossover_from(pts([1.5, 0.95, 0.8])) == 32
+    # a loss at a longer length moves the crossover past it
+    assert crossover_from(pts([0.5, 1.2, 0.8])) == 32
+    assert crossover_from(pts([1.2, 1.1])) is None
+    assert crossover_from(pts([1.0, 1.0]), margin=1.0) == 8 and MARGIN < 1

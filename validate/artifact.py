@@ -79,6 +79,10 @@ class OnnxArtifact:
         if variant not in self.manifest["variants"]:
             raise KvpError(f"variant '{variant}' not in this export (has {', '.join(self.variants)})")
 
+    def variant_bytes(self, variant: str) -> int:
+        """The size of a variant's graphs (what its sessions hold in memory, before packing)."""
+        return sum(entry["bytes"] for entry in self.manifest["variants"][variant].values())
+
     def graph(self, variant: str, name: str) -> Path:
         self.check_variant(variant)
         if name not in self.manifest["variants"][variant]:

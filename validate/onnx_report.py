@@ -17,10 +17,12 @@ from .errors import KvpError
 from .gates import Gate, evaluate, flatten
 from .machine import describe, machine
 from .parity import run_parity
-from .quality import run_quality
+from .parallel import plan, run_parallel
+from .quality import quality_job
 from .report import md_table, write_report_folder
 from .ttft import run_ttft
 
+SESSION_MEMORY_FACTOR = 2  # a session holds its graphs' weights and their pre-packed copies
 CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval")
 DEFAULT_CHECKS = ("parity", "quality", "ttft", "coldstart")
 
@@ -65,13 +67,19 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
         results[check][v] = fn()
         seconds[check][v] = round(time.perf_counter() - t, 1)
 
+    if "quality" in checks:
+        # throughput work: every variant at once in worker processes (parallel.py), before the
+        # timing checks, which then run alone
+        workers, per_worker = plan(len(variants), threads, SESSION_MEMORY_FACTOR * max(art.variant_bytes(v) for v in variants))
+        jobs = {v: (quality_job, (folder, v, quality_n, greedy_tokens, per_worker)) for v in variants}
+        for v, (res, secs) in run_parallel(jobs, workers, f"quality ({workers} workers)", progress,
+                                           unit="variant").items():
+            results["quality"][v], seconds["quality"][v] = res, secs
+        results["quality"] = {v: results["quality"][v] for v in variants}
     for v in variants:
         if "parity" in checks:
             timed("parity", v, lambda: run_parity(art, v, threads, (tolerances or {}).get(v),
                                                   fp32=results["parity"].get("fp32"), cache=fp32_outputs))
-        if "quality" in checks:
-            timed("quality", v, lambda: run_quality(art, v, n=quality_n, greedy_tokens=greedy_tokens,
-                                                    threads=threads, progress=progress))
         if "ttft" in checks:
             timed("ttft", v, lambda: run_ttft(art, v, lengths=lengths, batches=batches, threads=threads,
                                               warmup=warmup, repeats=repeats, progress=progress))

@@ -9,6 +9,8 @@ used for calibration), for the base, the aux alone and KVP:
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -61,3 +63,10 @@ def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy
 
 def _pad(t: np.ndarray, n: int) -> np.ndarray:
     return t if t.shape[1] == n else np.pad(t, ((0, 0), (0, n - t.shape[1])), constant_values=-1)
+
+
+def quality_job(folder, variant: str, n: int | None, greedy_tokens: int, threads: int) -> tuple[dict, float]:
+    """run_quality on the export in `folder`, for a worker process (parallel.py): (result, seconds)."""
+    t0 = time.perf_counter()
+    res = run_quality(OnnxArtifact.open(folder), variant, n=n, greedy_tokens=greedy_tokens, threads=threads)
+    return res, round(time.perf_counter() - t0, 1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,9 @@ from ..errors import KvpError
 from ..models.arch import ArchSpec
 from ..runtime.pipeline import KVPPipeline
 from ..stage import Clock, check_positive, model_ref, seed_all
-from . import graph_flops
 from .genai import write_genai_config
-from .optimize import save_optimized
-from .quantize import check_variants, quantize
+from .graph_jobs import flops_job, run_graph_jobs, variant_graph, worker_count
+from .quantize import check_variants
 from .reference import build_reference, reference_inputs, save_reference
 from .to_onnx import GRAPHS, OPSET, export_graph, kv_names
 
@@ -49,11 +47,12 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                 block_size: int = 32, accuracy_level: int = 4, int8_method: str = "dynamic",
                 int4_method: str = "hqq", eval_n: int = 64, prompt_len: int = 192,
                 cont_len: int = 64, heldout: list[str] | None = None, threads: int = 2, crossover: bool = True,
-                overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+                workers: int | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
     """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`.
 
     `threads`: onnxruntime threads for the crossover measurement (`crossover=False` skips it;
-    the runtime's default mode then always uses KVP where it applies)."""
+    the runtime's default mode then always uses KVP where it applies). `workers`: processes for
+    the per-graph work (graph_jobs.py; default: as many as cores and memory allow)."""
     clock = Clock()
     out = check_output_dir(out, overwrite)
     variants = check_variants(variants, block_size, accuracy_level, int8_method, int4_method)
@@ -71,32 +70,32 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
         prompts, conts = data.eval_pairs(tok, corpus, eval_n, prompt_len, cont_len)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        bar = tqdm(total=len(GRAPHS) * len(variants), desc="export onnx", unit="graph", disable=not progress)
+        bar = tqdm(total=len(GRAPHS), desc="export onnx fp32", unit="graph", disable=not progress)
         io = {}
         with clock.step("export_fp32"):
             (tmp / "fp32").mkdir()
             for name in GRAPHS:
-                bar.set_postfix_str(f"fp32/{name}")
+                bar.set_postfix_str(name)
                 io[name] = graph_io(export_graph(name, tmp / "fp32" / f"{name}.onnx", base, aux, pred, pipe.sink_len))
                 bar.update()
-        with clock.step("count_flops"):
-            flops = count_flops(tmp / "fp32", spec, aux_spec, pipe.sink_len)
-        quant: dict[str, dict] = {}
-        for variant in variants[1:]:
-            with clock.step(f"quantize_{variant}"):
-                (tmp / variant).mkdir()
-                for name in GRAPHS:
-                    bar.set_postfix_str(f"{variant}/{name}")
-                    info = quantize(variant, tmp / "fp32" / f"{name}.onnx", tmp / variant / f"{name}.onnx",
-                                    block_size=block_size, accuracy_level=accuracy_level, int8_method=int8_method,
-                                    int4_method=int4_method)
-                    quant.setdefault(variant, {})[name] = info
-                    bar.update()
         bar.close()
         with clock.step("reference"):
             ids, mask = reference_inputs(prompts, length=min(32, prompt_len))
             save_reference(tmp, build_reference(base, aux, pred, pipe.sink_len, ids, mask, tok.pad_token_id))
             np.savez(tmp / EVAL_PAIRS, prompts=prompts.numpy(), continuations=conts.numpy())
+        # every graph's own work (FLOPs, quantization, hashes, optimised copy) in parallel workers
+        qopts = {"block_size": block_size, "accuracy_level": accuracy_level, "int8_method": int8_method,
+                 "int4_method": int4_method}
+        jobs = flops_jobs(tmp / "fp32", spec, aux_spec, pipe.sink_len)
+        jobs |= {(v, name): (variant_graph, (tmp, v, name, qopts)) for v in variants for name in GRAPHS}
+        largest = max((tmp / "fp32" / f"{name}.onnx").stat().st_size for name in GRAPHS)
+        n_workers = workers or worker_count(largest, len(jobs))
+        with clock.step("graphs"):
+            done = run_graph_jobs(jobs, n_workers, progress)
+        flops = {name: done[("flops", name)] for name in GRAPHS}
+        quant = {v: {name: done[(v, name)]["quantization"] for name in GRAPHS} for v in variants[1:]}
+        files = {v: {name: done[(v, name)]["files"] for name in GRAPHS} for v in variants}
+        optimized = {v: {name: done[(v, name)]["optimized"] for name in GRAPHS} for v in variants}
         tok.save_pretrained(tmp / "tokenizer")
         base_dir = Path(pipe.manifest["inputs"]["base"]["path"])
         genai = {}
@@ -105,10 +104,6 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             genai[variant] = genai_files(tmp, variant, write_genai_config(
                 tmp / variant, spec, context=context, bos_token_id=tok.bos_token_id,
                 eos_token_ids=sorted(pipe.eos_ids), pad_token_id=tok.pad_token_id))
-        files = {v: {name: graph_files(tmp, v, name) for name in GRAPHS} for v in variants}
-        with clock.step("optimize"):
-            optimized = {v: {name: save_optimized(tmp, v, name, files[v][name]["sha256"]) for name in GRAPHS}
-                         for v in variants}
         manifest_fields = {
             "model": {
                 "model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": aux_spec.n_layers,
@@ -165,15 +160,6 @@ def graph_io(io) -> dict:
     return {"inputs": io.inputs, "outputs": io.outputs}
 
 
-def graph_files(root: Path, variant: str, name: str) -> dict:
-    files = sorted(p for p in (root / variant).glob(f"{name}.onnx*") if p.is_file())
-    return {
-        "file": f"{variant}/{name}.onnx",
-        "bytes": sum(p.stat().st_size for p in files),
-        "sha256": {p.name: sha256_file(p) for p in files},
-    }
-
-
 def genai_files(root: Path, variant: str, config: Path) -> dict:
     """The manifest's entry for a variant's onnxruntime-genai folder (genai.py)."""
     entry = {"config": f"{variant}/{config.name}", "sha256": sha256_file(config), "decoder": f"{variant}/base_decode.onnx"}
@@ -208,24 +194,18 @@ def _feeds_decode(spec: ArchSpec, past: int, new: int) -> dict[str, np.ndarray]:
     return feeds | dict.fromkeys(kv_names("past_key_values", spec.n_layers), kv)
 
 
-def count_flops(folder: Path, base: ArchSpec, aux: ArchSpec, sink_len: int) -> dict:
-    """Per graph, FLOPs per sequence as polynomial coefficients (lowest degree first).
-
-    Prefill graphs: in the prompt length N. Decoders: in the past length P, for one new
-    token ("step") and, for the base, for KVP's first step (the sink tokens + the last one).
-    """
-    t0 = time.perf_counter()
-    lengths = [8, 16, 32]
-    out: dict = {}
+def flops_jobs(folder: Path, base: ArchSpec, aux: ArchSpec, sink_len: int) -> dict:
+    """graph_jobs jobs that count each fp32 graph's FLOPs per sequence, as polynomial
+    coefficients (lowest degree first). Prefill graphs: in the prompt length N. Decoders: in
+    the past length P, for one new token ("step") and, for the base, for KVP's first step (the
+    sink tokens + the last one)."""
+    lengths, pasts = [8, 16, 32], [8, 16]
+    jobs = {}
     for name in ("kvp_prefill", "base_prefill", "aux_prefill"):
-        feeds = [_feeds_prefill(n, name != "kvp_prefill") for n in lengths]
-        out[name] = {"variable": "prompt_len", "coef": graph_flops.fit_poly(lengths, graph_flops.matmul_flops(folder / f"{name}.onnx", feeds))}
-    pasts = [8, 16]
+        series = {"coef": (lengths, [_feeds_prefill(n, name != "kvp_prefill") for n in lengths])}
+        jobs[("flops", name)] = (flops_job, (folder / f"{name}.onnx", "prompt_len", series))
     for name, spec in (("base_decode", base), ("aux_decode", aux)):
-        out[name] = {"variable": "past_len"}
         news = {"step": 1, "first_step": sink_len + 1} if name == "base_decode" else {"step": 1}
-        for key, new in news.items():
-            feeds = [_feeds_decode(spec, p, new) for p in pasts]
-            out[name][key] = graph_flops.fit_poly(pasts, graph_flops.matmul_flops(folder / f"{name}.onnx", feeds))
-    out["seconds"] = round(time.perf_counter() - t0, 2)
-    return out
+        series = {key: (pasts, [_feeds_decode(spec, p, new) for p in pasts]) for key, new in news.items()}
+        jobs[("flops", name)] = (flops_job, (folder / f"{name}.onnx", "past_len", series))
+    return jobs
