@@ -73,6 +73,21 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """HQQ optimises scales with torch; its reductions' order, and so the int4 graph's bytes,
+    depend on torch's thread count (measured: 3 of 5 SmolLM2 graphs differed between 1 and 2
+    threads). One thread makes the graph the same on every machine, whatever its cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _large(path: Path) -> bool:
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) > EXTERNAL_DATA_BYTES
 
@@ -97,7 +112,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_le
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    with _quiet():
+    with _quiet(), _one_torch_thread():
         if method == "hqq":
             q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
         else:
