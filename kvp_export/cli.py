@@ -168,16 +168,19 @@ def data_info(name, as_json):
 @click.option("--distill-epochs", default=2, show_default=True, help="Epochs per layer for --heal distill.")
 @click.option("--distill-lr", default=1e-4, show_default=True, help="Adam learning rate for --heal distill.")
 @click.option("--sibling", help="Use this smaller model (same tokenizer) as the aux instead of pruning.")
+@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
+              help="Where to compute: cpu, or cuda for a GPU (refused where there is none); auto picks cuda if "
+              "present.")
 @calib_options
 @output_options
-def derive(base, keep, layers, select, heal, distill_epochs, distill_lr, sibling, calib, calib_tokens, seed, out,
-           overwrite):
+def derive(base, keep, layers, select, heal, distill_epochs, distill_lr, sibling, device, calib, calib_tokens, seed,
+           out, overwrite):
     """Derive the auxiliary model folder OUT from the base."""
     from .derive import derive as run
 
     click.echo(run(out, base=base, keep=keep, layers=layers, select=select, heal=heal, sibling=sibling,
                    calib=list(calib), calib_tokens=calib_tokens, distill_epochs=distill_epochs,
-                   distill_lr=distill_lr, overwrite=overwrite, seed=seed,
+                   distill_lr=distill_lr, overwrite=overwrite, seed=seed, device=device,
                    progress=_progress()))
 
 
@@ -191,14 +194,17 @@ def derive(base, keep, layers, select, heal, distill_epochs, distill_lr, sibling
 @click.option("--sources", type=click.Choice(["two-sided", "paper", "window"]), default="two-sided",
               show_default=True, help="Skipped base layers read the aux layers on both sides of their depth; "
               "or one (the paper); or every base layer reads its aux layer and both neighbours (window).")
+@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
+              help="Where to compute: cpu, or cuda for a GPU (refused where there is none); auto picks cuda if "
+              "present.")
 @calib_options
 @output_options
-def fit(aux, base, input_mode, sink_len, sources, calib, calib_tokens, seed, out, overwrite):
+def fit(aux, base, input_mode, sink_len, sources, device, calib, calib_tokens, seed, out, overwrite):
     """Fit the KV predictor folder OUT for an aux folder (closed-form ridge)."""
     from .predictor.fit import fit as run
 
     folder = run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, sources=sources, calib=list(calib),
-                 calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, progress=_progress())
+                 calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, device=device, progress=_progress())
     if launched_as_main():
         click.echo(folder)
 
@@ -386,14 +392,16 @@ def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sam
 @click.option("--heldout", multiple=True, metavar="PATH",
               help="Held-out text (its held-out split is used; default: stdlib + Shakespeare).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
+              help="Where to compute (float32 either way): cpu, or cuda for a GPU; auto picks cuda if present.")
 @output_options
-def eval_(predictor, aux, base, n, prompt_len, cont_len, greedy_tokens, batch, heldout, seed, out, overwrite):
+def eval_(predictor, aux, base, n, prompt_len, cont_len, greedy_tokens, batch, heldout, seed, device, out, overwrite):
     """Evaluate a predictor against the base, the aux alone and trivial baselines; write a report."""
     from .evaluate import run_eval
 
     folder = run_eval(predictor, out, aux=aux, base=base, n=n, prompt_len=prompt_len, cont_len=cont_len,
                       greedy_tokens=greedy_tokens, heldout=list(heldout), batch=batch, overwrite=overwrite,
-                      seed=seed, progress=_progress())
+                      seed=seed, device=device, progress=_progress())
     click.echo((folder / "report.md").read_text(), nl=False)
     click.echo(f"kvp: report written to {folder}", err=True)
 
@@ -497,6 +505,8 @@ main.add_command(validate_cmd, "validate")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint, if there is one.")
 @click.option("--stop-after", type=int, help="Checkpoint and stop after this many steps in this call.")
 @click.option("--max-minutes", type=float, help="Checkpoint and stop once this call has run this long.")
+@click.option("--finish-after", type=float, help="A time budget in minutes: once this call has run this long, end "
+              "the run as if its last step were done (held-out evaluation, OUT written with the best weights).")
 @click.option("--eval-every", type=int, help="Steps between held-out evaluations, which pick the best weights "
               "(default: a tenth of the steps; 0 is off).")
 @click.option("--eval-tokens", default=16_384, show_default=True, help="Held-out tokens per evaluation.")
@@ -506,7 +516,7 @@ main.add_command(validate_cmd, "validate")
 def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, lr, predictor_lr, weight_decay,
           warmup_steps, min_lr_ratio, clip, lambda_c, z_loss, kl, data, mix, device, precision,
           activation_checkpointing, strategy, checkpoint_every, checkpoint_dir, resume, stop_after, max_minutes,
-          eval_every, eval_tokens, patience, seed, out, overwrite):
+          finish_after, eval_every, eval_tokens, patience, seed, out, overwrite):
     """Train the aux and predictor of a fit folder end to end through the frozen base; write OUT.
 
     Runs the same under `torchrun --nproc_per_node N` (DDP or FSDP). Prints OUT when done;
@@ -520,8 +530,8 @@ def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, 
                  lambda_c=lambda_c, z_loss=z_loss, kl=kl, data=list(data), mix=mix, device=device,
                  precision=precision, activation_checkpointing=activation_checkpointing, strategy=strategy,
                  checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume,
-                 stop_after=stop_after, max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens,
-                 patience=patience, overwrite=overwrite, seed=seed, progress=_progress())
+                 stop_after=stop_after, max_minutes=max_minutes, finish_after=finish_after, eval_every=eval_every,
+                 eval_tokens=eval_tokens, patience=patience, overwrite=overwrite, seed=seed, progress=_progress())
     if result is not None and launched_as_main():
         click.echo(result)
 

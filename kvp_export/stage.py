@@ -42,6 +42,23 @@ class Clock:
         return {"wall_seconds": round(time.perf_counter() - self.start, 3), "step_seconds": dict(self.steps)}
 
 
+@contextlib.contextmanager
+def compute_device(name: str = "cpu") -> Iterator[torch.device]:
+    """Where a closed-form stage (derive, fit, eval) computes: "cpu" (the default) changes
+    nothing; "cuda" (or "auto" where a GPU is visible) also makes that device the default for
+    tensors created inside the block, so the stage's own buffers (moments, targets, masks)
+    live beside the models. Move the models and token ids there yourself, and read the
+    calibration tokens before entering (they come from numpy, on the CPU)."""
+    from .distributed import resolve_device
+
+    dev = resolve_device(name)
+    if dev.type == "cpu":
+        yield dev
+        return
+    with torch.device(dev):
+        yield dev
+
+
 def seed_all(seed: int) -> None:
     """Stages are deterministic given their inputs and seed."""
     torch.manual_seed(seed)

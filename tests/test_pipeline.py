@@ -53,6 +53,38 @@ def test_fit_from_healing_activations_equals_a_fit_that_runs_the_models(assets, 
                                                                                      "aux": "computed"}
 
 
+def test_device_option_computes_the_same_and_refuses_a_missing_gpu(assets, tmp_path, built):
+    """derive / fit / eval take `device` (the GPU run uses cuda). Where it resolves to the CPU the
+    stages compute what the default does; the block changes the default device only off the CPU;
+    cuda without a GPU is one line before any model loads."""
+    from safetensors.torch import load_file
+
+    from kvp_export.stage import compute_device
+
+    with compute_device("cpu") as dev:
+        assert dev.type == "cpu" and torch.zeros(1).device.type == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: 'auto' would not be the CPU")
+    with pytest.raises(KvpError, match="no CUDA device"):
+        derive(tmp_path / "never", base=str(assets["llama"]), keep=0.5, device="cuda", **calib_kw(assets))
+    assert not (tmp_path / "never").exists()
+    aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="bridge", device="auto",
+                 **calib_kw(assets))
+    pred = fit(aux, tmp_path / "pred", device="auto", **calib_kw(assets))
+    for name, folder, ours in (("model.safetensors", "aux", aux), ("predictor.safetensors", "pred", pred)):
+        got, want = load_file(ours / name), load_file(built[folder] / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    assert read_manifest(aux, "aux")["recipe"]["device"] == "auto"
+    assert "device" not in read_manifest(built["aux"], "aux")["recipe"]  # the CPU default records nothing new
+    kw = {"n": 4, "prompt_len": 24, "cont_len": 8, "greedy_tokens": 4, "heldout": [str(assets["corpus"])],
+          "progress": False}
+    reports = [json.loads((run_eval(built["pred"], tmp_path / f"report-{d}", device=d, **kw) / "report.json")
+                          .read_text())["results"] for d in ("cpu", "auto")]
+    untimed = [{p: {k: v for k, v in r.items() if k != "prefill_seconds_total"} for p, r in rep["paths"].items()}
+               for rep in reports]
+    assert untimed[0] == untimed[1] and reports[0]["kv_rel_error"] == reports[1]["kv_rel_error"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_derive_fit_generate_eval(assets, tmp_path, family):
     from transformers import AutoModelForCausalLM

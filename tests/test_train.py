@@ -232,6 +232,20 @@ def test_early_stopping_returns_the_best_weights(built, assets, tmp_path, monkey
         train(tmp_path / "x", predictor=built["pred"], steps=2, eval_tokens=8, **small(assets))
 
 
+def test_finish_after_is_a_time_budget_that_writes_the_output(built, assets, tmp_path):
+    """--finish-after: once the time is spent the run ends as if finished (a held-out evaluation at
+    that step, OUT written with the best weights), unlike --max-minutes, which only checkpoints."""
+    out = train(tmp_path / "out", predictor=built["pred"], steps=10, eval_every=4, finish_after=1e-9,
+                **small(assets))
+    t = read_manifest(out, "predictor")["training"]
+    assert t["steps"] == 1 and t["planned_steps"] == 10 and t["stopped"] == "time" and t["tokens"] == 2 * 32
+    assert t["heldout"]["evaluations"] == 1 and t["heldout"]["best_step"] == 1 and t["heldout"]["stopped_early"]
+    full = train(tmp_path / "full", predictor=built["pred"], steps=2, eval_every=0, **small(assets))
+    assert read_manifest(full, "predictor")["training"]["stopped"] is None
+    with pytest.raises(KvpError, match="finish-after must be > 0"):
+        train(tmp_path / "x", predictor=built["pred"], steps=2, finish_after=0, **small(assets))
+
+
 def test_cli_train_then_eval_and_the_baseline(built, assets, tmp_path):
     common = ["--data", assets["corpus"], "--seq-len", "32", "--batch", "2", "--lr", "1e-3"]
     out = tmp_path / "trained"

@@ -16,7 +16,8 @@ from ..errors import KvpError
 from ..models import DEFAULT_MODEL, check_same_tokenizer, load, resolve
 from ..models.arch import ArchSpec
 from ..predictor.layermap import c_map, lp_map
-from ..stage import CALIB_TOKENS, Clock, calibration, check_paths, check_positive, model_ref, seed_all
+from ..stage import (CALIB_TOKENS, Clock, calibration, check_paths, check_positive, compute_device, model_ref,
+                     seed_all)
 from .heal import METHODS as HEAL_METHODS
 from .heal import heal as heal_aux
 from .prune import check_layers, importance_layers, prune, regular_layers
@@ -52,12 +53,14 @@ def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = N
            layers: list[int] | None = None, select: str = "regular", heal: str | None = None,
            sibling: str | None = None, calib: list[str] | None = None, calib_tokens: int = CALIB_TOKENS,
            distill_epochs: int = 2, distill_lr: float = 1e-4, overwrite: bool = False, seed: int = 0,
-           share: bool = False, progress: bool = True) -> Path:
+           share: bool = False, device: str = "cpu", progress: bool = True) -> Path:
     """Write the auxiliary model folder `out` and return it.
 
     Layer-pruned by default (keep 0.5, bridge healing); `sibling` takes an existing smaller
     model instead. Calibration text is read only when healing or importance needs it. `share`
     leaves healing's activations for a fit in the same process (predictor/shared.py; `kvp run`).
+    `device` "cuda" runs importance and healing on the GPU (same float32 math; the saved aux
+    is the same up to rounding).
     """
     clock = Clock()
     out = check_output_dir(out, overwrite)
@@ -79,7 +82,9 @@ def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = N
     else:
         aux, fields = _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock,
                                     progress, heal=heal, distill_epochs=distill_epochs, distill_lr=distill_lr,
-                                    share=share)
+                                    share=share, device=device)
+    if device != "cpu":
+        recipe["device"] = device
     with clock.step("save"), atomic_dir(out, overwrite=overwrite) as tmp:
         aux.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -109,14 +114,18 @@ def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, in
     if heal_args["heal"] != "none" or select == "importance":
         with clock.step("calibration"):
             seqs, inputs["calibration"] = calibration(tok, base_model, calib, calib_tokens)
-    if select == "importance":
-        with clock.step("importance"):
-            kept, scores = importance_layers(base_model, seqs, n_keep=max(1, round(keep * n_base)))
-    aux = prune(base_model, kept)
-    with clock.step("heal"):
-        stats = heal_aux(base_model, aux, kept, seqs, method=heal_args["heal"], progress=progress,
-                         distill_epochs=heal_args["distill_epochs"], distill_lr=heal_args["distill_lr"],
-                         share=heal_args["share"])
+    with compute_device(heal_args["device"]) as dev:
+        base_model.to(dev)
+        seqs = seqs.to(dev) if seqs is not None else None
+        if select == "importance":
+            with clock.step("importance"):
+                kept, scores = importance_layers(base_model, seqs, n_keep=max(1, round(keep * n_base)))
+        aux = prune(base_model, kept)
+        with clock.step("heal"):
+            stats = heal_aux(base_model, aux, kept, seqs, method=heal_args["heal"], progress=progress,
+                             distill_epochs=heal_args["distill_epochs"], distill_lr=heal_args["distill_lr"],
+                             share=heal_args["share"])
+    aux.to("cpu")
     fields = {
         "family": "lp",
         "kept_layers": kept,

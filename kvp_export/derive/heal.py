@@ -127,9 +127,9 @@ def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> 
     gen = torch.Generator().manual_seed(0)
     loss_val = float("nan")
     for _ in range(epochs):
-        order = torch.randperm(len(h_all), generator=gen)
+        order = torch.randperm(len(h_all), generator=gen, device="cpu")  # the same order on any device
         for s in range(0, len(order), batch):
-            idx = order[s : s + batch]
+            idx = order[s : s + batch].to(h_all.device)
             h, y = h_all[idx], y_all[idx]
             out = arch.run_layer(layer, h, pe_of(h))
             loss = ((out - y).pow(2).sum(-1, keepdim=True) * _weights(y)).mean()

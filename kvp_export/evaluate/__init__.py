@@ -13,10 +13,11 @@ from kvp_validate.report import write_report
 
 from .. import data
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
+from ..distributed import resolve_device
 from ..errors import KvpError
 from ..runtime.kvp import check_context
 from ..runtime.pipeline import KVPPipeline
-from ..stage import Clock, check_paths, check_positive, seed_all
+from ..stage import Clock, check_paths, check_positive, compute_device, seed_all
 from .quality import evaluate
 from .render import markdown
 
@@ -24,31 +25,34 @@ from .render import markdown
 def run_eval(predictor: str | Path, out: str | Path, *, aux: str | None = None, base: str | None = None,
              n: int = 64, prompt_len: int = 192, cont_len: int = 64, greedy_tokens: int = 32,
              heldout: list[str] | None = None, batch: int = 8, overwrite: bool = False, seed: int = 0,
-             progress: bool = True) -> Path:
-    """Evaluate `predictor` (a fit folder) on n held-out (prompt, continuation) pairs; write folder `out`."""
+             device: str = "cpu", progress: bool = True) -> Path:
+    """Evaluate `predictor` (a fit folder) on n held-out (prompt, continuation) pairs; write folder `out`.
+
+    `device` "cuda" runs every path on the GPU, in float32 as on the CPU."""
     clock = Clock()
     out = check_output_dir(out, overwrite)
     check_positive(n=n, prompt_len=prompt_len, cont_len=cont_len, greedy_tokens=greedy_tokens, batch=batch)
     check_paths(heldout, "held-out")
     seed_all(seed)
     with clock.step("load"):
-        pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
+        pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, device=resolve_device(device))
     if prompt_len < pipe.sink_len + 2:
         raise KvpError(f"prompt-len must be >= {pipe.sink_len + 2} (sink {pipe.sink_len} + one predicted + the last)")
     with clock.step("data"):
         corpus = data.corpus_from_spec(list(heldout) if heldout else None, "heldout")
         prompts, conts = data.eval_pairs(pipe.tokenizer, corpus, n, prompt_len, cont_len)
     check_context(pipe.base, prompts, extra=max(cont_len, greedy_tokens))
-    with clock.step("evaluate"):
-        results = evaluate(pipe.base, pipe.aux, pipe.predictor, prompts, conts, sink_len=pipe.sink_len,
-                           greedy_tokens=greedy_tokens, batch=batch, progress=progress)
+    with clock.step("evaluate"), compute_device(device) as dev:
+        results = evaluate(pipe.base, pipe.aux, pipe.predictor, prompts.to(dev), conts.to(dev),
+                           sink_len=pipe.sink_len, greedy_tokens=greedy_tokens, batch=batch, progress=progress)
     timing = clock.record()
     payload = _payload(pipe, predictor, base, results, corpus.description, timing)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_report(tmp, payload, markdown(payload))
         write_manifest(tmp, "report", inputs={"predictor": payload["predictor"], "heldout": corpus.description},
                        recipe={"n": n, "prompt_len": prompt_len, "cont_len": cont_len,
-                               "greedy_tokens": greedy_tokens, "seed": seed},
+                               "greedy_tokens": greedy_tokens, "seed": seed,
+                               **({"device": device} if device != "cpu" else {})},
                        calib_tokens=0, heldout_tokens=int(prompts.numel() + conts.numel()), **timing)
     return out
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
 from ..distributed import session
 from ..errors import KvpError
 from ..models import check_same_tokenizer, load, resolve
 from ..models.source import say
-from ..stage import CALIB_TOKENS, Clock, calibration, check_paths, check_positive, model_ref, ref_spec, seed_all
+from ..stage import (CALIB_TOKENS, Clock, calibration, check_paths, check_positive, compute_device, model_ref,
+                     ref_spec, seed_all)
 from .module import INPUT_MODES
 from .ridge import fit_ridge
 
@@ -34,7 +33,7 @@ def check_recipe(input_mode: str, sink_len: int, sources: str = "two-sided") -> 
 
 def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode: str = "hidden",
         sink_len: int = 1, sources: str = "two-sided", calib: list[str] | None = None, calib_tokens: int = CALIB_TOKENS,
-        overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+        overwrite: bool = False, seed: int = 0, device: str = "cpu", progress: bool = True) -> Path:
     """Fit a predictor from `aux` (a derive folder) to its base; write folder `out` and return it.
 
     The base defaults to the one the aux manifest records. `sources` "two-sided" lets a base
@@ -43,6 +42,7 @@ def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode
     "paper" reads one aux layer per base layer, as in Horton et al.; "window" lets every base
     layer read its aux layer and the ones before and after it. Under `torchrun` the
     processes share the calibration sequences and reduce the statistics; rank 0 writes.
+    `device` "cuda" runs the models and the float64 moments on the GPU (one process).
     """
     clock = Clock()
     out = check_output_dir(out, overwrite)
@@ -63,11 +63,14 @@ def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode
         say(f"warning: base {base} is not the model {aux} was derived from (config differs)")
     with clock.step("calibration"):
         seqs, calib_desc = calibration(tok, base_model, calib, calib_tokens)
-    with clock.step("ridge"), session(torch.device("cpu")) as world:
-        predictor, report = fit_ridge(base_model, aux_model, seqs, aux_manifest["layer_map"]["map"],
+    with clock.step("ridge"), compute_device(device) as dev, session(dev) as world:
+        base_model.to(dev)
+        aux_model.to(dev)
+        predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest["layer_map"]["map"],
                                       input_mode=input_mode, sink_len=sink_len, progress=progress and world.main,
                                       kept=aux_manifest.get("kept_layers") if sources == "two-sided" else None,
                                       window=1 if sources == "window" else 0)
+        predictor.to("cpu")
     if not world.main:  # under torchrun every process fits the same solution; one writes it
         return out
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -76,7 +79,7 @@ def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode
             tmp, "predictor",
             inputs={"aux": model_ref(aux, Path(aux)), "base": base_ref, "calibration": calib_desc},
             recipe={"method": "ridge", "input_mode": input_mode, "sources": sources, "sink_len": sink_len,
-                    "seed": seed},
+                    "seed": seed, **({"device": device} if device != "cpu" else {})},
             layer_map=aux_manifest["layer_map"], input_mode=input_mode, sink_len=sink_len,
             fit_report=report, calib_tokens=int(seqs.numel()), **clock.record(),
         )

@@ -76,8 +76,8 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
           mix: str = "default", device: str = "auto", precision: str = "auto", activation_checkpointing: bool = False,
           strategy: str = "ddp", checkpoint_every: int = 100, checkpoint_dir: str | Path | None = None,
           resume: bool = False, stop_after: int | None = None, max_minutes: float | None = None,
-          eval_every: int | None = None, eval_tokens: int = EVAL_TOKENS, patience: int | None = None,
-          overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path | None:
+          finish_after: float | None = None, eval_every: int | None = None, eval_tokens: int = EVAL_TOKENS,
+          patience: int | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path | None:
     """Train and write folder `out`; return it, or None when stopped early (stop_after /
     max_minutes) with a checkpoint to resume from.
 
@@ -85,6 +85,9 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
     is per process and micro-step. lambda_c defaults to 1 / base layers (the paper's better
     setting). `resume` continues from the latest checkpoint if there is one; `max_minutes`
     counts from the call's start (loading included), for machines that limit a command's time.
+    `finish_after` (minutes, from the same start) is a time budget instead: the run ends there
+    as if its last step were done and writes `out` (with the best held-out weights); the
+    manifest says `stopped: "time"`.
     `eval_every` (default: a tenth of the steps; 0 is off) evaluates `eval_tokens` held-out
     tokens; `patience` stops after that many evaluations without a new best.
     """
@@ -96,7 +99,8 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
                   predictor_lr=predictor_lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                   min_lr_ratio=min_lr_ratio, clip=clip, lambda_c=lambda_c, z_loss=z_loss, kl=kl, precision=precision,
                   strategy=strategy, mix=mix, data=data, checkpoint_every=checkpoint_every, stop_after=stop_after,
-                  max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens, patience=patience)
+                  max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens, patience=patience,
+                  finish_after=finish_after)
     check_paths(data, "training data")
     src = sources(predictor, aux, base, baseline)
     dev = resolve_device(device)
@@ -152,7 +156,8 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
         with clock.step("train"):
             outcome = run(trainee, base_model, recipe, batches, world, dev, ckpts, checkpoint_every=checkpoint_every,
                           heldout=heldout, stop_after=stop_after, progress=progress,
-                          deadline=clock.start + 60 * max_minutes if max_minutes else None)
+                          deadline=clock.start + 60 * max_minutes if max_minutes else None,
+                          finish=clock.start + 60 * finish_after if finish_after else None)
         if not outcome.finished:
             return None
         if world.main:
@@ -160,6 +165,7 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
                         "unique_tokens": int(seqs.numel()), "epochs": batches.epochs(outcome.step),
                         "train_seconds": round(outcome.train_seconds, 3), "device": _device_name(dev),
                         "world_size": world.size, "strategy": strategy if world.distributed else None,
+                        "planned_steps": n_steps, "stopped": outcome.stop_reason,
                         "loss": summarize(outcome.history), "heldout": heldout_summary(outcome, recipe, heldout_desc)}
             if heldout_desc is not None:
                 data_desc = {**data_desc, "heldout": heldout_desc}

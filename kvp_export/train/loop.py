@@ -42,6 +42,7 @@ class Outcome:
     # held-out step's when evaluating, else the last step's
     evals: list[dict] = field(default_factory=list)  # per held-out evaluation: step, loss terms, best
     stopped_early: bool = False
+    stop_reason: str | None = None  # "patience" or "time" (finish deadline) when stopped early
 
 
 class Heldout:
@@ -176,11 +177,13 @@ def _describe(terms: dict, tok_s: float) -> str:
 
 def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, device: torch.device,
         ckpts: Checkpoints, *, checkpoint_every: int, heldout=None, stop_after: int | None = None,
-        deadline: float | None = None, progress: bool = True) -> Outcome:
+        deadline: float | None = None, finish: float | None = None, progress: bool = True) -> Outcome:
     """Train from the latest checkpoint in `ckpts` (or from the start) to the end of the recipe
     (or to an early stop on the held-out loss), or until `stop_after` steps in this call or the
-    time.perf_counter() `deadline` (then checkpoint and stop). `heldout`: the held-out
-    sequences, when recipe.eval_every is set."""
+    time.perf_counter() `deadline` (then checkpoint and stop). At the perf_counter() `finish`
+    the run ends as if its last step were done: a held-out evaluation (if due to evaluate at
+    all), and the outcome is finished (a time budget). `heldout`: the held-out sequences, when
+    recipe.eval_every is set."""
     t0 = time.perf_counter()
     freeze(base, recipe)
     model = wrap(trainee, recipe, world, device)
@@ -222,7 +225,9 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
             bar.set_postfix_str(_describe(record, tok_s), refresh=False)
             if world.main and bar.disable and (step + 1) % log_every == 0:  # no bar: a line now and then
                 say(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
-            if held is not None and held.due(step + 1):
+            finishing = (finish is not None and step + 1 < recipe.steps
+                         and world.any(time.perf_counter() >= finish, device))
+            if held is not None and (held.due(step + 1) or finishing):
                 e = held.evaluate(model, objective, trainee, step + 1, device, world)
                 if world.main:
                     line = (f"held-out {recipe.metric} {e[recipe.metric]:.4g} at step {step + 1}"
@@ -231,13 +236,19 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
                         say(line)
                     else:
                         bar.write(line, file=sys.stderr)
-                if held.exhausted():
+                if held.exhausted() and not finishing:
                     if world.main:
                         say(f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
                             f"{recipe.patience} evaluations")
                     weights = _final_weights(trainee, opt, held, world)
                     return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
-                                   held.evals, stopped_early=True)
+                                   held.evals, stopped_early=True, stop_reason="patience")
+            if finishing:
+                if world.main:
+                    say(f"finished after step {step + 1} of {recipe.steps}: the time budget (--finish-after) is spent")
+                weights = _final_weights(trainee, opt, held, world)
+                return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
+                               held.evals if held else [], stopped_early=True, stop_reason="time")
             if step + 1 == recipe.steps:
                 break
             out_of_time = deadline is not None and world.any(time.perf_counter() >= deadline, device)

@@ -88,7 +88,7 @@ def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batc
                   min_lr_ratio: float, clip: float, lambda_c: float | None, z_loss: float, kl: float | None,
                   precision: str, strategy: str, mix: str, data: list[str] | None, checkpoint_every: int,
                   stop_after: int | None, max_minutes: float | None, eval_every: int | None = None,
-                  eval_tokens: int = 1, patience: int | None = None) -> None:
+                  eval_tokens: int = 1, patience: int | None = None, finish_after: float | None = None) -> None:
     """Refuse out-of-range or contradictory options before anything is loaded."""
     if steps is not None and tokens is not None:
         raise KvpError("give either --steps or --tokens, not both")
@@ -98,7 +98,7 @@ def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batc
     for name, v in ints.items():
         if v is not None and v < 1:
             raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
-    positive = {"lr": lr, "predictor_lr": predictor_lr, "max_minutes": max_minutes}
+    positive = {"lr": lr, "predictor_lr": predictor_lr, "max_minutes": max_minutes, "finish_after": finish_after}
     for name, v in positive.items():
         if v is not None and not v > 0:
             raise KvpError(f"{name.replace('_', '-')} must be > 0, got {v}")

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Summarise one benchmarks/issue11_gpu.sh run (its WORK folder, or a copy of its manifests, reports,
+train logs and HumanEval files) as OUT.json and OUT.md: HumanEval pass@1 per path, held-out NLL and
+agreement per path, the held-out curves of both trainings, train vs held-out loss at the kept step,
+and minutes per stage.
+
+  python benchmarks/render_issue11.py WORK OUT --machine "NVIDIA H200 ..." --date 2026-11-30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HE_PATHS = {"base": "base", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
+            "kvp_ridge": "KVP closed form (healed aux + ridge)", "kvp_trained": "KVP trained"}
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def train_curve(log: Path, metric: str, window: int = 100) -> list[dict]:
+    """Per held-out evaluation: its terms, and the training batches' mean of the same term over the
+    `window` steps up to it (what "train loss at that step" means here)."""
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    out = []
+    for r in rows:
+        if f"heldout_{metric}" not in r:
+            continue
+        tail = [x[metric] for x in rows if r["step"] - window < x["step"] <= r["step"]]
+        out.append({"step": r["step"], "heldout": {k.removeprefix("heldout_"): v for k, v in r.items()
+                                                  if k.startswith("heldout_") and k != "heldout_best"},
+                    f"train_{metric}_mean_last_{window}": sum(tail) / len(tail)})
+    return out
+
+
+def summarise(work: Path, machine: str, date: str) -> dict:
+    he = read(work / "humaneval" / "summary.json")
+    man = {k: read(work / k / "manifest.json") for k in ("aux", "ridge", "kvp", "baseline")}
+    evals = {k: read(work / f"eval-{k}" / "report.json")["results"] for k in ("ridge", "kvp", "baseline")}
+    emin = {k: round(read(work / f"eval-{k}" / "manifest.json")["wall_seconds"] / 60, 2) for k in evals}
+    quality = {
+        "base": evals["ridge"]["paths"]["base"],
+        "no_prompt": evals["ridge"]["paths"]["no_prompt"],
+        "mean_kv": evals["ridge"]["paths"]["mean_kv"],
+        "aux_healed": evals["ridge"]["paths"]["aux"],
+        "aux_baseline_oe_lp": evals["baseline"]["paths"]["aux"],
+        "kvp_ridge": evals["ridge"]["paths"]["kvp"],
+        "aux_after_kvp_training": evals["kvp"]["paths"]["aux"],
+        "kvp_trained": evals["kvp"]["paths"]["kvp"],
+    }
+    kv_error = {"kvp_ridge": {k: evals["ridge"]["kv_rel_error"][k] for k in ("k_mean", "v_mean")},
+                "kvp_trained": {k: evals["kvp"]["kv_rel_error"][k] for k in ("k_mean", "v_mean")}}
+    training = {}
+    for name, metric in (("kvp", "ce_base"), ("baseline", "ce_aux")):
+        t = man[name]["training"]
+        curve = train_curve(work / name / "train_log.jsonl", metric)
+        best = next(c for c in curve if c["step"] == t["heldout"]["best_step"])
+        training[name] = {
+            "tokens": t["tokens"], "steps": t["steps"], "planned_steps": t.get("planned_steps"),
+            "unique_tokens": t["unique_tokens"], "epochs": t["epochs"], "stopped": t.get("stopped"),
+            "train_minutes": round(t["train_seconds"] / 60, 2),
+            "tokens_per_second": round(t["tokens"] / t["train_seconds"]),
+            "heldout": t["heldout"], "metric": metric,
+            "at_kept_step": {"step": best["step"], "heldout": best["heldout"][metric],
+                             "train_mean_last_100_steps": best[f"train_{metric}_mean_last_100"]},
+            "curve": curve,
+            "recipe": {k: man[name]["recipe"][k] for k in ("batch", "seq_len", "lr", "warmup_steps", "min_lr_ratio",
+                                                           "lambda_c", "precision", "eval_every", "eval_tokens",
+                                                           "patience")},
+        }
+    return {
+        "model": "qwen2.5-coder-0.5b", "keep": man["aux"]["recipe"]["keep"], "date": date, "machine": machine,
+        "versions": man["kvp"]["versions"],
+        "corpus": {"name": "pypi-code", "sha256": man["kvp"]["inputs"]["data"]["corpus"]["sha256"],
+                   "tokens_qwen": man["aux"]["inputs"]["calibration"]["corpus"]["tokens"]},
+        "tokens": {"calibration": man["ridge"]["calib_tokens"], "train_kvp": training["kvp"]["tokens"],
+                   "train_baseline": training["baseline"]["tokens"]},
+        "minutes": {"derive_gpu": round(man["aux"]["wall_seconds"] / 60, 2),
+                    "fit_gpu": round(man["ridge"]["wall_seconds"] / 60, 2),
+                    "train_kvp": training["kvp"]["train_minutes"], "train_baseline": training["baseline"]["train_minutes"],
+                    **{f"humaneval_{k}": round(v["seconds"]["total_with_load"] / 60, 2) for k, v in he.items()},
+                    **{f"eval_{k}": v for k, v in emin.items()}},
+        "healing_rel_drift": [round(x["rel_drift"], 3) for x in man["aux"]["healing"]["layers"]],
+        "humaneval": he, "quality": quality, "kv_rel_error": kv_error, "training": training,
+    }
+
+
+def f(x, nd=3):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(s: dict) -> str:
+    he, q, tr = s["humaneval"], s["quality"], s["training"]
+    lines = [f"## {s['model']}, keep {s['keep']:.2f}, on `pypi-code` ({s['date']})", "",
+             f"Machine: {s['machine']}. Versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ".",
+             f"Tokens: calibration {s['tokens']['calibration']:,} (derive + fit); training "
+             f"{s['tokens']['train_kvp']:,} for KVP and {s['tokens']['train_baseline']:,} for the baseline "
+             f"(corpus: {s['corpus']['tokens_qwen']['calib']:,} calibration / "
+             f"{s['corpus']['tokens_qwen']['heldout']:,} held-out tokens with Qwen's tokenizer).", "",
+             "### HumanEval pass@1 (164 problems, greedy, bf16, 384 new tokens at most)", "",
+             "| path | passed | pass@1 | relative to base | generate s | sandbox |", "|---|---|---|---|---|---|"]
+    for k, label in HE_PATHS.items():
+        r = he[k]
+        lines.append(f"| {label} | {r['passed']}/{r['n_problems']} | {f(r['pass_at_1'])} | "
+                     f"{f(r.get('relative_to_base'), 2)} | {r['seconds']['generate']:.0f} | "
+                     f"{', '.join(r['sandbox']['layers'])} |")
+    lines += ["", "### Held-out code (64 pairs from the 12 held-out projects, prompt 192 + 64 tokens, fp32)", "",
+              "| path | NLL | ΔNLL vs base | first-token agreement | greedy-32 agreement |", "|---|---|---|---|---|"]
+    for k in ("base", "no_prompt", "mean_kv", "aux_healed", "aux_baseline_oe_lp", "kvp_ridge", "aux_after_kvp_training",
+              "kvp_trained"):
+        r = q[k]
+        lines.append(f"| {k} | {f(r['nll'])} | {f(r['nll'] - q['base']['nll'])} | {f(r['first_token_agreement'])} | "
+                     f"{f(r['greedy32_agreement'])} |")
+    lines += ["", "### Training: held-out vs train loss", "",
+              "| run | metric | tokens | epochs | kept step | held-out at it | train (mean of the 100 steps "
+              "before it) | gap | tokens/s | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in tr.items():
+        a = t["at_kept_step"]
+        lines.append(f"| {name} | {t['metric']} | {t['tokens']:,} | {t['epochs']:.2f} | {a['step']}/{t['planned_steps']} | "
+                     f"{f(a['heldout'])} | {f(a['train_mean_last_100_steps'])} | "
+                     f"{f(a['heldout'] - a['train_mean_last_100_steps'])} | {t['tokens_per_second']:,} | "
+                     f"{t['stopped'] or 'no'} |")
+    for name, t in tr.items():
+        lines += ["", f"Held-out {t['metric']} of `{name}` by step: " +
+                  ", ".join(f"{c['step']}: {c['heldout'][t['metric']]:.3f}" for c in t["curve"])]
+    lines += ["", "Minutes: " + ", ".join(f"{k} {v}" for k, v in s["minutes"].items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("work", type=Path)
+    p.add_argument("out", type=Path, help="OUT.json and OUT.md are written")
+    p.add_argument("--machine", required=True)
+    p.add_argument("--date", required=True)
+    a = p.parse_args()
+    s = summarise(a.work, a.machine, a.date)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    md = a.out.with_name(a.out.name + ".md")  # not with_suffix: "keep-0.50" has a dot
+    a.out.with_name(a.out.name + ".json").write_text(json.dumps(s, indent=1) + "\n")
+    md.write_text(markdown(s))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
