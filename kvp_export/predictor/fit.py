@@ -13,12 +13,14 @@ import torch
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
 from ..distributed import session
 from ..errors import KvpError
+from ..log import get_logger
 from ..models import check_same_tokenizer, load, resolve
-from ..models.source import say
 from ..stage import CALIB_TOKENS, Clock, calibration, check_paths, check_positive, model_ref, ref_spec, seed_all
 from .module import INPUT_MODES
 from .ridge import fit_ridge
 
+
+log = get_logger()
 
 SOURCES = ("two-sided", "paper", "window")
 
@@ -60,7 +62,7 @@ def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode
     check_same_tokenizer(tok, aux_tok)
     base_ref = model_ref(base, base_dir)
     if base_ref["config_sha256"] != recorded_base["config_sha256"]:
-        say(f"warning: base {base} is not the model {aux} was derived from (config differs)")
+        log.warning(f"warning: base {base} is not the model {aux} was derived from (config differs)")
     with clock.step("calibration"):
         seqs, calib_desc = calibration(tok, base_model, calib, calib_tokens)
     with clock.step("ridge"), session(torch.device("cpu")) as world:
