@@ -69,7 +69,7 @@ def test_derive_fit_generate_eval(assets, tmp_path, family):
     reloaded = AutoModelForCausalLM.from_pretrained(aux)
     assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == family
 
-    pred = fit(aux, tmp_path / "pred", sink_len=1, **calib_kw(assets))
+    pred = fit(aux, tmp_path / "pred", sink=1, **calib_kw(assets))
     pm = read_manifest(pred, "predictor")
     assert pm["layer_map"]["map"] == [0, 0, 1, 1] and pm["input_mode"] == "hidden" and pm["sink_len"] == 1
     assert len(pm["fit_report"]["alpha_k"]) == 4 and pm["calib_tokens"] == 2048 and pm["wall_seconds"] > 0
@@ -137,14 +137,14 @@ def test_sibling_aux_uses_chunked_layer_map(assets, tmp_path):
     m = read_manifest(aux, "aux")
     assert m["family"] == "c" and m["layer_map"] == {"kind": "c", "map": [0, 0, 1, 1]}
     assert m["inputs"]["sibling"]["spec"] == str(assets["sibling"])
-    pred = fit(aux, tmp_path / "pred", input_mode="kv", **calib_kw(assets))
+    pred = fit(aux, tmp_path / "pred", input="kv", **calib_kw(assets))
     assert KVPredictor.load(pred).dims == {"in_k": 16, "in_v": 16, "out": 32}
     g = KVPPipeline.from_predictor(pred).generate(PROMPTS, max_new_tokens=3, mode="kvp")
     assert len(g.token_ids) == 2
 
 
 def test_fit_kv_input_and_sink(built, assets, tmp_path):
-    pred = fit(built["aux"], tmp_path / "pred", input_mode="kv", sink_len=2, **calib_kw(assets))
+    pred = fit(built["aux"], tmp_path / "pred", input="kv", sink=2, **calib_kw(assets))
     p = KVPredictor.load(pred)
     assert p.input_mode == "kv" and p.dims["in_k"] == 32
     assert read_manifest(pred, "predictor")["sink_len"] == 2

@@ -74,9 +74,9 @@ def test_int4_coreml_for_ios17_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("base: b\naux:\n  keep: 0.5\n  layers: [0, 2]\n", "aux.layers: give either keep or layers"),
+    ("base: b\naux:\n  keep: 0.5\n  layers: [0, 2]\n", "aux.layers: give either layers or keep"),
     ("base: b\naux:\n  sibling: ./small\n  heal: bridge\n", "aux.heal: healing applies"),
-    ("base: b\naux:\n  keep: 1.5\n", "aux.keep: Input should be less than or equal to 1"),
+    ("base: b\naux:\n  keep: 1.5\n", "aux.keep: keep ratio must be in (0, 1], got 1.5"),
     ("base: b\nexport:\n  onnx:\n    enabled: false\n", "validate.enabled: validate is enabled but no export"),
     ("base: b\nvalidate:\n  gates:\n    speedup_at: [1x64]\n", "speedup_at: point 1x64 is not measured"),
     ("base: b\nvalidate:\n  gates:\n    extra: ['speed > fast']\n", "invalid gate"),

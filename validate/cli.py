@@ -11,10 +11,9 @@ from pathlib import Path
 
 import click
 
-from .coldstart import LENGTHS as COLDSTART_LENGTHS
+from . import defaults as D
 from .errors import KvpError
 from .gates import GATE_FAILED
-from .onnx_report import CHECKS, DEFAULT_CHECKS
 
 
 def _ints(ctx, param, value: str) -> tuple[int, ...]:
@@ -25,6 +24,10 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
     if not out or min(out) < 1:
         raise click.BadParameter(f"expected positive integers, got {value!r}")
     return out
+
+
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
 
 
 def _tolerances(values: tuple[str, ...]) -> dict:
@@ -45,22 +48,22 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--variant", "variants", multiple=True, help="Variants to check (default: all in the export).")
-@click.option("--check", "checks", multiple=True, type=click.Choice(list(CHECKS)),
-              help=f"Checks to run (default: {', '.join(DEFAULT_CHECKS)}).")
+@click.option("--check", "checks", multiple=True, type=click.Choice(list(D.CHECKS)),
+              help=f"Checks to run (default: {', '.join(D.DEFAULT_CHECKS)}).")
 @click.option("--gate", "gates", multiple=True, metavar="KEY OP VALUE",
               help="e.g. 'parity.*.ok==1' or 'ttft.fp32.1x512.kvp_speedup>=1.5'; exit 3 when one fails.")
 @click.option("--tol", "tols", multiple=True, metavar="VARIANT.METRIC=VALUE", help="Override a parity tolerance.")
-@click.option("--threads", default=2, show_default=True, help="onnxruntime intra-op threads (fixed for TTFT).")
+@click.option("--threads", default=D.THREADS, show_default=True, help="onnxruntime intra-op threads (fixed for TTFT).")
 @click.option("--quality-n", type=int, help="Use only the first N held-out pairs (default: all exported).")
-@click.option("--greedy-tokens", default=16, show_default=True)
-@click.option("--lengths", default="128,512,1024", show_default=True, callback=_ints, help="TTFT prompt lengths.")
-@click.option("--batches", default="1,4,8", show_default=True, callback=_ints, help="TTFT batch sizes.")
-@click.option("--warmup", default=1, show_default=True)
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--greedy-tokens", default=D.GREEDY_TOKENS, show_default=True)
+@click.option("--lengths", default=_csv(D.LENGTHS), show_default=True, callback=_ints, help="TTFT prompt lengths.")
+@click.option("--batches", default=_csv(D.BATCHES), show_default=True, callback=_ints, help="TTFT batch sizes.")
+@click.option("--warmup", default=D.WARMUP, show_default=True)
+@click.option("--repeats", default=D.REPEATS, show_default=True)
 @click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
-@click.option("--coldstart-lengths", default=",".join(map(str, COLDSTART_LENGTHS)), show_default=True, callback=_ints,
+@click.option("--coldstart-lengths", default=_csv(D.COLDSTART_LENGTHS), show_default=True, callback=_ints,
               help="Cold start: prompt lengths (batch 1), each path and length in a fresh process.")
-@click.option("--coldstart-runs", default=1, show_default=True,
+@click.option("--coldstart-runs", default=D.COLDSTART_RUNS, show_default=True,
               help="Cold start: fresh processes per point (median); one process's load time varies with the page cache.")
 @click.option("--allow-unsafe-execution", is_flag=True,
               help="HumanEval: execute generated code even where no OS sandbox (bubblewrap) is available, with only "
@@ -84,7 +87,7 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
         return
 
     payload = validate_onnx(export_dir, out, variants=list(variants) or None,
-                            checks=tuple(checks) or DEFAULT_CHECKS, gates=list(gates),
+                            checks=tuple(checks) or D.DEFAULT_CHECKS, gates=list(gates),
                             threads=threads, quality_n=quality_n, greedy_tokens=greedy_tokens, lengths=lengths,
                             batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
                             tolerances=_tolerances(tols), coldstart_lengths=coldstart_lengths,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import defaults as D
 from .artifact import OnnxArtifact
-from .coldstart import LENGTHS as COLDSTART_LENGTHS
 from .coldstart import run_coldstart
+from .defaults import CHECKS, DEFAULT_CHECKS
 from .errors import KvpError
 from .gates import Gate, evaluate, flatten
 from .machine import describe, machine
@@ -21,16 +22,15 @@ from .quality import run_quality
 from .report import md_table, write_report_folder
 from .ttft import run_ttft
 
-CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval")
-DEFAULT_CHECKS = ("parity", "quality", "ttft", "coldstart")
+__all__ = ["CHECKS", "DEFAULT_CHECKS", "validate_onnx"]
 
 
 def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | None = None,
                   checks: tuple[str, ...] = DEFAULT_CHECKS, gates: list[str] | None = None,
-                  threads: int = 2, quality_n: int | None = None, greedy_tokens: int = 16,
-                  lengths=(128, 512, 1024), batches=(1, 4, 8), warmup: int = 1, repeats: int = 5,
+                  threads: int = D.THREADS, quality_n: int | None = None, greedy_tokens: int = D.GREEDY_TOKENS,
+                  lengths=D.LENGTHS, batches=D.BATCHES, warmup: int = D.WARMUP, repeats: int = D.REPEATS,
                   humaneval_limit: int | None = None, tolerances: dict | None = None,
-                  coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, coldstart_runs: int = 1,
+                  coldstart_lengths: tuple[int, ...] = D.COLDSTART_LENGTHS, coldstart_runs: int = D.COLDSTART_RUNS,
                   overwrite: bool = False,
                   progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload.
@@ -67,22 +67,22 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
 
     for v in variants:
         if "parity" in checks:
-            timed("parity", v, lambda: run_parity(art, v, threads, (tolerances or {}).get(v),
+            timed("parity", v, lambda v=v: run_parity(art, v, threads, (tolerances or {}).get(v),
                                                   fp32=results["parity"].get("fp32"), cache=fp32_outputs))
         if "quality" in checks:
-            timed("quality", v, lambda: run_quality(art, v, n=quality_n, greedy_tokens=greedy_tokens,
+            timed("quality", v, lambda v=v: run_quality(art, v, n=quality_n, greedy_tokens=greedy_tokens,
                                                     threads=threads, progress=progress))
         if "ttft" in checks:
-            timed("ttft", v, lambda: run_ttft(art, v, lengths=lengths, batches=batches, threads=threads,
+            timed("ttft", v, lambda v=v: run_ttft(art, v, lengths=lengths, batches=batches, threads=threads,
                                               warmup=warmup, repeats=repeats, progress=progress))
         if "coldstart" in checks:
-            timed("coldstart", v, lambda: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
+            timed("coldstart", v, lambda v=v: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
                                                         repeats=min(repeats, 3), runs=coldstart_runs,
                                                         progress=progress))
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
 
-            timed("humaneval", v, lambda: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
+            timed("humaneval", v, lambda v=v: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
                                                              progress=progress, allow_unsafe=allow_unsafe_execution))
     metrics = flatten(_metrics(results))
     gate_results = evaluate(parsed, metrics)
