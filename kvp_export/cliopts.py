@@ -53,8 +53,6 @@ def _option(name: str, field) -> click.Option:
         item = get_args(tp)[0]
         kw.update(multiple=True, default=tuple(default or ()),
                   type=click.Choice(get_args(item)) if get_origin(item) is Literal else str)
-        if kw["show_default"]:
-            kw["show_default"] = ", ".join(default)
     else:
         kw["type"] = tp
     if optional and default is None:

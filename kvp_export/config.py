@@ -110,7 +110,7 @@ def cli_message(e: ValidationError, flags: dict[str, str]) -> str:
            "less_than": ("<", "lt")}
     if kind in ops:
         op, key = ops[kind]
-        return f"{name} must be {op} {ctx[key]}, got {got}"
+        return f"{name} must be {op} {ctx[key]:g}, got {got}"
     if kind == "literal_error":
         return f"unknown {name} {got!r} (choose from {ctx.get('expected')})"
     if kind == "extra_forbidden":

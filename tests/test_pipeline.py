@@ -95,6 +95,24 @@ def test_derive_fit_generate_eval(assets, tmp_path, family):
     assert read_manifest(rep, "report")["wall_seconds"] > 0
 
 
+def test_eval_uses_the_text_given_whole_unless_told_to_split(built, assets, tmp_path):
+    """Files given to eval are all evaluated; --heldout-split heldout (stated in --help) takes the
+    documents the calibration split of the same files leaves out."""
+    from click.testing import CliRunner
+
+    from kvp_export.cli import main
+
+    kw = dict(n=2, prompt_len=24, cont_len=8, greedy_tokens=2, heldout=[str(assets["corpus"])], progress=False)
+    whole = json.loads((run_eval(built["pred"], tmp_path / "whole", **kw) / "report.json").read_text())
+    assert whole["data"]["heldout"]["split"]["name"] == "whole" and whole["data"]["heldout"]["documents"] == 10
+    part = run_eval(built["pred"], tmp_path / "part", heldout_split="heldout", **kw)
+    held = json.loads((part / "report.json").read_text())["data"]["heldout"]
+    assert held["split"]["name"] == "heldout" and 1 <= held["documents"] < 10
+    assert read_manifest(part, "report")["recipe"]["heldout_split"] == "heldout"
+    help_text = " ".join(CliRunner().invoke(main, ["eval", "--help"]).output.split())
+    assert "--heldout-split [whole|heldout]" in help_text and "[default: whole]" in help_text
+
+
 @pytest.mark.parametrize(("kw", "kept"), [
     ({"keep": 0.5, "heal": "distill"}, [0, 2]),
     ({"layers": [0, 3], "heal": "bridge"}, [0, 3]),
