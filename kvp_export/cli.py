@@ -502,5 +502,5 @@ def compare_cmd(inputs, out, at, metric, title):
                f"{', pareto.png' if payload['pareto']['png'] else ''} in {out}", err=True)
 
 
-if __name__ == "__main__":  # `python -m kvp_export.cli` (and `torchrun -m kvp_export.cli train ...`)
+if __name__ == "__main__":  # `python -m kvp_export.cli`, for older torchrun lines: last, after every verb
     main()
