@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .cliopts import options
-from .config import CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
+from .config import Config, CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
 from .distributed import launched_as_main
 from .errors import KvpError
 from .models import DEFAULT_MODEL
@@ -43,6 +43,17 @@ def output_options(f):
     f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (refused otherwise).")(f)
     f = click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")(f)
     return f
+
+
+def stage_options(cls: type[Config], *, data: tuple[str, ...] = ()):
+    """A stage verb's options: its config's fields (config.py), the DataConfig fields it reads,
+    --seed, -o/--out and --overwrite."""
+    def decorate(f):
+        f = options(Seed)(output_options(f))
+        f = options(DataConfig, only=data)(f) if data else f
+        return options(cls, exclude=("enabled",))(f)
+
+    return decorate
 
 
 @click.group(cls=KvpGroup)
@@ -132,10 +143,7 @@ def data_info(name, as_json):
 
 @main.command()
 @click.option("--base", default=DEFAULT_MODEL, show_default=True, help="Zoo name, GGUF file or HF folder.")
-@options(DeriveConfig)
-@options(DataConfig, only=("calib", "calib_tokens"))
-@options(Seed)
-@output_options
+@stage_options(DeriveConfig, data=("calib", "calib_tokens"))
 def derive(base, out, overwrite, **kw):
     """Derive the auxiliary model folder OUT from the base."""
     from .derive import derive as run
@@ -146,10 +154,7 @@ def derive(base, out, overwrite, **kw):
 @main.command()
 @click.option("--aux", required=True, type=click.Path(path_type=Path), help="A derive output folder.")
 @click.option("--base", help="Base model (default: the one the aux manifest records).")
-@options(FitConfig)
-@options(DataConfig, only=("calib", "calib_tokens"))
-@options(Seed)
-@output_options
+@stage_options(FitConfig, data=("calib", "calib_tokens"))
 def fit(aux, base, out, overwrite, **kw):
     """Fit the KV predictor folder OUT for an aux folder (closed-form ridge)."""
     from .predictor.fit import fit as run
@@ -334,10 +339,7 @@ def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sam
 
 @main.command("eval")
 @model_overrides
-@options(EvalConfig)
-@options(DataConfig, only=("heldout",))
-@options(Seed)
-@output_options
+@stage_options(EvalConfig, data=("heldout",))
 def eval_(predictor, aux, base, out, overwrite, **kw):
     """Evaluate a predictor against the base, the aux alone and trivial baselines; write a report."""
     from .evaluate import run_eval
@@ -357,10 +359,7 @@ def export():
 
 @export.command("onnx")
 @click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
-@options(OnnxConfig, exclude=("enabled",))
-@options(DataConfig, only=("heldout",))
-@options(Seed)
-@output_options
+@stage_options(OnnxConfig, data=("heldout",))
 def export_onnx_cmd(predictor, out, overwrite, **kw):
     """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
     from .export.onnx_stage import export
@@ -370,10 +369,7 @@ def export_onnx_cmd(predictor, out, overwrite, **kw):
 
 @export.command("coreml")
 @click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
-@options(CoremlConfig, exclude=("enabled",))
-@options(DataConfig, only=("heldout",))
-@options(Seed)
-@output_options
+@stage_options(CoremlConfig, data=("heldout",))
 def export_coreml_cmd(predictor, out, overwrite, **kw):
     """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""
     from .export.coreml.export import export_coreml
@@ -414,13 +410,11 @@ main.add_command(validate_cmd, "validate")
 @click.option("--data", multiple=True, metavar="PATH",
               help="Training text: files, folders or JSONL, or a named corpus (pypi-code); repeatable (default: "
               "the calibration split of stdlib + Shakespeare, as for fit). Held-out loss: its held-out split.")
-@options(TrainConfig)
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Where checkpoints go (default: OUT.ckpt).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint, if there is one.")
 @click.option("--stop-after", type=int, help="Checkpoint and stop after this many steps in this call.")
 @click.option("--max-minutes", type=float, help="Checkpoint and stop once this call has run this long.")
-@options(Seed)
-@output_options
+@stage_options(TrainConfig)
 def train(data, out, **kw):
     """Train the aux and predictor of a fit folder end to end through the frozen base; write OUT.
 

@@ -25,6 +25,7 @@ SEQ_LEN = 256
 KEEP = 0.5  # the share of base layers a layer-pruned aux keeps when neither keep nor layers is given
 HEAL = "bridge"  # healing of a layer-pruned aux when none is given (a sibling is never healed)
 TOKENS = 1_000_000  # training budget when neither steps nor tokens is given
+PAIRS, PROMPT_LEN, CONT_LEN = 64, 192, 64  # held-out (prompt, continuation) pairs: eval's, and the export's
 
 Select = Literal["regular", "importance"]
 Heal = Literal["none", "bridge", "distill"]
@@ -270,9 +271,9 @@ class OnnxConfig(Config):
     int8_method: Literal["dynamic", "weight-only"] = opt(
         "dynamic", "int8: dynamic (int8 GEMMs; MLP down projections kept fp32) or 8-bit weight-only MatMulNBits.")
     int4_method: Literal["hqq", "rtn"] = opt("hqq", "int4: HQQ-optimised or round-to-nearest weights.")
-    eval_n: int = opt(64, "Held-out pairs stored for the validator.", ge=1)
-    prompt_len: int = opt(192, "Prompt tokens of each stored pair.", ge=4)
-    cont_len: int = opt(64, "Continuation tokens of each stored pair.", ge=1)
+    eval_n: int = opt(PAIRS, "Held-out pairs stored for the validator.", ge=1)
+    prompt_len: int = opt(PROMPT_LEN, "Prompt tokens of each stored pair.", ge=4)
+    cont_len: int = opt(CONT_LEN, "Continuation tokens of each stored pair.", ge=1)
 
     @field_validator("block_size")
     @classmethod
@@ -313,7 +314,7 @@ class CoremlConfig(Config):
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             raise ValueError(f"prompt_lengths: expected positive prompt lengths, got {self.prompt_lengths}")
         if max(self.prompt_lengths) >= self.context:
-            raise ValueError(f"prompt_lengths: {max(self.prompt_lengths)} leaves no room to generate in a "
+            raise ValueError(f"prompt_lengths: prompt length {max(self.prompt_lengths)} leaves no room to generate in a "
                              f"{{context}} of {self.context}")
         return self
 
@@ -321,9 +322,9 @@ class CoremlConfig(Config):
 class EvalConfig(Config):
     """`kvp eval`: held-out (prompt, continuation) pairs, KVP against the base and the baselines."""
 
-    n: int = opt(64, "Held-out (prompt, continuation) pairs.", ge=1)
-    prompt_len: int = opt(192, "Prompt tokens of each pair.", ge=1)
-    cont_len: int = opt(64, "Continuation tokens of each pair.", ge=1)
+    n: int = opt(PAIRS, "Held-out (prompt, continuation) pairs.", ge=1)
+    prompt_len: int = opt(PROMPT_LEN, "Prompt tokens of each pair.", ge=1)
+    cont_len: int = opt(CONT_LEN, "Continuation tokens of each pair.", ge=1)
     greedy_tokens: int = opt(32, "Greedy tokens compared with the base's.", ge=1)
     batch: int = opt(8, "Pairs per forward pass.", ge=1)
     heldout_split: HeldoutSplit = opt("whole", "Which part of --heldout files to evaluate: all of it (whole; "

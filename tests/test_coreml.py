@@ -214,7 +214,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(built, exported, tmp_path):
                    "-o", out), "int4 .* needs iOS 18", out)
     user_error(kvp("export", "coreml", "--predictor", pred, "--target", "ios17", "--compress", "palettize4", "-o", out),
                "palettize4 .* needs iOS 18", out)
-    user_error(kvp("export", "coreml", "--predictor", pred, "--context", "512", "-o", out),
+    user_error(kvp("export", "coreml", "--predictor", pred, "--context", "512", "--prompt-lengths", "8,16", "-o", out),
                "context 512 is longer than the base supports \\(256\\)", out)
     user_error(kvp("export", "coreml", "--predictor", pred, "--context", "64", "--prompt-lengths", "8,64", "-o", out),
                "leaves no room to generate", out)

@@ -119,7 +119,7 @@ def build_store(spec: CorpusSpec, *, progress: bool = True, force: bool = False)
     t0 = time.perf_counter()
     remove_partials(folder.parent)
     remove_partials(cache_dir("sdists"))
-    sdists = fetch_all(spec, log.info)
+    sdists = fetch_all(spec)
     humaneval = HumanEvalIndex()
     filt = _Filter(humaneval)
     kept: dict[str, list[dict]] = {s: [] for s in SPLITS}
