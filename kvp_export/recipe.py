@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from kvp_validate import defaults as VD
+from kvp_validate import options as VO
 
 from .config import CoremlConfig, DataConfig, DeriveConfig, FitConfig, OnnxConfig, Seed, TrainConfig, rule_text
 from .errors import KvpError
@@ -81,33 +81,40 @@ class Gates(Strict):
 
 
 Check = Literal["parity", "quality", "ttft", "coldstart", "humaneval"]
-assert set(get_args(Check)) == set(VD.CHECKS)  # the validator's checks, as a type
+assert set(get_args(Check)) == set(VO.CHECKS)  # the validator's checks, as a type
 
 
-class Validate(Strict):
-    """The validation of the exports; its defaults are the validator's (kvp_validate/defaults.py)."""
-
+class _Checks(Strict):
     enabled: bool = True
-    checks: list[Check] = Field(default_factory=lambda: list(VD.DEFAULT_CHECKS))
-    threads: int = Field(VD.THREADS, ge=1)
-    quality_n: int | None = Field(None, ge=1)
-    greedy_tokens: int = Field(VD.GREEDY_TOKENS, ge=1)
-    lengths: list[int] = Field(default_factory=lambda: list(VD.LENGTHS))
-    batches: list[int] = Field(default_factory=lambda: list(VD.BATCHES))
-    warmup: int = Field(VD.WARMUP, ge=0)
-    repeats: int = Field(VD.REPEATS, ge=1)
-    humaneval_limit: int | None = Field(None, ge=1)
-    coldstart_lengths: list[int] = Field(default_factory=lambda: list(VD.COLDSTART_LENGTHS))  # a process per point
-    coldstart_runs: int = Field(VD.COLDSTART_RUNS, ge=1)  # fresh processes per point (median)
+    checks: list[Check] = Field(default_factory=lambda: list(VO.DEFAULT_CHECKS))
+
+
+def _measurement_field(o: VO.Option) -> tuple[Any, Any]:
+    """A validator option (kvp_validate/options.py) as a recipe field: its default, bound and help."""
+    if o.kind is tuple:
+        return list[int], Field(default_factory=lambda: list(o.default), description=o.help)
+    return (int if o.default is not None else int | None), Field(o.default, ge=o.minimum, description=o.help)
+
+
+def _items_at_least(cls, v: list[int], info) -> list[int]:
+    minimum = {o.name: o.minimum for o in VO.OPTIONS}[info.field_name]
+    if not v or min(v) < minimum:
+        raise ValueError(f"expected a non-empty list of integers >= {minimum}, got {v}")
+    return v
+
+
+_Measurements = create_model(
+    "_Measurements", __base__=_Checks,
+    __validators__={"_lists": field_validator(*(o.name for o in VO.OPTIONS if o.kind is tuple))(_items_at_least)},
+    **{o.name: _measurement_field(o) for o in VO.OPTIONS})
+
+
+class Validate(_Measurements):
+    """The validation of the exports: the validator's options (kvp_validate/options.py, the same
+    names, defaults and bounds as kvp-validate's), the parity tolerances and the gates."""
+
     tolerances: dict[str, dict[str, float]] = Field(default_factory=dict)  # parity: {int8: {kl_vs_fp32: 0.15}}
     gates: Gates = Field(default_factory=Gates)
-
-    @field_validator("lengths", "batches", "coldstart_lengths")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError(f"expected a non-empty list of positive integers, got {v}")
-        return v
 
 
 class Recipe(Strict):

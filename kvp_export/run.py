@@ -106,13 +106,11 @@ def _validate_onnx(onnx: Path, out: Path, config, *, variants: list[str], progre
     """The validate-onnx stage: the recipe's validate section, measured. Its gates are not passed:
     the runner evaluates them on the report, cached or not, so they stay out of the key."""
     from kvp_validate.onnx_report import validate_onnx
+    from kvp_validate.options import OPTIONS
 
-    v = config
-    validate_onnx(onnx, out, variants=variants, checks=tuple(v.checks), threads=v.threads, quality_n=v.quality_n,
-                  greedy_tokens=v.greedy_tokens, lengths=tuple(v.lengths), batches=tuple(v.batches), warmup=v.warmup,
-                  repeats=v.repeats, humaneval_limit=v.humaneval_limit, tolerances=v.tolerances,
-                  coldstart_lengths=tuple(v.coldstart_lengths), coldstart_runs=v.coldstart_runs, progress=progress,
-                  allow_unsafe_execution=allow_unsafe_execution)
+    measure = {o.name: tuple(x) if isinstance(x := getattr(config, o.name), list) else x for o in OPTIONS}
+    validate_onnx(onnx, out, variants=variants, checks=tuple(config.checks), tolerances=config.tolerances,
+                  progress=progress, allow_unsafe_execution=allow_unsafe_execution, **measure)
 
 
 def _validate_coreml(coreml: Path, out: Path, config, *, progress: bool = False,

@@ -85,3 +85,24 @@ def test_configure_splits_keywords_and_refuses_unknown_ones():
 def test_help_shows_the_configs_defaults():
     out = " ".join(CliRunner().invoke(main, ["export", "coreml", "--help"]).output.split())
     assert "--target [ios18|ios17]" in out and "[default: ios18]" in out and "[default: 64,128,256,512]" in out
+
+
+def test_validator_options_are_one_table(tmp_path):
+    """kvp-validate's options, validate_onnx's defaults and the recipe's validate fields: one table."""
+    import inspect
+
+    from kvp_export.recipe import Validate, load_recipe
+    from kvp_validate.cli import validate_cmd
+    from kvp_validate.onnx_report import validate_onnx
+    from kvp_validate.options import OPTIONS
+
+    params = {p.name: p for p in validate_cmd.params}
+    signature = inspect.signature(validate_onnx).parameters
+    for o in OPTIONS:
+        field = Validate.model_fields[o.name]
+        assert field.get_default(call_default_factory=True) == (list(o.default) if o.kind is tuple else o.default)
+        assert signature[o.name].default == o.default and params[o.name].help == o.help == field.description
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: b\nvalidate:\n  batches: [0]\n")
+    with pytest.raises(KvpError, match=r"r.yaml:3: validate.batches: expected a non-empty list of integers >= 1"):
+        load_recipe(recipe)

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from .defaults import COLDSTART_LENGTHS
 from .errors import KvpError
+from .options import DEFAULTS
 
 PATHS = ("base", "aux", "kvp", "auto")  # auto: the default mode, KVP from the export's crossover on
-LENGTHS = COLDSTART_LENGTHS
+LENGTHS = DEFAULTS["coldstart_lengths"]
 
 
 def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = PATHS,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import defaults as D
 from .artifact import OnnxArtifact
 from .coldstart import run_coldstart
-from .defaults import CHECKS, DEFAULT_CHECKS
 from .errors import KvpError
 from .gates import Gate, evaluate, flatten
 from .machine import describe, machine
+from .options import CHECKS, DEFAULT_CHECKS
+from .options import DEFAULTS as D
 from .parity import run_parity
 from .quality import run_quality
 from .report import md_table, write_report_folder
@@ -27,10 +27,11 @@ __all__ = ["CHECKS", "DEFAULT_CHECKS", "validate_onnx"]
 
 def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | None = None,
                   checks: tuple[str, ...] = DEFAULT_CHECKS, gates: list[str] | None = None,
-                  threads: int = D.THREADS, quality_n: int | None = None, greedy_tokens: int = D.GREEDY_TOKENS,
-                  lengths=D.LENGTHS, batches=D.BATCHES, warmup: int = D.WARMUP, repeats: int = D.REPEATS,
-                  humaneval_limit: int | None = None, tolerances: dict | None = None,
-                  coldstart_lengths: tuple[int, ...] = D.COLDSTART_LENGTHS, coldstart_runs: int = D.COLDSTART_RUNS,
+                  threads: int = D["threads"], quality_n: int | None = None,
+                  greedy_tokens: int = D["greedy_tokens"], lengths=D["lengths"], batches=D["batches"],
+                  warmup: int = D["warmup"], repeats: int = D["repeats"], humaneval_limit: int | None = None,
+                  tolerances: dict | None = None, coldstart_lengths: tuple[int, ...] = D["coldstart_lengths"],
+                  coldstart_runs: int = D["coldstart_runs"],
                   overwrite: bool = False,
                   progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload.
