@@ -27,9 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from kvp_validate.humaneval import _TOP_LEVEL, run_humaneval
-from kvp_validate.errors import KvpError
-from kvp_validate.sandbox import layers
 
 from kvp_export.artifacts import read_manifest
 from kvp_export.models import check_same_tokenizer, load
@@ -38,6 +35,9 @@ from kvp_export.runtime.decode import decode
 from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp
 from kvp_export.runtime.pipeline import _eos_ids
 from kvp_export.stage import ref_spec
+from kvp_validate.errors import KvpError
+from kvp_validate.humaneval import _TOP_LEVEL, run_humaneval
+from kvp_validate.sandbox import layers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def main() -> None:
     from kvp_validate.machine import machine
 
     rows = []
+    load_start = os.getloadavg()[0]
     points = [(v, f"graph:{g}:{how}") for v in a.variants.split(",") for g in ("kvp_prefill", "base_decode")
               for how in ("source", "optimized")]
     points += [(v, w) for v in a.variants.split(",") for w in ("kvp:sequential", "kvp:concurrent")]
@@ -61,7 +63,9 @@ def main() -> None:
         times = [child(a.export, v, what, a.threads) for _ in range(a.repeats)]
         rows.append({"variant": v, "what": what, "median_s": statistics.median(times), "all_s": times})
         print(json.dumps(rows[-1]), flush=True)
-    res = {"machine": machine(), "threads": a.threads, "repeats": a.repeats, "rows": rows}
+    # the 1-minute load average before and after: other jobs on the machine inflate these figures
+    res = {"machine": machine(), "threads": a.threads, "repeats": a.repeats, "rows": rows,
+           "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
     if a.out:
         a.out.write_text(json.dumps(res, indent=1))
 

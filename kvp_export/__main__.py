@@ -1,5 +1,7 @@
-"""`python -m kvp_export VERB ...` (and `torchrun -m kvp_export train ...`): the `kvp` CLI."""
+"""The entry point: `python -m kvp_export VERB ...` (and `torchrun -m kvp_export train ...`)
+runs the `kvp` CLI with every verb registered."""
 
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

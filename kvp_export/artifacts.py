@@ -7,24 +7,21 @@ half-written behind. Every folder carries `manifest.json`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvp_validate.artifact import load_manifest, sha256_file  # noqa: F401  (sha256_file: re-exported for the stages)
+from kvp_validate.artifact import atomic_dir, check_output_dir, load_manifest, sha256_file
 from kvp_validate.report import atomic_write_text as write_text
 
 from .errors import KvpError
 
 MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "atomic_dir", "check_output_dir", "read_manifest", "sha256_bytes", "sha256_dir", "sha256_file",
+           "versions", "write_json", "write_manifest", "write_text"]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -54,36 +51,6 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "model_dump"):
         return o.model_dump()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output folder unless asked to replace it (before any work starts)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise KvpError(f"output folder exists: {out} (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise KvpError(f"output path exists and is not a folder: {out}")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block succeeds."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def versions() -> dict[str, str]:

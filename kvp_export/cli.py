@@ -16,12 +16,11 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cliopts import options
+from .config import Config, CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
+from .distributed import launched_as_main
 from .errors import KvpError
 from .models import DEFAULT_MODEL
-from .data import MIXES
-from .distributed import DEVICES, launched_as_main
-from .stage import CALIB_TOKENS, SEQ_LEN
-from .train.recipe import PRECISIONS, STRATEGIES
 
 
 class KvpGroup(click.Group):
@@ -40,36 +39,21 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _int_list(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 64,128, got {value!r}") from None
-
-
-def _layer_list(ctx, param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated layer indices like 0,2,4, got {value!r}") from None
-
-
 def output_options(f):
     f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (refused otherwise).")(f)
     f = click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")(f)
     return f
 
 
-def calib_options(f):
-    f = click.option("--seed", default=0, show_default=True, help="Seed for torch.")(f)
-    f = click.option("--calib-tokens", default=CALIB_TOKENS, show_default=True,
-                     help="Calibration tokens (in sequences of 256).")(f)
-    f = click.option("--calib", multiple=True, metavar="PATH",
-                     help="Calibration text: files, folders or JSONL, or a named corpus (pypi-code); repeatable "
-                     "(default: stdlib + Shakespeare).")(f)
-    return f
+def stage_options(cls: type[Config], *, data: tuple[str, ...] = ()):
+    """A stage verb's options: its config's fields (config.py), the DataConfig fields it reads,
+    --seed, -o/--out and --overwrite."""
+    def decorate(f):
+        f = options(Seed)(output_options(f))
+        f = options(DataConfig, only=data)(f) if data else f
+        return options(cls, exclude=("enabled",))(f)
+
+    return decorate
 
 
 @click.group(cls=KvpGroup)
@@ -159,52 +143,23 @@ def data_info(name, as_json):
 
 @main.command()
 @click.option("--base", default=DEFAULT_MODEL, show_default=True, help="Zoo name, GGUF file or HF folder.")
-@click.option("-k", "--keep", type=float, help="Share of base layers to keep, in (0, 1] (default 0.5).")
-@click.option("--layers", callback=_layer_list, help="Base layers to keep, e.g. 0,2,4 (instead of --keep).")
-@click.option("--select", type=click.Choice(["regular", "importance"]), default="regular", show_default=True,
-              help="How --keep picks layers: the paper's regular pattern, or the most important.")
-@click.option("--heal", type=click.Choice(["none", "bridge", "distill"]),
-              help="Healing of the pruned aux (default bridge).")
-@click.option("--distill-epochs", default=2, show_default=True, help="Epochs per layer for --heal distill.")
-@click.option("--distill-lr", default=1e-4, show_default=True, help="Adam learning rate for --heal distill.")
-@click.option("--sibling", help="Use this smaller model (same tokenizer) as the aux instead of pruning.")
-@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
-              help="Where to compute: cpu, or cuda for a GPU (refused where there is none); auto picks cuda if "
-              "present.")
-@calib_options
-@output_options
-def derive(base, keep, layers, select, heal, distill_epochs, distill_lr, sibling, device, calib, calib_tokens, seed,
-           out, overwrite):
+@stage_options(DeriveConfig, data=("calib", "calib_tokens"))
+def derive(base, out, overwrite, **kw):
     """Derive the auxiliary model folder OUT from the base."""
     from .derive import derive as run
 
-    click.echo(run(out, base=base, keep=keep, layers=layers, select=select, heal=heal, sibling=sibling,
-                   calib=list(calib), calib_tokens=calib_tokens, distill_epochs=distill_epochs,
-                   distill_lr=distill_lr, overwrite=overwrite, seed=seed, device=device,
-                   progress=_progress()))
+    click.echo(run(out, base=base, overwrite=overwrite, progress=_progress(), **kw))
 
 
 @main.command()
 @click.option("--aux", required=True, type=click.Path(path_type=Path), help="A derive output folder.")
 @click.option("--base", help="Base model (default: the one the aux manifest records).")
-@click.option("--input", "input_mode", type=click.Choice(["hidden", "kv"]), default="hidden", show_default=True,
-              help="What the predictor reads from the aux: attention inputs, or its K/V.")
-@click.option("--sink", "sink_len", default=1, show_default=True,
-              help="Leading prompt tokens whose KV the base computes exactly.")
-@click.option("--sources", type=click.Choice(["two-sided", "paper", "window"]), default="two-sided",
-              show_default=True, help="Skipped base layers read the aux layers on both sides of their depth; "
-              "or one (the paper); or every base layer reads its aux layer and both neighbours (window).")
-@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
-              help="Where to compute: cpu, or cuda for a GPU (refused where there is none); auto picks cuda if "
-              "present.")
-@calib_options
-@output_options
-def fit(aux, base, input_mode, sink_len, sources, device, calib, calib_tokens, seed, out, overwrite):
+@stage_options(FitConfig, data=("calib", "calib_tokens"))
+def fit(aux, base, out, overwrite, **kw):
     """Fit the KV predictor folder OUT for an aux folder (closed-form ridge)."""
     from .predictor.fit import fit as run
 
-    folder = run(aux, out, base=base, input_mode=input_mode, sink_len=sink_len, sources=sources, calib=list(calib),
-                 calib_tokens=calib_tokens, overwrite=overwrite, seed=seed, device=device, progress=_progress())
+    folder = run(aux, out, base=base, overwrite=overwrite, progress=_progress(), **kw)
     if launched_as_main():
         click.echo(folder)
 
@@ -384,24 +339,12 @@ def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sam
 
 @main.command("eval")
 @model_overrides
-@click.option("--n", default=64, show_default=True, help="Held-out (prompt, continuation) pairs.")
-@click.option("--prompt-len", default=192, show_default=True)
-@click.option("--cont-len", default=64, show_default=True)
-@click.option("--greedy-tokens", default=32, show_default=True)
-@click.option("--batch", default=8, show_default=True)
-@click.option("--heldout", multiple=True, metavar="PATH",
-              help="Held-out text (its held-out split is used; default: stdlib + Shakespeare).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
-              help="Where to compute (float32 either way): cpu, or cuda for a GPU; auto picks cuda if present.")
-@output_options
-def eval_(predictor, aux, base, n, prompt_len, cont_len, greedy_tokens, batch, heldout, seed, device, out, overwrite):
+@stage_options(EvalConfig, data=("heldout",))
+def eval_(predictor, aux, base, out, overwrite, **kw):
     """Evaluate a predictor against the base, the aux alone and trivial baselines; write a report."""
     from .evaluate import run_eval
 
-    folder = run_eval(predictor, out, aux=aux, base=base, n=n, prompt_len=prompt_len, cont_len=cont_len,
-                      greedy_tokens=greedy_tokens, heldout=list(heldout), batch=batch, overwrite=overwrite,
-                      seed=seed, device=device, progress=_progress())
+    folder = run_eval(predictor, out, aux=aux, base=base, overwrite=overwrite, progress=_progress(), **kw)
     click.echo((folder / "report.md").read_text(), nl=False)
     click.echo(f"kvp: report written to {folder}", err=True)
 
@@ -416,31 +359,22 @@ def export():
 
 @export.command("onnx")
 @click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["fp32", "int8", "int4"]),
-              help="Variants to write (default: all three; fp32 is always written).")
-@click.option("--block-size", default=32, show_default=True, help="int4: weights per quantization block.")
-@click.option("--accuracy-level", default=4, show_default=True,
-              help="int4: MatMulNBits compute type (4 = int8 compute, fast; 0 = fp32 compute).")
-@click.option("--int8-method", type=click.Choice(["dynamic", "weight-only"]), default="dynamic", show_default=True,
-              help="int8: dynamic (int8 GEMMs; MLP down projections kept fp32) or 8-bit weight-only MatMulNBits.")
-@click.option("--int4-method", type=click.Choice(["hqq", "rtn"]), default="hqq", show_default=True,
-              help="int4: HQQ-optimised or round-to-nearest weights.")
-@click.option("--eval-n", default=64, show_default=True, help="Held-out pairs stored for the validator.")
-@click.option("--prompt-len", default=192, show_default=True)
-@click.option("--cont-len", default=64, show_default=True)
-@click.option("--heldout", multiple=True, metavar="PATH", help="Held-out text (default: stdlib + Shakespeare).")
-@click.option("--seed", default=0, show_default=True)
-@output_options
-def export_onnx_cmd(predictor, variants, block_size, accuracy_level, int8_method, int4_method, eval_n, prompt_len, cont_len, heldout, seed, out,
-                    overwrite):
+@stage_options(OnnxConfig, data=("heldout",))
+def export_onnx_cmd(predictor, out, overwrite, **kw):
     """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
-    from .export.onnx_export import export_onnx
+    from .export.onnx_stage import export
 
-    click.echo(export_onnx(predictor, out, variants=list(variants) or ("fp32", "int8", "int4"),
-                           block_size=block_size, accuracy_level=accuracy_level, int8_method=int8_method,
-                           int4_method=int4_method, eval_n=eval_n,
-                           prompt_len=prompt_len, cont_len=cont_len, heldout=list(heldout), overwrite=overwrite,
-                           seed=seed, progress=_progress()))
+    click.echo(export(predictor, out, overwrite=overwrite, progress=_progress(), **kw))
+
+
+@export.command("coreml")
+@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@stage_options(CoremlConfig, data=("heldout",))
+def export_coreml_cmd(predictor, out, overwrite, **kw):
+    """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""
+    from .export.coreml.export import export_coreml
+
+    click.echo(export_coreml(predictor, out, overwrite=overwrite, progress=_progress(), **kw))
 
 
 @export.command("genai-kvp")
@@ -473,50 +407,17 @@ main.add_command(validate_cmd, "validate")
 @click.option("--base", help="Override the base the manifests name.")
 @click.option("--baseline", is_flag=True,
               help="Fine-tune the aux alone with plain CE on the same budget (the paper's OE-LP baseline).")
-@click.option("--steps", type=int, help="Optimizer steps (instead of --tokens).")
-@click.option("--tokens", type=int, help="Token budget over all processes (default 1000000).")
-@click.option("--batch", default=8, show_default=True, help="Sequences per process and micro-step.")
-@click.option("--accum", default=1, show_default=True, help="Micro-steps per optimizer step (gradient accumulation).")
-@click.option("--seq-len", default=SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
-@click.option("--lr", default=1e-4, show_default=True, help="Peak AdamW learning rate of the aux.")
-@click.option("--predictor-lr", type=float, help="Peak learning rate of the predictor (default: --lr).")
-@click.option("--weight-decay", default=0.0, show_default=True)
-@click.option("--warmup-steps", type=int, help="Linear warmup steps before the cosine decay (default: 5% of steps).")
-@click.option("--min-lr-ratio", default=0.1, show_default=True, help="The cosine ends at this share of the peak.")
-@click.option("--clip", default=1.0, show_default=True, help="Gradient norm clipping (0 is off).")
-@click.option("--lambda-c", type=float, help="Weight of the per-layer L1 KV consistency loss (default: 1 / base "
-              "layers, the paper's better setting).")
-@click.option("--z-loss", default=0.0, show_default=True, help="Weight of a z-loss on the aux's logits.")
-@click.option("--kl", type=float, help="Weight of KL(base with true KV || base with predicted KV) (default 0).")
 @click.option("--data", multiple=True, metavar="PATH",
               help="Training text: files, folders or JSONL, or a named corpus (pypi-code); repeatable (default: "
               "the calibration split of stdlib + Shakespeare, as for fit). Held-out loss: its held-out split.")
-@click.option("--mix", type=click.Choice(list(MIXES)), default="default", show_default=True,
-              help="Built-in corpus: 'code' is the standard library alone (for code models).")
-@click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
-              help="cuda is refused where there is none; auto falls back to the CPU.")
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
-@click.option("--activation-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="ddp", show_default=True,
-              help="How processes share the work under torchrun.")
-@click.option("--checkpoint-every", default=100, show_default=True, help="Steps between checkpoints.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Where checkpoints go (default: OUT.ckpt).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint, if there is one.")
 @click.option("--stop-after", type=int, help="Checkpoint and stop after this many steps in this call.")
 @click.option("--max-minutes", type=float, help="Checkpoint and stop once this call has run this long.")
 @click.option("--finish-after", type=float, help="A time budget in minutes: once this call has run this long, end "
               "the run as if its last step were done (held-out evaluation, OUT written with the best weights).")
-@click.option("--eval-every", type=int, help="Steps between held-out evaluations, which pick the best weights "
-              "(default: a tenth of the steps; 0 is off).")
-@click.option("--eval-tokens", default=16_384, show_default=True, help="Held-out tokens per evaluation.")
-@click.option("--patience", type=int, help="Stop after this many evaluations without a better held-out loss.")
-@click.option("--seed", default=0, show_default=True)
-@output_options
-def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, lr, predictor_lr, weight_decay,
-          warmup_steps, min_lr_ratio, clip, lambda_c, z_loss, kl, data, mix, device, precision,
-          activation_checkpointing, strategy, checkpoint_every, checkpoint_dir, resume, stop_after, max_minutes,
-          finish_after, eval_every, eval_tokens, patience, seed, out, overwrite):
+@stage_options(TrainConfig)
+def train(data, out, **kw):
     """Train the aux and predictor of a fit folder end to end through the frozen base; write OUT.
 
     Runs the same under `torchrun --nproc_per_node N` (DDP or FSDP). Prints OUT when done;
@@ -524,14 +425,7 @@ def train(predictor, aux, base, baseline, steps, tokens, batch, accum, seq_len, 
     """
     from .train import train as run
 
-    result = run(out, predictor=predictor, aux=aux, base=base, baseline=baseline, steps=steps, tokens=tokens,
-                 batch=batch, accum=accum, seq_len=seq_len, lr=lr, predictor_lr=predictor_lr,
-                 weight_decay=weight_decay, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, clip=clip,
-                 lambda_c=lambda_c, z_loss=z_loss, kl=kl, data=list(data), mix=mix, device=device,
-                 precision=precision, activation_checkpointing=activation_checkpointing, strategy=strategy,
-                 checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume,
-                 stop_after=stop_after, max_minutes=max_minutes, finish_after=finish_after, eval_every=eval_every,
-                 eval_tokens=eval_tokens, patience=patience, overwrite=overwrite, seed=seed, progress=_progress())
+    result = run(out, data=list(data), progress=_progress(), **kw)
     if result is not None and launched_as_main():
         click.echo(result)
 
@@ -557,9 +451,9 @@ def run_cmd(recipe, overrides, out, junit, force, dry_run, allow_unsafe_executio
     """Run RECIPE: derive -> fit (or train) -> export -> validate, each stage cached; exit 3 if a gate fails."""
     import yaml
 
-    from .recipe import load_recipe
     from kvp_validate.gates import GATE_FAILED
 
+    from .recipe import load_recipe
     from .run import default_run_dir, run_recipe
 
     r = load_recipe(recipe, overrides)
@@ -604,31 +498,5 @@ def compare_cmd(inputs, out, at, metric, title):
                f"{', pareto.png' if payload['pareto']['png'] else ''} in {out}", err=True)
 
 
-@export.command("coreml")
-@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
-@click.option("--context", default=1024, show_default=True, help="Maximum context: KV cache slots of the packages.")
-@click.option("--prompt-lengths", default="64,128,256,512", show_default=True, callback=_int_list,
-              help="Enumerated prefill lengths; a prompt is right-padded to the next one.")
-@click.option("--target", "targets", multiple=True, type=click.Choice(["ios18", "ios17"]),
-              help="ios18: stateful multifunction package; ios17: stateless prefill + decode pair (default: both).")
-@click.option("--compress", "compressions", multiple=True, type=click.Choice(["fp16", "int8", "int4", "palettize4"]),
-              help="Weight variants (default fp16); int4 and palettize4 need --target ios18 only.")
-@click.option("--block-size", default=32, show_default=True, help="int4: input channels per quantization block.")
-@click.option("--group-size", default=16, show_default=True, help="palettize4: output channels per look-up table.")
-@click.option("--heldout", multiple=True, metavar="PATH", help="Held-out text for the reference prompt "
-              "(default: stdlib + Shakespeare).")
-@click.option("--seed", default=0, show_default=True)
-@output_options
-def export_coreml_cmd(predictor, context, prompt_lengths, targets, compressions, block_size, group_size, heldout,
-                      seed, out, overwrite):
-    """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""
-    from .export.coreml.export import export_coreml
-
-    click.echo(export_coreml(predictor, out, context=context, prompt_lengths=prompt_lengths,
-                             targets=targets or ("ios18", "ios17"), compressions=compressions or ("fp16",),
-                             block_size=block_size, group_size=group_size, heldout=list(heldout),
-                             overwrite=overwrite, seed=seed, progress=_progress()))
-
-
-if __name__ == "__main__":  # `python -m kvp_export.cli` (and `torchrun -m kvp_export.cli train ...`)
+if __name__ == "__main__":  # `python -m kvp_export.cli`, for older torchrun lines: last, after every verb
     main()

@@ -22,25 +22,25 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .artifacts import atomic_dir, sha256_file
 from .cache import cache_dir
+from .config import check_mix
 from .errors import HashMismatch, KvpError
 
 SPLITS = ("calib", "heldout")
+WHOLE = "whole"  # user files only: every document, unsplit (kvp eval's default for --heldout files)
 SPLIT_RULE = (
     "by document: held out iff int(sha256(key)[:8], 16) % 10 == 0, key = the document name "
     "(Shakespeare: the work, so both editions of a play fall on the same side); if that "
     "leaves a side empty, the single document with the smallest value is held out"
 )
 
-# The built-in corpora: "code" feeds code models only code (calibration split of each).
-MIXES = {"default": "stdlib + Shakespeare", "code": "stdlib"}
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIX = ".jsonl"
@@ -229,24 +229,24 @@ def named_source(spec: list[str] | tuple[str, ...] | None) -> str | None:
 
 def corpus_from_spec(spec: list[str] | None, split: str, mix: str = "default") -> Corpus:
     """The corpus a stage uses: the default one (of `mix`), a named one (`pypi-code`), or the
-    user's files split by the same rule.
+    user's files split by the same rule, or (split "whole", user files only) all of them.
 
     A user corpus of a single document serves "calib" whole; "heldout" then needs at
     least two documents and raises otherwise.
     """
-    _check_split(split)
-    if mix not in MIXES:
-        raise KvpError(f"unknown data mix '{mix}' (choose from {', '.join(MIXES)})")
+    if split != WHOLE or not spec or named_source(spec) is not None:
+        _check_split(split)
+    check_mix(spec, mix)
     if not spec:
         return default_corpus(split, mix)
-    if mix != "default":
-        raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to files given")
     name = named_source(spec)
     if name is not None:
         from . import corpus
 
         return corpus.corpus(name, split)
     full = load_corpus(spec)
+    if split == WHOLE:
+        return Corpus(full.documents, {**full.description, "split": {"name": WHOLE, "rule": "every document given"}})
     docs = _split(full.documents, split)
     whole = {k: v for k, v in full.description.items() if k != "sources"}
     return Corpus(docs, _describe(docs, sources=full.description["sources"], whole=whole,

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import Device, choices
 from .errors import KvpError
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = choices(Device)
 
 
 def resolve_device(name: str) -> torch.device:

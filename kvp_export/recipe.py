@@ -15,102 +15,19 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from kvp_validate import options as VO
+
+from .config import CoremlConfig, DataConfig, DeriveConfig, FitConfig, OnnxConfig, Seed, TrainConfig, rule_text
 from .errors import KvpError
-
-ONNX_VARIANTS = ("fp32", "int8", "int4")
-COREML_COMPRESSIONS = ("fp16", "int8", "int4", "palettize4")
-COREML_NEEDS_IOS18 = {"int4": "per-block int4 quantization", "palettize4": "grouped-channel palettization"}
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Data(Strict):
-    """Calibration / held-out text: files, folders or JSONL, or a named corpus such as `pypi-code`
-    (default: stdlib + Shakespeare)."""
-
-    calib: list[str] = Field(default_factory=list)
-    calib_tokens: int = Field(100_000, ge=1)
-    heldout: list[str] = Field(default_factory=list)
-
-
-class Aux(Strict):
-    """The auxiliary model: a layer-pruned base (keep or layers) or a smaller sibling model."""
-
-    keep: float | None = Field(None, gt=0, le=1)
-    layers: list[int] | None = None
-    select: Literal["regular", "importance"] = "regular"
-    heal: Literal["none", "bridge", "distill"] | None = None
-    distill_epochs: int = Field(2, ge=1)
-    distill_lr: float = Field(1e-4, gt=0)
-    sibling: str | None = None
-
-    @model_validator(mode="after")
-    def _one_method(self) -> Aux:
-        if self.sibling is not None:
-            if self.keep is not None or self.layers is not None:
-                raise ValueError("sibling: a sibling aux is used as it is: drop keep and layers")
-            if self.heal not in (None, "none"):
-                raise ValueError("heal: healing applies to a layer-pruned aux, not to a sibling (set heal: none)")
-            if self.select != "regular":
-                raise ValueError("select applies to a layer-pruned aux, not to a sibling")
-        if self.layers is not None:
-            if self.keep is not None:
-                raise ValueError("layers: give either keep or layers, not both")
-            if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
-                raise ValueError(f"layers must be distinct indices >= 0, got {self.layers}")
-            if self.select != "regular":
-                raise ValueError("select chooses layers for keep; with an explicit layers list drop it")
-        return self
-
-
-class Fit(Strict):
-    """The closed-form (ridge) predictor fit."""
-
-    input: Literal["hidden", "kv"] = "hidden"
-    sink: int = Field(1, ge=0)
-    sources: Literal["two-sided", "paper", "window"] = "two-sided"
-
-
-class Train(Strict):
-    """End-to-end training of aux + predictor from the fitted predictor (kvp train's options)."""
-
-    steps: int | None = Field(None, ge=1)
-    tokens: int | None = Field(None, ge=1)
-    batch: int = Field(8, ge=1)
-    accum: int = Field(1, ge=1)
-    seq_len: int = Field(256, ge=8)
-    lr: float = Field(1e-4, gt=0)
-    predictor_lr: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    clip: float = Field(1.0, ge=0)
-    lambda_c: float | None = Field(None, ge=0)
-    z_loss: float = Field(0.0, ge=0)
-    kl: float | None = Field(None, ge=0)
-    mix: str = "default"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    activation_checkpointing: bool = False
-    checkpoint_every: int = Field(100, ge=1)
-    eval_every: int | None = Field(None, ge=0)  # None: about ten held-out evaluations a run; 0: off
-    eval_tokens: int = Field(16_384, ge=1)
-    patience: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _budget(self) -> Train:
-        if self.steps is not None and self.tokens is not None:
-            raise ValueError("tokens: give either steps or tokens, not both")
-        if self.patience is not None and self.eval_every == 0:
-            raise ValueError("patience: early stopping reads the held-out evaluations; eval_every is 0 (off)")
-        return self
 
 
 class Predictor(Strict):
@@ -119,51 +36,9 @@ class Predictor(Strict):
     method: Literal["fit", "train"] = "fit"
 
 
-class Onnx(Strict):
-    enabled: bool = True
-    variants: list[Literal["fp32", "int8", "int4"]] = Field(default_factory=lambda: list(ONNX_VARIANTS))
-    block_size: int = Field(32, ge=16)
-    accuracy_level: int = Field(4, ge=0, le=4)
-    int8_method: Literal["dynamic", "weight-only"] = "dynamic"
-    int4_method: Literal["hqq", "rtn"] = "hqq"
-    eval_n: int = Field(64, ge=1)
-    prompt_len: int = Field(192, ge=4)
-    cont_len: int = Field(64, ge=1)
-
-    @field_validator("block_size")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"int4 block size must be a power of two >= 16, got {v}")
-        return v
-
-
-class Coreml(Strict):
-    enabled: bool = False
-    targets: list[Literal["ios18", "ios17"]] = Field(default_factory=lambda: ["ios18"])
-    compress: list[Literal["fp16", "int8", "int4", "palettize4"]] = Field(default_factory=lambda: ["fp16"])
-    context: int = Field(1024, ge=8)
-    prompt_lengths: list[int] = Field(default_factory=lambda: [64, 128, 256, 512])
-    block_size: int = Field(32, ge=1)
-    group_size: int = Field(16, ge=1)
-
-    @model_validator(mode="after")
-    def _ios(self) -> Coreml:
-        if not self.targets:
-            raise ValueError("no Core ML target given (ios18, ios17)")
-        for c in self.compress:
-            if c in COREML_NEEDS_IOS18 and "ios17" in self.targets:
-                raise ValueError(f"compress: {c} ({COREML_NEEDS_IOS18[c]}) needs iOS 18, and targets has ios17: "
-                                 "drop it or use targets: [ios18]")
-        if self.prompt_lengths and max(self.prompt_lengths) >= self.context:
-            raise ValueError(f"prompt_lengths: {max(self.prompt_lengths)} leaves no room to generate in a "
-                             f"context of {self.context}")
-        return self
-
-
 class Export(Strict):
-    onnx: Onnx = Field(default_factory=Onnx)
-    coreml: Coreml = Field(default_factory=Coreml)
+    onnx: OnnxConfig = Field(default_factory=OnnxConfig)
+    coreml: CoremlConfig = Field(default_factory=CoremlConfig)
 
 
 Threshold = float | dict[str, float]  # one value for every variant, or per variant
@@ -205,43 +80,56 @@ class Gates(Strict):
         return v
 
 
-class Validate(Strict):
+Check = Literal["parity", "quality", "ttft", "coldstart", "humaneval"]
+assert set(get_args(Check)) == set(VO.CHECKS)  # the validator's checks, as a type
+
+
+class _Checks(Strict):
     enabled: bool = True
-    checks: list[Literal["parity", "quality", "ttft", "coldstart", "humaneval"]] = Field(
-        default_factory=lambda: ["parity", "quality", "ttft", "coldstart"])
-    threads: int = Field(2, ge=1)
-    quality_n: int | None = Field(None, ge=1)
-    greedy_tokens: int = Field(16, ge=1)
-    lengths: list[int] = Field(default_factory=lambda: [128, 512, 1024])
-    batches: list[int] = Field(default_factory=lambda: [1])
-    warmup: int = Field(1, ge=0)
-    repeats: int = Field(5, ge=1)
-    humaneval_limit: int | None = Field(None, ge=1)
-    coldstart_lengths: list[int] = Field(default_factory=lambda: [128, 512])  # a fresh process per point
-    coldstart_runs: int = Field(1, ge=1)  # fresh processes per point (median)
+    checks: list[Check] = Field(default_factory=lambda: list(VO.DEFAULT_CHECKS))
+
+
+def _measurement_field(o: VO.Option) -> tuple[Any, Any]:
+    """A validator option (kvp_validate/options.py) as a recipe field: its default, bound and help."""
+    if o.kind is tuple:
+        return list[int], Field(default_factory=lambda: list(o.default), description=o.help)
+    return (int if o.default is not None else int | None), Field(o.default, ge=o.minimum, description=o.help)
+
+
+def _items_at_least(cls, v: list[int], info) -> list[int]:
+    minimum = {o.name: o.minimum for o in VO.OPTIONS}[info.field_name]
+    if not v or min(v) < minimum:
+        raise ValueError(f"expected a non-empty list of integers >= {minimum}, got {v}")
+    return v
+
+
+_Measurements = create_model(
+    "_Measurements", __base__=_Checks,
+    __validators__={"_lists": field_validator(*(o.name for o in VO.OPTIONS if o.kind is tuple))(_items_at_least)},
+    **{o.name: _measurement_field(o) for o in VO.OPTIONS})
+
+
+class Validate(_Measurements):
+    """The validation of the exports: the validator's options (kvp_validate/options.py, the same
+    names, defaults and bounds as kvp-validate's), the parity tolerances and the gates."""
+
     tolerances: dict[str, dict[str, float]] = Field(default_factory=dict)  # parity: {int8: {kl_vs_fp32: 0.15}}
     gates: Gates = Field(default_factory=Gates)
 
-    @field_validator("lengths", "batches", "coldstart_lengths")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError(f"expected a non-empty list of positive integers, got {v}")
-        return v
-
 
 class Recipe(Strict):
-    """The whole run. `base` is required: a zoo name, a GGUF file or a Hugging Face folder."""
+    """The whole run: the stage configs (config.py) composed. `base` is required: a zoo name, a
+    GGUF file or a Hugging Face folder."""
 
     name: str | None = None
     description: str | None = None
     base: str
-    seed: int = 0
-    data: Data = Field(default_factory=Data)
-    aux: Aux = Field(default_factory=Aux)
+    seed: int = Seed.model_fields["seed"]
+    data: DataConfig = Field(default_factory=DataConfig)
+    aux: DeriveConfig = Field(default_factory=DeriveConfig)
     predictor: Predictor = Field(default_factory=Predictor)
-    fit: Fit = Field(default_factory=Fit)
-    train: Train = Field(default_factory=Train)
+    fit: FitConfig = Field(default_factory=FitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     export: Export = Field(default_factory=Export)
     validate_: Validate = Field(default_factory=Validate, alias="validate")
 
@@ -293,7 +181,7 @@ class Recipe(Strict):
         return self.validate_
 
     def onnx_variants(self) -> list[str]:
-        return list(dict.fromkeys(["fp32", *self.export.onnx.variants]))
+        return self.export.onnx.all_variants()
 
     def onnx_gates(self) -> list[str]:
         """The recipe's gates as validator gate strings (KEY OP VALUE)."""
@@ -395,7 +283,7 @@ def _format(e: ValidationError, where: str, lines: dict[tuple, int], overrides: 
     parts = []
     for err in e.errors():
         loc = _loc(tuple(err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = rule_text(err["msg"].removeprefix("Value error, "), cli=False)
         head, sep, rest = msg.partition(": ")
         if sep and err["type"] == "value_error" and re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)*", head):
             loc, msg = loc + tuple(head.split(".")), rest  # a cross-field check names its field

@@ -19,19 +19,25 @@ part of the validation key: they are evaluated again on the cached report's metr
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from . import __version__
 from .artifacts import sha256_file, write_json
+from .config import DataConfig
 from .errors import KvpError
-from .recipe import Recipe, section_hash
+from .log import get_logger
+from .recipe import Gates, Recipe, section_hash
+
+log = get_logger("run")
 
 RUN_JSON = "run.json"
 
@@ -57,8 +63,9 @@ class RunResult:
         return [g for g in self.gates if not g["ok"]]
 
 
-def _say(msg: str) -> None:
-    print(f"kvp run: {msg}", file=sys.stderr, flush=True)
+def _function(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _fingerprint(spec: str | None) -> object:
@@ -94,6 +101,101 @@ def _complete(folder: Path, marker: str, stage: str | None) -> bool:
         return False
 
 
+def _validate_onnx(onnx: Path, out: Path, config, *, variants: list[str], progress: bool = False,
+                   allow_unsafe_execution: bool = False) -> None:
+    """The validate-onnx stage: the recipe's validate section, measured. Its gates are not passed:
+    the runner evaluates them on the report, cached or not, so they stay out of the key."""
+    from kvp_validate.onnx_report import validate_onnx
+    from kvp_validate.options import OPTIONS
+
+    measure = {o.name: tuple(x) if isinstance(x := getattr(config, o.name), list) else x for o in OPTIONS}
+    validate_onnx(onnx, out, variants=variants, checks=tuple(config.checks), tolerances=config.tolerances,
+                  progress=progress, allow_unsafe_execution=allow_unsafe_execution, **measure)
+
+
+def _validate_coreml(coreml: Path, out: Path, config, *, progress: bool = False,
+                     allow_unsafe_execution: bool = False) -> None:
+    from kvp_validate.coreml import validate_coreml
+
+    validate_coreml(coreml, out, repeats=config)
+
+
+def _clear_shared() -> None:
+    from .predictor import shared
+
+    shared.clear()  # derive's activations (several GB) served the fit, or a cached fit needed none
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline. The function is called as
+    `function(**{param: folder for param, output in inputs}, out=FOLDER, config=SECTION, **args(recipe),
+    progress=..., **extra)`; the stage's key hashes exactly the inputs' manifests, the section and
+    the args (with the files that `paths` names fingerprinted), and the package version. `extra`
+    (progress, sharing, the sandbox opt-in) changes how a stage runs, not what it writes."""
+
+    name: str  # the stage folder's prefix and its name in run.json
+    inputs: dict[str, str]  # the function's parameter -> the output of an earlier stage it reads
+    section: Callable[[Recipe], Any]  # the config it receives: a recipe section, unchanged
+    function: str  # "module:function", imported when the stage runs (torch stays unloaded until then)
+    output: str  # what later stages call its folder
+    args: Callable[[Recipe], dict] = lambda r: {}
+    paths: tuple[str, ...] = ()  # dotted keys of args / "config." whose strings name files or corpora
+    when: Callable[[Recipe], bool] = lambda r: True
+    expect: str | None = None  # the manifest's stage, for a complete folder
+    marker: str = "manifest.json"
+    extra: Callable[[Runner], dict] = lambda runner: {}
+    after: Callable[[], None] | None = None
+
+
+def _calib(r: Recipe) -> DataConfig:
+    return DataConfig(calib=r.data.calib, calib_tokens=r.data.calib_tokens)
+
+
+STAGES = (
+    Stage("derive", {}, lambda r: r.aux, "kvp_export.derive:derive", "aux",
+          args=lambda r: {"base": r.base, "data": _calib(r), "seed": r.seed},
+          paths=("base", "config.sibling", "data.calib"), expect="aux", extra=lambda runner: {"share": True}),
+    Stage("fit", {"aux": "aux"}, lambda r: r.fit, "kvp_export.predictor.fit:fit", "predictor",
+          args=lambda r: {"data": _calib(r), "seed": r.seed}, paths=("data.calib",), expect="predictor",
+          after=_clear_shared),
+    Stage("train", {"predictor": "predictor"}, lambda r: r.train, "kvp_export.train:train", "predictor",
+          args=lambda r: {"data": list(r.data.calib), "seed": r.seed}, paths=("data",),
+          when=lambda r: r.predictor.method == "train", expect="predictor", extra=lambda runner: {"resume": True}),
+    Stage("onnx", {"predictor": "predictor"}, lambda r: r.export.onnx, "kvp_export.export.onnx_stage:export", "onnx",
+          args=lambda r: {"heldout": list(r.data.heldout), "seed": r.seed}, paths=("heldout",),
+          when=lambda r: r.export.onnx.enabled, expect="onnx"),
+    Stage("coreml", {"predictor": "predictor"}, lambda r: r.export.coreml, "kvp_export.export.coreml.export:export_coreml",
+          "coreml", args=lambda r: {"heldout": list(r.data.heldout), "seed": r.seed}, paths=("heldout",),
+          when=lambda r: r.export.coreml.enabled, expect="coreml"),
+    Stage("validate-onnx", {"onnx": "onnx"}, lambda r: r.validate.model_copy(update={"gates": Gates()}),
+          "kvp_export.run:_validate_onnx", "report-onnx", args=lambda r: {"variants": r.onnx_variants()},
+          when=lambda r: r.validate.enabled and r.export.onnx.enabled, marker="report.json",
+          extra=lambda runner: {"allow_unsafe_execution": runner.allow_unsafe_execution}),
+    Stage("validate-coreml", {"coreml": "coreml"}, lambda r: r.validate.repeats, "kvp_export.run:_validate_coreml",
+          "report-coreml", when=lambda r: r.validate.enabled and r.export.coreml.enabled, marker="report.json"),
+)
+
+
+def _get(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _key_parts(stage: Stage, inputs: dict[str, Path], config: Any, args: dict) -> dict:
+    """What the stage's function receives, as its key sees it: input folders by their manifests,
+    the section and args as JSON, and every named file or corpus by its fingerprint."""
+    received = {"config": config.model_dump(mode="json") if hasattr(config, "model_dump") else config,
+                **{k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in args.items()}}
+    files = {}
+    for dotted in stage.paths:
+        value = _get(received, dotted)
+        files[dotted] = [_fingerprint(p) for p in value] if isinstance(value, list) else _fingerprint(value)
+    return {"inputs": {k: _manifest_hash(f) for k, f in inputs.items()}, "received": received, "files": files}
+
+
 class Runner:
     def __init__(self, recipe: Recipe, run_dir: Path, *, progress: bool = False, force: bool = False,
                  allow_unsafe_execution: bool = False):
@@ -108,24 +210,24 @@ class Runner:
 
     # ------------------------------------------------------------------ one cached stage
 
-    def stage(self, name: str, parts: list, fn, *, marker: str = "manifest.json", expect: str | None = None) -> Path:
-        key = section_hash(name, __version__, *parts)[:12]
+    def stage(self, name: str, parts: Any, fn, *, marker: str = "manifest.json", expect: str | None = None) -> Path:
+        key = section_hash(name, __version__, parts)[:12]
         folder = self.stages_dir / f"{name}-{key}"
         t = time.perf_counter()
         if folder.exists() and not self.force and _complete(folder, marker, expect):
             status = "cached"
-            _say(f"{name}: cached ({folder.relative_to(self.run_dir)})")
+            log.info(f"{name}: cached ({folder.relative_to(self.run_dir)})")
         else:
             if folder.exists():
-                _say(f"{name}: {folder.name} is incomplete or forced; redoing it")
+                log.info(f"{name}: {folder.name} is incomplete or forced; redoing it")
                 shutil.rmtree(folder)
-            _say(f"{name}: running -> {folder.relative_to(self.run_dir)}")
+            log.info(f"{name}: running -> {folder.relative_to(self.run_dir)}")
             self.stages_dir.mkdir(parents=True, exist_ok=True)
             fn(folder)
             status = "ran"
         s = StageResult(name, key, str(folder.relative_to(self.run_dir)), status, round(time.perf_counter() - t, 2))
         if status == "ran":
-            _say(f"{name}: done in {s.seconds:.1f} s")
+            log.info(f"{name}: done in {s.seconds:.1f} s")
         self.result.stages.append(s)
         self.write_summary(final=False)
         return folder
@@ -133,110 +235,35 @@ class Runner:
     # ------------------------------------------------------------------ the pipeline
 
     def run(self) -> RunResult:
-        r, seed = self.r, self.r.seed
+        r = self.r
         if r.validate.enabled and "humaneval" in r.validate.checks:  # refused before any stage, not hours later
             from kvp_validate.sandbox import layers
 
             layers(self.allow_unsafe_execution)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(r.dump(), sort_keys=False))
-        calib = list(r.data.calib)
-        calib_fp = [_fingerprint(p) for p in calib]
-        heldout = list(r.data.heldout)
-        heldout_fp = [_fingerprint(p) for p in heldout]
+        outputs: dict[str, Path] = {}
+        for st in STAGES:
+            if not st.when(r):
+                continue
+            inputs = {param: outputs[out] for param, out in st.inputs.items()}
+            config, args = st.section(r), st.args(r)
+            function = _function(st.function)
 
-        def do_derive(out: Path) -> None:
-            from .derive import derive
+            def call(folder: Path, st=st, inputs=inputs, config=config, args=args, function=function) -> None:
+                function(**inputs, out=folder, config=config, **args, progress=self.progress, **st.extra(self))
 
-            a = r.aux
-            derive(out, base=r.base, keep=a.keep, layers=a.layers, select=a.select, heal=a.heal,
-                   sibling=a.sibling, calib=calib, calib_tokens=r.data.calib_tokens, distill_epochs=a.distill_epochs,
-                   distill_lr=a.distill_lr, seed=seed, share=True, progress=self.progress)
-
-        aux = self.stage("derive", [r.base, _fingerprint(r.base), _fingerprint(r.aux.sibling), r.aux.model_dump(),
-                                    calib_fp, r.data.calib_tokens, seed], do_derive, expect="aux")
-
-        def do_fit(out: Path) -> None:
-            from .predictor.fit import fit
-
-            f = r.fit
-            fit(aux, out, input_mode=f.input, sink_len=f.sink, sources=f.sources, calib=calib,
-                calib_tokens=r.data.calib_tokens, seed=seed, progress=self.progress)
-
-        pred = self.stage("fit", [r.fit.model_dump(), _manifest_hash(aux), calib_fp, r.data.calib_tokens, seed],
-                          do_fit, expect="predictor")
-        from .predictor import shared
-
-        shared.clear()  # derive's activations (several GB) served the fit, or a cached fit needed none
-
-        if r.predictor.method == "train":
-            def do_train(out: Path) -> None:
-                from .train import train
-
-                t = r.train.model_dump()
-                train(out, predictor=pred, data=calib, checkpoint_dir=out.with_name(out.name + ".ckpt"),
-                      resume=True, seed=seed, progress=self.progress, **t)
-
-            pred = self.stage("train", [r.train.model_dump(), _manifest_hash(pred), calib_fp, seed], do_train,
-                              expect="predictor")
-
-        onnx_dir = coreml_dir = None
-        if r.export.onnx.enabled:
-            def do_onnx(out: Path) -> None:
-                from .export.onnx_export import export_onnx
-
-                o = r.export.onnx
-                export_onnx(pred, out, variants=r.onnx_variants(), block_size=o.block_size,
-                            accuracy_level=o.accuracy_level, int8_method=o.int8_method, int4_method=o.int4_method,
-                            eval_n=o.eval_n, prompt_len=o.prompt_len, cont_len=o.cont_len, heldout=heldout,
-                            seed=seed, progress=self.progress)
-
-            onnx_dir = self.stage("onnx", [r.export.onnx.model_dump(), _manifest_hash(pred), heldout_fp, seed],
-                                  do_onnx, expect="onnx")
-        if r.export.coreml.enabled:
-            def do_coreml(out: Path) -> None:
-                from .export.coreml.export import export_coreml
-
-                c = r.export.coreml
-                export_coreml(pred, out, context=c.context, prompt_lengths=c.prompt_lengths, targets=c.targets,
-                              compressions=c.compress, block_size=c.block_size, group_size=c.group_size,
-                              heldout=heldout, seed=seed, progress=self.progress)
-
-            coreml_dir = self.stage("coreml", [r.export.coreml.model_dump(), _manifest_hash(pred), heldout_fp, seed],
-                                    do_coreml, expect="coreml")
-
-        reports: dict[str, dict] = {}
-        v = r.validate
-        if v.enabled and onnx_dir is not None:
-            gates = r.onnx_gates()
-
-            def do_validate(out: Path) -> None:
-                from kvp_validate.onnx_report import validate_onnx
-
-                validate_onnx(onnx_dir, out, variants=r.onnx_variants(), checks=tuple(v.checks), gates=gates,
-                              threads=v.threads, quality_n=v.quality_n, greedy_tokens=v.greedy_tokens,
-                              lengths=tuple(v.lengths), batches=tuple(v.batches), warmup=v.warmup, repeats=v.repeats,
-                              humaneval_limit=v.humaneval_limit, tolerances=v.tolerances,
-                              coldstart_lengths=tuple(v.coldstart_lengths), progress=self.progress,
-                              allow_unsafe_execution=self.allow_unsafe_execution)
-
-            section = v.model_dump(exclude={"gates"})
-            folder = self.stage("validate-onnx", [section, _manifest_hash(onnx_dir)], do_validate,
-                                marker="report.json")
-            reports["onnx"] = self._gate(folder, gates)
-        if v.enabled and coreml_dir is not None:
-            def do_validate_coreml(out: Path) -> None:
-                from kvp_validate.coreml import validate_coreml
-
-                validate_coreml(coreml_dir, out, repeats=v.repeats)
-
-            folder = self.stage("validate-coreml", [v.repeats, _manifest_hash(coreml_dir)], do_validate_coreml,
-                                marker="report.json")
-            payload = json.loads((folder / "report.json").read_text())
-            if v.gates.parity:
-                self.result.gates.append({"gate": "coreml.ok==1", "key": "coreml.ok", "value": float(payload["ok"]),
-                                          "ok": bool(payload["ok"])})
-            reports["coreml"] = payload
+            outputs[st.output] = self.stage(st.name, _key_parts(st, inputs, config, args), call, marker=st.marker,
+                                            expect=st.expect)
+            if st.after is not None:
+                st.after()
+        gates = r.onnx_gates() if "report-onnx" in outputs else []
+        if gates:
+            self._gate(outputs["report-onnx"], gates)
+        if "report-coreml" in outputs and r.validate.gates.parity:
+            payload = json.loads((outputs["report-coreml"] / "report.json").read_text())
+            self.result.gates.append({"gate": "coreml.ok==1", "key": "coreml.ok", "value": float(payload["ok"]),
+                                      "ok": bool(payload["ok"])})
         self.result.seconds = round(time.perf_counter() - self.t0, 2)
         self.write_summary(final=True)
         self.write_report()

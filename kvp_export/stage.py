@@ -16,11 +16,9 @@ import torch
 
 from . import data
 from .artifacts import sha256_bytes, sha256_dir, sha256_file
+from .config import SEQ_LEN, check_mix
 from .errors import KvpError
 from .models import ZOO
-
-SEQ_LEN = 256
-CALIB_TOKENS = 100_000  # 30k -> 90k tokens moved KVP NLL 2.90 -> 2.71 here (keep 0.5)
 
 
 class Clock:
@@ -111,8 +109,7 @@ def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split
     if name is not None:
         from . import corpus
 
-        if mix != "default":
-            raise KvpError(f"the data mix '{mix}' chooses among the default corpora; it does not apply to '{name}'")
+        check_mix(paths, mix)
         rows, description = corpus.sequences(name, tokenizer, split, seq_len, n_tokens)
         seqs, digest = (rows if stream else rows.tensor()), rows.sha256()
     else:

@@ -19,8 +19,8 @@ import torch
 from conftest import one_thread
 from test_cli import kvp, ok, user_error
 
-from kvp_export.export.coreml import checks, stateful
 from kvp_export.errors import KvpError
+from kvp_export.export.coreml import checks, stateful
 from kvp_export.export.coreml.export import export_coreml
 from kvp_export.runtime.pipeline import KVPPipeline
 from kvp_validate import coreml as vc
@@ -32,8 +32,8 @@ def exported(built, assets, tmp_path_factory):
     """Both targets, fp16 and int8 (module-scoped: conversion takes seconds per package)."""
     out = tmp_path_factory.mktemp("coreml") / "export"
     with one_thread():
-        return export_coreml(built["pred"], out, context=64, prompt_lengths=(8, 16), compressions=("fp16", "int8"),
-                             heldout=[str(assets["corpus"])], progress=False)
+        return export_coreml(built["pred"], out, context=64, prompt_lengths=(8, 16), targets=("ios18", "ios17"),
+                             compress=("fp16", "int8"), heldout=[str(assets["corpus"])], progress=False)
 
 
 def manifest(folder) -> dict:
@@ -51,7 +51,7 @@ def test_converted_modules_match_the_hf_path(assets, tmp_path, input_mode, sink_
     from kvp_export.predictor.fit import fit
 
     aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="none", progress=False)
-    pred = fit(aux, tmp_path / "pred", input_mode=input_mode, sink_len=sink_len, calib=[str(assets["corpus"])],
+    pred = fit(aux, tmp_path / "pred", input=input_mode, sink=sink_len, calib=[str(assets["corpus"])],
                calib_tokens=2048, progress=False)
     pipe = KVPPipeline.from_predictor(pred)
     prefill, decode = stateful.build(pipe.base, pipe.aux, pipe.predictor, sink_len, 48, is_stateful)
@@ -83,7 +83,7 @@ def test_layout_manifest_and_checks(exported):
     m = manifest(exported)
     assert m["stage"] == "coreml" and set(m["variants"]) == {"ios18-fp16", "ios18-int8", "ios17-fp16", "ios17-int8"}
     assert m["model"]["cache_shape"] == [4, 1, 2, 64, 16] and m["model"]["prompt_lengths"] == [8, 16]
-    for key, v in m["variants"].items():
+    for v in m["variants"].values():
         for p in v["packages"].values():
             assert (exported / p["path"]).is_dir() and p["bytes"] == mlpackage.package_bytes(exported / p["path"])
         assert v["weights"]["ok"] and not v["weights"]["unmatched"] and v["weights"]["compared"] > 10
@@ -151,7 +151,7 @@ def test_lint_flags_fp32_compute_and_ranged_shapes(tmp_path):
 def test_compressed_int4_and_palettized(built, assets, tmp_path):
     with one_thread():
         out = export_coreml(built["pred"], tmp_path / "c", context=32, prompt_lengths=(8,), targets=("ios18",),
-                            compressions=("int4", "palettize4"), heldout=[str(assets["corpus"])], progress=False)
+                            compress=("int4", "palettize4"), heldout=[str(assets["corpus"])], progress=False)
     m = manifest(out)
     ops = {k: v["packages"]["kvp"]["ops"]["decode"] for k, v in m["variants"].items()}
     assert ops["ios18-int4"].get("constexpr_blockwise_shift_scale") and ops["ios18-palettize4"].get(
@@ -167,7 +167,7 @@ def test_compressed_int4_and_palettized(built, assets, tmp_path):
 def test_validator_section_reports_linux_checks_and_leaves_macos_unmeasured(exported):
     s = vc.section(exported)
     assert s["ok"] and not s["macos"]["measured"] and "macOS" in s["macos"]["reason"]
-    for v, c in s["linux_checks"].items():
+    for c in s["linux_checks"].values():
         assert c["ok"] and c["spec"]["ok"] and c["weights"]["ok"] and c["numeric"]["float32"]["ok"]
     for per in s["macos"]["variants"].values():
         assert set(per) == set(vc.COMPUTE_UNITS)
@@ -210,11 +210,11 @@ def test_validate_coreml_cli_and_no_torch(exported, tmp_path):
 
 def test_bad_input_is_one_line_and_leaves_nothing(built, exported, tmp_path):
     pred, out = built["pred"], tmp_path / "out"
-    user_error(kvp("export", "coreml", "--predictor", pred, "--compress", "int4", "-o", out), "int4 .* needs iOS 18",
-               out)
+    user_error(kvp("export", "coreml", "--predictor", pred, "--target", "ios18", "--target", "ios17", "--compress", "int4",
+                   "-o", out), "int4 .* needs iOS 18", out)
     user_error(kvp("export", "coreml", "--predictor", pred, "--target", "ios17", "--compress", "palettize4", "-o", out),
                "palettize4 .* needs iOS 18", out)
-    user_error(kvp("export", "coreml", "--predictor", pred, "--context", "512", "-o", out),
+    user_error(kvp("export", "coreml", "--predictor", pred, "--context", "512", "--prompt-lengths", "8,16", "-o", out),
                "context 512 is longer than the base supports \\(256\\)", out)
     user_error(kvp("export", "coreml", "--predictor", pred, "--context", "64", "--prompt-lengths", "8,64", "-o", out),
                "leaves no room to generate", out)

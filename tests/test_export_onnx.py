@@ -61,7 +61,7 @@ def test_kvp_modules_match_the_pytorch_runtime(assets, tmp_path, input_mode, sin
 
     calib = [str(assets["corpus"])]
     aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="none", progress=False)
-    pred = fit(aux, tmp_path / "pred", input_mode=input_mode, sink_len=sink_len, calib=calib, calib_tokens=2048,
+    pred = fit(aux, tmp_path / "pred", input=input_mode, sink=sink_len, calib=calib, calib_tokens=2048,
                progress=False)
     pipe = KVPPipeline.from_predictor(pred)
     ids = torch.randint(3, 100, (2, 14))
@@ -100,11 +100,10 @@ def test_graph_flops_match_the_analytic_count(exported, assets):
     """The exported base prefill does what the analytic model counts (projections, attention, last-token head),
     except that the graph computes the full square of attention scores where the analytic count
     takes the causal half."""
-    from kvp_validate.ttft import poly
-
     from kvp_export import flops
     from kvp_export.models import load
     from kvp_export.models.arch import ArchSpec
+    from kvp_validate.ttft import poly
 
     m = json.loads((exported / "manifest.json").read_text())
     base, _ = load(str(assets["llama"]))
@@ -145,9 +144,8 @@ def test_parity_fp32_and_quantized_within_tolerance(exported):
 
 
 def test_onnx_generation_equals_pytorch_kvp_token_for_token(exported, built):
-    from kvp_validate.runtime import OnnxKVP, Sampling
-
     from kvp_export.runtime.pipeline import KVPPipeline
+    from kvp_validate.runtime import OnnxKVP, Sampling
 
     prompts = ["w1 w2 w3 w4 w5 w6 the fox def w7", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16"]
     want = KVPPipeline.from_predictor(built["pred"]).generate(prompts, max_new_tokens=10, mode="kvp")

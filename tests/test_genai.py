@@ -49,10 +49,9 @@ def test_every_variant_folder_is_a_genai_model_folder(exported):
 
 
 def test_genai_greedy_equals_our_runtime_and_transformers(exported, assets):
+    from kvp_export.models import load
     from kvp_validate.genai import GenaiBase
     from kvp_validate.runtime import OnnxKVP
-
-    from kvp_export.models import load
 
     base, tok = load(str(assets["llama"]))
     rt = OnnxKVP(exported, "fp32", threads=1)
@@ -164,9 +163,8 @@ def test_kvp_through_a_genai_decoder_pipeline_equals_our_kvp(exported, variant):
     """genai 0.18's decoder-pipeline: the prompt stage is KVP (kvp_prefill + the base's first
     step), the token stage base_decode; first token and greedy continuation equal our runtime's
     KVP path (and differ from the base's, so the prompt stage really ran)."""
-    from kvp_validate.runtime import OnnxKVP
-
     from kvp_export.export.genai_kvp import write_genai_kvp
+    from kvp_validate.runtime import OnnxKVP
 
     folder = write_genai_kvp(exported, variant)
     cfg = json.loads((folder / "genai_config.json").read_text())

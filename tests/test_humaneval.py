@@ -17,8 +17,16 @@ import pytest
 
 from kvp_validate import sandbox
 from kvp_validate.errors import ValidationError
-from kvp_validate.humaneval import (STOP_STRINGS, check, check_all, evaluate_completions, load_problems,
-                                    pass_at_k, run_humaneval, truncate)
+from kvp_validate.humaneval import (
+    STOP_STRINGS,
+    check,
+    check_all,
+    evaluate_completions,
+    load_problems,
+    pass_at_k,
+    run_humaneval,
+    truncate,
+)
 from kvp_validate.sandbox import run_sandboxed
 
 # Rebuilds the posix module, whose fresh copy has the real fork: the guard is bypassed, and

@@ -28,8 +28,8 @@ from kvp_export.models import (
     load,
     pull,
     resolve,
+    zoo,
 )
-from kvp_export.models import zoo
 
 WORDS = ["<unk>", "<s>", "</s>", "def", "return", "the", "fox", "(", ")", ":", "x", "1"]
 

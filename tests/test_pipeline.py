@@ -101,7 +101,7 @@ def test_derive_fit_generate_eval(assets, tmp_path, family):
     reloaded = AutoModelForCausalLM.from_pretrained(aux)
     assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == family
 
-    pred = fit(aux, tmp_path / "pred", sink_len=1, **calib_kw(assets))
+    pred = fit(aux, tmp_path / "pred", sink=1, **calib_kw(assets))
     pm = read_manifest(pred, "predictor")
     assert pm["layer_map"]["map"] == [0, 0, 1, 1] and pm["input_mode"] == "hidden" and pm["sink_len"] == 1
     assert len(pm["fit_report"]["alpha_k"]) == 4 and pm["calib_tokens"] == 2048 and pm["wall_seconds"] > 0
@@ -125,6 +125,24 @@ def test_derive_fit_generate_eval(assets, tmp_path, family):
                  "prefill GFLOPs", "FLOPs ratio", "K rel. error", "Sink length: 1", "Stage wall times"):
         assert text in md
     assert read_manifest(rep, "report")["wall_seconds"] > 0
+
+
+def test_eval_uses_the_text_given_whole_unless_told_to_split(built, assets, tmp_path):
+    """Files given to eval are all evaluated; --heldout-split heldout (stated in --help) takes the
+    documents the calibration split of the same files leaves out."""
+    from click.testing import CliRunner
+
+    from kvp_export.cli import main
+
+    kw = dict(n=2, prompt_len=24, cont_len=8, greedy_tokens=2, heldout=[str(assets["corpus"])], progress=False)
+    whole = json.loads((run_eval(built["pred"], tmp_path / "whole", **kw) / "report.json").read_text())
+    assert whole["data"]["heldout"]["split"]["name"] == "whole" and whole["data"]["heldout"]["documents"] == 10
+    part = run_eval(built["pred"], tmp_path / "part", heldout_split="heldout", **kw)
+    held = json.loads((part / "report.json").read_text())["data"]["heldout"]
+    assert held["split"]["name"] == "heldout" and 1 <= held["documents"] < 10
+    assert read_manifest(part, "report")["recipe"]["heldout_split"] == "heldout"
+    help_text = " ".join(CliRunner().invoke(main, ["eval", "--help"]).output.split())
+    assert "--heldout-split [whole|heldout]" in help_text and "[default: whole]" in help_text
 
 
 @pytest.mark.parametrize(("kw", "kept"), [
@@ -169,14 +187,14 @@ def test_sibling_aux_uses_chunked_layer_map(assets, tmp_path):
     m = read_manifest(aux, "aux")
     assert m["family"] == "c" and m["layer_map"] == {"kind": "c", "map": [0, 0, 1, 1]}
     assert m["inputs"]["sibling"]["spec"] == str(assets["sibling"])
-    pred = fit(aux, tmp_path / "pred", input_mode="kv", **calib_kw(assets))
+    pred = fit(aux, tmp_path / "pred", input="kv", **calib_kw(assets))
     assert KVPredictor.load(pred).dims == {"in_k": 16, "in_v": 16, "out": 32}
     g = KVPPipeline.from_predictor(pred).generate(PROMPTS, max_new_tokens=3, mode="kvp")
     assert len(g.token_ids) == 2
 
 
 def test_fit_kv_input_and_sink(built, assets, tmp_path):
-    pred = fit(built["aux"], tmp_path / "pred", input_mode="kv", sink_len=2, **calib_kw(assets))
+    pred = fit(built["aux"], tmp_path / "pred", input="kv", sink=2, **calib_kw(assets))
     p = KVPredictor.load(pred)
     assert p.input_mode == "kv" and p.dims["in_k"] == 32
     assert read_manifest(pred, "predictor")["sink_len"] == 2

@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -346,8 +344,9 @@ def test_refused_without_an_os_sandbox_unless_opted_in(monkeypatch, tmp_path):
     with pytest.raises(KvpError, match="refusing"):
         run_humaneval(lambda prompts, n: calls.append(1), limit=1, progress=False)
     assert calls == []  # refused before generating
-    from kvp_validate.cli import validate_cmd
     from click.testing import CliRunner
+
+    from kvp_validate.cli import validate_cmd
 
     out = tmp_path / "report"
     res = CliRunner().invoke(validate_cmd, [str(tmp_path), "-o", str(out), "--check", "humaneval"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kvp_validate.errors import KvpError
 from kvp_validate.gates import Gate, evaluate, flatten
 from kvp_validate.runtime import Sampling

@@ -8,8 +8,13 @@ is the one exported (SHA-256) and covers the graphs' vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless asked to replace it (before any work starts)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise KvpError(f"output folder exists: {out} (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise KvpError(f"output path exists and is not a folder: {out}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder `.NAME.partial-*` that becomes `out` only if the block
+    succeeds: an interrupted or failed writer leaves nothing half-written at `out`. Every
+    artifact folder (stages, reports, checkpoints, caches) is written through this."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_manifest(folder: str | Path, label: str = "") -> dict:

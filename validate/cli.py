@@ -11,20 +11,36 @@ from pathlib import Path
 
 import click
 
-from .coldstart import LENGTHS as COLDSTART_LENGTHS
 from .errors import KvpError
 from .gates import GATE_FAILED
-from .onnx_report import CHECKS, DEFAULT_CHECKS
+from .options import CHECKS, DEFAULT_CHECKS, OPTIONS, Option
 
 
-def _ints(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return out
+def _ints(minimum: int):
+    def parse(ctx, param, value: str) -> tuple[int, ...]:
+        try:
+            out = tuple(int(x) for x in value.split(",") if x.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        if not out or min(out) < minimum:
+            raise click.BadParameter(f"expected integers >= {minimum}, got {value!r}")
+        return out
+
+    return parse
+
+
+def _option(o: Option) -> click.Option:
+    if o.kind is tuple:
+        return click.Option([o.flag], default=",".join(map(str, o.default)), show_default=True,
+                            callback=_ints(o.minimum), metavar="N,N,...", help=o.help)
+    return click.Option([o.flag], type=click.IntRange(min=o.minimum), default=o.default,
+                        show_default=o.default is not None, help=o.help)
+
+
+def measurement_options(f):
+    """The options of options.OPTIONS, in their order."""
+    f.__click_params__ = getattr(f, "__click_params__", []) + [_option(o) for o in reversed(OPTIONS)]
+    return f
 
 
 def _tolerances(values: tuple[str, ...]) -> dict:
@@ -50,33 +66,20 @@ def _tolerances(values: tuple[str, ...]) -> dict:
 @click.option("--gate", "gates", multiple=True, metavar="KEY OP VALUE",
               help="e.g. 'parity.*.ok==1' or 'ttft.fp32.1x512.kvp_speedup>=1.5'; exit 3 when one fails.")
 @click.option("--tol", "tols", multiple=True, metavar="VARIANT.METRIC=VALUE", help="Override a parity tolerance.")
-@click.option("--threads", default=2, show_default=True, help="onnxruntime intra-op threads (fixed for TTFT).")
-@click.option("--quality-n", type=int, help="Use only the first N held-out pairs (default: all exported).")
-@click.option("--greedy-tokens", default=16, show_default=True)
-@click.option("--lengths", default="128,512,1024", show_default=True, callback=_ints, help="TTFT prompt lengths.")
-@click.option("--batches", default="1,4,8", show_default=True, callback=_ints, help="TTFT batch sizes.")
-@click.option("--warmup", default=1, show_default=True)
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--humaneval-limit", type=int, help="HumanEval: only the first N problems (quick runs).")
-@click.option("--coldstart-lengths", default=",".join(map(str, COLDSTART_LENGTHS)), show_default=True, callback=_ints,
-              help="Cold start: prompt lengths (batch 1), each path and length in a fresh process.")
-@click.option("--coldstart-runs", default=1, show_default=True,
-              help="Cold start: fresh processes per point (median); one process's load time varies with the page cache.")
+@measurement_options
 @click.option("--allow-unsafe-execution", is_flag=True,
               help="HumanEval: execute generated code even where no OS sandbox (bubblewrap) is available, with only "
                    "rlimits and a Python guard (docs/sandbox.md).")
 @click.option("--junit", type=click.Path(path_type=Path), metavar="PATH",
               help="Also write JUnit XML: one test case per gate and per parity check (for CI).")
-def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
-                 lengths, batches, warmup, repeats, humaneval_limit, coldstart_lengths, coldstart_runs,
-                 allow_unsafe_execution, junit):
+def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, allow_unsafe_execution, junit, **measure):
     """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
 
     if export_stage(export_dir) == "coreml":
         from .coreml import validate_coreml
 
-        payload = validate_coreml(export_dir, out, repeats=repeats, overwrite=overwrite)
+        payload = validate_coreml(export_dir, out, repeats=measure["repeats"], overwrite=overwrite)
         click.echo((Path(out) / "report.md").read_text(), nl=False)
         _junit(junit, payload)
         if not payload.get("ok", True):
@@ -84,12 +87,9 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
         return
 
     payload = validate_onnx(export_dir, out, variants=list(variants) or None,
-                            checks=tuple(checks) or DEFAULT_CHECKS, gates=list(gates),
-                            threads=threads, quality_n=quality_n, greedy_tokens=greedy_tokens, lengths=lengths,
-                            batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
-                            tolerances=_tolerances(tols), coldstart_lengths=coldstart_lengths,
-                            coldstart_runs=coldstart_runs, overwrite=overwrite,
-                            progress=sys.stderr.isatty(), allow_unsafe_execution=allow_unsafe_execution)
+                            checks=tuple(checks) or DEFAULT_CHECKS, gates=list(gates), tolerances=_tolerances(tols),
+                            overwrite=overwrite, progress=sys.stderr.isatty(),
+                            allow_unsafe_execution=allow_unsafe_execution, **measure)
     click.echo((Path(out) / "report.md").read_text(), nl=False)
     _junit(junit, payload)
     failed = [g for g in payload["gates"] if not g["ok"]]

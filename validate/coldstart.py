@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from .errors import KvpError
+from .options import DEFAULTS
 
 PATHS = ("base", "aux", "kvp", "auto")  # auto: the default mode, KVP from the export's crossover on
-LENGTHS = (128, 512)
+LENGTHS = DEFAULTS["coldstart_lengths"]
 
 
 def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = PATHS,
@@ -55,7 +56,7 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
             last = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise KvpError(f"cold start {variant} {path} 1x{n} failed: {last}")
         got.setdefault((path, n), []).append(json.loads(res.stdout.strip().splitlines()[-1]))
-    for (path, n), rs in got.items():
+    for rs in got.values():
         point = {k: (_median([r[k] for r in rs]) if k.endswith("_ms") and k != "graphs_ms" else rs[0][k])
                  for k in rs[0]}
         point["graphs_ms"] = {g: statistics.median(r["graphs_ms"][g] for r in rs) for g in rs[0]["graphs_ms"]}

@@ -11,28 +11,29 @@ import time
 from pathlib import Path
 
 from .artifact import OnnxArtifact
-from .coldstart import LENGTHS as COLDSTART_LENGTHS
 from .coldstart import run_coldstart
 from .errors import KvpError
 from .gates import Gate, evaluate, flatten
 from .machine import describe, machine
-from .parity import run_parity
+from .options import CHECKS, DEFAULT_CHECKS
+from .options import DEFAULTS as D
 from .parallel import plan, run_parallel
+from .parity import run_parity
 from .quality import quality_job
 from .report import md_table, write_report_folder
 from .ttft import run_ttft
 
 SESSION_MEMORY_FACTOR = 2  # a session holds its graphs' weights and their pre-packed copies
-CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval")
-DEFAULT_CHECKS = ("parity", "quality", "ttft", "coldstart")
+__all__ = ["CHECKS", "DEFAULT_CHECKS", "validate_onnx"]
 
 
 def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | None = None,
                   checks: tuple[str, ...] = DEFAULT_CHECKS, gates: list[str] | None = None,
-                  threads: int = 2, quality_n: int | None = None, greedy_tokens: int = 16,
-                  lengths=(128, 512, 1024), batches=(1, 4, 8), warmup: int = 1, repeats: int = 5,
-                  humaneval_limit: int | None = None, tolerances: dict | None = None,
-                  coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, coldstart_runs: int = 1,
+                  threads: int = D["threads"], quality_n: int | None = None,
+                  greedy_tokens: int = D["greedy_tokens"], lengths=D["lengths"], batches=D["batches"],
+                  warmup: int = D["warmup"], repeats: int = D["repeats"], humaneval_limit: int | None = None,
+                  tolerances: dict | None = None, coldstart_lengths: tuple[int, ...] = D["coldstart_lengths"],
+                  coldstart_runs: int = D["coldstart_runs"],
                   overwrite: bool = False,
                   progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload.
@@ -78,19 +79,19 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
         results["quality"] = {v: results["quality"][v] for v in variants}
     for v in variants:
         if "parity" in checks:
-            timed("parity", v, lambda: run_parity(art, v, threads, (tolerances or {}).get(v),
+            timed("parity", v, lambda v=v: run_parity(art, v, threads, (tolerances or {}).get(v),
                                                   fp32=results["parity"].get("fp32"), cache=fp32_outputs))
         if "ttft" in checks:
-            timed("ttft", v, lambda: run_ttft(art, v, lengths=lengths, batches=batches, threads=threads,
+            timed("ttft", v, lambda v=v: run_ttft(art, v, lengths=lengths, batches=batches, threads=threads,
                                               warmup=warmup, repeats=repeats, progress=progress))
         if "coldstart" in checks:
-            timed("coldstart", v, lambda: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
+            timed("coldstart", v, lambda v=v: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
                                                         repeats=min(repeats, 3), runs=coldstart_runs,
                                                         progress=progress))
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
 
-            timed("humaneval", v, lambda: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
+            timed("humaneval", v, lambda v=v: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
                                                              progress=progress, allow_unsafe=allow_unsafe_execution))
     metrics = flatten(_metrics(results))
     gate_results = evaluate(parsed, metrics)

@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from tqdm.auto import tqdm
 
 
-
 def available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .artifact import atomic_dir
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -50,15 +51,6 @@ def write_report(folder: str | Path, payload: dict, markdown: str) -> tuple[Path
 
 def write_report_folder(out: str | Path, payload: dict, markdown: str, overwrite: bool = False) -> Path:
     """Write report.json + report.md as the folder `out`, atomically (built aside, then renamed)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         write_report(tmp, payload, markdown)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 
 from ..data import Corpus, _check_split
+from ..log import get_logger
 from . import shards
-from .build import SPLIT_RULE, build_store, is_built, read_description, read_documents, say, store_dir
+from .build import SPLIT_RULE, build_store, is_built, read_description, read_documents, store_dir
 from .spec import SOURCES, SPLITS, CorpusSpec, register, source
+
+log = get_logger("data")
 
 __all__ = ["SOURCES", "CorpusSpec", "build_corpus", "corpus", "describe", "info", "register", "sequences"]
 
@@ -35,7 +38,7 @@ def _shards(name: str, tokenizer, progress: bool) -> tuple[Path, Path, dict]:
     store = build_store(source(name), progress=progress)
     folder = shards.shard_dir(store, tokenizer)
     if not folder.exists():
-        say(f"tokenizing the {name} corpus for this tokenizer (once; cached in {folder})")
+        log.info(f"tokenizing the {name} corpus for this tokenizer (once; cached in {folder})")
         shards.build_shards(store, tokenizer, progress=progress)
     return store, folder, read_description(store)
 

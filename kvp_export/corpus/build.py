@@ -30,19 +30,18 @@ from ..artifacts import atomic_dir, versions, write_json
 from ..cache import cache_dir
 from ..data import Document, content_sha256
 from ..errors import KvpError
+from ..log import get_logger
 from . import filters
 from .decontam import HumanEvalIndex
 from .fetch import fetch_all, remove_partials
 from .spec import SPLITS, CorpusSpec, Project
 
+log = get_logger("data")
+
 FILTERS_VERSION = 1  # bump when a rule changes: the corpus key changes with it
 DESCRIPTION, BUILD = "corpus.json", "build.json"
 ORDER = "within a split, documents sorted by the SHA-256 of their name (projects interleaved)"
 SPLIT_RULE = "by project, as pinned (--split=heldout); a held-out project never calibrates or trains"
-
-
-def say(msg: str) -> None:
-    print(f"kvp data: {msg}", file=sys.stderr, flush=True)
 
 
 def store_dir(spec: CorpusSpec) -> Path:
@@ -120,7 +119,7 @@ def build_store(spec: CorpusSpec, *, progress: bool = True, force: bool = False)
     t0 = time.perf_counter()
     remove_partials(folder.parent)
     remove_partials(cache_dir("sdists"))
-    sdists = fetch_all(spec, say)
+    sdists = fetch_all(spec)
     humaneval = HumanEvalIndex()
     filt = _Filter(humaneval)
     kept: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -133,7 +132,8 @@ def build_store(spec: CorpusSpec, *, progress: bool = True, force: bool = False)
         counts: Counter = Counter()
         chars = 0
         members = sorted(_files(sdists[p.name], lambda path: path.endswith(".py"),
-                                lambda path, size: ok and filters.path_reason(path, size) is None), key=lambda m: m[0])
+                                lambda path, size, ok=ok: ok and filters.path_reason(path, size) is None),
+                         key=lambda m: m[0])
         for path, size, raw in tqdm(members, desc=f"filtering {p.name}", unit="file", file=sys.stderr,
                                      disable=None if progress else True, leave=False):
             name = f"{p.name}/{path}"

@@ -24,7 +24,10 @@ from pathlib import Path
 from ..artifacts import sha256_file
 from ..cache import cache_dir
 from ..errors import HashMismatch, KvpError
+from ..log import get_logger
 from .spec import CorpusSpec, Project
+
+log = get_logger("data")
 
 _HOOKS = '''"""kvp-export metadata-only PEP 517 hooks: PKG-INFO becomes METADATA; nothing is built."""
 import email
@@ -111,14 +114,14 @@ def fetch(p: Project, spec: CorpusSpec, shim: Path) -> Path:
     return target
 
 
-def fetch_all(spec: CorpusSpec, say) -> dict[str, Path]:
+def fetch_all(spec: CorpusSpec) -> dict[str, Path]:
     """Every project's verified sdist, in spec order."""
     with tempfile.TemporaryDirectory(prefix="kvp-shim-") as tmp:
         shim = write_shim(Path(tmp))
         out = {}
         for i, p in enumerate(spec.projects, 1):
             if not sdist_path(p).is_file():
-                say(f"downloading {p.requirement} ({i}/{len(spec.projects)})")
+                log.info(f"downloading {p.requirement} ({i}/{len(spec.projects)})")
             out[p.name] = fetch(p, spec, shim)
     return out
 

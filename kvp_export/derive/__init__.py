@@ -12,79 +12,47 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output_dir, write_manifest
-from ..errors import KvpError
+from ..config import DataConfig, DeriveConfig, configure
 from ..models import DEFAULT_MODEL, check_same_tokenizer, load, resolve
 from ..models.arch import ArchSpec
 from ..predictor.layermap import c_map, lp_map
-from ..stage import (CALIB_TOKENS, Clock, calibration, check_paths, check_positive, compute_device, model_ref,
-                     seed_all)
-from .heal import METHODS as HEAL_METHODS
+from ..stage import Clock, calibration, check_paths, compute_device, model_ref, seed_all
 from .heal import heal as heal_aux
 from .prune import check_layers, importance_layers, prune, regular_layers
 
-KEEP = 0.5
-SELECTS = ("regular", "importance")
 
-
-def check_recipe(keep: float | None, layers: list[int] | None, select: str, heal: str | None,
-                 sibling: str | None) -> tuple[float | None, str]:
-    """Refuse contradictory or out-of-range options; returns (keep, heal) with defaults filled."""
-    if select not in SELECTS:
-        raise KvpError(f"unknown layer selection '{select}' (choose from {', '.join(SELECTS)})")
-    if sibling is not None:
-        if keep is not None or layers is not None or select != "regular":
-            raise KvpError("--sibling uses that model as it is: drop --keep, --layers and --select")
-        if heal not in (None, "none"):
-            raise KvpError("healing applies to a layer-pruned aux, not to a --sibling model")
-        return None, "none"
-    if layers is not None and (keep is not None or select != "regular"):
-        raise KvpError("give either --layers or --keep (with --select), not both")
-    if layers is None:
-        keep = KEEP if keep is None else keep
-        if not 0 < keep <= 1:
-            raise KvpError(f"keep ratio must be in (0, 1], got {keep}")
-    heal = heal or "bridge"
-    if heal not in HEAL_METHODS:
-        raise KvpError(f"unknown healing method '{heal}' (choose from {', '.join(HEAL_METHODS)})")
-    return keep, heal
-
-
-def derive(out: str | Path, *, base: str = DEFAULT_MODEL, keep: float | None = None,
-           layers: list[int] | None = None, select: str = "regular", heal: str | None = None,
-           sibling: str | None = None, calib: list[str] | None = None, calib_tokens: int = CALIB_TOKENS,
-           distill_epochs: int = 2, distill_lr: float = 1e-4, overwrite: bool = False, seed: int = 0,
-           share: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = DEFAULT_MODEL,
+           data: DataConfig | None = None, overwrite: bool = False, seed: int = 0, share: bool = False,
+           progress: bool = True, **options) -> Path:
     """Write the auxiliary model folder `out` and return it.
 
-    Layer-pruned by default (keep 0.5, bridge healing); `sibling` takes an existing smaller
-    model instead. Calibration text is read only when healing or importance needs it. `share`
+    `config` (or `options`, its fields by name, e.g. keep=0.25; `data`'s too: calib=[...]) says
+    how: layer-pruned by default (keep 0.5, bridge healing), or an existing smaller `sibling`.
+    Calibration text (`data.calib`) is read only when healing or importance needs it. `share`
     leaves healing's activations for a fit in the same process (predictor/shared.py; `kvp run`).
-    `device` "cuda" runs importance and healing on the GPU (same float32 math; the saved aux
-    is the same up to rounding).
     """
     clock = Clock()
     out = check_output_dir(out, overwrite)
-    keep, heal = check_recipe(keep, layers, select, heal, sibling)
-    check_positive(calib_tokens=calib_tokens, distill_epochs=distill_epochs)
-    if not distill_lr > 0:
-        raise KvpError(f"distill-lr must be > 0, got {distill_lr}")
-    check_paths(calib, "calibration")
+    cfg, data = configure(options, (DeriveConfig, config), (DataConfig, data))
+    keep, heal = cfg.keep_ratio, cfg.healing
+    check_paths(data.calib, "calibration")
     seed_all(seed)
     with clock.step("load"):
         base_dir = resolve(base)
         base_model, tok = load(base_dir)
     inputs = {"base": model_ref(base, base_dir)}
-    recipe = {"keep": keep, "layers": layers, "select": select, "heal": heal, "seed": seed}
+    recipe = {"keep": keep, "layers": cfg.layers, "select": cfg.select, "heal": heal, "seed": seed}
     if heal == "distill":
-        recipe.update(distill_epochs=distill_epochs, distill_lr=distill_lr)
-    if sibling is not None:
-        aux, fields = _sibling(base_model, tok, sibling, inputs, clock)
+        recipe.update(distill_epochs=cfg.distill_epochs, distill_lr=cfg.distill_lr)
+    if cfg.device != "cpu":
+        recipe["device"] = cfg.device
+    if cfg.sibling is not None:
+        aux, fields = _sibling(base_model, tok, cfg.sibling, inputs, clock)
     else:
-        aux, fields = _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock,
-                                    progress, heal=heal, distill_epochs=distill_epochs, distill_lr=distill_lr,
-                                    share=share, device=device)
-    if device != "cpu":
-        recipe["device"] = device
+        aux, fields = _layer_pruned(base_model, tok, keep, cfg.layers, cfg.select, data.calib or None,
+                                    data.calib_tokens, inputs, clock, progress, heal=heal,
+                                    distill_epochs=cfg.distill_epochs, distill_lr=cfg.distill_lr, share=share,
+                                    device=cfg.device)
     with clock.step("save"), atomic_dir(out, overwrite=overwrite) as tmp:
         aux.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -114,7 +82,7 @@ def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, in
     if heal_args["heal"] != "none" or select == "importance":
         with clock.step("calibration"):
             seqs, inputs["calibration"] = calibration(tok, base_model, calib, calib_tokens)
-    with compute_device(heal_args["device"]) as dev:
+    with compute_device(heal_args["device"]) as dev:  # "cuda": importance and healing on the GPU
         base_model.to(dev)
         seqs = seqs.to(dev) if seqs is not None else None
         if select == "importance":

@@ -23,13 +23,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Heal, choices
 from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
 from ..predictor import shared
 from ..predictor.features import capture
 
-METHODS = ("none", "bridge", "distill")
+METHODS = choices(Heal)
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 

@@ -13,36 +13,41 @@ from kvp_validate.report import write_report
 
 from .. import data
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
+from ..config import EvalConfig, configure
 from ..distributed import resolve_device
 from ..errors import KvpError
 from ..runtime.kvp import check_context
 from ..runtime.pipeline import KVPPipeline
-from ..stage import Clock, check_paths, check_positive, compute_device, seed_all
+from ..stage import Clock, check_paths, compute_device, seed_all
 from .quality import evaluate
 from .render import markdown
 
 
-def run_eval(predictor: str | Path, out: str | Path, *, aux: str | None = None, base: str | None = None,
-             n: int = 64, prompt_len: int = 192, cont_len: int = 64, greedy_tokens: int = 32,
-             heldout: list[str] | None = None, batch: int = 8, overwrite: bool = False, seed: int = 0,
-             device: str = "cpu", progress: bool = True) -> Path:
+def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None = None, *, aux: str | None = None,
+             base: str | None = None, heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0,
+             progress: bool = True, **options) -> Path:
     """Evaluate `predictor` (a fit folder) on n held-out (prompt, continuation) pairs; write folder `out`.
 
-    `device` "cuda" runs every path on the GPU, in float32 as on the CPU."""
+    `config` (or `options`, its fields by name, e.g. n=8) says how many pairs of which lengths.
+    Files given as `heldout` are evaluated whole unless `heldout_split` is "heldout". `device`
+    "cuda" runs every path on the GPU, in float32 as on the CPU."""
     clock = Clock()
     out = check_output_dir(out, overwrite)
-    check_positive(n=n, prompt_len=prompt_len, cont_len=cont_len, greedy_tokens=greedy_tokens, batch=batch)
+    (cfg,) = configure(options, (EvalConfig, config))
+    n, prompt_len, cont_len, greedy_tokens, batch = cfg.n, cfg.prompt_len, cfg.cont_len, cfg.greedy_tokens, cfg.batch
     check_paths(heldout, "held-out")
     seed_all(seed)
     with clock.step("load"):
-        pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, device=resolve_device(device))
+        pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, device=resolve_device(cfg.device))
     if prompt_len < pipe.sink_len + 2:
         raise KvpError(f"prompt-len must be >= {pipe.sink_len + 2} (sink {pipe.sink_len} + one predicted + the last)")
     with clock.step("data"):
-        corpus = data.corpus_from_spec(list(heldout) if heldout else None, "heldout")
+        user_files = bool(heldout) and data.named_source(heldout) is None
+        split = cfg.heldout_split if user_files else "heldout"
+        corpus = data.corpus_from_spec(list(heldout) if heldout else None, split)
         prompts, conts = data.eval_pairs(pipe.tokenizer, corpus, n, prompt_len, cont_len)
     check_context(pipe.base, prompts, extra=max(cont_len, greedy_tokens))
-    with clock.step("evaluate"), compute_device(device) as dev:
+    with clock.step("evaluate"), compute_device(cfg.device) as dev:
         results = evaluate(pipe.base, pipe.aux, pipe.predictor, prompts.to(dev), conts.to(dev),
                            sink_len=pipe.sink_len, greedy_tokens=greedy_tokens, batch=batch, progress=progress)
     timing = clock.record()
@@ -51,8 +56,8 @@ def run_eval(predictor: str | Path, out: str | Path, *, aux: str | None = None, 
         write_report(tmp, payload, markdown(payload))
         write_manifest(tmp, "report", inputs={"predictor": payload["predictor"], "heldout": corpus.description},
                        recipe={"n": n, "prompt_len": prompt_len, "cont_len": cont_len,
-                               "greedy_tokens": greedy_tokens, "seed": seed,
-                               **({"device": device} if device != "cpu" else {})},
+                               "greedy_tokens": greedy_tokens, "heldout_split": split, "seed": seed,
+                               **({"device": cfg.device} if cfg.device != "cpu" else {})},
                        calib_tokens=0, heldout_tokens=int(prompts.numel() + conts.numel()), **timing)
     return out
 

@@ -33,32 +33,20 @@ from pathlib import Path
 
 import onnx
 
+from ..config import OnnxConfig
 from ..errors import KvpError
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
 
-VARIANTS = ("fp32", "int8", "int4")
-INT8_METHODS = ("dynamic", "weight-only")
-INT4_METHODS = ("hqq", "rtn")
 # MatMuls (by traced module name) whose inputs carry the sink's massive activations
 OUTLIER_MATMULS = ("down_proj", "/qkv/", "/final/")
 
 
 def check_variants(variants, block_size: int, accuracy_level: int, int8_method: str = "dynamic",
                    int4_method: str = "hqq") -> list[str]:
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise KvpError(f"unknown ONNX variant '{bad[0]}' (choose from {', '.join(VARIANTS)})")
-    if "fp32" not in variants:
-        variants = ["fp32", *variants]  # the others are made from it, and parity is checked against it
-    if block_size < 16 or block_size & (block_size - 1):
-        raise KvpError(f"int4 block size must be a power of two >= 16, got {block_size}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise KvpError(f"int4 accuracy level must be 0-4, got {accuracy_level}")
-    if int8_method not in INT8_METHODS:
-        raise KvpError(f"unknown int8 method '{int8_method}' (choose from {', '.join(INT8_METHODS)})")
-    if int4_method not in INT4_METHODS:
-        raise KvpError(f"unknown int4 method '{int4_method}' (choose from {', '.join(INT4_METHODS)})")
-    return list(dict.fromkeys(variants))
+    """The variants to write, fp32 first (the others are made from it, and parity is checked
+    against it); the values are checked by the ONNX stage's config (config.OnnxConfig)."""
+    return OnnxConfig.make(variants=list(variants), block_size=block_size, accuracy_level=accuracy_level,
+                           int8_method=int8_method, int4_method=int4_method).all_variants()
 
 
 @contextlib.contextmanager

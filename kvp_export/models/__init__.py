@@ -11,6 +11,7 @@ __all__ = [
     "convert_gguf",
     "list_models",
     "load",
+    "load_tokenizer",
     "pull",
     "resolve",
 ]

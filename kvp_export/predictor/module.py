@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import InputMode, choices
 from ..errors import KvpError
 
-INPUT_MODES = ("hidden", "kv")
+INPUT_MODES = choices(InputMode)
 WEIGHTS = "predictor.safetensors"
 
 

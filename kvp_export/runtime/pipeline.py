@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
@@ -33,7 +34,6 @@ from ..predictor.module import KVPredictor
 from ..stage import ref_spec
 from .decode import Sampling, decode
 from .kvp import Prefilled, SinkCache, check_context, prefill_full, prefill_kvp
-
 
 MODES = ("auto", "kvp", "base")
 
@@ -167,13 +167,14 @@ class KVPPipeline:
         return found["prompt_len"], (time.perf_counter() - t0) if measured else 0.0
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
                  mode: str = "auto", prefix: str | None = None, warm_repeats: int = 0, crossover: int | None = -1,
                  stop: Callable[[list[list[int]]], list[bool]] | None = None) -> Generation:
         """Generate for a batch of prompts. With `prefix`, the whole prefix is the exact sink:
         its KV is computed by the base once and reused by every later call. `warm_repeats` more
         prefills of the same batch give the warm TTFT (their median) beside this call's. `crossover`
         (mode "auto"): KVP from this prompt length on; -1 measures it (once, cached), None: never."""
+        sampling = sampling or Sampling()
         check_sampling(max_new_tokens, sampling)
         if mode not in MODES:
             raise KvpError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")

@@ -26,20 +26,19 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
+from ..config import TOKENS, TrainConfig, configure
 from ..distributed import resolve_device, session
 from ..errors import KvpError
 from ..models import check_same_tokenizer, load, resolve
 from ..models.arch import ArchSpec
 from ..predictor.module import WEIGHTS, KVPredictor
-from ..stage import SEQ_LEN, Clock, calibration, check_paths, context_len, model_ref, ref_spec, seed_all, sequences
+from ..stage import Clock, calibration, check_paths, context_len, model_ref, ref_spec, seed_all, sequences
 from .batches import Batches
 from .checkpoint import Checkpoints, steps_in
 from .loop import Outcome, run
 from .loss import Trainee
-from .recipe import Recipe, check_options, eval_every_for, steps_for, warmup_for
+from .recipe import Recipe, check_call, eval_every_for, steps_for, warmup_for
 
-TOKENS = 1_000_000  # default budget when neither steps nor tokens is given
-EVAL_TOKENS = 16_384  # held-out tokens per evaluation (a few percent of a default run's compute)
 LOG = "train_log.jsonl"
 
 
@@ -68,47 +67,39 @@ def sources(predictor: str | Path | None, aux: str | Path | None, base: str | No
                    base or ref_spec(recorded))
 
 
-def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Path | None = None,
-          base: str | None = None, baseline: bool = False, steps: int | None = None, tokens: int | None = None,
-          batch: int = 8, accum: int = 1, seq_len: int = SEQ_LEN, lr: float = 1e-4, predictor_lr: float | None = None,
-          weight_decay: float = 0.0, warmup_steps: int | None = None, min_lr_ratio: float = 0.1, clip: float = 1.0,
-          lambda_c: float | None = None, z_loss: float = 0.0, kl: float | None = None, data: list[str] | None = None,
-          mix: str = "default", device: str = "auto", precision: str = "auto", activation_checkpointing: bool = False,
-          strategy: str = "ddp", checkpoint_every: int = 100, checkpoint_dir: str | Path | None = None,
-          resume: bool = False, stop_after: int | None = None, max_minutes: float | None = None,
-          finish_after: float | None = None, eval_every: int | None = None, eval_tokens: int = EVAL_TOKENS,
-          patience: int | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path | None:
+def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str | Path | None = None,
+          aux: str | Path | None = None, base: str | None = None, baseline: bool = False,
+          data: list[str] | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          stop_after: int | None = None, max_minutes: float | None = None, finish_after: float | None = None,
+          overwrite: bool = False, seed: int = 0,
+          progress: bool = True, **options) -> Path | None:
     """Train and write folder `out`; return it, or None when stopped early (stop_after /
     max_minutes) with a checkpoint to resume from.
 
-    `tokens` (default 1M, unless `steps` is given) is the budget over all processes; `batch`
-    is per process and micro-step. lambda_c defaults to 1 / base layers (the paper's better
-    setting). `resume` continues from the latest checkpoint if there is one; `max_minutes`
-    counts from the call's start (loading included), for machines that limit a command's time.
-    `finish_after` (minutes, from the same start) is a time budget instead: the run ends there
-    as if its last step were done and writes `out` (with the best held-out weights); the
-    manifest says `stopped: "time"`.
-    `eval_every` (default: a tenth of the steps; 0 is off) evaluates `eval_tokens` held-out
-    tokens; `patience` stops after that many evaluations without a new best.
+    `config` (or `options`, its fields by name, e.g. steps=100) holds the training choices
+    (config.TrainConfig: budget, optimizer, losses, evaluation); the keywords here say what to
+    start from and how this call runs. `data` is the training text (default: the calibration
+    split of the built-in corpus). `resume` continues from the latest checkpoint if there is
+    one; `max_minutes` counts from the call's start (loading included), for machines that limit
+    a command's time. `finish_after` (minutes, from the same start) is a time budget instead: the
+    run ends there as if its last step were done and writes `out` (with the best held-out
+    weights); the manifest says `stopped: "time"`.
     """
     clock = Clock()
     out = check_output_dir(out, overwrite)
-    if steps is None and tokens is None:
-        tokens = TOKENS
-    check_options(baseline=baseline, steps=steps, tokens=tokens, batch=batch, accum=accum, seq_len=seq_len, lr=lr,
-                  predictor_lr=predictor_lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                  min_lr_ratio=min_lr_ratio, clip=clip, lambda_c=lambda_c, z_loss=z_loss, kl=kl, precision=precision,
-                  strategy=strategy, mix=mix, data=data, checkpoint_every=checkpoint_every, stop_after=stop_after,
-                  max_minutes=max_minutes, eval_every=eval_every, eval_tokens=eval_tokens, patience=patience,
-                  finish_after=finish_after)
+    (cfg,) = configure(options, (TrainConfig, config))
+    check_call(cfg, baseline=baseline, data=data, stop_after=stop_after, max_minutes=max_minutes,
+               finish_after=finish_after)
     check_paths(data, "training data")
+    tokens = TOKENS if cfg.steps is None and cfg.tokens is None else cfg.tokens
+    batch, accum, seq_len, eval_tokens = cfg.batch, cfg.accum, cfg.seq_len, cfg.eval_tokens
     src = sources(predictor, aux, base, baseline)
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
     if steps_in(ckpt_dir) and not resume:
         raise KvpError(f"checkpoints of an earlier run are in {ckpt_dir}: pass --resume to continue it, or delete "
                        "that folder to start over")
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
 
     with session(dev) as world:
         seed_all(seed)
@@ -121,23 +112,25 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
             raise KvpError(f"seq-len must be >= {sink_len + 2} (sink {sink_len} + two predicted tokens)")
 
         tokens_per_step = batch * accum * world.size * seq_len
-        n_steps = steps_for(tokens, steps, tokens_per_step)
-        every = eval_every_for(eval_every, n_steps)
+        n_steps = steps_for(tokens, cfg.steps, tokens_per_step)
+        every = eval_every_for(cfg.eval_every, n_steps)
         if every and eval_tokens < seq_len:
             raise KvpError(f"eval-tokens ({eval_tokens}) is less than one sequence of {seq_len} tokens")
         recipe = Recipe(
             mode="baseline" if baseline else "kvp", steps=n_steps, batch=batch, accum=accum, seq_len=seq_len,
-            world_size=world.size, lr=lr, predictor_lr=predictor_lr or lr, weight_decay=weight_decay,
-            warmup_steps=warmup_for(warmup_steps, n_steps), min_lr_ratio=min_lr_ratio, clip=clip,
-            lambda_c=0.0 if baseline else (1 / sb.n_layers if lambda_c is None else lambda_c), z_loss=z_loss,
-            kl=kl or 0.0, sink_len=sink_len, precision="bf16" if bf16 else "fp32",
-            activation_checkpointing=activation_checkpointing, strategy=strategy, data=tuple(data or ()), mix=mix,
-            seed=seed, eval_every=every, eval_tokens=eval_tokens if every else 0, patience=patience or 0)
+            world_size=world.size, lr=cfg.lr, predictor_lr=cfg.predictor_lr or cfg.lr,
+            weight_decay=cfg.weight_decay, warmup_steps=warmup_for(cfg.warmup_steps, n_steps),
+            min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip,
+            lambda_c=0.0 if baseline else (1 / sb.n_layers if cfg.lambda_c is None else cfg.lambda_c),
+            z_loss=cfg.z_loss, kl=cfg.kl or 0.0, sink_len=sink_len, precision="bf16" if bf16 else "fp32",
+            activation_checkpointing=cfg.activation_checkpointing, strategy=cfg.strategy, data=tuple(data or ()),
+            mix=cfg.mix, seed=seed, eval_every=every, eval_tokens=eval_tokens if every else 0,
+            patience=cfg.patience or 0)
         with clock.step("data"):
-            seqs, data_desc = calibration(tok, base_model, data, n_steps * tokens_per_step, seq_len=seq_len, mix=mix,
-                                          stream=True)
+            seqs, data_desc = calibration(tok, base_model, data, n_steps * tokens_per_step, seq_len=seq_len,
+                                          mix=cfg.mix, stream=True)
             heldout, heldout_desc = (sequences(tok, base_model, data, eval_tokens, split="heldout", seq_len=seq_len,
-                                               mix=mix) if every else (None, None))
+                                               mix=cfg.mix) if every else (None, None))
         refs = {"base": model_ref(src.base, base_dir), "aux": model_ref(src.aux, src.aux)}
         if pred is not None:
             refs["predictor"] = {"path": str(src.predictor.resolve()),
@@ -154,7 +147,8 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
         base_model.to(dev)
         batches = Batches(seqs, recipe, world.rank)
         with clock.step("train"):
-            outcome = run(trainee, base_model, recipe, batches, world, dev, ckpts, checkpoint_every=checkpoint_every,
+            outcome = run(trainee, base_model, recipe, batches, world, dev, ckpts,
+                          checkpoint_every=cfg.checkpoint_every,
                           heldout=heldout, stop_after=stop_after, progress=progress,
                           deadline=clock.start + 60 * max_minutes if max_minutes else None,
                           finish=clock.start + 60 * finish_after if finish_after else None)
@@ -164,7 +158,7 @@ def train(out: str | Path, *, predictor: str | Path | None = None, aux: str | Pa
             training = {"tokens": outcome.step * tokens_per_step, "steps": outcome.step,
                         "unique_tokens": int(seqs.numel()), "epochs": batches.epochs(outcome.step),
                         "train_seconds": round(outcome.train_seconds, 3), "device": _device_name(dev),
-                        "world_size": world.size, "strategy": strategy if world.distributed else None,
+                        "world_size": world.size, "strategy": cfg.strategy if world.distributed else None,
                         "planned_steps": n_steps, "stopped": outcome.stop_reason,
                         "loss": summarize(outcome.history), "heldout": heldout_summary(outcome, recipe, heldout_desc)}
             if heldout_desc is not None:

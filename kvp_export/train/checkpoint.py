@@ -15,15 +15,13 @@ corrupt, and a checkpoint of another recipe or other inputs is refused as anothe
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import sha256_file, write_json
+from ..artifacts import atomic_dir, sha256_file, write_json
 from ..errors import KvpError
 from .recipe import Recipe
 
@@ -63,9 +61,7 @@ class Checkpoints:
 
     def save(self, step: int, weights: dict[str, torch.Tensor], state: dict,
              best: dict[str, torch.Tensor] | None = None) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{PREFIX}{step:08d}.partial-"))
-        try:
+        with atomic_dir(self.path(step), overwrite=True) as tmp:  # a partial one is `.{PREFIX}*` (clean_partial)
             # clones: safetensors refuses tensors that share memory (tied embeddings)
             save_file({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
             if best is not None:
@@ -74,10 +70,6 @@ class Checkpoints:
             files = (WEIGHTS, STATE) + ((BEST,) if best is not None else ())
             write_json(tmp / META, {"step": step, "recipe": self.recipe.to_dict(), "inputs": self.inputs,
                                     "files": {f: sha256_file(tmp / f) for f in files}})
-            os.replace(tmp, self.path(step))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in self.steps()[:-KEEP]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return self.path(step)

@@ -17,17 +17,23 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from tqdm.auto import tqdm
 
 from ..distributed import World
+from ..log import get_logger
 from ..models import arch
-from ..models.source import say
 from .batches import Batches
 from .checkpoint import Checkpoints
 from .loss import TERMS, Objective, Trainee
 from .recipe import Recipe
+
+log = get_logger()
 
 GRAD_CKPT = {"use_reentrant": False}  # non-reentrant: gradients reach tensors the hooks inject
 
@@ -200,7 +206,7 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
             held.evals, held.bad, held.best = state["evals"], state["bad_evals"], state.get("best_weights")
         _restore_rng(state["rng"])
         if world.main:
-            say(f"resuming from {latest} (step {start} of {recipe.steps})")
+            log.info(f"resuming from {latest} (step {start} of {recipe.steps})")
     def autocast():
         if recipe.precision == "bf16":
             return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -224,7 +230,7 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
             bar.update(1)
             bar.set_postfix_str(_describe(record, tok_s), refresh=False)
             if world.main and bar.disable and (step + 1) % log_every == 0:  # no bar: a line now and then
-                say(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
+                log.info(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
             finishing = (finish is not None and step + 1 < recipe.steps
                          and world.any(time.perf_counter() >= finish, device))
             if held is not None and (held.due(step + 1) or finishing):
@@ -233,19 +239,20 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
                     line = (f"held-out {recipe.metric} {e[recipe.metric]:.4g} at step {step + 1}"
                             f"{' (best)' if e['best'] else f' (best {held.best_eval[recipe.metric]:.4g})'}")
                     if bar.disable:
-                        say(line)
+                        log.info(line)
                     else:
                         bar.write(line, file=sys.stderr)
                 if held.exhausted() and not finishing:
                     if world.main:
-                        say(f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
-                            f"{recipe.patience} evaluations")
+                        log.info(f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
+                                 f"{recipe.patience} evaluations")
                     weights = _final_weights(trainee, opt, held, world)
                     return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
                                    held.evals, stopped_early=True, stop_reason="patience")
             if finishing:
                 if world.main:
-                    say(f"finished after step {step + 1} of {recipe.steps}: the time budget (--finish-after) is spent")
+                    log.info(f"finished after step {step + 1} of {recipe.steps}: the time budget (finish_after) "
+                             "is spent")
                 weights = _final_weights(trainee, opt, held, world)
                 return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
                                held.evals if held else [], stopped_early=True, stop_reason="time")
@@ -257,7 +264,7 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
                 _save(ckpts, trainee, opt, world, step + 1, history, seconds_before + time.perf_counter() - t0, held)
             if stop:
                 if world.main:
-                    say(f"stopped after step {step + 1} of {recipe.steps}; checkpoint in {ckpts.folder} "
+                    log.info(f"stopped after step {step + 1} of {recipe.steps}; checkpoint in {ckpts.folder} "
                         "(run again with --resume to continue)")
                 return Outcome(False, step + 1, history, seconds_before + time.perf_counter() - t0, None,
                                held.evals if held else [])

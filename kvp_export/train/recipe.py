@@ -10,12 +10,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..data import MIXES
+from ..config import TrainConfig, check_mix
 from ..errors import KvpError
 
 MODES = ("kvp", "baseline")
-PRECISIONS = ("auto", "fp32", "bf16")
-STRATEGIES = ("ddp", "fsdp")
 WARMUP_SHARE = 0.05  # of the steps, when not given
 
 
@@ -83,44 +81,19 @@ class Recipe:
         return [f"{k} {recorded.get(k)!r} != {v!r}" for k, v in mine.items() if recorded.get(k) != v]
 
 
-def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batch: int, accum: int, seq_len: int,
-                  lr: float, predictor_lr: float | None, weight_decay: float, warmup_steps: int | None,
-                  min_lr_ratio: float, clip: float, lambda_c: float | None, z_loss: float, kl: float | None,
-                  precision: str, strategy: str, mix: str, data: list[str] | None, checkpoint_every: int,
-                  stop_after: int | None, max_minutes: float | None, eval_every: int | None = None,
-                  eval_tokens: int = 1, patience: int | None = None, finish_after: float | None = None) -> None:
-    """Refuse out-of-range or contradictory options before anything is loaded."""
-    if steps is not None and tokens is not None:
-        raise KvpError("give either --steps or --tokens, not both")
-    ints = {"steps": steps, "tokens": tokens, "batch": batch, "accum": accum, "seq_len": seq_len,
-            "checkpoint_every": checkpoint_every, "stop_after": stop_after, "eval_tokens": eval_tokens,
-            "patience": patience}
-    for name, v in ints.items():
-        if v is not None and v < 1:
-            raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
-    positive = {"lr": lr, "predictor_lr": predictor_lr, "max_minutes": max_minutes, "finish_after": finish_after}
-    for name, v in positive.items():
+def check_call(cfg: TrainConfig, *, baseline: bool, data: list[str] | None, stop_after: int | None,
+               max_minutes: float | None, finish_after: float | None = None) -> None:
+    """What the config alone cannot check: the config against this call's inputs and limits
+    (before anything is loaded)."""
+    check_mix(data, cfg.mix)
+    if stop_after is not None and stop_after < 1:
+        raise KvpError(f"stop-after must be >= 1, got {stop_after}")
+    for name, v in (("max-minutes", max_minutes), ("finish-after", finish_after)):
         if v is not None and not v > 0:
-            raise KvpError(f"{name.replace('_', '-')} must be > 0, got {v}")
-    non_negative = {"weight_decay": weight_decay, "warmup_steps": warmup_steps, "clip": clip, "lambda_c": lambda_c,
-                    "z_loss": z_loss, "kl": kl, "eval_every": eval_every}
-    for name, v in non_negative.items():
-        if v is not None and not v >= 0:
-            raise KvpError(f"{name.replace('_', '-')} must be >= 0, got {v}")
-    if not 0 <= min_lr_ratio <= 1:
-        raise KvpError(f"min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
-    for name, v, choices in (("precision", precision, PRECISIONS), ("strategy", strategy, STRATEGIES),
-                             ("data mix", mix, tuple(MIXES))):
-        if v not in choices:
-            raise KvpError(f"unknown {name} '{v}' (choose from {', '.join(choices)})")
-    if data and mix != "default":
-        raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to files given")
-    if patience is not None and eval_every == 0:
-        raise KvpError("--patience stops on the held-out loss: it needs held-out evaluations (--eval-every > 0)")
-    if baseline:
-        given = [n for n, v in (("lambda-c", lambda_c), ("kl", kl), ("predictor-lr", predictor_lr)) if v is not None]
-        if given:
-            raise KvpError(f"--{given[0]} applies to KVP training; --baseline trains the aux alone with plain CE")
+            raise KvpError(f"{name} must be > 0, got {v}")
+    if baseline and cfg.kvp_only():
+        flag = cfg.kvp_only()[0].replace("_", "-")
+        raise KvpError(f"--{flag} applies to KVP training; --baseline trains the aux alone with plain CE")
 
 
 def steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> int:

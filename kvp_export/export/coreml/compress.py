@@ -12,30 +12,10 @@ so the base weights the two functions share still deduplicate.
 
 from __future__ import annotations
 
-from ...errors import KvpError
 from . import ct
 
-COMPRESSIONS = ("fp16", "int8", "int4", "palettize4")
-NEEDS_IOS18 = {"int4": "per-block int4 quantization", "palettize4": "grouped-channel palettization"}
 WEIGHT_THRESHOLD = 2048
 ROPE_TABLES = ("_cos_", "_sin_")
-
-
-def check(compressions, targets, block_size: int, group_size: int) -> tuple[str, ...]:
-    """Validate the requested compressions against the OS targets (before any work starts)."""
-    compressions = tuple(dict.fromkeys(compressions))
-    unknown = [c for c in compressions if c not in COMPRESSIONS]
-    if unknown:
-        raise KvpError(f"unknown compression '{unknown[0]}' (choose from {', '.join(COMPRESSIONS)})")
-    if not compressions:
-        raise KvpError("no compression given (choose from " + ", ".join(COMPRESSIONS) + ")")
-    for c in compressions:
-        if c in NEEDS_IOS18 and "ios17" in targets:
-            raise KvpError(f"{c} ({NEEDS_IOS18[c]}) needs iOS 18 / macOS 15; drop it or export with "
-                           "--target ios18 only")
-    if block_size < 1 or group_size < 1:
-        raise KvpError(f"block and group sizes must be >= 1, got {block_size} and {group_size}")
-    return compressions
 
 
 def describe(name: str, block_size: int, group_size: int) -> dict:

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from kvp_validate import mlpackage
 
 from ... import data
 from ...artifacts import atomic_dir, check_output_dir, sha256_dir, sha256_file, write_manifest
+from ...config import CoremlConfig, configure
 from ...errors import KvpError
 from ...models.arch import ArchSpec
 from ...runtime.pipeline import KVPPipeline
@@ -38,8 +38,6 @@ from .stateful import build
 
 REFERENCE = "reference.npz"
 REFERENCE_STEPS = 8  # greedy tokens in the reference (the prefill's and 7 decode steps)
-DEFAULT_CONTEXT = 1024
-DEFAULT_PROMPT_LENGTHS = (64, 128, 256, 512)
 
 
 def check_shapes(context: int, prompt_lengths, sink_len: int, limits: dict[str, int]) -> tuple[int, ...]:
@@ -47,36 +45,31 @@ def check_shapes(context: int, prompt_lengths, sink_len: int, limits: dict[str, 
     for name, limit in limits.items():
         if limit and context > limit:
             raise KvpError(f"context {context} is longer than the {name} supports ({limit})")
-    lengths = tuple(sorted(set(int(n) for n in prompt_lengths)))
-    if not lengths:
-        raise KvpError("no prompt lengths given")
+    lengths = tuple(sorted(set(int(n) for n in prompt_lengths)))  # the config refused an empty list, or no room
     if lengths[0] < sink_len + 3:
         raise KvpError(f"prompt length {lengths[0]} is too short: KVP needs at least {sink_len + 3} tokens "
                        f"(the {sink_len}-token sink, a predicted token and the last one)")
-    if lengths[-1] >= context:
-        raise KvpError(f"prompt length {lengths[-1]} leaves no room to generate in a context of {context}")
     return lengths
 
 
-def export_coreml(predictor: str | Path, out: str | Path, *, context: int = DEFAULT_CONTEXT,
-                  prompt_lengths=DEFAULT_PROMPT_LENGTHS, targets=convert.TARGETS, compressions=("fp16",),
-                  block_size: int = 32, group_size: int = 16, heldout: list[str] | None = None,
-                  overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
-    """Convert `predictor` (a fit folder) into Core ML packages, one per target x compression, in `out`."""
+def export_coreml(predictor: str | Path, out: str | Path, config: CoremlConfig | None = None, *,
+                  heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True,
+                  **options) -> Path:
+    """Convert `predictor` (a fit folder) into Core ML packages, one per target x compression, in `out`.
+
+    `config` (or `options`, its fields by name, e.g. targets=["ios17"]) says which."""
     clock = Clock()
     out = check_output_dir(out, overwrite)
-    targets = tuple(dict.fromkeys(targets))
-    bad = [t for t in targets if t not in convert.TARGETS]
-    if bad or not targets:
-        raise KvpError(f"unknown target '{bad[0] if bad else ''}' (choose from {', '.join(convert.TARGETS)})")
-    compressions = compress.check(compressions, targets, block_size, group_size)
+    (cfg,) = configure(options, (CoremlConfig, config))
+    targets, compressions = tuple(dict.fromkeys(cfg.targets)), tuple(dict.fromkeys(cfg.compress))
+    context, block_size, group_size = cfg.context, cfg.block_size, cfg.group_size
     check_paths(heldout, "held-out")
     seed_all(seed)
     with clock.step("load"):
         pipe = KVPPipeline.from_predictor(predictor)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     limits = {name: getattr(m.config, "max_position_embeddings", 0) or 0 for name, m in (("base", base), ("aux", aux))}
-    lengths = check_shapes(context, prompt_lengths, pipe.sink_len, limits)
+    lengths = check_shapes(context, cfg.prompt_lengths, pipe.sink_len, limits)
     shapes = convert.shapes_for(base, context, lengths)
     spec = ArchSpec.of(base)
     with clock.step("data"):
