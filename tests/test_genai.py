@@ -258,7 +258,7 @@ def test_validate_genai_check_beside_our_runtime(genai_export, tmp_path):
     from kvp_validate.onnx_report import validate_onnx
 
     p = validate_onnx(genai_export, tmp_path / "r", checks=("genai",), threads=1, warmup=0, repeats=2,
-                      quality_n=4, greedy_tokens=8, genai_lengths=(16, 32),
+                      quality_n=1, genai_pairs=4, greedy_tokens=8, genai_lengths=(16, 32),
                       gates=["genai.*.1x*.kvp_vs_ours<=100", "genai.*.kvp.first_token_vs_ours==1"])
     m = p["metrics"]
     assert p["ok"] and len(p["gates"]) == 6
@@ -284,10 +284,12 @@ def test_validate_genai_check_beside_our_runtime(genai_export, tmp_path):
 
     r = CliRunner().invoke(validate_cmd, [str(genai_export), "-o", str(tmp_path / "r2"), "--check", "genai",
                                           "--variant", "fp32", "--threads", "1", "--warmup", "0", "--repeats", "1",
-                                          "--quality-n", "2", "--genai-lengths", "16",
+                                          "--genai-pairs", "0", "--genai-lengths", "16",
                                           "--gate", "genai.fp32.1x16.kvp_vs_ours<=0.000001"])
     assert r.exit_code == 3, r.output
     assert "genai.fp32.1x16.kvp_vs_ours" in r.output
+    r2 = json.loads((tmp_path / "r2" / "report.json").read_text())  # --genai-pairs 0: TTFT only
+    assert "quality" not in r2["results"]["genai"]["fp32"] and not any(".kvp." in k for k in r2["metrics"])
 
 
 def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, exported, tmp_path, monkeypatch):
@@ -300,7 +302,7 @@ def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, expo
 
     def run(export, *extra):
         return CliRunner().invoke(main, ["validate", str(export), "-o", str(tmp_path / "r"), "--check", "genai",
-                                         "--variant", "fp32", "--threads", "1", "--repeats", "1", "--quality-n", "1",
+                                         "--variant", "fp32", "--threads", "1", "--repeats", "1", "--genai-pairs", "1",
                                          *extra])
 
     d = tmp_path / "export"
@@ -312,6 +314,7 @@ def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, expo
     one_line_error(run(d), "is not this export's base_decode.onnx (a stale genai-kvp/?")
     one_line_error(run(genai_export, "--genai-lengths", "3"), "too short for KVP")
     one_line_error(run(genai_export, "--genai-lengths", "4096"), "longer than the exported context")
+    one_line_error(run(genai_export, "--genai-pairs", "-1"), "genai pairs must be >= 0")
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as where the [genai] extra is not installed
     one_line_error(run(genai_export), "onnxruntime-genai is not installed")
     assert not (tmp_path / "r").exists()

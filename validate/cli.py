@@ -64,6 +64,8 @@ def _tolerances(values: tuple[str, ...]) -> dict:
               help="Cold start: fresh processes per point (median); one process's load time varies with the page cache.")
 @click.option("--genai-lengths", default="512,1024", show_default=True, callback=_ints,
               help="--check genai: TTFT prompt lengths (batch 1), genai beside our runtime.")
+@click.option("--genai-pairs", default=16, show_default=True,
+              help="--check genai: held-out pairs run through genai and our runtime one at a time (0: TTFT only).")
 @click.option("--allow-unsafe-execution", is_flag=True,
               help="HumanEval: execute generated code even where no OS sandbox (bubblewrap) is available, with only "
                    "rlimits and a Python guard (docs/sandbox.md).")
@@ -71,7 +73,7 @@ def _tolerances(values: tuple[str, ...]) -> dict:
               help="Also write JUnit XML: one test case per gate and per parity check (for CI).")
 def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, threads, quality_n, greedy_tokens,
                  lengths, batches, warmup, repeats, humaneval_limit, coldstart_lengths, coldstart_runs,
-                 genai_lengths, allow_unsafe_execution, junit):
+                 genai_lengths, genai_pairs, allow_unsafe_execution, junit):
     """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
 
@@ -90,7 +92,8 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, thre
                             threads=threads, quality_n=quality_n, greedy_tokens=greedy_tokens, lengths=lengths,
                             batches=batches, warmup=warmup, repeats=repeats, humaneval_limit=humaneval_limit,
                             tolerances=_tolerances(tols), coldstart_lengths=coldstart_lengths,
-                            coldstart_runs=coldstart_runs, genai_lengths=genai_lengths, overwrite=overwrite,
+                            coldstart_runs=coldstart_runs, genai_lengths=genai_lengths,
+                            genai_pairs=genai_pairs, overwrite=overwrite,
                             progress=sys.stderr.isatty(), allow_unsafe_execution=allow_unsafe_execution)
     click.echo((Path(out) / "report.md").read_text(), nl=False)
     _junit(junit, payload)

@@ -1,7 +1,8 @@
 """`--check genai`: KVP and the base through onnxruntime-genai beside our runtime (issue 13).
 
 For each variant, on the same machine, threads and prompts as our runtime (`OnnxKVP`):
-- **quality**: on the held-out pairs stored at export (eval_pairs.npz, as `quality`), one genai
+- **quality**: on the first `quality_n` held-out pairs stored at export (eval_pairs.npz, as
+  `quality`; `--genai-pairs`, 16 by default: batch 1 and a call per token is slow; 0 skips it), one genai
   generator per pair and path: the continuation's NLL teacher-forced through genai (the prompt
   stage, then one single-token `append_tokens` per continuation token, reading genai's `logits`
   output), the largest logit difference against our runtime's on the same positions, and the
@@ -209,10 +210,12 @@ def measure_point(rt: OnnxKVP, models: dict[str, GenaiBase], n: int, *, warmup: 
 
 def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LENGTHS, threads: int = 2,
               warmup: int = 1, repeats: int = 5, quality_n: int | None = None, greedy_tokens: int = 16,
-              quality: bool = True, progress: bool = False) -> dict:
+              progress: bool = False) -> dict:
     """Quality and TTFT of KVP and the base through onnxruntime-genai beside our runtime (module docstring)."""
     if repeats < 1 or warmup < 0:
         raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    if quality_n is not None and quality_n < 0:
+        raise KvpError(f"genai pairs must be >= 0, got {quality_n}")
     check_ready(art, [variant])
     og = import_genai()
     rt = OnnxKVP(art, variant, threads)
@@ -228,7 +231,7 @@ def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LEN
                  "onnxruntime_genai": getattr(og, "__version__", None),
                  "folders": {p: str(m.folder) for p, m in models.items()},
                  "load_ms": {p: m.load_seconds * 1e3 for p, m in models.items()}}
-    if quality:
+    if quality_n is None or quality_n > 0:
         out["quality"] = run_genai_quality(art, rt, models, n=quality_n, greedy_tokens=greedy_tokens,
                                            progress=progress)
     points = []

@@ -33,7 +33,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
                   lengths=(128, 512, 1024), batches=(1, 4, 8), warmup: int = 1, repeats: int = 5,
                   humaneval_limit: int | None = None, tolerances: dict | None = None,
                   coldstart_lengths: tuple[int, ...] = COLDSTART_LENGTHS, coldstart_runs: int = 1,
-                  genai_lengths: tuple[int, ...] = (512, 1024), overwrite: bool = False,
+                  genai_lengths: tuple[int, ...] = (512, 1024), genai_pairs: int | None = 16,
+                  overwrite: bool = False,
                   progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload.
 
@@ -95,7 +96,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
             from .genai_check import run_genai
 
             timed("genai", v, lambda: run_genai(art, v, lengths=genai_lengths, threads=threads, warmup=warmup,
-                                                repeats=repeats, quality_n=quality_n, greedy_tokens=greedy_tokens,
+                                                repeats=repeats, quality_n=genai_pairs, greedy_tokens=greedy_tokens,
                                                 progress=progress))
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
