@@ -80,7 +80,7 @@ class Gates(Strict):
         return v
 
 
-Check = Literal["parity", "quality", "ttft", "coldstart", "humaneval"]
+Check = Literal["parity", "quality", "ttft", "coldstart", "humaneval", "genai"]
 assert set(get_args(Check)) == set(VO.CHECKS)  # the validator's checks, as a type
 
 

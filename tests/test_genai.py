@@ -230,3 +230,90 @@ def one_line_error(result, needle):
     assert result.exit_code == 1, result.output
     err = result.output.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1], result.output
+
+
+@pytest.fixture(scope="module")
+def genai_export(exported, tmp_path_factory):
+    """A copy of the export with genai-kvp/ for both variants (the validator reads, never writes, it)."""
+    import shutil
+
+    from kvp_export.export.genai_kvp import write_genai_kvp
+
+    d = tmp_path_factory.mktemp("genai-validate") / "export"
+    shutil.copytree(exported, d, ignore=shutil.ignore_patterns("genai-kvp"))
+    for variant in ("fp32", "int8"):
+        write_genai_kvp(d, variant)
+    return d
+
+
+def test_validate_genai_check_beside_our_runtime(genai_export, tmp_path):
+    """`kvp validate --check genai`: quality and TTFT of KVP and the base through genai beside our
+    runtime, as flat gateable metrics and a report section; KVP through genai is our KVP, token
+    for token and (fp32) logit for logit; a failing gate exits 3."""
+    from click.testing import CliRunner
+
+    from kvp_validate.cli import validate_cmd
+    from kvp_validate.onnx_report import validate_onnx
+
+    p = validate_onnx(genai_export, tmp_path / "r", checks=("genai",), threads=1, warmup=0, repeats=2,
+                      quality_n=1, genai_pairs=4, greedy_tokens=8, genai_lengths=(16, 32),
+                      gates=["genai.*.1x*.kvp_vs_ours<=100", "genai.*.kvp.first_token_vs_ours==1"])
+    m = p["metrics"]
+    assert p["ok"] and len(p["gates"]) == 6
+    for v in ("fp32", "int8"):
+        for n in (16, 32):
+            pt = f"genai.{v}.1x{n}"
+            assert m[f"{pt}.kvp_vs_ours"] == pytest.approx(m[f"{pt}.ms_genai_kvp"] / m[f"{pt}.ms_ours_kvp"])
+            assert m[f"{pt}.base_vs_ours"] > 0 and m[f"{pt}.kvp_speedup_genai"] > 0
+            assert 0 < m[f"{pt}.ms_genai_kvp_new_generator"] < m[f"{pt}.ms_genai_kvp"]
+        # the same graphs on the same calls (batch 1, one token per step): the same tokens
+        assert m[f"genai.{v}.kvp.first_token_vs_ours"] == m[f"genai.{v}.kvp.greedy8_exact_vs_ours"] == 1
+        assert m[f"genai.{v}.base.greedy8_vs_ours"] == 1
+        assert abs(m[f"genai.{v}.kvp.nll_vs_ours"]) < 1e-5 and m[f"genai.{v}.kvp.logits_max_abs_diff_vs_ours"] < 1e-4
+        assert m[f"genai.{v}.kvp.delta_nll"] == pytest.approx(m[f"genai.{v}.kvp.nll"] - m[f"genai.{v}.base.nll"])
+    assert m["genai.fp32.base.logits_max_abs_diff_vs_ours"] < 1e-4
+    pt = p["results"]["genai"]["int8"]["points"][1]
+    assert pt["prompt_len"] == 32 and all(len(v) == 2 for v in pt["rounds_ms"].values())  # every round, as measured
+    q = p["results"]["genai"]["fp32"]["quality"]
+    assert (q["sequences"], q["greedy_tokens"]) == (4, 8)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## onnxruntime-genai beside our runtime (batch 1)" in md and "| fp32 | 1x32 |" in md
+    assert not any(k.startswith(("ttft.", "quality.", "parity.")) for k in m)
+
+    r = CliRunner().invoke(validate_cmd, [str(genai_export), "-o", str(tmp_path / "r2"), "--check", "genai",
+                                          "--variant", "fp32", "--threads", "1", "--warmup", "0", "--repeats", "1",
+                                          "--genai-pairs", "0", "--genai-lengths", "16",
+                                          "--gate", "genai.fp32.1x16.kvp_vs_ours<=0.000001"])
+    assert r.exit_code == 3, r.output
+    assert "genai.fp32.1x16.kvp_vs_ours" in r.output
+    r2 = json.loads((tmp_path / "r2" / "report.json").read_text())  # --genai-pairs 0: TTFT only
+    assert "quality" not in r2["results"]["genai"]["fp32"] and not any(".kvp." in k for k in r2["metrics"])
+
+
+def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, exported, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from click.testing import CliRunner
+
+    from kvp_export.cli import main
+
+    def run(export, *extra):
+        return CliRunner().invoke(main, ["validate", str(export), "-o", str(tmp_path / "r"), "--check", "genai",
+                                         "--variant", "fp32", "--threads", "1", "--repeats", "1", "--genai-pairs", "1",
+                                         *extra])
+
+    d = tmp_path / "export"
+    shutil.copytree(exported, d, ignore=shutil.ignore_patterns("genai-kvp"))
+    one_line_error(run(d), "no genai-kvp/ in")
+    shutil.copytree(genai_export / "fp32" / "genai-kvp", d / "fp32" / "genai-kvp")
+    (d / "fp32" / "genai-kvp" / "base_decode.onnx").unlink()
+    shutil.copy(d / "fp32" / "aux_decode.onnx", d / "fp32" / "genai-kvp" / "base_decode.onnx")
+    one_line_error(run(d), "is not this export's base_decode.onnx (a stale genai-kvp/?")
+    one_line_error(run(genai_export, "--genai-lengths", "3"), "too short for KVP")
+    one_line_error(run(genai_export, "--genai-lengths", "4096"), "longer than the exported context")
+    bad = run(genai_export, "--genai-pairs", "-1")  # the options table's bound: click's usage error
+    assert bad.exit_code == 2 and "--genai-pairs" in bad.output and "x>=0" in bad.output
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as where the [genai] extra is not installed
+    one_line_error(run(genai_export), "onnxruntime-genai is not installed")
+    assert not (tmp_path / "r").exists()

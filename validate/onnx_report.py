@@ -33,7 +33,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
                   greedy_tokens: int = D["greedy_tokens"], lengths=D["lengths"], batches=D["batches"],
                   warmup: int = D["warmup"], repeats: int = D["repeats"], humaneval_limit: int | None = None,
                   tolerances: dict | None = None, coldstart_lengths: tuple[int, ...] = D["coldstart_lengths"],
-                  coldstart_runs: int = D["coldstart_runs"],
+                  coldstart_runs: int = D["coldstart_runs"], genai_lengths: tuple[int, ...] = D["genai_lengths"],
+                  genai_pairs: int | None = D["genai_pairs"],
                   overwrite: bool = False,
                   progress: bool = False, allow_unsafe_execution: bool = False) -> dict:
     """Run the checks on each variant and write the report folder `out`; return the payload.
@@ -56,6 +57,10 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     for v in variants:
         art.check_variant(v)
     art.tokenizer()  # a mismatched tokenizer fails before any measurement
+    if "genai" in checks:  # onnxruntime-genai installed and every variant's genai-kvp/ there, before any work
+        from .genai_check import check_ready
+
+        check_ready(art, variants)
     t0 = time.perf_counter()
     results: dict = {c: {} for c in checks}
     # fp32 first: a quantized variant's parity is judged against the fp32 graphs, which must pass first
@@ -88,6 +93,12 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
             timed("coldstart", v, lambda v=v: run_coldstart(folder, v, lengths=coldstart_lengths, threads=threads,
                                                         repeats=min(repeats, 3), runs=coldstart_runs,
                                                         progress=progress))
+        if "genai" in checks:
+            from .genai_check import run_genai
+
+            timed("genai", v, lambda v=v: run_genai(art, v, lengths=genai_lengths, threads=threads, warmup=warmup,
+                                                repeats=repeats, quality_n=genai_pairs, greedy_tokens=greedy_tokens,
+                                                progress=progress))
         if "humaneval" in checks:
             from .humaneval_onnx import run_humaneval_onnx
 
@@ -155,6 +166,10 @@ def _metrics(results: dict) -> dict:
                     point[f"{path}_vs_base"] = point[path]["first_token_ms"] / point["base"]["first_token_ms"]
     for v, r in results.get("humaneval", {}).items():
         m.setdefault("humaneval", {})[v] = {path: {"pass@1": res["pass@1"]} for path, res in r["paths"].items()}
+    if results.get("genai"):
+        from .genai_check import genai_metrics
+
+        m |= genai_metrics(results)
     return m
 
 
@@ -224,6 +239,10 @@ def markdown(p: dict) -> str:
         used = sorted({", ".join(r["sandbox"]["layers"]) for h in res["humaneval"].values()
                        for r in h["paths"].values() if "sandbox" in r})
         lines += [f"Sandbox layers: {u}" for u in used] + ([""] if used else [])
+    if res.get("genai"):
+        from .genai_check import genai_markdown
+
+        lines += genai_markdown(res)
     if p["gates"]:
         lines += ["## Gates", ""]
         rows = [[g["gate"], g["key"], g["value"], "pass" if g["ok"] else "FAIL"] for g in p["gates"]]

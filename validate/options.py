@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval")
+CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval", "genai")  # genai: the [genai] extra
 DEFAULT_CHECKS = ("parity", "quality", "ttft", "coldstart")
 
 
@@ -39,5 +39,9 @@ OPTIONS = (
            "length in a fresh process."),
     Option("coldstart_runs", int, 1, 1, "Cold start: fresh processes per point (median); one process's load "
            "time varies with the page cache."),
+    Option("genai_lengths", tuple, (512, 1024), 1, "--check genai: TTFT prompt lengths (batch 1), genai beside our "
+           "runtime."),
+    Option("genai_pairs", int, 16, 0, "--check genai: held-out pairs run through genai and our runtime one at a "
+           "time (0: TTFT only)."),
 )
 DEFAULTS = {o.name: o.default for o in OPTIONS}
