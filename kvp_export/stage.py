@@ -57,6 +57,17 @@ def compute_device(name: str = "cpu") -> Iterator[torch.device]:
         yield dev
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_all(seed: int) -> None:
     """Stages are deterministic given their inputs and seed."""
     torch.manual_seed(seed)

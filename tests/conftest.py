@@ -6,7 +6,6 @@ heads) over a word-level tokenizer; the corpus is pseudo-text over the same word
 
 from __future__ import annotations
 
-import contextlib
 import random
 from pathlib import Path
 
@@ -65,16 +64,12 @@ def corpus_folder(path: Path, files: int = 10, words: int = 500) -> Path:
     return path
 
 
-@contextlib.contextmanager
 def one_thread():
     """Tiny models run far faster on one thread, and stay fast when other processes load the
     cores (OpenMP threads spin on a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    from kvp_export.stage import torch_threads
+
+    return torch_threads(1)
 
 
 @pytest.fixture(autouse=True)

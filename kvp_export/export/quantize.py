@@ -35,6 +35,7 @@ import onnx
 
 from ..config import OnnxConfig
 from ..errors import KvpError
+from ..stage import torch_threads
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
 
 # MatMuls (by traced module name) whose inputs carry the sink's massive activations
@@ -61,21 +62,6 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """HQQ optimises scales with torch; its reductions' order, and so the int4 graph's bytes,
-    depend on torch's thread count (measured: 3 of 5 SmolLM2 graphs differed between 1 and 2
-    threads). One thread makes the graph the same on every machine, whatever its cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _large(path: Path) -> bool:
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) > EXTERNAL_DATA_BYTES
 
@@ -100,7 +86,10 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_le
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    with _quiet(), _one_torch_thread():
+    # HQQ optimises scales with torch; its reductions' order, and so the int4 graph's bytes,
+    # depend on torch's thread count (3 of 5 SmolLM2 graphs differed between 1 and 2 threads):
+    # on one thread the graph is the same on every machine, whatever its cores
+    with _quiet(), torch_threads(1):
         if method == "hqq":
             q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
         else:
