@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .artifacts import sha256_file, write_json
+from .artifacts import check_folder, sha256_file, write_json
 from .errors import KvpError
 from .recipe import Recipe, section_hash
 
@@ -113,6 +113,7 @@ class Runner:
         folder = self.stages_dir / f"{name}-{key}"
         t = time.perf_counter()
         if folder.exists() and not self.force and _complete(folder, marker, expect):
+            check_folder(folder)  # every file against the manifest: a changed cached folder is refused
             status = "cached"
             _say(f"{name}: cached ({folder.relative_to(self.run_dir)})")
         else:

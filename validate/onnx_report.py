@@ -20,6 +20,7 @@ from .parity import run_parity
 from .parallel import plan, run_parallel
 from .quality import quality_job
 from .report import md_table, write_report_folder
+from .runtime import verify_variants
 from .ttft import run_ttft
 
 SESSION_MEMORY_FACTOR = 2  # a session holds its graphs' weights and their pre-packed copies
@@ -55,6 +56,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     for v in variants:
         art.check_variant(v)
     art.tokenizer()  # a mismatched tokenizer fails before any measurement
+    verify_variants(art, variants)  # every graph hashed once, before any check (workers get the digests)
     t0 = time.perf_counter()
     results: dict = {c: {} for c in checks}
     # fp32 first: a quantized variant's parity is judged against the fp32 graphs, which must pass first

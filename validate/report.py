@@ -49,12 +49,17 @@ def write_report(folder: str | Path, payload: dict, markdown: str) -> tuple[Path
 
 
 def write_report_folder(out: str | Path, payload: dict, markdown: str, overwrite: bool = False) -> Path:
-    """Write report.json + report.md as the folder `out`, atomically (built aside, then renamed)."""
+    """Write report.json + report.md as the folder `out`, atomically (built aside, then renamed),
+    with a manifest.json (stage "validation") listing both files' SHA-256 (integrity.py)."""
+    from .integrity import MANIFEST, file_records
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         write_report(tmp, payload, markdown)
+        atomic_write_text(tmp / MANIFEST, json.dumps({"stage": "validation", "files": file_records(tmp)}, indent=2)
+                          + "\n")
         if out.exists() and overwrite:
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -147,7 +147,7 @@ def _verify_folder(folder: Path, tok, ids: torch.Tensor, ref: torch.Tensor, rope
 def is_converted(folder: str | Path, gguf_sha256: str) -> bool:
     """Whether `folder` is a finished conversion of the GGUF with this hash."""
     try:
-        manifest = read_manifest(folder, "model")
+        manifest = read_manifest(folder, "model", check=False)  # its files are checked by resolve()
     except KvpError:
         return False
     return manifest.get("inputs", {}).get("gguf_sha256") == gguf_sha256
@@ -179,8 +179,15 @@ def _resolve_gguf(path: Path) -> Path:
     sha = sha256_file(path)
     folder = cache_dir("models") / f"gguf-{sha[:16]}"
     if is_converted(folder, sha):
-        return folder
+        return _checked(folder)
     return convert_gguf(path, folder, overwrite=True)
+
+
+def _checked(folder: Path) -> Path:
+    """A cached model folder, its files checked against its manifest (a changed weight file is
+    refused in one line naming it: `kvp models pull --force` or deleting the folder rebuilds it)."""
+    read_manifest(folder, "model")
+    return folder
 
 
 def resolve(spec: str | Path) -> Path:
@@ -189,7 +196,7 @@ def resolve(spec: str | Path) -> Path:
 
     text = str(spec)
     if text in zoo.ZOO:
-        return zoo.pull(text)
+        return _checked(zoo.pull(text))
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

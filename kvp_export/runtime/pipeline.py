@@ -94,6 +94,8 @@ class KVPPipeline:
         manifest = read_manifest(folder, "predictor")
         predictor = KVPredictor.load(folder).to(device)
         aux = aux or manifest["inputs"]["aux"]["path"]
+        if (Path(aux) / "manifest.json").is_file():  # a derive or train folder: its files checked too
+            read_manifest(aux)
         base_model, tok = load(base or ref_spec(manifest["inputs"]["base"]), dtype=dtype)
         aux_model, aux_tok = load(aux, dtype=dtype)
         base_model, aux_model = base_model.to(device), aux_model.to(device)
