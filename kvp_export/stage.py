@@ -17,6 +17,7 @@ import torch
 from . import data
 from .artifacts import sha256_bytes, sha256_dir, sha256_file
 from .errors import KvpError
+from .limits import check_limits
 from .models import ZOO
 
 SEQ_LEN = 256
@@ -57,9 +58,11 @@ def check_paths(paths: list[str] | tuple[str, ...] | None, what: str) -> None:
 
 
 def check_positive(**values: int) -> None:
+    """>= 1, and not absurd (limits.py)."""
     for name, v in values.items():
         if v < 1:
             raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+    check_limits(**values)
 
 
 def model_ref(spec: str | Path, folder: Path) -> dict:

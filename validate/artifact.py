@@ -34,9 +34,12 @@ def load_manifest(folder: str | Path, label: str = "") -> dict:
     if not path.is_file():
         raise KvpError(f"not an {label or 'artifact'} folder (no {MANIFEST}): {folder}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KvpError(f"unreadable manifest {path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise KvpError(f"unreadable manifest {path}: a JSON object expected, got {type(manifest).__name__}")
+    return manifest
 
 
 def check_sections(manifest: dict, folder: Path, keys: tuple[str, ...]) -> None:

@@ -68,7 +68,36 @@ def _gguf_config(gguf: Path, meta: dict[str, Any]):
     check_supported(SimpleNamespace(model_type=meta.get("general.architecture"), architectures=None))
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     check_supported(config)
+    check_sizes(config, gguf.stat().st_size, f"GGUF file {gguf}")
     return config
+
+
+def parameters(config) -> int:
+    """The parameters a decoder of this config holds (embeddings, attention and MLP; norms left out)."""
+    h, layers, vocab, ffn = (int(getattr(config, k)) for k in ("hidden_size", "num_hidden_layers", "vocab_size",
+                                                              "intermediate_size"))
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or h // max(heads, 1))
+    attn = h * heads * hd * 2 + 2 * h * kv * hd
+    embed = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return embed + layers * (attn + 3 * h * ffn)
+
+
+def check_sizes(config, weight_bytes: int, what: str) -> None:
+    """Refuse a config whose sizes its weights cannot hold, before a model of that size is built: a
+    header claiming 10^9 layers or a 2^20-wide embedding over a few kB of weights would otherwise
+    allocate (or loop) until the machine gives out. Allows 2-bit weights (GGUF Q2_K is ~2.6) and 1 MiB."""
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    for k in keys:
+        v = getattr(config, k, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise KvpError(f"cannot load model from {what}: its config's {k} is {v!r} (a positive integer expected)")
+    n = parameters(config)
+    if n / 4 > weight_bytes + (1 << 20):
+        raise KvpError(f"cannot load model from {what}: its config describes {n:.3g} parameters "
+                       f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary "
+                       f"{config.vocab_size}), its weights hold {weight_bytes} bytes")
 
 
 def _gguf_tokenizer(gguf: Path, meta: dict[str, Any]):
@@ -218,7 +247,14 @@ def _folder_config(folder: Path):
     except (OSError, ValueError) as e:
         raise KvpError(f"unreadable config.json in {folder}: {_first_line(e)}") from None
     check_supported(SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
-    return AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        raise KvpError(f"unreadable config.json in {folder}: {_first_line(e)}") from None
+    weights = [p.stat().st_size for p in folder.glob("*.safetensors")]
+    if weights:  # none: the loader refuses the folder (safetensors only)
+        check_sizes(config, sum(weights), str(folder))
+    return config
 
 
 def load(spec: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -236,6 +272,9 @@ def load(spec: str | Path, *, dtype: torch.dtype = torch.float32, attn_implement
         tok = AutoTokenizer.from_pretrained(folder, **_FOLDER_TOKENIZER_KW)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise KvpError(f"cannot load model from {folder}: {_first_line(e)}") from None
+    if len(tok) > config.vocab_size:  # its ids would index past the embedding
+        raise KvpError(f"cannot load model from {folder}: its tokenizer has {len(tok)} tokens, the model's "
+                       f"vocabulary {config.vocab_size} (a tokenizer from another model?)")
     return model.eval(), tok
 
 

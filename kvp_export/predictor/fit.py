@@ -13,6 +13,7 @@ import torch
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
 from ..distributed import session
 from ..errors import KvpError
+from ..limits import check_limits
 from ..models import check_same_tokenizer, load, resolve
 from ..models.source import say
 from ..stage import CALIB_TOKENS, Clock, calibration, check_paths, check_positive, model_ref, ref_spec, seed_all
@@ -30,6 +31,7 @@ def check_recipe(input_mode: str, sink_len: int, sources: str = "two-sided") -> 
         raise KvpError(f"unknown predictor input '{input_mode}' (choose from {', '.join(INPUT_MODES)})")
     if sink_len < 0:
         raise KvpError(f"sink length must be >= 0, got {sink_len}")
+    check_limits(sink_len=sink_len)
 
 
 def fit(aux: str | Path, out: str | Path, *, base: str | None = None, input_mode: str = "hidden",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..data import MIXES
 from ..errors import KvpError
+from ..limits import check_limits
 
 MODES = ("kvp", "baseline")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -98,6 +99,7 @@ def check_options(*, baseline: bool, steps: int | None, tokens: int | None, batc
     for name, v in ints.items():
         if v is not None and v < 1:
             raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+    check_limits(**ints, warmup_steps=warmup_steps, eval_every=eval_every, max_minutes=max_minutes)
     positive = {"lr": lr, "predictor_lr": predictor_lr, "max_minutes": max_minutes}
     for name, v in positive.items():
         if v is not None and not v > 0:
