@@ -24,6 +24,7 @@ from typing import Any
 from kvp_validate.artifact import load_manifest
 from kvp_validate.integrity import file_records, sha256_file, verify  # noqa: F401  (re-exported for the stages)
 from kvp_validate.report import atomic_write_text as write_text
+from kvp_validate.report import partial_dir
 
 from .errors import KvpError
 
@@ -74,11 +75,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `out` only if the block succeeds."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = partial_dir(out)  # a killed stage's partial folder (its PID gone) is removed here
     try:
         yield tmp
         if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

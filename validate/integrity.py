@@ -102,16 +102,17 @@ def share_verified(folder: str | Path) -> None:
 
 
 def file_records(folder: str | Path) -> dict[str, dict]:
-    """The manifest's `files` section: every file under `folder` but its top manifest.json."""
+    """The manifest's `files` section: every file under `folder` but manifests. A nested folder's
+    manifest (train's aux/) lists its own files and is checked when that folder is read; it holds
+    its creation time and wall seconds, which would make the outer list differ run to run."""
     root = Path(folder)
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_symlink():
             raise KvpError(f"{p} is a symbolic link; an artifact folder holds plain files only")
         if p.is_file():
-            rel = p.relative_to(root).as_posix()
-            if rel != MANIFEST:
-                out[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            if p.name != MANIFEST:
+                out[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
 
@@ -163,7 +164,7 @@ def verify(folder: str | Path, manifest: dict, only: Iterable[str] | None = None
     if unlisted and only is None:
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder).as_posix()
-            if rel == MANIFEST or rel in files or any(part in UNLISTED_OK for part in p.relative_to(folder).parts):
+            if p.name == MANIFEST or rel in files or any(part in UNLISTED_OK for part in p.relative_to(folder).parts):
                 continue
             if p.is_symlink() or p.is_file():
                 raise KvpError(f"file {p} is not listed in {folder / MANIFEST} (added after the stage wrote it)")

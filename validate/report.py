@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,10 +27,41 @@ def md_table(headers: list[str], rows: list[list[Any]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, patterns: tuple[str, ...]) -> None:
+    """Remove what a killed writer left in `parent`: temporary folders and files matching `patterns`
+    (names hold the writer's PID after the prefix: `.OUT.partial-PID-*`); a live writer's are kept."""
+    for pattern in patterns:
+        for p in parent.glob(pattern + "*"):
+            pid = re.match(r"(\d+)[-.]", p.name[len(pattern):])
+            if pid and _alive(int(pid.group(1))):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def partial_dir(out: Path, kind: str = "partial") -> Path:
+    """A temporary sibling of `out` (`.OUT.partial-PID-*`), after removing those of killed writers."""
+    clean_stale(out.parent, (f".{out.name}.partial-", f".{out.name}.old-"))
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{kind}-{os.getpid()}-"))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file atomically (temp file + rename in the same folder): readers never see half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale(path.parent, (f".{path.name}.",))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -55,7 +87,7 @@ def write_report_folder(out: str | Path, payload: dict, markdown: str, overwrite
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = partial_dir(out)
     try:
         write_report(tmp, payload, markdown)
         atomic_write_text(tmp / MANIFEST, json.dumps({"stage": "validation", "files": file_records(tmp)}, indent=2)
