@@ -150,23 +150,36 @@ class TestValidatorRefusesChangedGraphs:
                    "kvp_prefill.onnx does not match the SHA-256")
 
     def test_hashing_is_outside_the_timed_load(self, fp32_export, monkeypatch):
-        """Session load times never include hashing: a slow hash (2 s a file) leaves them small."""
+        """Session load times never include hashing: every file is hashed before the first session's
+        creation starts (OnnxKVP.load verifies, then starts its timer), none while one is created."""
+        from kvp_validate import runtime
         from kvp_validate.runtime import OnnxKVP
 
         monkeypatch.setattr(integrity, "_cache", {})
         monkeypatch.delenv(integrity.ENV, raising=False)
-        real = integrity.hashlib.file_digest
+        events: list[tuple[str, float, float]] = []
+        clock = time.perf_counter
 
-        def slow(*a, **k):
-            time.sleep(2)
-            return real(*a, **k)
+        def spy(kind, fn):
+            def wrapped(*a, **k):
+                t0 = clock()
+                if kind == "hash" and str(getattr(a[0], "name", "")).endswith((".onnx", ".onnx.data")):
+                    time.sleep(1)  # a slow disk: were it timed, a load would take over a second
+                try:
+                    return fn(*a, **k)
+                finally:
+                    events.append((kind, t0, clock()))
+            return wrapped
 
-        monkeypatch.setattr(integrity.hashlib, "file_digest", slow)
+        monkeypatch.setattr(integrity.hashlib, "file_digest", spy("hash", integrity.hashlib.file_digest))
+        monkeypatch.setattr(runtime.ort, "InferenceSession", spy("session", runtime.ort.InferenceSession))
         rt = OnnxKVP(fp32_export, "fp32", threads=1)
-        t0 = time.perf_counter()
         load = rt.load("auto")
-        assert time.perf_counter() - t0 > 4  # both graphs were hashed (slowly), before the timer
-        assert load["wall"] < 2 and all(s < 2 for s in load.values())
+        assert load["wall"] < 1 and all(s < 1 for s in load.values())
+        hashes = [e for e in events if e[0] == "hash"]
+        sessions = [e for e in events if e[0] == "session"]
+        assert len(hashes) >= 2 and len(sessions) == 2  # both graphs (and side files) hashed here
+        assert max(end for _, _, end in hashes) <= min(t0 for _, t0, _ in sessions)  # load()'s timer starts later
 
 
 # ---------------------------------------------------------------- determinism
