@@ -2,7 +2,9 @@
 
 Each pipeline stage writes one folder. It is built under a temporary sibling and
 renamed into place at the end, so an interrupted or failed stage leaves nothing
-half-written behind. Every folder carries `manifest.json`.
+half-written behind. Every folder carries `manifest.json`, whose `files` section lists every
+other file of the folder with its size and SHA-256; `read_manifest` checks them
+(kvp_validate.integrity) before a stage reads the folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvp_validate.artifact import atomic_dir, check_output_dir, load_manifest, sha256_file
+from kvp_validate.artifact import atomic_dir, check_output_dir, load_manifest  # noqa: F401  (re-exported)
+from kvp_validate.integrity import file_records, sha256_file, verify  # noqa: F401  (re-exported for the stages)
 from kvp_validate.report import atomic_write_text as write_text
 
 from .errors import KvpError
@@ -71,19 +74,36 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(folder: str | Path, stage: str, inputs: dict[str, Any], **fields: Any) -> dict:
+    """Write the folder's manifest.json; call it last, when every other file is in place (it lists
+    them all with their SHA-256)."""
     manifest = {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
         "inputs": inputs,
         **fields,
+        "files": file_records(folder),
     }
     write_json(Path(folder) / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
+# Model cache folders written before kvp-export 0.3 list no files; their weights are pinned by the
+# GGUF's hash and recorded by every stage that reads them (stage.model_ref), so they stay readable.
+UNSEALED_OK = ("model",)
+
+
+def read_manifest(folder: str | Path, stage: str | None = None, *, check: bool = True) -> dict:
+    """A folder's manifest, of `stage` if given, after checking every file the folder holds against
+    it (`check`; hashed once per process); one-line errors naming the file otherwise."""
     manifest = load_manifest(folder)
     if stage and manifest.get("stage") != stage:
         raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected '{stage}'")
+    if check and not ("files" not in manifest and manifest.get("stage") in UNSEALED_OK):
+        verify(folder, manifest)
     return manifest
+
+
+def check_folder(folder: str | Path) -> dict:
+    """An artifact folder of any stage, checked (read_manifest); for `kvp run`'s cache."""
+    return read_manifest(folder)

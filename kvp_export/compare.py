@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kvp_validate.report import atomic_write_text, md_table
 
+from .artifacts import read_manifest
 from .errors import KvpError
 
 METRICS = {"first_token_agreement": ("first-token agreement with the base", True),
@@ -29,9 +30,12 @@ DEPLOYED = ("kvp_prefill", "base_decode")
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise KvpError(f"unreadable {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise KvpError(f"unreadable {path}: a JSON object expected, got {type(obj).__name__}")
+    return obj
 
 
 def _onnx_rows(label: str, payload: dict, export_manifest: dict | None) -> list[dict]:
@@ -79,6 +83,8 @@ def _coreml_rows(label: str, payload: dict) -> list[dict]:
 
 
 def rows_from_report(folder: Path, label: str | None = None) -> list[dict]:
+    if (folder / "manifest.json").is_file():  # a report written since 0.3: its files checked (integrity.py)
+        read_manifest(folder)
     payload = _read_json(folder / "report.json")
     # a report folder named generically (runs/x/validate) is labelled by the folder above it
     label = label or (folder.resolve().parent.name if folder.name in ("validate", "report") else folder.name)

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import KvpError
+from .limits import check_limits
 
 CALIB_TOKENS = 100_000  # 30k -> 90k tokens moved KVP NLL 2.90 -> 2.71 here (keep 0.5; BENCHMARKS.md)
 SEQ_LEN = 256
@@ -89,9 +90,11 @@ class Config(BaseModel):
             return config
         given = config.model_dump(exclude_unset=True) if config is not None else {}
         try:
-            return cls.model_validate({**given, **options})
+            made = cls.model_validate({**given, **options})
         except ValidationError as e:
             raise KvpError(cli_message(e, cls.flags())) from None
+        check_limits(**made.model_dump())  # absurd numbers (limits.py): refused before any work
+        return made
 
 
 def cli_message(e: ValidationError, flags: dict[str, str]) -> str:

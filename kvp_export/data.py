@@ -89,15 +89,32 @@ def _read_text(path: Path) -> str:
         raise KvpError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def jsonl_records(path: Path, lines: list[str] | None = None) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-blank JSONL line; a bad line names file:line."""
-    for lineno, line in enumerate(lines if lines is not None else _read_text(path).split("\n"), 1):
+def read_lines(path: Path) -> Iterator[str]:
+    """A UTF-8 file's lines, streamed (a JSONL of millions of records is never held as one string)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for line in f:
+                yield line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise KvpError(f"not UTF-8 text: {path} (invalid byte at offset {e.start})") from None
+    except OSError as e:
+        raise KvpError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def jsonl_records(path: Path, lines: Iterable[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank JSONL line; a bad line names file:line. A line
+    equal to the one before is not parsed again (ten million copies of one record cost seconds)."""
+    prev, value = None, None
+    for lineno, line in enumerate(lines if lines is not None else read_lines(path), 1):
         if not line.strip():
             continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KvpError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if line != prev:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KvpError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            prev = line
+        yield lineno, value
 
 
 def _jsonl_documents(path: Path, name: str) -> list[Document]:
@@ -107,7 +124,8 @@ def _jsonl_documents(path: Path, name: str) -> list[Document]:
             raise KvpError(f'{path}:{lineno}: expected an object with a "text" field')
         if not isinstance(obj["text"], str):
             raise KvpError(f'{path}:{lineno}: "text" is not a string')
-        docs.append(Document(f"{name}:{lineno}", obj["text"]))
+        if obj["text"].strip():  # an empty record is no document (and costs nothing, however many)
+            docs.append(Document(f"{name}:{lineno}", obj["text"]))
     return docs
 
 

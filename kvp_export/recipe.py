@@ -24,6 +24,7 @@ from kvp_validate import options as VO
 
 from .config import CoremlConfig, DataConfig, DeriveConfig, FitConfig, OnnxConfig, Seed, TrainConfig, rule_text
 from .errors import KvpError
+from .limits import check_tree
 
 
 class Strict(BaseModel):
@@ -250,6 +251,15 @@ def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[t
     return out
 
 
+def no_aliases(text: str, where: str) -> None:
+    """Refuse YAML aliases (`*name`) before anything is built: nested aliases expand exponentially
+    (a "billion laughs" recipe of 20 lines took 23 GB before it was refused); recipes need none."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise KvpError(f"invalid recipe: {where}:{event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                           "are not allowed in recipes")
+
+
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """`a.b=value` -> (("a", "b"), value parsed as a YAML scalar or flow collection)."""
     key, eq, raw = text.partition("=")
@@ -257,6 +267,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     if not eq or not key or any(not part for part in key.split(".")):
         raise KvpError(f"invalid override '{text}' (expected KEY=VALUE, e.g. --set fit.sink=2)")
     try:
+        no_aliases(raw, f"--set {text}")
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise KvpError(f"invalid override '{text}': value is not YAML ({str(e).splitlines()[0]})") from None
@@ -315,6 +326,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise KvpError(f"no such recipe file: {path}")
     text = path.read_text()
     try:
+        no_aliases(text, str(path))
         node = yaml.compose(text, Loader=_LineLoader)
         tree = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as e:
@@ -333,9 +345,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(tree, key, value, o)
         origins[key] = o
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         raise KvpError(_format(e, str(path), lines, origins)) from None
+    check_tree(recipe.dump(), str(path))  # absurd numbers (limits.py), before any work
+    return recipe
 
 
 def section_hash(*parts: Any) -> str:

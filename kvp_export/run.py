@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .artifacts import sha256_file, write_json
+from .artifacts import check_folder, sha256_file, write_json
 from .config import DataConfig
 from .errors import KvpError
 from .log import get_logger
@@ -215,6 +215,7 @@ class Runner:
         folder = self.stages_dir / f"{name}-{key}"
         t = time.perf_counter()
         if folder.exists() and not self.force and _complete(folder, marker, expect):
+            check_folder(folder)  # every file against the manifest: a changed cached folder is refused
             status = "cached"
             log.info(f"{name}: cached ({folder.relative_to(self.run_dir)})")
         else:

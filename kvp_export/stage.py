@@ -18,6 +18,7 @@ from . import data
 from .artifacts import sha256_bytes, sha256_dir, sha256_file
 from .config import SEQ_LEN, check_mix
 from .errors import KvpError
+from .limits import check_limits
 from .models import ZOO
 
 
@@ -83,9 +84,11 @@ def check_paths(paths: list[str] | tuple[str, ...] | None, what: str) -> None:
 
 
 def check_positive(**values: int) -> None:
+    """>= 1, and not absurd (limits.py)."""
     for name, v in values.items():
         if v < 1:
             raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+    check_limits(**values)
 
 
 def model_ref(spec: str | Path, folder: Path) -> dict:

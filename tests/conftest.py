@@ -64,6 +64,19 @@ def corpus_folder(path: Path, files: int = 10, words: int = 500) -> Path:
     return path
 
 
+def reseal(folder: Path) -> Path:
+    """List a folder's files in its manifest again, after a test changed one on purpose (as a
+    stage that wrote it would have): the integrity checks then pass and what the test targets runs."""
+    import json
+
+    from kvp_validate.integrity import file_records
+
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    m["files"] = file_records(folder)
+    (Path(folder) / "manifest.json").write_text(json.dumps(m, indent=2))
+    return Path(folder)
+
+
 def one_thread():
     """Tiny models run far faster on one thread, and stay fast when other processes load the
     cores (OpenMP threads spin on a busy core)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import reseal
 from test_models import tiny_gguf
 
 from kvp_export.artifacts import read_manifest
@@ -133,6 +134,7 @@ def test_exactness_through_the_cli(assets, tmp_path):
     ok(kvp("fit", "--aux", tmp_path / "aux", "--input", "kv", "--calib", assets["corpus"], "--calib-tokens", "2048",
            "-o", tmp_path / "pred"))
     KVPredictor.identity(4, 32).save(tmp_path / "pred")
+    reseal(tmp_path / "pred")
     prompts = ["w1 w2 w3 def ( w4 ) : return w5 w6 w7", "the fox w9"]
     runs = [json.loads(ok(kvp("generate", "--predictor", tmp_path / "pred", "--json", "--max-new-tokens", "16",
                               *flag, *prompts)).stdout) for flag in (["--mode", "kvp"], ["--no-kvp"])]

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from kvp_export.cli import main
 from kvp_export.errors import KvpError
 
+DEFAULT_THREADS = torch.get_num_threads()  # what module-scoped fixtures run with (before one_thread)
+
 
 @pytest.fixture(scope="module")
 def exported(built, assets, tmp_path_factory):
@@ -94,6 +96,22 @@ def test_export_layout_manifest_and_checker(exported):
     assert m["quantization"]["int4"]["base_decode"]["block_size"] == 32
     assert m["quantization"]["int8"]["base_decode"]["kept_fp32"]  # the down projections
     assert (exported / "fp32" / "config.json").is_file() and (exported / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_export_is_byte_identical(exported, built, assets, tmp_path):
+    """Exporting the same predictor again writes the same bytes: every graph of every variant, the
+    optimised copies and their side files, the reference and eval pairs, the tokenizer and configs
+    (the manifests' `files` agree; manifest.json itself differs by its times and crossover timings)."""
+    from kvp_export.export.onnx_export import export_onnx
+
+    # the same command: with the thread count `exported` ran with (the PyTorch reference outputs,
+    # reference.npz, sum in another order on another count; the graphs do not depend on it)
+    torch.set_num_threads(DEFAULT_THREADS)
+    again = export_onnx(built["pred"], tmp_path / "again", heldout=[str(assets["corpus"])], eval_n=8, prompt_len=24,
+                        cont_len=8, crossover=False, progress=False)
+    a, b = (json.loads((d / "manifest.json").read_text())["files"] for d in (exported, again))
+    assert sorted(a) == sorted(b) and len(a) > 40
+    assert [rel for rel in a if a[rel] != b[rel]] == []
 
 
 def test_graph_flops_match_the_analytic_count(exported, assets):
@@ -288,7 +306,7 @@ def assert_one_line_error(result, needle):
 def test_missing_graph_or_manifest(exported, tmp_path):
     d = copy_export(exported, tmp_path)
     (d / "fp32" / "kvp_prefill.onnx").unlink()
-    assert_one_line_error(_validate(d, tmp_path), "missing graph file")
+    assert_one_line_error(_validate(d, tmp_path), "missing file")
     (d / "manifest.json").unlink()
     assert_one_line_error(_validate(d, tmp_path), "no manifest.json")
     assert not (tmp_path / "rep").exists()
@@ -303,14 +321,30 @@ def test_graph_whose_io_does_not_match_the_manifest(exported, tmp_path):
         shutil.copy(d / sub / "aux_decode.onnx", d / sub / "base_decode.onnx")
         m[key]["fp32"]["base_decode"]["bytes"] = (d / sub / "base_decode.onnx").stat().st_size
     (d / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(_validate(d, tmp_path), "fp32/base_decode.onnx is ")  # its size gives it away
+    # and with every size and hash in the manifest rewritten to match, its inputs and outputs still do
+    from kvp_validate.artifact import sha256_file
+    from kvp_validate.integrity import file_records
+
+    m["variants"]["fp32"]["base_decode"]["sha256"] = {"base_decode.onnx": sha256_file(d / "fp32" / "base_decode.onnx")}
+    m["optimized"]["fp32"]["base_decode"]["source_sha256"] = m["variants"]["fp32"]["base_decode"]["sha256"]
+    m["files"] = file_records(d)
+    (d / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(_validate(d, tmp_path), "do not match the manifest")
 
 
 def test_tokenizer_that_does_not_match(exported, tmp_path):
+    from kvp_validate.artifact import sha256_file
+
     d = copy_export(exported, tmp_path)
     tok = json.loads((d / "tokenizer" / "tokenizer.json").read_text())
     tok["model"]["vocab"]["zzz"] = len(tok["model"]["vocab"])
     (d / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok))
+    assert_one_line_error(_validate(d, tmp_path), "tokenizer/tokenizer.json is ")  # the manifest's size for it
+    m = json.loads((d / "manifest.json").read_text())  # listed again: the export's own record still refuses it
+    m["files"]["tokenizer/tokenizer.json"] = {"bytes": (d / "tokenizer" / "tokenizer.json").stat().st_size,
+                                              "sha256": sha256_file(d / "tokenizer" / "tokenizer.json")}
+    (d / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(_validate(d, tmp_path), "not the one exported")
 
 

@@ -221,9 +221,17 @@ def test_generate_cli_with_the_genai_runtime(exported, tmp_path):
         assert got["mode"] == mode and got["token_ids"] == ours["token_ids"] and got["completions"] == ours["completions"]
         assert got["timing"]["runtime"].startswith("onnxruntime-genai")
     (d / "fp32" / "genai_config.json").unlink()
+    one_line_error(gen("--runtime", "genai", "--mode", "base"), "missing file")  # the manifest lists it
+    reseal(d)  # as if exported without it: genai's own check
     r = gen("--runtime", "genai", "--mode", "base")
     one_line_error(r, "no genai_config.json in")
     one_line_error(gen("--runtime", "genai", "--mode", "aux"), "not the aux")
+
+
+def reseal(folder):
+    from conftest import reseal as _reseal
+
+    return _reseal(folder)
 
 
 def one_line_error(result, needle):

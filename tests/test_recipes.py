@@ -218,6 +218,26 @@ def test_train_method_end_to_end(tiny_run, assets, tmp_path):
     assert all(s["status"] == "cached" for s in run["stages"])
 
 
+@pytest.mark.parametrize("stage,rel", [("onnx", "fp32/base_decode.onnx"), ("validate-onnx", "report.json"),
+                                       ("fit", "predictor.safetensors")])
+def test_a_changed_cached_stage_is_refused(tiny_run, assets, tmp_path, stage, rel):
+    """The stage cache checks a cached folder's files: a changed one is refused in one line naming it."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run["dir"], run_dir)
+    path = next((run_dir / "stages").glob(f"{stage}-*")) / rel
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, tiny_args(assets, run_dir))
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: file ") and f"{stage}-" in err and err.endswith(
+        "(changed after the stage wrote it)") and rel in err
+    assert res.stderr.count("error:") == 1
+
+
 def test_too_strict_gate_exits_3_naming_gate_and_value(tiny_run, assets, tmp_path):
     junit = tmp_path / "junit.xml"
     res = CliRunner().invoke(main, tiny_args(assets, tiny_run["dir"], "--set", "validate.gates.min_speedup=1000",

@@ -1,7 +1,10 @@
 """An ONNX export folder, opened and checked before anything runs.
 
-Checks, each a one-line error: the manifest exists and is an ONNX export; every graph the
-manifest lists is on disk with the size it recorded; a session's input and output names
+Checks, each a one-line error: the manifest exists and is an ONNX export; every file of the
+folder is listed in the manifest's `files` with its size (integrity.py), and every file but the
+graphs is hashed at open; a graph's files are hashed before its session is created
+(`verify_graph`, before any timer starts; once per process); every graph the manifest lists
+is on disk with the size it recorded; no path the manifest names leaves the folder; a session's input and output names
 match the manifest (a graph swapped from another export fails here); the tokenizer file
 is the one exported (SHA-256) and covers the graphs' vocabulary.
 """
@@ -9,9 +12,9 @@ is the one exported (SHA-256) and covers the graphs' vocabulary.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,16 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KvpError
+from .integrity import MANIFEST, inside, listed, sha256_file, verify  # noqa: F401  (sha256_file: re-exported)
 
-MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+OPTIMIZED_DIR = "optimized"  # optimized/<variant>/<graph>.onnx: graphs onnxruntime has already optimised
+GRAPH_SUFFIXES = (".onnx", ".onnx.data")
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -41,18 +38,48 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, patterns: tuple[str, ...]) -> None:
+    """Remove what a killed writer left in `parent`: temporary folders and files matching `patterns`
+    (names hold the writer's PID after the prefix: `.OUT.partial-PID-*`); a live writer's are kept."""
+    for pattern in patterns:
+        for p in parent.glob(pattern + "*"):
+            pid = re.match(r"(\d+)[-.]", p.name[len(pattern):])
+            if pid and _alive(int(pid.group(1))):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def partial_dir(out: Path, kind: str = "partial") -> Path:
+    """A temporary sibling of `out` (`.OUT.partial-PID-*`), after removing those of killed writers."""
+    clean_stale(out.parent, (f".{out.name}.partial-", f".{out.name}.old-"))
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{kind}-{os.getpid()}-"))
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder `.NAME.partial-*` that becomes `out` only if the block
+    """Yield a temporary sibling folder `.NAME.partial-PID-*` that becomes `out` only if the block
     succeeds: an interrupted or failed writer leaves nothing half-written at `out`. Every
     artifact folder (stages, reports, checkpoints, caches) is written through this."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = partial_dir(out)  # a killed writer's partial folder (its PID gone) is removed here
     try:
         yield tmp
         if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
@@ -75,9 +102,12 @@ def load_manifest(folder: str | Path, label: str = "") -> dict:
     if not path.is_file():
         raise KvpError(f"not an {label or 'artifact'} folder (no {MANIFEST}): {folder}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KvpError(f"unreadable manifest {path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise KvpError(f"unreadable manifest {path}: a JSON object expected, got {type(manifest).__name__}")
+    return manifest
 
 
 def check_sections(manifest: dict, folder: Path, keys: tuple[str, ...]) -> None:
@@ -98,11 +128,32 @@ class OnnxArtifact:
         if manifest.get("stage") != "onnx":
             raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected an ONNX or Core ML export")
         check_sections(manifest, folder, ("variants", "io", "model", "tokenizer"))
+        verify(folder, manifest, hash_files=False)  # sizes, missing, unlisted, links: nothing read yet
+        verify(folder, manifest, [rel for rel in listed(folder, manifest) if not rel.endswith(GRAPH_SUFFIXES)])
         art = cls(folder, manifest)
         for variant in manifest["variants"]:
             for name in manifest["variants"][variant]:
                 art.check_files(variant, name)
         return art
+
+    def path(self, rel: str, what: str = "file") -> Path:
+        """A file the manifest names, inside the folder (a one-line error otherwise)."""
+        return inside(self.folder, rel, what)
+
+    def graph_files(self, variant: str, name: str, optimized: bool = False) -> list[str]:
+        """The relative paths of a graph's files (the source graph's, or its optimised copy's)."""
+        if optimized:
+            stem = f"{OPTIMIZED_DIR}/{variant}/{name}.onnx"
+            return [rel for rel in listed(self.folder, self.manifest) if rel in (stem, stem + ".data")]
+        return [f"{variant}/{fname}" for fname in self.manifest["variants"][variant][name]["sha256"]]
+
+    def verify_graph(self, variant: str, name: str, optimized: bool = False) -> None:
+        """Hash a graph's files against the manifest (once per process; call it before timing a load)."""
+        rels = self.graph_files(variant, name, optimized)
+        if not rels:
+            raise KvpError(f"graph {variant}/{name}{' (optimised)' if optimized else ''} has no files listed in "
+                           f"{self.folder / MANIFEST}")
+        verify(self.folder, self.manifest, rels)
 
     @property
     def model(self) -> dict:
@@ -124,16 +175,19 @@ class OnnxArtifact:
         self.check_variant(variant)
         if name not in self.manifest["variants"][variant]:
             raise KvpError(f"graph '{name}' not listed for variant {variant} in {self.folder / MANIFEST}")
-        return self.folder / self.manifest["variants"][variant][name]["file"]
+        return self.path(self.manifest["variants"][variant][name]["file"], "graph")
 
     def check_files(self, variant: str, name: str) -> None:
-        """Every file of the graph on disk, with the size the manifest recorded (hashing 650 MB
-        graphs on every open would cost seconds; the tokenizer, small, is hashed)."""
+        """Every file of the graph on disk, with the size the manifest recorded (its hash is checked
+        by `verify_graph` before the graph is loaded, not at every open)."""
         entry = self.manifest["variants"][variant][name]
-        for fname in entry["sha256"]:
-            path = self.folder / variant / fname
+        files = listed(self.folder, self.manifest)
+        for fname, digest in entry["sha256"].items():
+            path = self.path(f"{variant}/{fname}", "graph file")
             if not path.is_file():
                 raise KvpError(f"missing graph file {path} (listed in the manifest)")
+            if files.get(f"{variant}/{fname}", {}).get("sha256") != digest:
+                raise KvpError(f"graph file {path}: the manifest's graph and file hashes disagree (edited manifest)")
         size = sum((self.folder / variant / f).stat().st_size for f in entry["sha256"])
         if size != entry["bytes"]:
             raise KvpError(f"graph {variant}/{name} is {size} bytes, the manifest says {entry['bytes']}")
@@ -165,7 +219,7 @@ class OnnxArtifact:
         from tokenizers import Tokenizer
 
         info = self.manifest["tokenizer"]
-        path = self.folder / info["folder"] / "tokenizer.json"
+        path = self.path(f"{info['folder']}/tokenizer.json", "tokenizer")
         if not path.is_file():
             raise KvpError(f"missing tokenizer file {path}")
         if sha256_file(path) != info["sha256"]:

@@ -2,7 +2,7 @@
 
 For each variant, path and prompt length a new Python process opens the export, creates the
 sessions the path needs to generate (its prefill graph and its decoder, concurrently; see
-runtime.GRAPHS_FOR), runs one prefill (the first call, with its one-time allocations) and then
+runtime.GRAPHS_FOR; their files' hashes are checked first, untimed), runs one prefill (the first call, with its one-time allocations) and then
 `repeats` more (warm). Reported per point, in ms: `open` (manifest and file checks),
 `load` (session creation, wall) and each graph's own creation time, `first_call`, `warm`
 (median), and `first_token` = open + load + first_call, the time from a launched process with
@@ -36,8 +36,14 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
     from tqdm.auto import tqdm
 
     from .artifact import OnnxArtifact
+    from .integrity import share_verified
+    from .runtime import OnnxKVP
 
-    context = OnnxArtifact.open(folder).model.get("context") or 0
+    art = OnnxArtifact.open(folder)
+    context = art.model.get("context") or 0
+    # every graph of the variant hashed here, once; the children find the digests in their environment
+    OnnxKVP(art, variant, threads).verify()
+    share_verified(folder)
     skipped = [n for n in lengths if context and n >= context]
     lengths = tuple(n for n in lengths if n not in skipped)
     points = []
@@ -75,8 +81,11 @@ def _child(folder: str, variant: str, path: str, n: int, threads: int, repeats: 
     import numpy as np
 
     from .artifact import OnnxArtifact
-    from .runtime import OnnxKVP
+    from .runtime import GRAPHS_FOR, OnnxKVP
 
+    t_import = time.perf_counter()
+    # the files' hashes, checked before any timer (the parent's digests, else hashed here)
+    OnnxKVP(OnnxArtifact.open(folder), variant, threads).verify(GRAPHS_FOR[path])
     t1 = time.perf_counter()
     art = OnnxArtifact.open(folder)
     rt = OnnxKVP(art, variant, threads)
@@ -93,7 +102,7 @@ def _child(folder: str, variant: str, path: str, n: int, threads: int, repeats: 
     first = call()
     warm = statistics.median([call() for _ in range(repeats)]) if repeats else None
     open_ms = (t2 - t1) * 1e3
-    return {"path": path, "batch": 1, "prompt_len": n, "import_ms": (t1 - t0) * 1e3, "open_ms": open_ms,
+    return {"path": path, "batch": 1, "prompt_len": n, "import_ms": (t_import - t0) * 1e3, "open_ms": open_ms,
             "load_ms": load["wall"] * 1e3, "graphs_ms": {k: v * 1e3 for k, v in load.items() if k != "wall"},
             "first_call_ms": first, "warm_ms": warm, "first_token_ms": open_ms + load["wall"] * 1e3 + first}
 

@@ -24,6 +24,7 @@ import numpy as np
 from . import mlpackage
 from .artifact import check_sections, load_manifest
 from .errors import KvpError
+from .integrity import inside, verify
 from .report import md_table, write_report_folder
 
 MANIFEST = "manifest.json"
@@ -47,6 +48,7 @@ class CoremlExport:
             for role in self.manifest["variants"][v]["packages"]:
                 if not self.package(v, role).is_dir():
                     raise KvpError(f"missing Core ML package {self.package(v, role)} (listed in the manifest)")
+        verify(self.folder, self.manifest)  # every file's size and SHA-256 (integrity.py)
 
     @property
     def variants(self) -> list[str]:
@@ -57,10 +59,10 @@ class CoremlExport:
         return self.manifest["model"]
 
     def package(self, variant: str, role: str) -> Path:
-        return self.folder / self.manifest["variants"][variant]["packages"][role]["path"]
+        return inside(self.folder, self.manifest["variants"][variant]["packages"][role]["path"], "package")
 
     def reference(self) -> dict[str, np.ndarray]:
-        path = self.folder / self.manifest["reference"]["file"]
+        path = inside(self.folder, self.manifest["reference"]["file"])
         if not path.is_file():
             raise KvpError(f"missing reference outputs {path}")
         with np.load(path) as z:

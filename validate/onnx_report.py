@@ -21,6 +21,7 @@ from .parallel import plan, run_parallel
 from .parity import run_parity
 from .quality import quality_job
 from .report import md_table, write_report_folder
+from .runtime import verify_variants
 from .ttft import run_ttft
 
 SESSION_MEMORY_FACTOR = 2  # a session holds its graphs' weights and their pre-packed copies
@@ -57,6 +58,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     for v in variants:
         art.check_variant(v)
     art.tokenizer()  # a mismatched tokenizer fails before any measurement
+    verify_variants(art, variants)  # every graph hashed once, before any check (workers get the digests)
     if "genai" in checks:  # onnxruntime-genai installed and every variant's genai-kvp/ there, before any work
         from .genai_check import check_ready
 

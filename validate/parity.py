@@ -105,8 +105,9 @@ def run_parity(art: OnnxArtifact, variant: str, threads: int = 2, tolerances: di
 def reference_checks(art: OnnxArtifact, variant: str, threads: int, tol: dict | None = None) -> list[dict]:
     """Every graph of `variant` against the PyTorch reference (limits from `tol`, or none)."""
     tol = tol or {}
-    ref = np.load(art.folder / art.manifest["reference"]["file"], allow_pickle=False)
+    ref = np.load(art.path(art.manifest["reference"]["file"]), allow_pickle=False)
     rt = OnnxKVP(art, variant, threads)
+    rt.verify()  # every graph's hash, before any of them runs
     ids, mask = ref["input_ids"], ref["attention_mask"]
     n_tok = ref["base.tokens"].shape[1]
     checks = []
@@ -131,9 +132,10 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
     """The variant against the fp32 graphs on the first `n_pairs` held-out pairs, per path.
     `cache` keeps the fp32 outputs for the next variant (float32 log-probabilities)."""
     cache = {} if cache is None else cache
-    pairs = np.load(art.folder / art.manifest["eval"]["file"], allow_pickle=False)
+    pairs = np.load(art.path(art.manifest["eval"]["file"]), allow_pickle=False)
     prompts, conts = pairs["prompts"][:n_pairs].astype(np.int64), pairs["continuations"][:n_pairs].astype(np.int64)
     ref_rt, rt = OnnxKVP(art, "fp32", threads), OnnxKVP(art, variant, threads)
+    ref_rt.verify(), rt.verify()  # every graph's hash, before any of them runs
     checks = []
     for mode in PATHS:
         kl = agree = nll_delta = 0.0

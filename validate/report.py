@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .artifact import atomic_dir
+from .artifact import atomic_dir, clean_stale
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -30,7 +30,8 @@ def md_table(headers: list[str], rows: list[list[Any]], digits: int = 3) -> str:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file atomically (temp file + rename in the same folder): readers never see half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale(path.parent, (f".{path.name}.",))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -50,7 +51,12 @@ def write_report(folder: str | Path, payload: dict, markdown: str) -> tuple[Path
 
 
 def write_report_folder(out: str | Path, payload: dict, markdown: str, overwrite: bool = False) -> Path:
-    """Write report.json + report.md as the folder `out`, atomically (built aside, then renamed)."""
+    """Write report.json + report.md as the folder `out`, atomically (built aside, then renamed),
+    with a manifest.json (stage "validation") listing both files' SHA-256 (integrity.py)."""
+    from .integrity import MANIFEST, file_records
+
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_report(tmp, payload, markdown)
+        atomic_write_text(tmp / MANIFEST, json.dumps({"stage": "validation", "files": file_records(tmp)}, indent=2)
+                          + "\n")
     return Path(out)

@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import OnnxArtifact
+from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR: the export imports it from here)
 from .crossover import use_kvp
 from .errors import KvpError
+from .integrity import share_verified
 
 PATHS = ("kvp", "base", "aux")  # the three prefill paths, as measured and compared
 MODES = ("auto", *PATHS)  # what a caller may ask for
 # The graphs each mode needs to generate (first token and decoding).
 GRAPHS_FOR = {"auto": ("kvp_prefill", "base_decode"), "kvp": ("kvp_prefill", "base_decode"),
               "base": ("base_prefill", "base_decode"), "aux": ("aux_prefill", "aux_decode")}
-OPTIMIZED_DIR = "optimized"  # optimized/<variant>/<graph>.onnx: graphs onnxruntime has already optimised
 
 
 def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -53,7 +53,7 @@ def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphO
     return opts
 
 
-def optimized_graph(art: OnnxArtifact, variant: str, name: str) -> Path | None:
+def optimized_graph(art: OnnxArtifact, variant: str, name: str, quiet: bool = False) -> Path | None:
     """The export's pre-optimised copy of a graph, when it is there and still matches (else None).
 
     It matches when its record names the source graph's recorded SHA-256 and this onnxruntime's
@@ -61,7 +61,7 @@ def optimized_graph(art: OnnxArtifact, variant: str, name: str) -> Path | None:
     entry = art.manifest.get("optimized", {}).get(variant, {}).get(name)
     if not entry:
         return None
-    path = art.folder / entry["file"]
+    path = art.path(entry["file"], "graph")
     source_sha = art.manifest["variants"][variant][name]["sha256"]
     why = None
     if entry.get("onnxruntime") != ort.__version__:
@@ -71,10 +71,24 @@ def optimized_graph(art: OnnxArtifact, variant: str, name: str) -> Path | None:
     elif not path.is_file() or path.stat().st_size != entry.get("bytes"):
         why = "the file is missing or its size differs"
     if why:
-        print(f"kvp: warning: not using the optimised {variant}/{name} ({why}); loading the source graph",
-              file=sys.stderr)
+        if not quiet:
+            print(f"kvp: warning: not using the optimised {variant}/{name} ({why}); loading the source graph",
+                  file=sys.stderr)
         return None
     return path
+
+
+def verify_variants(art: OnnxArtifact, variants: list[str]) -> None:
+    """Hash every graph file of `variants` (and of fp32, which quantized variants' parity runs),
+    source graphs (what a user ships) and optimised copies (what the runtime loads), against the
+    manifest, and hand the digests to the processes started from now on (integrity.share_verified):
+    quality workers and cold-start children hash nothing again."""
+    for v in dict.fromkeys([*variants, *(["fp32"] if "fp32" in art.variants else [])]):
+        for name in art.manifest["variants"][v]:
+            art.verify_graph(v, name)
+            if art.graph_files(v, name, optimized=True):
+                art.verify_graph(v, name, optimized=True)
+    share_verified(art.folder)
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,7 @@ class OnnxKVP:
         # the saved copy is already optimised: only the (cheap) basic passes run again at load
         level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if opt else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = opt or src
+        self.art.verify_graph(self.variant, name, optimized=bool(opt))  # hashed once per process, never timed
         t0 = time.perf_counter()
         try:
             sess = ort.InferenceSession(str(path), session_options(self.threads, level),
@@ -198,6 +213,7 @@ class OnnxKVP:
         while it reads and optimises a graph); return seconds per graph and the wall time."""
         self._check_mode(mode)
         names = [n for n in GRAPHS_FOR[mode] if n not in self._sessions]
+        self.verify(names)  # outside the timed load: the sessions below find the digests cached
         t0 = time.perf_counter()
         if concurrent and len(names) > 1:
             with ThreadPoolExecutor(len(names)) as pool:
@@ -207,6 +223,13 @@ class OnnxKVP:
             for name in names:
                 self.session(name)
         return {**{n: self.load_seconds[n] for n in names}, "wall": time.perf_counter() - t0}
+
+    def verify(self, names: tuple[str, ...] | list[str] | None = None) -> None:
+        """Hash the files of the graphs `names` (default: every graph of the variant) that sessions
+        would load against the manifest; a changed graph is refused before it is ever run."""
+        for name in names or self.art.manifest["variants"][self.variant]:
+            opt = optimized_graph(self.art, self.variant, name, quiet=True) if self.use_optimized else None
+            self.art.verify_graph(self.variant, name, optimized=bool(opt))
 
     @staticmethod
     def _check_mode(mode: str) -> None:

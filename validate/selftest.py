@@ -7,7 +7,7 @@ carry one of these faults (ONNX surgery, no torch):
 - "swap_kv": kvp_prefill's predicted keys and values exchanged (a wiring error);
 - "rope_base": the rotary frequencies of every graph computed with another RoPE base (a wrong
   config, e.g. rope_theta falling back to 10000);
-and refreshes the manifest's hashes and sizes so that only parity can tell.
+and refreshes the manifest's hashes and sizes (its `files` too) so that only parity can tell.
 `kvp validate --check parity` on the copy must fail (tests/test_export_onnx.py does this on a
 tiny model; benchmarks/int8_formats.py on the real one, on each CPU kind).
 """
@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from .artifact import MANIFEST, sha256_file
 from .errors import KvpError
+from .integrity import file_records
 from .runtime import OPTIMIZED_DIR
 
 FAULTS = ("zero_layer", "swap_kv", "rope_base")
@@ -118,5 +119,6 @@ def break_export(src: str | Path, dst: str | Path, variant: str, fault: str) -> 
             changed += n
     if not changed:
         raise KvpError(f"fault {fault} found nothing to change in {variant}")
+    manifest["files"] = file_records(dst)  # re-listed: the copy passes every integrity check
     (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return dst

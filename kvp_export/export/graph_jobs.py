@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kvp_validate.integrity import known
 from kvp_validate.parallel import plan, run_parallel
 
 from ..artifacts import sha256_file
@@ -41,7 +42,11 @@ def variant_graph(root: Path, variant: str, name: str, quant: dict | None) -> di
         (root / variant).mkdir(exist_ok=True)
         info = quantize(variant, root / "fp32" / f"{name}.onnx", root / variant / f"{name}.onnx", **quant)
     files = graph_files(root, variant, name)
-    return {"quantization": info, "files": files, "optimized": save_optimized(root, variant, name, files["sha256"])}
+    optimized = save_optimized(root, variant, name, files["sha256"])
+    for p in (root / optimized["file"]).parent.glob(f"{name}.onnx*"):  # for the manifest's `files`
+        sha256_file(p)
+    # the digests go back to the parent (integrity.remember): the manifest does not hash a graph again
+    return {"quantization": info, "files": files, "optimized": optimized, "digests": known()}
 
 
 def flops_job(path: Path, variable: str, series: dict[str, tuple[list[int], list[dict]]]) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedArchitecture
+from ..errors import KvpError, UnsupportedArchitecture
 
 # model_type -> has a per-head RMSNorm on keys (applied before RoPE)
 SUPPORTED: dict[str, bool] = {"llama": False, "qwen2": False, "qwen3": True}
@@ -67,6 +67,35 @@ class ArchSpec:
 
 
 # --- module access (HF *ForCausalLM layout shared by the supported families) ---
+
+
+
+def parameters(config) -> int:
+    """The parameters a decoder of this config holds (embeddings, attention and MLP; norms left out)."""
+    h, layers, vocab, ffn = (int(getattr(config, k)) for k in ("hidden_size", "num_hidden_layers", "vocab_size",
+                                                              "intermediate_size"))
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or h // max(heads, 1))
+    attn = h * heads * hd * 2 + 2 * h * kv * hd
+    embed = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return embed + layers * (attn + 3 * h * ffn)
+
+
+def check_sizes(config, weight_bytes: int, what: str) -> None:
+    """Refuse a config whose sizes its weights cannot hold, before a model of that size is built: a
+    header claiming 10^9 layers or a 2^20-wide embedding over a few kB of weights would otherwise
+    allocate (or loop) until the machine gives out. Allows 2-bit weights (GGUF Q2_K is ~2.6) and 1 MiB."""
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    for k in keys:
+        v = getattr(config, k, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise KvpError(f"cannot load model from {what}: its config's {k} is {v!r} (a positive integer expected)")
+    n = parameters(config)
+    if n / 4 > weight_bytes + (1 << 20):
+        raise KvpError(f"cannot load model from {what}: its config describes {n:.3g} parameters "
+                       f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary "
+                       f"{config.vocab_size}), its weights hold {weight_bytes} bytes")
 
 
 def decoder_layers(model) -> nn.ModuleList:

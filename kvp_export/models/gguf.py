@@ -14,7 +14,7 @@ import torch
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
 from ..errors import KvpError
 from ..log import get_logger
-from .arch import check_supported
+from .arch import check_sizes, check_supported
 from .tokenizer import _FOLDER_TOKENIZER_KW, _first_line, check_same_tokenizer
 
 log = get_logger()
@@ -43,6 +43,7 @@ def _gguf_config(gguf: Path, meta: dict[str, Any]):
     check_supported(SimpleNamespace(model_type=meta.get("general.architecture"), architectures=None))
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     check_supported(config)
+    check_sizes(config, gguf.stat().st_size, f"GGUF file {gguf}")
     return config
 
 
@@ -122,7 +123,7 @@ def _verify_folder(folder: Path, tok, ids: torch.Tensor, ref: torch.Tensor, rope
 def is_converted(folder: str | Path, gguf_sha256: str) -> bool:
     """Whether `folder` is a finished conversion of the GGUF with this hash."""
     try:
-        manifest = read_manifest(folder, "model")
+        manifest = read_manifest(folder, "model", check=False)  # its files are checked by resolve()
     except KvpError:
         return False
     return manifest.get("inputs", {}).get("gguf_sha256") == gguf_sha256

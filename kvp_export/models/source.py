@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import torch
 
-from ..artifacts import sha256_file
+from ..artifacts import read_manifest, sha256_file
 from ..cache import cache_dir
 from ..errors import KvpError
 from . import zoo
-from .arch import check_supported
+from .arch import check_sizes, check_supported
 from .gguf import convert_gguf, gguf_metadata, is_converted
 from .tokenizer import _FOLDER_TOKENIZER_KW, _first_line, check_same_tokenizer
 
@@ -33,15 +33,22 @@ def _resolve_gguf(path: Path) -> Path:
     sha = sha256_file(path)
     folder = cache_dir("models") / f"gguf-{sha[:16]}"
     if is_converted(folder, sha):
-        return folder
+        return _checked(folder)
     return convert_gguf(path, folder, overwrite=True)
+
+
+def _checked(folder: Path) -> Path:
+    """A cached model folder, its files checked against its manifest (a changed weight file is
+    refused in one line naming it: `kvp models pull --force` or deleting the folder rebuilds it)."""
+    read_manifest(folder, "model")
+    return folder
 
 
 def resolve(spec: str | Path) -> Path:
     """A Hugging Face folder for a zoo name, a GGUF file or an existing folder."""
     text = str(spec)
     if text in zoo.ZOO:
-        return zoo.pull(text)
+        return _checked(zoo.pull(text))
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -63,7 +70,14 @@ def _folder_config(folder: Path):
     except (OSError, ValueError) as e:
         raise KvpError(f"unreadable config.json in {folder}: {_first_line(e)}") from None
     check_supported(SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
-    return AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        raise KvpError(f"unreadable config.json in {folder}: {_first_line(e)}") from None
+    weights = [p.stat().st_size for p in folder.glob("*.safetensors")]
+    if weights:  # none: the loader refuses the folder (safetensors only)
+        check_sizes(config, sum(weights), str(folder))
+    return config
 
 
 def load(spec: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -81,6 +95,9 @@ def load(spec: str | Path, *, dtype: torch.dtype = torch.float32, attn_implement
         tok = AutoTokenizer.from_pretrained(folder, **_FOLDER_TOKENIZER_KW)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise KvpError(f"cannot load model from {folder}: {_first_line(e)}") from None
+    if len(tok) > config.vocab_size:  # its ids would index past the embedding
+        raise KvpError(f"cannot load model from {folder}: its tokenizer has {len(tok)} tokens, the model's "
+                       f"vocabulary {config.vocab_size} (a tokenizer from another model?)")
     return model.eval(), tok
 
 

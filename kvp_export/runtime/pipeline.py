@@ -27,7 +27,9 @@ from kvp_validate.machine import machine
 from ..artifacts import read_manifest, write_json
 from ..cache import cache_dir
 from ..data import jsonl_records
+from ..data import read_lines as _prompt_lines
 from ..errors import KvpError
+from ..limits import check_limits
 from ..models import check_same_tokenizer, load
 from ..models.arch import ArchSpec
 from ..predictor.module import KVPredictor
@@ -94,6 +96,8 @@ class KVPPipeline:
         manifest = read_manifest(folder, "predictor")
         predictor = KVPredictor.load(folder).to(device)
         aux = aux or manifest["inputs"]["aux"]["path"]
+        if (Path(aux) / "manifest.json").is_file():  # a derive or train folder: its files checked too
+            read_manifest(aux)
         base_model, tok = load(base or ref_spec(manifest["inputs"]["base"]), dtype=dtype)
         aux_model, aux_tok = load(aux, dtype=dtype)
         base_model, aux_model = base_model.to(device), aux_model.to(device)
@@ -225,22 +229,34 @@ def _eos_ids(tokenizer, model) -> set[int]:
 def check_sampling(max_new_tokens: int, s: Sampling) -> None:
     if max_new_tokens < 1:
         raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_limits(max_new_tokens=max_new_tokens)
     s.check()
 
 
+MAX_PROMPTS = 4096  # one call generates for all its prompts as one batch
+
+
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: one per non-blank line, or JSONL (a string or an object with "prompt")."""
+    """Prompts from a file: one per non-blank line, or JSONL (a string or an object with "prompt");
+    at most MAX_PROMPTS, read as a stream (a file of millions of lines is refused, not held)."""
     path = Path(path)
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise KvpError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if path.suffix.lower() != ".jsonl":
-        return [ln for ln in lines if ln.strip()]
+    if not path.is_file():
+        raise KvpError(f"cannot read prompts file {path}: no such file")
+    jsonl = path.suffix.lower() == ".jsonl"
     prompts = []
-    for no, obj in jsonl_records(path, lines):
+    records = jsonl_records(path) if jsonl else ((no, ln) for no, ln in enumerate(_prompt_lines(path), 1)
+                                                 if ln.strip())
+    for no, obj in records:
+        if len(prompts) == MAX_PROMPTS:
+            raise KvpError(f"{path}:{no}: more than {MAX_PROMPTS} prompts (one call generates for all of them as "
+                           "one batch): split the file")
+        if not jsonl:
+            prompts.append(obj)
+            continue
         text = obj.get("prompt") if isinstance(obj, dict) else obj
         if not isinstance(text, str):
             raise KvpError(f'{path}:{no}: expected a string or an object with a "prompt" string')
+        if not text.strip():
+            raise KvpError(f"{path}:{no}: empty prompt")
         prompts.append(text)
     return prompts

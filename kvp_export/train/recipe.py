@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig, check_mix
 from ..errors import KvpError
+from ..limits import check_limits
 
 MODES = ("kvp", "baseline")
 WARMUP_SHARE = 0.05  # of the steps, when not given
@@ -86,6 +87,7 @@ def check_call(cfg: TrainConfig, *, baseline: bool, data: list[str] | None, stop
     """What the config alone cannot check: the config against this call's inputs and limits
     (before anything is loaded)."""
     check_mix(data, cfg.mix)
+    check_limits(stop_after=stop_after, max_minutes=max_minutes, finish_after=finish_after)
     if stop_after is not None and stop_after < 1:
         raise KvpError(f"stop-after must be >= 1, got {stop_after}")
     for name, v in (("max-minutes", max_minutes), ("finish-after", finish_after)):

@@ -1,0 +1,369 @@
+"""Bad and hostile inputs across every verb: each refused with one line (`error: ...`), exit 1, no
+output folder (nor a partial one) left behind, and an existing output folder never touched.
+
+Complements the bad-input tests beside each feature (test_cli.py, test_train.py, test_recipes.py,
+test_models.py, test_data.py, test_export_onnx.py, test_coreml.py, test_genai.py): the cases here
+are the ones a hostile user crafts (manifests naming paths outside their folder, GGUF and config
+headers describing absurd sizes, recipes and options with huge numbers, a JSONL of ten million
+empty records, a tokenizer.json from another model) and the verbs those files did not cover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from conftest import WORDS, reseal, word_tokenizer
+from test_cli import kvp, user_error
+from test_models import tiny_gguf
+
+from kvp_validate.integrity import file_records
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny" / "ci.yaml"
+
+
+# ---------------------------------------------------------------- crafting hostile files
+
+
+def gguf_with(path: Path, *, dim: int | None = None, key: str | None = None, value: int | None = None) -> Path:
+    """The tiny GGUF with one tensor dimension, or one integer header field, set to `dim` / `value`."""
+    data = bytearray(tiny_gguf(path.with_suffix(".src.gguf")).read_bytes())
+    if dim is not None:
+        j = data.index(b"token_embd.weight") + len(b"token_embd.weight")
+        struct.pack_into("<Q", data, j + 4, dim)  # n_dims (u32), then the first dimension (u64)
+    if key is not None:
+        j = data.index(key.encode()) + len(key)
+        typ = struct.unpack_from("<I", data, j)[0]
+        struct.pack_into("<I" if typ == 4 else "<Q", data, j + 4, value)  # u32 or u64 field
+    path.write_bytes(bytes(data))
+    return path
+
+
+def hf_with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def foreign_tokenizer(folder: Path) -> None:
+    """Overwrite a model folder's tokenizer files with those of a model with 50 more words."""
+    word_tokenizer(WORDS + [f"x{i}" for i in range(50)]).save_pretrained(folder)
+
+
+def with_manifest(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m = edit(m) or m
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def ten_million_empty_records(path: Path, record: bytes = b'{"text": ""}\n') -> Path:
+    with open(path, "wb") as f:
+        chunk = record * 100_000
+        for _ in range(100):
+            f.write(chunk)
+    return path
+
+
+def recipe(tmp: Path, llama: Path, body: str) -> Path:
+    p = tmp / "hostile.yaml"
+    p.write_text(f"base: {llama}\n" + body)
+    return p
+
+
+# ---------------------------------------------------------------- the table
+# Each case: (id, build(ctx) -> (argv, pattern)). ctx: tmp, out, assets, built, export. `out` is where
+# the verb would write; every case asserts nothing is there afterwards.
+
+def _ctx_files(c):
+    return c["assets"], c["built"], c["tmp"], c["out"]
+
+
+CASES = {
+    # --- derive: model headers describing absurd sizes, configs, tokenizers, corpora, numbers
+    "derive/gguf-tensor-2^40": lambda c: (["derive", "--base", gguf_with(c["tmp"] / "t.gguf", dim=2**40), "-o", c["out"]],
+                                          "not a valid GGUF file"),
+    "derive/gguf-1e9-layers": lambda c: (["derive", "--base", gguf_with(c["tmp"] / "l.gguf", key="llama.block_count",
+                                                                         value=10**9), "-o", c["out"]],
+                                         r"describes 3\.\d+e\+13 parameters \(1000000000 layers"),
+    "derive/gguf-2^20-hidden": lambda c: (["derive", "--base", gguf_with(c["tmp"] / "h.gguf", key="llama.embedding_length",
+                                                                          value=2**20), "-o", c["out"]],
+                                          "describes .* parameters .*hidden 1048576"),
+    "derive/gguf-2^31-ffn": lambda c: (["derive", "--base", gguf_with(c["tmp"] / "f.gguf", key="llama.feed_forward_length",
+                                                                       value=2**31 - 1), "-o", c["out"]],
+                                       "describes .* parameters"),
+    "derive/gguf-empty-file": lambda c: (["derive", "--base", _write(c["tmp"] / "e.gguf", b""), "-o", c["out"]],
+                                         "not a valid GGUF file"),
+    "derive/config-hidden-2^30": lambda c: (["derive", "--base", hf_with_config(c["assets"]["llama"], c["tmp"] / "m",
+                                                                                hidden_size=2**30), "-o", c["out"]],
+                                            "describes .* parameters"),
+    "derive/config-negative-layers": lambda c: (["derive", "--base", hf_with_config(c["assets"]["llama"], c["tmp"] / "m",
+                                                                                    num_hidden_layers=-1), "-o", c["out"]],
+                                                "num_hidden_layers is -1"),
+    "derive/config-vocab-string": lambda c: (["derive", "--base", hf_with_config(c["assets"]["llama"], c["tmp"] / "m",
+                                                                                 vocab_size="many"), "-o", c["out"]],
+                                             "vocab_size is 'many'"),
+    "derive/config-not-json": lambda c: (["derive", "--base", _broken_config(c), "-o", c["out"]],
+                                         "unreadable config.json"),
+    "derive/tokenizer-of-another-model": lambda c: (["derive", "--base", _foreign_base(c), "-o", c["out"]],
+                                                    r"tokenizer has 157 tokens, the model's vocabulary 107"),
+    "derive/jsonl-10M-empty-records": lambda c: (["derive", "--base", c["assets"]["llama"], "--calib",
+                                                  ten_million_empty_records(c["tmp"] / "empty.jsonl"), "-o", c["out"]],
+                                                 "calibration corpus is empty"),
+    "derive/calib-tokens-1e13": lambda c: (["derive", "--calib-tokens", 10**13, "-o", c["out"]],
+                                           "calib-tokens = 1e\\+13 is beyond any real run"),
+    "derive/distill-epochs-1e12": lambda c: (["derive", "--heal", "distill", "--distill-epochs", 10**12, "-o", c["out"]],
+                                             "distill-epochs = 1e\\+12 is beyond"),
+    # --- fit: hostile aux folders
+    "fit/manifest-file-outside": lambda c: (["fit", "--aux", with_manifest(c["built"]["aux"], c["tmp"] / "a", lambda m: m[
+        "files"].update({"../../../../etc/hostname": {"bytes": 1, "sha256": "0" * 64}})), "-o", c["out"]],
+                                            "names a file outside its folder: '../../../../etc/hostname'"),
+    "fit/manifest-absolute-path": lambda c: (["fit", "--aux", with_manifest(c["built"]["aux"], c["tmp"] / "a", lambda m: m[
+        "files"].update({"/etc/hostname": {"bytes": 1, "sha256": "0" * 64}})), "-o", c["out"]],
+                                             "names a file outside its folder: '/etc/hostname'"),
+    "fit/symlink-to-host-file": lambda c: (["fit", "--aux", _symlinked(c), "-o", c["out"]], "outside its folder.*resolves to /etc/hostname"),
+    "fit/manifest-a-json-list": lambda c: (["fit", "--aux", _manifest_text(c, "[1, 2]"), "-o", c["out"]],
+                                           "a JSON object expected, got list"),
+    "fit/manifest-not-json": lambda c: (["fit", "--aux", _manifest_text(c, "{nope"), "-o", c["out"]],
+                                        "unreadable manifest"),
+    "fit/malformed-file-list": lambda c: (["fit", "--aux", with_manifest(c["built"]["aux"], c["tmp"] / "a", lambda m: m[
+        "files"].update({"config.json": {"bytes": "1", "sha256": 5}})), "-o", c["out"]], "lists no file hashes"),
+    "fit/predictor-given-as-aux": lambda c: (["fit", "--aux", c["built"]["pred"], "-o", c["out"]],
+                                             "'predictor' artifact, expected 'aux'"),
+    "fit/foreign-tokenizer-in-aux": lambda c: (["fit", "--aux", _foreign_aux(c, sealed=False), "-o", c["out"]],
+                                               r"(tokenizer\S*|special_tokens_map)\.json (is \d+ bytes|does not match)"),
+    "fit/foreign-tokenizer-resealed": lambda c: (["fit", "--aux", _foreign_aux(c, sealed=True), "--calib",
+                                                  c["assets"]["corpus"], "-o", c["out"]], "tokenizers differ"),
+    "fit/sink-2^21": lambda c: (["fit", "--aux", c["built"]["aux"], "--sink", 2**21, "-o", c["out"]],
+                                "sink-len = 2.097e\\+06 is beyond"),
+    "fit/calib-tokens-1e13": lambda c: (["fit", "--aux", c["built"]["aux"], "--calib-tokens", 10**13, "-o", c["out"]],
+                                        "calib-tokens = 1e\\+13 is beyond"),
+    # --- train
+    "train/tokens-1e13": lambda c: (["train", "--predictor", c["built"]["pred"], "--tokens", 10**13, "-o", c["out"]],
+                                    "tokens = 1e\\+13 is beyond"),
+    "train/steps-1e10": lambda c: (["train", "--predictor", c["built"]["pred"], "--steps", 10**10, "-o", c["out"]],
+                                   "steps = 1e\\+10 is beyond"),
+    "train/batch-1e7": lambda c: (["train", "--predictor", c["built"]["pred"], "--batch", 10**7, "-o", c["out"]],
+                                  "batch = 1e\\+07 is beyond"),
+    "train/aux-path-outside-to-etc": lambda c: (["train", "--predictor", with_manifest(c["built"]["pred"], c["tmp"] / "p",
+                                                 lambda m: m["inputs"]["aux"].update(path="/etc")), "-o", c["out"]],
+                                                r"not an artifact folder \(no manifest.json\): /etc"),
+    "train/unlisted-file-in-predictor": lambda c: (["train", "--predictor", _unlisted(c), "-o", c["out"]],
+                                                   "extra.safetensors is not listed"),
+    # --- generate (PyTorch and onnxruntime)
+    "generate/jsonl-10M-empty-prompts": lambda c: (["generate", "--predictor", c["built"]["pred"], "--prompts-file",
+                                                    ten_million_empty_records(c["tmp"] / "p.jsonl", b'""\n')],
+                                                   r"p\.jsonl:1: empty prompt"),
+    "generate/5000-prompts": lambda c: (["generate", "--predictor", c["built"]["pred"], "--prompts-file",
+                                         _write(c["tmp"] / "p.txt", b"w1 w2\n" * 5000)],
+                                        r"p\.txt:4097: more than 4096 prompts"),
+    "generate/max-new-tokens-1e7": lambda c: (["generate", "--predictor", c["built"]["pred"], "--max-new-tokens", 10**7,
+                                               "w1"], "max-new-tokens = 1e\\+07 is beyond"),
+    "generate/predictor-missing-weights": lambda c: (["generate", "--predictor", _without(c, "predictor.safetensors"),
+                                                      "w1"], r"missing file .*predictor\.safetensors"),
+    "generate/onnx-graph-outside": lambda c: (["generate", "--onnx", with_manifest(c["export"], c["tmp"] / "x", lambda m: m[
+        "variants"]["fp32"]["kvp_prefill"].update(file="../../../etc/hostname")), "w1"], "names a graph outside"),
+    "generate/onnx-foreign-tokenizer": lambda c: (["generate", "--onnx", _foreign_export_tokenizer(c), "w1 w2"],
+                                                  "not the one exported"),
+    "generate/onnx-given-a-predictor": lambda c: (["generate", "--onnx", c["built"]["pred"], "w1"],
+                                                  "'predictor' artifact, expected an ONNX"),
+    # --- eval
+    "eval/n-1e7": lambda c: (["eval", "--predictor", c["built"]["pred"], "--n", 10**7, "-o", c["out"]],
+                             "n = 1e\\+07 is beyond"),
+    "eval/prompt-len-1e8": lambda c: (["eval", "--predictor", c["built"]["pred"], "--prompt-len", 10**8, "-o", c["out"]],
+                                      "prompt-len = 1e\\+08 is beyond"),
+    # --- export onnx
+    "export/eval-n-1e7": lambda c: (["export", "onnx", "--predictor", c["built"]["pred"], "--eval-n", 10**7, "-o",
+                                     c["out"]], "eval-n = 1e\\+07 is beyond"),
+    "export/predictor-file-outside": lambda c: (["export", "onnx", "--predictor", with_manifest(
+        c["built"]["pred"], c["tmp"] / "p", lambda m: m["files"].update({"../aux/model.safetensors": {
+            "bytes": 1, "sha256": "0" * 64}})), "-o", c["out"]], "names a file outside its folder"),
+    # --- validate
+    "validate/tokenizer-folder-outside": lambda c: (["validate", with_manifest(c["export"], c["tmp"] / "x", lambda m: m[
+        "tokenizer"].update(folder="../../..")), "-o", c["out"]], "names a tokenizer outside its folder"),
+    "validate/sparse-10GB-graph": lambda c: (["validate", _sparse_graph(c), "-o", c["out"]],
+                                             r"base_decode\.onnx is 10000000000 bytes"),
+    "validate/graph-path-absolute": lambda c: (["validate", with_manifest(c["export"], c["tmp"] / "x", lambda m: m[
+        "variants"]["fp32"]["base_decode"].update(file="/etc/hostname")), "-o", c["out"], "--check", "parity"],
+                                               "names a graph outside its folder: '/etc/hostname'"),
+    "validate/an-aux-folder": lambda c: (["validate", c["built"]["aux"], "-o", c["out"]], "'aux' artifact, expected an ONNX"),
+    # --- run: recipes with huge numbers (refused before the run folder exists)
+    "run/calib-tokens-1e30": lambda c: (["run", recipe(c["tmp"], c["assets"]["llama"], "data:\n  calib_tokens: " + "1" +
+                                                       "0" * 30 + "\n"), "-o", c["out"]],
+                                        "data.calib_tokens: 1e\\+30 is beyond any real run"),
+    "run/distill-epochs-1e12": lambda c: (["run", recipe(c["tmp"], c["assets"]["llama"], "aux:\n  heal: distill\n  "
+                                                         "distill_epochs: 1000000000000\n"), "-o", c["out"]],
+                                          "aux.distill_epochs: 1e\\+12 is beyond"),
+    "run/validate-repeats-1e12": lambda c: (["run", recipe(c["tmp"], c["assets"]["llama"], "validate:\n  repeats: "
+                                                           "1000000000000\n"), "-o", c["out"]],
+                                            "validate.repeats: 1e\\+12 is beyond"),
+    "run/ttft-length-1e11": lambda c: (["run", recipe(c["tmp"], c["assets"]["llama"], "validate:\n  lengths: "
+                                                      "[100000000000]\n"), "-o", c["out"]],
+                                       "validate.lengths: 1e\\+11 is beyond"),
+    "run/eval-n-1e12": lambda c: (["run", recipe(c["tmp"], c["assets"]["llama"], "export:\n  onnx:\n    eval_n: "
+                                                 "1000000000000\n"), "-o", c["out"]], "export.onnx.eval_n: 1e\\+12"),
+    "run/train-tokens-1e20": lambda c: (["run", recipe(c["tmp"], c["assets"]["llama"], "predictor:\n  method: train\n"
+                                                       "train:\n  tokens: 100000000000000000000\n"), "-o", c["out"]],
+                                        "train.tokens: 1e\\+20 is beyond"),
+    "run/yaml-billion-laughs": lambda c: (["run", _laughs(c), "-o", c["out"]], r"laughs.yaml:3: YAML aliases \(\*a0\) are not allowed"),
+    "run/override-with-aliases": lambda c: (["run", TINY, "--set", "validate.lengths=[&a 8, *a, *a]", "-o", c["out"]],
+                                            r"--set validate.lengths=.*YAML aliases \(\*a\) are not allowed"),
+    # --- compare, data, models
+    "compare/report-json-a-list": lambda c: (["compare", _report(c, "[]"), "-o", c["out"]],
+                                             r"report\.json: a JSON object expected, got list"),
+    "compare/report-json-not-json": lambda c: (["compare", _report(c, "{"), "-o", c["out"]], r"unreadable .*report\.json"),
+    "compare/report-changed-after-validation": lambda c: (["compare", _changed_report(c), "-o", c["out"]],
+                                                          r"report\.json does not match the SHA-256"),
+    "data/build-tokenizer-missing": lambda c: (["data", "build", "--tokenizer", c["tmp"] / "nope"],
+                                               "no such file or folder"),
+    "models/pull-a-path": lambda c: (["models", "pull", "../../../etc/passwd"], "unknown zoo model"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _broken_config(c) -> Path:
+    d = c["tmp"] / "m"
+    shutil.copytree(c["assets"]["llama"], d)
+    (d / "config.json").write_text("{not json")
+    return d
+
+
+def _foreign_base(c) -> Path:
+    d = c["tmp"] / "m"
+    shutil.copytree(c["assets"]["llama"], d)
+    foreign_tokenizer(d)
+    return d
+
+
+def _symlinked(c) -> Path:
+    d = c["tmp"] / "a"
+    shutil.copytree(c["built"]["aux"], d)
+    (d / "generation_config.json").unlink()
+    os.symlink("/etc/hostname", d / "generation_config.json")
+    return d
+
+
+def _manifest_text(c, text: str) -> Path:
+    d = c["tmp"] / "a"
+    shutil.copytree(c["built"]["aux"], d)
+    (d / "manifest.json").write_text(text)
+    return d
+
+
+def _foreign_aux(c, sealed: bool) -> Path:
+    d = c["tmp"] / "a"
+    shutil.copytree(c["built"]["aux"], d)
+    word_tokenizer(WORDS[::-1]).save_pretrained(d)  # same size, other ids
+    return reseal(d) if sealed else d
+
+
+def _unlisted(c) -> Path:
+    d = c["tmp"] / "p"
+    shutil.copytree(c["built"]["pred"], d)
+    shutil.copy(d / "predictor.safetensors", d / "extra.safetensors")
+    return d
+
+
+def _without(c, name: str) -> Path:
+    d = c["tmp"] / "p"
+    shutil.copytree(c["built"]["pred"], d)
+    (d / name).unlink()
+    return d
+
+
+def _foreign_export_tokenizer(c) -> Path:
+    d = c["tmp"] / "x"
+    shutil.copytree(c["export"], d)
+    foreign_tokenizer(d / "tokenizer")
+    return reseal(d)  # every file listed again: the export's own tokenizer record still refuses it
+
+
+def _sparse_graph(c) -> Path:
+    d = c["tmp"] / "x"
+    shutil.copytree(c["export"], d)
+    os.truncate(d / "fp32" / "base_decode.onnx", 10**10)  # sparse: 10 GB claimed, nothing written or hashed
+    return d
+
+
+def _laughs(c) -> Path:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    p = c["tmp"] / "laughs.yaml"
+    p.write_text(f"base: {c['assets']['llama']}\n" + "\n".join(lines) + "\n")
+    return p
+
+
+def _changed_report(c) -> Path:
+    from kvp_validate.report import write_report_folder
+
+    d = write_report_folder(c["tmp"] / "rep", {"variants": ["fp32"], "metrics": {"parity.fp32.ok": 1}}, "# report")
+    (d / "report.json").write_text((d / "report.json").read_text().replace('"parity.fp32.ok": 1', '"parity.fp32.ok": 7'))
+    return d
+
+
+def _report(c, text: str) -> Path:
+    d = c["tmp"] / "rep"
+    d.mkdir()
+    (d / "report.json").write_text(text)
+    return d
+
+
+@pytest.fixture
+def ctx(assets, built, fp32_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path / "cache"))
+    return {"assets": assets, "built": built, "export": fp32_export, "tmp": tmp_path, "out": tmp_path / "out"}
+
+
+def test_there_are_at_least_40_hostile_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_in_one_line_with_nothing_written(ctx, case):
+    argv, pattern = CASES[case](ctx)
+    t0 = time.perf_counter()
+    user_error(kvp(*argv), pattern, ctx["out"])
+    assert time.perf_counter() - t0 < 60  # refused, not worked through
+
+
+# ---------------------------------------------------------------- an existing output folder is never touched
+
+OVERWRITE = {
+    "derive": lambda c: ["derive", "--base", gguf_with(c["tmp"] / "l.gguf", key="llama.block_count", value=10**9)],
+    "fit": lambda c: ["fit", "--aux", _foreign_aux(c, sealed=True), "--calib", c["assets"]["corpus"]],
+    "train": lambda c: ["train", "--predictor", _unlisted(c)],
+    "eval": lambda c: ["eval", "--predictor", _without(c, "predictor.safetensors")],
+    "export-onnx": lambda c: ["export", "onnx", "--predictor", _without(c, "predictor.safetensors")],
+    "export-coreml": lambda c: ["export", "coreml", "--predictor", _without(c, "predictor.safetensors")],
+    "validate": lambda c: ["validate", _sparse_graph(c)],
+}
+
+
+@pytest.mark.parametrize("verb", list(OVERWRITE))
+def test_existing_output_untouched_when_refused_even_with_overwrite(ctx, verb):
+    """With --overwrite the old folder goes only when the new one is complete: a refused command
+    leaves it as it was (and without --overwrite it is refused before any work)."""
+    out = ctx["out"]
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = file_records(out)
+    argv = OVERWRITE[verb](ctx)
+    user_error(kvp(*argv, "-o", out), "output folder exists")
+    r = kvp(*argv, "-o", out, "--overwrite")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert file_records(out) == before and sorted(p.name for p in out.parent.iterdir()
+                                                  if p.name.startswith(".out.")) == []
