@@ -21,11 +21,15 @@ LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 def measure_paths(time_ms: Callable[[str, int], float], lengths: tuple[int, ...], paths: tuple[str, ...], *,
                   repeats: int = 3, warmup: int = 1) -> list[dict]:
     """Per length, the median ms of each path (`time_ms(path, prompt_len)`), interleaved across
-    paths and lengths so that drift on a noisy machine hits them alike; warm-up rounds first."""
+    paths and lengths so that drift on a noisy machine hits them alike, the paths' order rotated
+    from round to round so that none is always first; warm-up rounds first."""
     times: dict[tuple[str, int], list[float]] = {}
     for r in range(warmup + repeats):
         for n in lengths:
-            for path in paths:
+            # each round starts with the next path: at a 5-token prompt (~30 ms) the path timed
+            # first in a round measured 25% slower than the same path timed later in it
+            k = r % len(paths)
+            for path in paths[k:] + paths[:k]:
                 t = time_ms(path, n)
                 if r >= warmup:
                     times.setdefault((path, n), []).append(t)
