@@ -144,7 +144,7 @@ CASES = {
     "fit/foreign-tokenizer-resealed": lambda c: (["fit", "--aux", _foreign_aux(c, sealed=True), "--calib",
                                                   c["assets"]["corpus"], "-o", c["out"]], "tokenizers differ"),
     "fit/sink-2^21": lambda c: (["fit", "--aux", c["built"]["aux"], "--sink", 2**21, "-o", c["out"]],
-                                "sink-len = 2.097e\\+06 is beyond"),
+                                "sink = 2.097e\\+06 is beyond"),
     "fit/calib-tokens-1e13": lambda c: (["fit", "--aux", c["built"]["aux"], "--calib-tokens", 10**13, "-o", c["out"]],
                                         "calib-tokens = 1e\\+13 is beyond"),
     # --- train
