@@ -26,8 +26,9 @@ def measure_paths(time_ms: Callable[[str, int], float], lengths: tuple[int, ...]
     times: dict[tuple[str, int], list[float]] = {}
     for r in range(warmup + repeats):
         for n in lengths:
-            # each round starts with the next path: at a 5-token prompt (~30 ms) the path timed
-            # first in a round measured 25% slower than the same path timed later in it
+            # each round starts with the next path, so that no path is always timed first (at
+            # 5-16-token prompts, 25-50 ms, timings of one computation still differ by up to
+            # 1.5x on a 2-core machine: BENCHMARKS.md, "The default recipe, second pass")
             k = r % len(paths)
             for path in paths[k:] + paths[:k]:
                 t = time_ms(path, n)
