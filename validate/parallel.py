@@ -1,8 +1,9 @@
 """Throughput-bound checks of several variants in parallel worker processes.
 
 Quality runs thousands of small onnxruntime calls (decode steps at batch 8) that use a second
-thread poorly, so on a 2-core machine two variants with one thread each finish sooner than one
-after the other with two threads. Timing checks (TTFT, cold start) never run here: they run
+thread poorly for fp32 and int8 (1.3-1.4x from two threads), though well for int4 (2.1x); on
+2 cores the parallel phase, slowest variant first, is about as long as the variants in turn
+(BENCHMARKS.md, "The default recipe, second pass"); with a larger thread budget it gains. Timing checks (TTFT, cold start) never run here: they run
 alone, in the main process, after the parallel work. Workers are spawned processes, bounded by
 cores, the thread budget and the memory one variant's sessions need.
 """
@@ -39,7 +40,7 @@ def plan(jobs: int, threads: int, memory_per_job: int) -> tuple[int, int]:
 
 
 def run_parallel(jobs: dict[object, tuple[Callable, tuple]], workers: int, desc: str, progress: bool, *,
-                 unit: str = "job", initializer: Callable | None = None) -> dict:
+                 unit: str = "job") -> dict:
     """{key: fn(*args)} for `jobs` = {key: (fn, args)}, `workers` spawned processes at a time
     (in this process when 1). A job's error (a KvpError, say) is raised here, the rest cancelled."""
     bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress)
@@ -51,7 +52,7 @@ def run_parallel(jobs: dict[object, tuple[Callable, tuple]], workers: int, desc:
                 bar.update()
             return out
         ctx = multiprocessing.get_context("spawn")  # not fork: the parent may hold thread pools
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {pool.submit(fn, *args): key for key, (fn, args) in jobs.items()}
             try:
                 for fut in as_completed(futures):

@@ -4,9 +4,10 @@ After the fp32 graphs are traced, each graph of each variant needs work that doe
 the others: quantizing it (int8, int4), hashing its files, saving onnxruntime's optimised copy,
 and, for the fp32 graphs, counting its FLOPs. onnxruntime's quantizers are mostly
 single-threaded Python over the graph's protobuf, so on the 2-core reference machine running
-these jobs two at a time roughly halved the stage's wall time (BENCHMARKS.md, "The main job").
-Workers are spawned (not forked: the parent holds torch's thread pools) with one thread each,
-and their number is bounded by the memory one job needs (a few times its graph's size).
+these jobs two at a time did 164 s of work in 99 s (BENCHMARKS.md, "The default recipe, second
+pass"). Workers are spawned (not forked: the parent holds torch's thread pools); their number is
+bounded by the memory one job needs (a few times its graph's size). The int4 quantizer pins
+torch to one thread itself (quantize.py), so the bytes do not depend on where it runs.
 """
 
 from __future__ import annotations
@@ -60,21 +61,10 @@ def flops_job(path: Path, variable: str, series: dict[str, tuple[list[int], list
     return entry
 
 
-def _init_worker() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch  # the HQQ quantizer computes with torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-
 def worker_count(largest_graph_bytes: int, jobs: int) -> int:
     """As many workers as cores, jobs and memory allow (at least one)."""
     return plan(jobs, os.cpu_count() or 1, JOB_MEMORY_FACTOR * largest_graph_bytes)[0]
 
 
 def run_graph_jobs(jobs: dict, workers: int, progress: bool) -> dict:
-    return run_parallel(jobs, workers, f"export onnx ({workers} workers)", progress, unit="graph",
-                        initializer=_init_worker)
+    return run_parallel(jobs, workers, f"export onnx ({workers} workers)", progress, unit="graph")
