@@ -51,3 +51,17 @@ def test_crossover_needs_kvp_to_win_by_the_margin_at_every_longer_length():
     assert crossover_from(pts([0.5, 1.2, 0.8])) == 32
     assert crossover_from(pts([1.2, 1.1])) is None
     assert crossover_from(pts([1.0, 1.0]), margin=1.0) == 8 and MARGIN < 1
+
+
+def test_spin_policies_map_to_onnxruntime_config_entries():
+    from kvp_validate.runtime import session_options
+
+    run = session_options(2)  # the default: spin only while a Run() is active
+    assert run.get_session_config_entry("session.force_spinning_stop") == "1"
+    off = session_options(2, spin="off")
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    always = session_options(2, spin="always")
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's own default
+        always.get_session_config_entry("session.force_spinning_stop")
+    with pytest.raises(KvpError, match="unknown spin policy 'busy'"):
+        session_options(2, spin="busy")

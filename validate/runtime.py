@@ -41,15 +41,33 @@ GRAPHS_FOR = {"auto": ("kvp_prefill", "base_decode"), "kvp": ("kvp_prefill", "ba
               "base": ("base_prefill", "base_decode"), "aux": ("aux_prefill", "aux_decode")}
 
 
-def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                    ) -> ort.SessionOptions:
-    """Fixed threads (TTFT is compared at a fixed count), the given graph optimisations, sequential."""
+# How a session's worker threads wait for work (onnxruntime's session config entries):
+#   "run":    spin while a Run() is active, stop as soon as it returns (`session.force_spinning_stop`);
+#   "always": onnxruntime's default, workers keep spinning for a while after a Run() returns;
+#   "off":    never spin (`session.intra_op.allow_spinning` 0).
+# KVP runs two sessions back to back (kvp_prefill, then base_decode's first step), each with its own
+# worker pool: under "always" the first session's workers are still spinning while the second one
+# runs, on the same cores. "run" keeps spinning's latency inside a Run and gives the cores back
+# between sessions (BENCHMARKS.md, "Spinning").
+SPIN_POLICIES = ("run", "always", "off")
+
+
+def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    spin: str = "run") -> ort.SessionOptions:
+    """Fixed threads (TTFT is compared at a fixed count), the given graph optimisations, sequential,
+    and the worker threads' spin policy (SPIN_POLICIES)."""
+    if spin not in SPIN_POLICIES:
+        raise KvpError(f"unknown spin policy '{spin}' (choose from {', '.join(SPIN_POLICIES)})")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = level
     opts.log_severity_level = 3
+    if spin == "run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    elif spin == "off":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -166,9 +184,9 @@ class OnnxKVP:
     """The graphs of one variant of an export, with sessions opened on first use."""
 
     def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = 2, *,
-                 crossover: int | None = -1, use_optimized: bool = True):
+                 crossover: int | None = -1, use_optimized: bool = True, spin: str = "run"):
         """`crossover`: the prompt length from which "auto" uses KVP; -1 (default) takes the one
-        the export measured for this variant, None means never."""
+        the export measured for this variant, None means never. `spin`: see SPIN_POLICIES."""
         self.art = artifact if isinstance(artifact, OnnxArtifact) else OnnxArtifact.open(artifact)
         self.art.check_variant(variant)
         if threads < 1:
@@ -180,6 +198,8 @@ class OnnxKVP:
             crossover = self.art.manifest.get("crossover", {}).get(variant, {}).get("prompt_len")
         self.crossover = crossover
         self.use_optimized = use_optimized
+        session_options(threads, spin=spin)  # refuse an unknown policy now, not at the first load
+        self.spin = spin
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.load_seconds: dict[str, float] = {}
         self._tok = None
@@ -195,7 +215,7 @@ class OnnxKVP:
         self.art.verify_graph(self.variant, name, optimized=bool(opt))  # hashed once per process, never timed
         t0 = time.perf_counter()
         try:
-            sess = ort.InferenceSession(str(path), session_options(self.threads, level),
+            sess = ort.InferenceSession(str(path), session_options(self.threads, level, self.spin),
                                         providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - a corrupt graph is the user's file
             raise KvpError(f"cannot load graph {path}: {str(e).splitlines()[0]}") from None
