@@ -38,7 +38,9 @@ from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact, sha256_file
 from .errors import KvpError
+from .gates import flatten
 from .genai import GENAI_CONFIG, KVP_FOLDER, GenaiBase, genai_folder, import_genai
+from .metrics import DELTA_NLL, NLL, metric_key, point
 from .quality import log_softmax
 from .report import md_table
 from .runtime import OnnxKVP
@@ -165,7 +167,7 @@ def run_genai_quality(art: OnnxArtifact, rt: OnnxKVP, models: dict[str, GenaiBas
             f"greedy{g}_agreement": float((greedy == base_greedy).mean()),
         }
     for path in PATHS:
-        out[path]["delta_nll"] = out[path]["nll"] - out["base"]["nll"]
+        out[path][DELTA_NLL] = out[path][NLL] - out["base"][NLL]
     return {"sequences": len(prompts), "prompt_len": int(prompts.shape[1]), "cont_len": int(conts.shape[1]),
             "greedy_tokens": g, "paths": out}
 
@@ -246,17 +248,18 @@ def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LEN
     return out
 
 
-def genai_metrics(results: dict) -> dict:
-    """{"genai": {variant: {"1x512": {...}, "kvp": {...}, "base": {...}}}} for the report's flat metrics."""
-    m: dict = {}
+def genai_metrics(results: dict) -> dict[str, float]:
+    """The genai check's flat metrics: `genai.VARIANT.1x512.kvp_vs_ours`, `genai.VARIANT.kvp.nll`..."""
+    m: dict[str, float] = {}
     for v, r in results.get("genai", {}).items():
-        mv = m.setdefault("genai", {}).setdefault(v, {})
+        per: dict = {}
         for p in r["points"]:
-            mv[f"{p['batch']}x{p['prompt_len']}"] = {
+            per[point(p["batch"], p["prompt_len"])] = {
                 k: p[k] for k in ("kvp_vs_ours", "base_vs_ours", "kvp_speedup_genai", "kvp_speedup_ours")
             } | {f"ms_{k}": val for k, val in p["ms"].items()}
         for path, vals in r.get("quality", {}).get("paths", {}).items():
-            mv[path] = dict(vals)
+            per[path] = dict(vals)
+        m |= flatten(per, metric_key("genai", v) + ".")
     return m
 
 

@@ -16,7 +16,7 @@ continuation) pairs of the export, for each path (base, aux alone, KVP) with the
 teacher-forced,
 - kl_vs_fp32: mean KL(fp32 || variant) of the next-token distributions, nats per position;
 - top1_vs_fp32: share of positions whose argmax is fp32's (near ties count);
-- nll_delta_vs_fp32: the variant's continuation NLL minus fp32's, nats per token;
+- delta_nll_vs_fp32: the variant's continuation NLL minus fp32's, nats per token;
 and for kvp_prefill the predicted cache against fp32's (kv_rel_vs_fp32). These measure what
 quantization costs in the units that matter and do not depend on the CPU's int8 arithmetic
 beyond that cost, while a broken graph (a zeroed layer, swapped K/V, a wrong RoPE base) is
@@ -31,6 +31,7 @@ import numpy as np
 
 from .artifact import OnnxArtifact
 from .errors import KvpError
+from .metrics import DELTA_NLL_VS_FP32
 from .quality import log_softmax
 from .runtime import PATHS, OnnxKVP
 
@@ -44,8 +45,8 @@ FP32_TOLERANCES = {"logits_rel": 1e-4, "kv_rel": 1e-4, "token_agreement": 1.0}
 # quantization may cost a given model is the recipe's quality gate (quality.<v>.<path>.
 # delta_nll_vs_fp32 on all held-out pairs), not parity's.
 QUANT_TOLERANCES: dict[str, dict[str, float]] = {
-    "int8": {"kl_vs_fp32": 0.15, "top1_vs_fp32": 0.75, "nll_delta_vs_fp32": 0.15, "kv_rel_vs_fp32": 0.35},
-    "int4": {"kl_vs_fp32": 0.5, "top1_vs_fp32": 0.5, "nll_delta_vs_fp32": 0.4, "kv_rel_vs_fp32": 0.5},
+    "int8": {"kl_vs_fp32": 0.15, "top1_vs_fp32": 0.75, DELTA_NLL_VS_FP32: 0.15, "kv_rel_vs_fp32": 0.35},
+    "int4": {"kl_vs_fp32": 0.5, "top1_vs_fp32": 0.5, DELTA_NLL_VS_FP32: 0.4, "kv_rel_vs_fp32": 0.5},
 }
 PATH_GRAPHS = {"base": "base_prefill + base_decode", "aux": "aux_prefill + aux_decode",
                "kvp": "kvp_prefill + base_decode"}
@@ -53,11 +54,14 @@ N_PAIRS = 8  # held-out pairs compared against fp32 (x the continuation's positi
 
 # A reference token whose logit is within TIE x the row's RMS of the best counts as top-1.
 TIE = 1e-4
+# Limits renamed within 0.3 (one name per metric: metrics.py); an override by the old name still applies.
+RENAMED = {"nll_delta_vs_fp32": DELTA_NLL_VS_FP32}
 
 
 def tolerances_for(variant: str, overrides: dict | None = None) -> dict:
     """The variant's limits with `overrides` applied; an override naming no limit of it is refused."""
     base = FP32_TOLERANCES if variant == "fp32" else QUANT_TOLERANCES.get(variant, QUANT_TOLERANCES["int4"])
+    overrides = {RENAMED.get(k, k): v for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides or {}) - set(base))
     if unknown:
         raise KvpError(f"unknown parity tolerance '{variant}.{unknown[0]}' (the {variant} limits are "
@@ -155,7 +159,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
         graph = PATH_GRAPHS[mode]
         checks += [check(graph, "kl_vs_fp32", kl / count, tol.get("kl_vs_fp32")),
                    check(graph, "top1_vs_fp32", agree / count, tol.get("top1_vs_fp32"), higher_is_better=True),
-                   check(graph, "nll_delta_vs_fp32", nll_delta / count, tol.get("nll_delta_vs_fp32"))]
+                   check(graph, DELTA_NLL_VS_FP32, nll_delta / count, tol.get(DELTA_NLL_VS_FP32))]
     ids = prompts
     mask = np.ones_like(ids)
     if "kv" not in cache:
