@@ -15,7 +15,10 @@ from pathlib import Path
 
 import click
 
+from kvp_validate.contract import REPORT_MD
+
 from . import __version__
+from .artifacts import read_contract
 from .cliopts import options
 from .config import Config, CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
 from .distributed import launched_as_main
@@ -345,7 +348,7 @@ def eval_(predictor, aux, base, out, overwrite, **kw):
     from .evaluate import run_eval
 
     folder = run_eval(predictor, out, aux=aux, base=base, overwrite=overwrite, progress=_progress(), **kw)
-    click.echo((folder / "report.md").read_text(), nl=False)
+    click.echo((folder / REPORT_MD).read_text(), nl=False)
     click.echo(f"kvp: report written to {folder}", err=True)
 
 
@@ -386,10 +389,7 @@ def export_genai_kvp_cmd(export_dir, variants):
     from .export.genai_kvp import write_genai_kvp
 
     if not variants:
-        try:
-            variants = list(json.loads((Path(export_dir) / "manifest.json").read_text())["variants"])
-        except (OSError, ValueError, KeyError) as e:
-            raise KvpError(f"not an ONNX export folder: {export_dir} ({e})") from None
+        variants = list(read_contract(export_dir, "onnx", check=False).variants)
     for v in variants:
         click.echo(write_genai_kvp(export_dir, v))
 

@@ -17,6 +17,9 @@ Imports no torch.
 
 from __future__ import annotations
 
+import json
+import platform
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +124,24 @@ class Graph(_Open):
     sha256: dict[str, str]  # file name in VARIANT/ -> SHA-256 (the graph and its .data)
 
 
+class OptimizedGraph(_Open):
+    """A graph onnxruntime has already optimised (optimized/VARIANT/NAME.onnx), valid while both match."""
+
+    file: str
+    bytes: int  # the .onnx file alone (its .data is listed in the manifest's `files`)
+    source_sha256: dict[str, str]  # the source graph's `sha256` when it was optimised
+    onnxruntime: str  # the version that optimised it
+
+
+class GraphFlops(_Open):
+    """A graph's FLOPs as polynomial coefficients in `variable` (prompt_len or past_len)."""
+
+    variable: str
+    coef: list[float] = []  # prefill graphs
+    step: list[float] = []  # decoders: one step at a past length
+    first_step: list[float] = []  # base_decode: the first step after a KVP prefill
+
+
 class Crossover(_Open):
     prompt_len: int | None = None  # KVP from here on in the default mode; None: never measured to win
     points: list[dict[str, Any]] = []
@@ -132,8 +153,8 @@ class OnnxManifest(Manifest):
     tokenizer: TokenizerRef
     io: dict[str, GraphIO]  # graph name -> its input and output names
     variants: dict[str, dict[str, Graph]]  # variant -> graph name -> files
-    optimized: dict[str, dict[str, dict[str, Any] | None]] = {}
-    flops: dict[str, dict[str, Any]] = {}
+    optimized: dict[str, dict[str, OptimizedGraph | None]] = {}
+    flops: dict[str, GraphFlops] = {}
     reference: FileRef
     eval: EvalPairs
     crossover: dict[str, Crossover] = {}  # per variant, measured at export
@@ -178,8 +199,58 @@ class ValidationManifest(Manifest):
     stage: Literal["validation"]
 
 
+class GateResult(_Open):
+    gate: str  # as given: KEY OP VALUE
+    key: str  # the metric it matched (a gate with `*` gives one result per key)
+    value: float | None  # None: no such metric in the report (the gate fails)
+    ok: bool
+
+
+class OnnxReport(_Open):
+    """report.json of an ONNX validation (onnx_report.validate_onnx)."""
+
+    export: str  # the export folder, resolved
+    created: str
+    machine: dict[str, Any]
+    variants: list[str]
+    model: dict[str, Any]
+    results: dict[str, dict[str, Any]]  # check -> variant -> its measurements
+    metrics: dict[str, float]  # the flat keys gates address (metrics.py)
+    gates: list[GateResult]
+    ok: bool
+
+
+class CoremlReport(_Open):
+    """report.json of a Core ML validation (coreml.validate_coreml)."""
+
+    export: str
+    linux_checks: dict[str, dict[str, Any]]  # variant -> the checks any host runs
+    macos: dict[str, Any]  # measured on macOS, or why not
+    ok: bool
+
+
 MANIFESTS: dict[str, type[Manifest]] = {m.model_fields["stage"].annotation.__args__[0]: m for m in (
     ModelManifest, AuxManifest, PredictorManifest, OnnxManifest, CoremlManifest, EvalManifest, ValidationManifest)}
+
+
+def now() -> str:
+    """A manifest's `created`: UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def versions(dists: tuple[str, ...], own: dict[str, str]) -> dict[str, str]:
+    """A manifest's `versions`: python, the installed `dists` (read from package metadata: importing
+    coremltools or onnxruntime only for a version would cost seconds and print warnings; an
+    optional one absent is left out) and `own` (the writing package's version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in dists:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out | own
 
 
 def _why(e: ValidationError) -> str:
@@ -199,6 +270,29 @@ def parse_manifest(raw: dict, folder: str | Path, stage: str | None = None) -> M
     except ValidationError as e:
         raise KvpError(f"manifest {Path(folder) / MANIFEST} does not hold a {got or 'valid'} artifact: {_why(e)}") \
             from None
+
+
+def read_json(path: str | Path, what: str = "") -> dict:
+    """A JSON object from a file; one-line errors for a missing or unreadable file or another JSON value."""
+    what = f"{what} " if what else ""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError covers JSON and Unicode decoding errors
+        raise KvpError(f"unreadable {what}{path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise KvpError(f"unreadable {what}{path}: a JSON object expected, got {type(obj).__name__}")
+    return obj
+
+
+def read_report(folder: str | Path) -> OnnxReport | CoremlReport:
+    """A validation report folder's report.json, typed; one-line errors for a missing or bad one."""
+    path = Path(folder) / REPORT_JSON
+    raw = read_json(path)
+    model = CoremlReport if "linux_checks" in raw else OnnxReport
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise KvpError(f"{path} is not a validation report: {_why(e)}") from None
 
 
 def check_manifest(raw: dict) -> dict:

@@ -59,7 +59,7 @@ def check_ready(art: OnnxArtifact, variants: list[str]) -> None:
         if not (kvp / GENAI_CONFIG).is_file():
             raise KvpError(f"no {KVP_FOLDER}/ in {folder} (build it: kvp export genai-kvp {art.folder} --variant {v})")
         genai_folder(folder, KVP_FOLDER)
-        for name, sha in art.manifest["variants"][v]["base_decode"]["sha256"].items():  # the graph (+ its .data)
+        for name, sha in art.manifest.variants[v]["base_decode"].sha256.items():  # the graph (+ its .data)
             ours, theirs = art.folder / v / name, kvp / name
             if not theirs.is_file():
                 same = False
@@ -124,7 +124,7 @@ def ours_pair(rt: OnnxKVP, path: str, prompt: np.ndarray, cont: np.ndarray, gree
 
 def run_genai_quality(art: OnnxArtifact, rt: OnnxKVP, models: dict[str, GenaiBase], *, n: int | None,
                       greedy_tokens: int, progress: bool = False) -> dict:
-    pairs = np.load(art.folder / art.manifest["eval"]["file"], allow_pickle=False)
+    pairs = np.load(art.path(art.manifest.eval.file), allow_pickle=False)
     prompts, conts = pairs["prompts"], pairs["continuations"]
     if n is not None:
         prompts, conts = prompts[:n], conts[:n]

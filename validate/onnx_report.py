@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .artifact import OnnxArtifact
 from .coldstart import run_coldstart
+from .contract import now
 from .errors import KvpError
 from .gates import Gate, evaluate
 from .machine import describe, machine
@@ -21,7 +22,7 @@ from .options import DEFAULTS as D
 from .parallel import plan, run_parallel
 from .parity import run_parity
 from .quality import quality_job
-from .report import md_table, write_report_folder
+from .report import gates_table, md_table, write_report_folder
 from .runtime import verify_variants
 from .ttft import run_ttft
 
@@ -116,7 +117,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     payload = {
         "export": str(Path(folder).resolve()),
         "machine": machine(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now(),
         "seconds": round(time.perf_counter() - t0, 1),
         "check_seconds": seconds,
         "variants": variants,
@@ -133,7 +134,7 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
 def _cost(art, variant: str) -> float:
     """A variant's relative compute cost: base + KVP time at the longest length the export timed
     for its crossover (0 when it timed none)."""
-    points = (art.manifest.get("crossover", {}).get(variant) or {}).get("points") or []
+    points = c.points if (c := art.manifest.crossover.get(variant)) else []
     if not points:
         return 0.0
     p = max(points, key=lambda q: q["prompt_len"])
@@ -211,7 +212,5 @@ def markdown(p: dict) -> str:
 
         lines += genai_markdown(res)
     if p["gates"]:
-        lines += ["## Gates", ""]
-        rows = [[g["gate"], g["key"], g["value"], "pass" if g["ok"] else "FAIL"] for g in p["gates"]]
-        lines += [md_table(["gate", "metric", "measured", ""], rows, 4), ""]
+        lines += ["## Gates", "", gates_table(p["gates"]), ""]
     return "\n".join(lines)

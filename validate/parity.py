@@ -109,7 +109,7 @@ def run_parity(art: OnnxArtifact, variant: str, threads: int = 2, tolerances: di
 def reference_checks(art: OnnxArtifact, variant: str, threads: int, tol: dict | None = None) -> list[dict]:
     """Every graph of `variant` against the PyTorch reference (limits from `tol`, or none)."""
     tol = tol or {}
-    ref = np.load(art.path(art.manifest["reference"]["file"]), allow_pickle=False)
+    ref = np.load(art.path(art.manifest.reference.file), allow_pickle=False)
     rt = OnnxKVP(art, variant, threads)
     rt.verify()  # every graph's hash, before any of them runs
     ids, mask = ref["input_ids"], ref["attention_mask"]
@@ -136,7 +136,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
     """The variant against the fp32 graphs on the first `n_pairs` held-out pairs, per path.
     `cache` keeps the fp32 outputs for the next variant (float32 log-probabilities)."""
     cache = {} if cache is None else cache
-    pairs = np.load(art.path(art.manifest["eval"]["file"]), allow_pickle=False)
+    pairs = np.load(art.path(art.manifest.eval.file), allow_pickle=False)
     prompts, conts = pairs["prompts"][:n_pairs].astype(np.int64), pairs["continuations"][:n_pairs].astype(np.int64)
     ref_rt, rt = OnnxKVP(art, "fp32", threads), OnnxKVP(art, variant, threads)
     ref_rt.verify(), rt.verify()  # every graph's hash, before any of them runs
@@ -171,7 +171,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
 
 
 def _kv_names(rt: OnnxKVP) -> list[str]:
-    return rt.art.manifest["io"]["kvp_prefill"]["outputs"][:-3]
+    return rt.art.manifest.io["kvp_prefill"].outputs[:-3]
 
 
 def _kv_check(rt: OnnxKVP, ids, mask, want: dict, metric: str, limit: float | None) -> dict:

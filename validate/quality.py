@@ -26,7 +26,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy_tokens: int = 16, batch: int = 8,
                 threads: int = 2, progress: bool = False) -> dict:
-    pairs = np.load(art.path(art.manifest["eval"]["file"]), allow_pickle=False)
+    pairs = np.load(art.path(art.manifest.eval.file), allow_pickle=False)
     prompts, conts = pairs["prompts"], pairs["continuations"]
     if n is not None:
         prompts, conts = prompts[:n], conts[:n]

@@ -32,11 +32,11 @@ def poly(coef: list[float], x: float) -> float:
 
 
 def graph_flops(art: OnnxArtifact, batch: int, n: int) -> dict[str, float]:
-    f = art.manifest["flops"]
-    base = batch * poly(f["base_prefill"]["coef"], n)
-    aux = batch * poly(f["aux_prefill"]["coef"], n)
-    kvp_prefill = batch * poly(f["kvp_prefill"]["coef"], n)
-    first = batch * poly(f["base_decode"]["first_step"], n - 1)
+    f = art.manifest.flops
+    base = batch * poly(f["base_prefill"].coef, n)
+    aux = batch * poly(f["aux_prefill"].coef, n)
+    kvp_prefill = batch * poly(f["kvp_prefill"].coef, n)
+    first = batch * poly(f["base_decode"].first_step, n - 1)
     return {"base": base, "aux": aux, "kvp": kvp_prefill + first, "kvp_prefill": kvp_prefill, "base_first_step": first}
 
 
@@ -80,7 +80,7 @@ def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int,
     state = run_kvp()  # also the cache for the decode step below
     step_feeds = {"input_ids": ids[:, -1:], "attention_mask": np.concatenate([state.mask, np.ones((batch, 1), np.int64)], 1),
                   "position_ids": state.next_pos[:, None]}
-    step_feeds |= dict(zip(rt.art.manifest["io"]["base_decode"]["inputs"][3:], state.past))
+    step_feeds |= dict(zip(rt.art.manifest.io["base_decode"].inputs[3:], state.past))
     step = rt.session("base_decode")
     paths = {
         "base": lambda: base.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos}),
