@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .contract import OnnxManifest, parse_manifest, read_json
 from .errors import KvpError
 from .integrity import MANIFEST, inside, listed, sha256_file, verify  # noqa: F401  (sha256_file: re-exported)
@@ -211,6 +213,12 @@ class OnnxArtifact:
         logits = [o for o in sess.get_outputs() if o.name == "logits"]
         if logits and isinstance(logits[0].shape[-1], int) and logits[0].shape[-1] != m.vocab:
             raise KvpError(f"graph {variant}/{name} has {logits[0].shape[-1]} logits, the manifest says {m.vocab}")
+
+    def eval_pairs(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The export's held-out (prompts, continuations), the first `n` of them when given."""
+        pairs = np.load(self.path(self.manifest.eval.file), allow_pickle=False)
+        prompts, conts = pairs["prompts"], pairs["continuations"]
+        return (prompts, conts) if n is None else (prompts[:n], conts[:n])
 
     def tokenizer(self):
         """The exported tokenizer, checked against the manifest's hash and vocabulary."""

@@ -44,6 +44,7 @@ from .metrics import DELTA_NLL, NLL, metric_key, point
 from .quality import log_softmax
 from .report import md_table
 from .runtime import OnnxKVP
+from .ttft import check_lengths
 
 LENGTHS = (512, 1024)  # the TTFT points (batch 1)
 PATHS = ("kvp", "base")
@@ -124,10 +125,7 @@ def ours_pair(rt: OnnxKVP, path: str, prompt: np.ndarray, cont: np.ndarray, gree
 
 def run_genai_quality(art: OnnxArtifact, rt: OnnxKVP, models: dict[str, GenaiBase], *, n: int | None,
                       greedy_tokens: int, progress: bool = False) -> dict:
-    pairs = np.load(art.path(art.manifest.eval.file), allow_pickle=False)
-    prompts, conts = pairs["prompts"], pairs["continuations"]
-    if n is not None:
-        prompts, conts = prompts[:n], conts[:n]
+    prompts, conts = art.eval_pairs(n)
     rt.check_context(prompts.shape[1], max(conts.shape[1], greedy_tokens))
     eos = set(int(e) for e in art.model["eos_token_ids"])
     g = greedy_tokens
@@ -221,10 +219,7 @@ def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LEN
     check_ready(art, [variant])
     og = import_genai()
     rt = OnnxKVP(art, variant, threads)
-    for n in lengths:
-        rt.check_context(n, 1)
-        if n < rt.min_kvp_len:
-            raise KvpError(f"genai TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+    check_lengths(rt, lengths, "genai TTFT")
     rt.load("kvp")
     rt.load("base")
     models = {"kvp": GenaiBase(art.folder, variant, kvp=True, threads=threads),

@@ -136,8 +136,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
     """The variant against the fp32 graphs on the first `n_pairs` held-out pairs, per path.
     `cache` keeps the fp32 outputs for the next variant (float32 log-probabilities)."""
     cache = {} if cache is None else cache
-    pairs = np.load(art.path(art.manifest.eval.file), allow_pickle=False)
-    prompts, conts = pairs["prompts"][:n_pairs].astype(np.int64), pairs["continuations"][:n_pairs].astype(np.int64)
+    prompts, conts = (a.astype(np.int64) for a in art.eval_pairs(n_pairs))
     ref_rt, rt = OnnxKVP(art, "fp32", threads), OnnxKVP(art, variant, threads)
     ref_rt.verify(), rt.verify()  # every graph's hash, before any of them runs
     checks = []

@@ -26,10 +26,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy_tokens: int = 16, batch: int = 8,
                 threads: int = 2, progress: bool = False) -> dict:
-    pairs = np.load(art.path(art.manifest.eval.file), allow_pickle=False)
-    prompts, conts = pairs["prompts"], pairs["continuations"]
-    if n is not None:
-        prompts, conts = prompts[:n], conts[:n]
+    prompts, conts = art.eval_pairs(n)
     rt = OnnxKVP(art, variant, threads)
     pad = int(art.model["pad_token_id"] or 0)
     nll = dict.fromkeys(PATHS, 0.0)

@@ -127,15 +127,20 @@ SWEEP = (5, 16, 32, 64, 128, 256)  # the short prompts of the default mode's che
 SHORT, SHORT_REPEATS = 64, 9  # sweep lengths up to SHORT are timed over at least SHORT_REPEATS rounds
 
 
+def check_lengths(rt: OnnxKVP, lengths, what: str = "TTFT") -> None:
+    """Every prompt length to time fits the context and is long enough for KVP (one-line errors)."""
+    for n in lengths:
+        rt.check_context(n, 1)
+        if n < rt.min_kvp_len:
+            raise KvpError(f"{what} prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+
+
 def run_ttft(art: OnnxArtifact, variant: str, *, lengths=(128, 512, 1024), batches=(1, 4, 8), threads: int = 2,
              warmup: int = 1, repeats: int = 5, sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
     if repeats < 1 or warmup < 0:
         raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     rt = OnnxKVP(art, variant, threads)
-    for n in lengths:
-        rt.check_context(n, 1)
-        if n < rt.min_kvp_len:
-            raise KvpError(f"TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+    check_lengths(rt, lengths)
     points = []
     grid = [(b, n) for n in lengths for b in batches]
     for b, n in tqdm(grid, desc=f"ttft {variant}", unit="point", disable=not progress):
