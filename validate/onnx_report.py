@@ -82,8 +82,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
         # timing checks, which then run alone
         workers, per_worker = plan(len(variants), threads, SESSION_MEMORY_FACTOR * max(art.variant_bytes(v) for v in variants))
         # the slowest variant first (its TTFT at the export's longest crossover length is the cost
-        # proxy): on 2 workers int4 alone took as long as fp32 and int8 together, and last it
-        # made the phase 80 s longer than running the three in turn
+        # proxy), so the longest job never starts last (measured: BENCHMARKS.md, "The default
+        # recipe, second pass")
         order = sorted(variants, key=lambda v: -_cost(art, v))
         jobs = {v: (quality_job, (folder, v, quality_n, greedy_tokens, per_worker)) for v in order}
         for v, (res, secs) in run_parallel(jobs, workers, f"quality ({workers} workers)", progress,

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR: the export imports it from here)
+from .contract import min_kvp_len
 from .crossover import use_kvp
 from .errors import KvpError
 from .integrity import share_verified
@@ -252,7 +253,7 @@ class OnnxKVP:
     @property
     def min_kvp_len(self) -> int:
         """KVP needs every prompt to hold the sink, at least as many predicted tokens, and the last."""
-        return 2 * self.sink_len + 2
+        return min_kvp_len(self.sink_len)
 
     def kvp_applies(self, mask: np.ndarray) -> bool:
         return int(mask.sum(-1).min()) >= self.min_kvp_len
