@@ -167,11 +167,14 @@ def fit(aux, base, out, overwrite, **kw):
         click.echo(folder)
 
 
+def predictor_option(f, required: bool = True):
+    return click.option("--predictor", required=required, type=click.Path(path_type=Path), help="A fit output folder.")(f)
+
+
 def model_overrides(f, required: bool = True):
     f = click.option("--base", help="Override the base the predictor manifest names.")(f)
     f = click.option("--aux", help="Override the aux folder the predictor manifest names.")(f)
-    f = click.option("--predictor", required=required, type=click.Path(path_type=Path), help="A fit output folder.")(f)
-    return f
+    return predictor_option(f, required)
 
 
 def optional_model_overrides(f):
@@ -361,7 +364,7 @@ def export():
 
 
 @export.command("onnx")
-@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@predictor_option
 @stage_options(OnnxConfig, data=("heldout",))
 def export_onnx_cmd(predictor, out, overwrite, **kw):
     """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
@@ -371,7 +374,7 @@ def export_onnx_cmd(predictor, out, overwrite, **kw):
 
 
 @export.command("coreml")
-@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@predictor_option
 @stage_options(CoremlConfig, data=("heldout",))
 def export_coreml_cmd(predictor, out, overwrite, **kw):
     """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""

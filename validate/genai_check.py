@@ -41,12 +41,12 @@ from .errors import KvpError
 from .gates import flatten
 from .genai import GENAI_CONFIG, KVP_FOLDER, GenaiBase, genai_folder, import_genai
 from .metrics import DELTA_NLL, NLL, metric_key, point
+from .options import DEFAULTS as D
 from .quality import log_softmax
 from .report import md_table
 from .runtime import OnnxKVP
 from .ttft import check_lengths
 
-LENGTHS = (512, 1024)  # the issue's TTFT points (batch 1)
 PATHS = ("kvp", "base")
 
 
@@ -208,8 +208,9 @@ def measure_point(rt: OnnxKVP, models: dict[str, GenaiBase], n: int, *, warmup: 
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}, {k: [t * 1e3 for t in v] for k, v in times.items()}
 
 
-def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LENGTHS, threads: int = 2,
-              warmup: int = 1, repeats: int = 5, quality_n: int | None = None, greedy_tokens: int = 16,
+def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = D["genai_lengths"],
+              threads: int = D["threads"], warmup: int = D["warmup"], repeats: int = D["repeats"],
+              quality_n: int | None = None, greedy_tokens: int = D["greedy_tokens"],
               progress: bool = False) -> dict:
     """Quality and TTFT of KVP and the base through onnxruntime-genai beside our runtime (module docstring)."""
     if repeats < 1 or warmup < 0:

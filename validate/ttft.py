@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .artifact import OnnxArtifact
 from .crossover import crossover_from, lengths_for, measure_paths
 from .errors import KvpError
+from .options import DEFAULTS as D
 from .runtime import OnnxKVP, positions
 
 
@@ -135,8 +136,8 @@ def check_lengths(rt: OnnxKVP, lengths, what: str = "TTFT") -> None:
             raise KvpError(f"{what} prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
 
 
-def run_ttft(art: OnnxArtifact, variant: str, *, lengths=(128, 512, 1024), batches=(1, 4, 8), threads: int = 2,
-             warmup: int = 1, repeats: int = 5, sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
+def run_ttft(art: OnnxArtifact, variant: str, *, lengths=D["lengths"], batches=D["batches"], threads: int = D["threads"],
+             warmup: int = D["warmup"], repeats: int = D["repeats"], sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
     if repeats < 1 or warmup < 0:
         raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     rt = OnnxKVP(art, variant, threads)
