@@ -20,6 +20,8 @@ from kvp_validate.contract import versions as contract_versions
 from kvp_validate.integrity import file_records, sha256_file, verify  # noqa: F401  (re-exported for the stages)
 from kvp_validate.report import atomic_write_text as write_text
 
+from .errors import KvpError
+
 __all__ = ["MANIFEST", "atomic_dir", "check_output_dir", "read_contract", "read_manifest", "sha256_bytes", "sha256_dir", "sha256_file",
            "versions", "write_json", "write_manifest", "write_text"]
 
@@ -87,9 +89,11 @@ def read_manifest(folder: str | Path, stage: str | None = None, *, check: bool =
     """A folder's manifest, of `stage` if given, after checking every file the folder holds against
     it (`check`; hashed once per process); one-line errors naming the file otherwise."""
     manifest = load_manifest(folder)
-    parse_manifest(manifest, folder, stage)  # the contract: one-line errors for another stage or a bad field
+    if stage and manifest.get("stage") != stage:
+        raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected '{stage}'")
     if check and not ("files" not in manifest and manifest.get("stage") in UNSEALED_OK):
         verify(folder, manifest)
+    parse_manifest(manifest, folder)  # the contract: a one-line error naming a missing or mistyped field
     return manifest
 
 

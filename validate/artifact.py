@@ -125,11 +125,10 @@ class OnnxArtifact:
         if raw.get("stage") != "onnx":
             raise KvpError(f"{folder} is a '{raw.get('stage')}' artifact, expected an ONNX or Core ML export")
         check_sections(raw, folder, ("variants", "io", "model", "tokenizer"))
-        manifest = parse_manifest(raw, folder, "onnx")
         verify(folder, raw, hash_files=False)  # sizes, missing, unlisted, links: nothing read yet
         verify(folder, raw, [rel for rel in listed(folder, raw) if not rel.endswith(GRAPH_SUFFIXES)])
-        art = cls(folder, manifest, raw)
-        for variant, graphs in manifest.variants.items():
+        art = cls(folder, parse_manifest(raw, folder, "onnx"), raw)
+        for variant, graphs in art.manifest.variants.items():
             for name in graphs:
                 art.check_files(variant, name)
         return art

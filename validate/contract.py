@@ -40,11 +40,6 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class FileRecord(_Open):
-    bytes: int
-    sha256: str
-
-
 class Manifest(_Open):
     """What every manifest records (docs/architecture.md, "The manifest contract")."""
 
@@ -53,7 +48,9 @@ class Manifest(_Open):
     versions: dict[str, str] = {}  # the stack that wrote the folder
     inputs: dict[str, Any] = {}  # each folder, model or corpus read, with its hashes
     recipe: dict[str, Any] = {}  # the options that made the folder
-    files: dict[str, FileRecord] | None = None  # every other file; None only in model caches before 0.3
+    # every other file -> {bytes, sha256}; its shape is integrity.listed's to check (one rule, one
+    # message); None only in model caches written before 0.3
+    files: dict[str, Any] | None = None
     wall_seconds: float | None = None
     step_seconds: dict[str, float] = {}
 
@@ -275,8 +272,7 @@ def parse_manifest(raw: dict, folder: str | Path, stage: str | None = None) -> M
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise KvpError(f"manifest {Path(folder) / MANIFEST} does not hold a {got or 'valid'} artifact: {_why(e)}") \
-            from None
+        raise KvpError(f"manifest {Path(folder) / MANIFEST} breaks the '{got}' contract at {_why(e)}") from None
 
 
 def read_json(path: str | Path, what: str = "") -> dict:
