@@ -263,16 +263,21 @@ def _why(e: ValidationError) -> str:
     return f"'{where}': {err['msg'].lower()}"
 
 
+def _validated(model: type[BaseModel], raw: dict, what: str):
+    """`raw` as `model`, or a one-line error: `what`, then the first field that breaks it."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise KvpError(f"{what} {_why(e)}") from None
+
+
 def parse_manifest(raw: dict, folder: str | Path, stage: str | None = None) -> Manifest:
     """The typed manifest of the folder's stage (`stage`, if given, must be it); one-line errors."""
     got = raw.get("stage")
     if stage is not None and got != stage:
         raise KvpError(f"{folder} is a '{got}' artifact, expected '{stage}'")
     model = MANIFESTS.get(got, Manifest) if isinstance(got, str) else Manifest
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise KvpError(f"manifest {Path(folder) / MANIFEST} breaks the '{got}' contract at {_why(e)}") from None
+    return _validated(model, raw, f"manifest {Path(folder) / MANIFEST} breaks the '{got}' contract at")
 
 
 def read_json(path: str | Path, what: str = "") -> dict:
@@ -291,11 +296,7 @@ def read_report(folder: str | Path) -> OnnxReport | CoremlReport:
     """A validation report folder's report.json, typed; one-line errors for a missing or bad one."""
     path = Path(folder) / REPORT_JSON
     raw = read_json(path)
-    model = CoremlReport if "linux_checks" in raw else OnnxReport
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise KvpError(f"{path} is not a validation report: {_why(e)}") from None
+    return _validated(CoremlReport if "linux_checks" in raw else OnnxReport, raw, f"{path} is not a validation report:")
 
 
 def check_manifest(raw: dict) -> dict:
