@@ -147,10 +147,7 @@ def main() -> int:
             print(f"[train {name}] stopped at its time limit (checkpointed); run again", file=sys.stderr)
             return INCOMPLETE
     if a.no_eval:
-        result = summary(a, out)
-        (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-        return 0
+        return finish(a, out)
     ev = ["--n", a.eval_n, "--prompt-len", a.prompt_len, "--cont-len", a.cont_len, "--greedy-tokens",
           a.greedy_tokens, *repeat("--heldout", a.heldout)]
     stage("eval ridge", [*kvp_cmd("eval"), "--predictor", out / "ridge", *ev, "-o", out / "eval-ridge"],
@@ -158,6 +155,11 @@ def main() -> int:
     stage("eval kvp", [*kvp_cmd("eval"), "--predictor", out / "kvp", *ev, "-o", out / "eval-kvp"], out / "eval-kvp")
     stage("eval baseline", [*kvp_cmd("eval"), "--predictor", out / "ridge", "--aux", out / "baseline", *ev,
                             "-o", out / "eval-baseline"], out / "eval-baseline")
+    return finish(a, out)
+
+
+def finish(a, out: Path) -> int:
+    """Write and print the run's summary.json."""
     result = summary(a, out)
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
 from kvp_validate.artifact import atomic_dir, check_output_dir, load_manifest  # noqa: F401  (re-exported)
+from kvp_validate.contract import MANIFEST, Manifest, check_manifest, now, parse_manifest
+from kvp_validate.contract import versions as contract_versions
 from kvp_validate.integrity import file_records, sha256_file, verify  # noqa: F401  (re-exported for the stages)
 from kvp_validate.report import atomic_write_text as write_text
 
 from .errors import KvpError
 
-MANIFEST = "manifest.json"
-__all__ = ["MANIFEST", "atomic_dir", "check_output_dir", "read_manifest", "sha256_bytes", "sha256_dir", "sha256_file",
+__all__ = ["MANIFEST", "atomic_dir", "check_output_dir", "read_contract", "read_manifest", "sha256_bytes", "sha256_dir", "sha256_file",
            "versions", "write_json", "write_manifest", "write_text"]
 
 
@@ -57,33 +56,26 @@ def _json_default(o: Any) -> Any:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the stack, recorded in every manifest (read from metadata: importing
-    coremltools or onnxruntime only for a version would cost seconds and print warnings)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "tokenizers", "numpy", "onnx", "onnxruntime", "coremltools"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:  # optional runtime, absent is fine
-            continue
+    """Versions of the stack, recorded in every manifest (kvp_validate.contract.versions)."""
     from . import __version__
 
-    out["kvp_export"] = __version__
-    return out
+    return contract_versions(("torch", "transformers", "tokenizers", "numpy", "onnx", "onnxruntime", "coremltools"),
+                             {"kvp_export": __version__})
 
 
 def write_manifest(folder: str | Path, stage: str, inputs: dict[str, Any], **fields: Any) -> dict:
     """Write the folder's manifest.json; call it last, when every other file is in place (it lists
-    them all with their SHA-256)."""
+    them all with their SHA-256). What it writes is checked against the stage's model
+    (kvp_validate.contract), the contract its readers parse."""
     manifest = {
         "stage": stage,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now(),
         "versions": versions(),
         "inputs": inputs,
         **fields,
         "files": file_records(folder),
     }
+    check_manifest(json.loads(json.dumps(manifest, default=_json_default)))  # as the readers will see it
     write_json(Path(folder) / MANIFEST, manifest)
     return manifest
 
@@ -101,7 +93,13 @@ def read_manifest(folder: str | Path, stage: str | None = None, *, check: bool =
         raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected '{stage}'")
     if check and not ("files" not in manifest and manifest.get("stage") in UNSEALED_OK):
         verify(folder, manifest)
+    parse_manifest(manifest, folder)  # the contract: a one-line error naming a missing or mistyped field
     return manifest
+
+
+def read_contract(folder: str | Path, stage: str | None = None, *, check: bool = True) -> Manifest:
+    """`read_manifest`, as the typed model of its stage (kvp_validate.contract)."""
+    return parse_manifest(read_manifest(folder, stage, check=check), folder)
 
 
 def check_folder(folder: str | Path) -> dict:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import click
 
+from kvp_validate.contract import REPORT_MD
+
 from . import __version__
+from .artifacts import read_contract
 from .cliopts import options
 from .config import Config, CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
 from .distributed import launched_as_main
@@ -164,11 +167,14 @@ def fit(aux, base, out, overwrite, **kw):
         click.echo(folder)
 
 
+def predictor_option(f, required: bool = True):
+    return click.option("--predictor", required=required, type=click.Path(path_type=Path), help="A fit output folder.")(f)
+
+
 def model_overrides(f, required: bool = True):
     f = click.option("--base", help="Override the base the predictor manifest names.")(f)
     f = click.option("--aux", help="Override the aux folder the predictor manifest names.")(f)
-    f = click.option("--predictor", required=required, type=click.Path(path_type=Path), help="A fit output folder.")(f)
-    return f
+    return predictor_option(f, required)
 
 
 def optional_model_overrides(f):
@@ -345,7 +351,7 @@ def eval_(predictor, aux, base, out, overwrite, **kw):
     from .evaluate import run_eval
 
     folder = run_eval(predictor, out, aux=aux, base=base, overwrite=overwrite, progress=_progress(), **kw)
-    click.echo((folder / "report.md").read_text(), nl=False)
+    click.echo((folder / REPORT_MD).read_text(), nl=False)
     click.echo(f"kvp: report written to {folder}", err=True)
 
 
@@ -358,7 +364,7 @@ def export():
 
 
 @export.command("onnx")
-@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@predictor_option
 @stage_options(OnnxConfig, data=("heldout",))
 def export_onnx_cmd(predictor, out, overwrite, **kw):
     """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
@@ -368,7 +374,7 @@ def export_onnx_cmd(predictor, out, overwrite, **kw):
 
 
 @export.command("coreml")
-@click.option("--predictor", required=True, type=click.Path(path_type=Path), help="A fit output folder.")
+@predictor_option
 @stage_options(CoremlConfig, data=("heldout",))
 def export_coreml_cmd(predictor, out, overwrite, **kw):
     """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""
@@ -386,10 +392,7 @@ def export_genai_kvp_cmd(export_dir, variants):
     from .export.genai_kvp import write_genai_kvp
 
     if not variants:
-        try:
-            variants = list(json.loads((Path(export_dir) / "manifest.json").read_text())["variants"])
-        except (OSError, ValueError, KeyError) as e:
-            raise KvpError(f"not an ONNX export folder: {export_dir} ({e})") from None
+        variants = list(read_contract(export_dir, "onnx", check=False).variants)
     for v in variants:
         click.echo(write_genai_kvp(export_dir, v))
 

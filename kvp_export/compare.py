@@ -17,35 +17,36 @@ import json
 import os
 from pathlib import Path
 
+from kvp_validate.contract import (
+    MANIFEST,
+    REPORT_JSON,
+    RUN_JSON,
+    CoremlReport,
+    OnnxManifest,
+    OnnxReport,
+    read_json,
+    read_report,
+)
+from kvp_validate.metrics import DELTA_NLL, FIRST_TOKEN_AGREEMENT, NLL
 from kvp_validate.report import atomic_write_text, md_table
 
-from .artifacts import read_manifest
+from .artifacts import read_contract
 from .errors import KvpError
 
-METRICS = {"first_token_agreement": ("first-token agreement with the base", True),
-           "nll": ("KVP NLL (nats/token)", False),
-           "delta_nll": ("KVP NLL - base NLL", False)}
+METRICS = {FIRST_TOKEN_AGREEMENT: ("first-token agreement with the base", True),
+           NLL: ("KVP NLL (nats/token)", False),
+           DELTA_NLL: ("KVP NLL - base NLL", False)}
 DEPLOYED = ("kvp_prefill", "base_decode")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise KvpError(f"unreadable {path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise KvpError(f"unreadable {path}: a JSON object expected, got {type(obj).__name__}")
-    return obj
-
-
-def _onnx_rows(label: str, payload: dict, export_manifest: dict | None) -> list[dict]:
-    res = payload.get("results", {})
+def _onnx_rows(label: str, payload: OnnxReport, export_manifest: OnnxManifest | None) -> list[dict]:
+    res = payload.results
     rows = []
-    for v in payload.get("variants", []):
+    for v in payload.variants:
         row: dict = {"run": label, "format": "onnx", "variant": v}
         if export_manifest:
-            graphs = export_manifest.get("variants", {}).get(v, {})
-            sizes = [graphs[g]["bytes"] for g in DEPLOYED if g in graphs]
+            graphs = export_manifest.variants.get(v, {})
+            sizes = [graphs[g].bytes for g in DEPLOYED if g in graphs]
             row["size_mb"] = round(sum(sizes) / 1e6, 3) if sizes else None
         q = res.get("quality", {}).get(v)
         if q:
@@ -53,11 +54,11 @@ def _onnx_rows(label: str, payload: dict, export_manifest: dict | None) -> list[
             g = q["greedy_tokens"]
             kvp, base = paths.get("kvp", {}), paths.get("base", {})
             row["quality"] = {
-                "nll": kvp.get("nll"), "base_nll": base.get("nll"),
-                "delta_nll": kvp["nll"] - base["nll"] if "nll" in kvp and "nll" in base else None,
-                "first_token_agreement": kvp.get("first_token_agreement"),
+                NLL: kvp.get(NLL), "base_nll": base.get(NLL),
+                DELTA_NLL: kvp[NLL] - base[NLL] if NLL in kvp and NLL in base else None,
+                FIRST_TOKEN_AGREEMENT: kvp.get(FIRST_TOKEN_AGREEMENT),
                 f"greedy{g}_agreement": kvp.get(f"greedy{g}_agreement"),
-                "aux_nll": paths.get("aux", {}).get("nll"),
+                "aux_nll": paths.get("aux", {}).get(NLL),
             }
         t = res.get("ttft", {}).get(v)
         if t:
@@ -72,10 +73,10 @@ def _onnx_rows(label: str, payload: dict, export_manifest: dict | None) -> list[
     return rows
 
 
-def _coreml_rows(label: str, payload: dict) -> list[dict]:
+def _coreml_rows(label: str, payload: CoremlReport) -> list[dict]:
     rows = []
-    mac = payload.get("macos", {})
-    for v, c in payload.get("linux_checks", {}).items():
+    mac = payload.macos
+    for v, c in payload.linux_checks.items():
         row = {"run": label, "format": "coreml", "variant": v, "size_mb": round(c.get("bytes", 0) / 1e6, 3),
                "parity": ("ok" if c.get("ok") else "FAIL") + ("" if mac.get("measured") else " (Linux checks)")}
         rows.append(row)
@@ -83,22 +84,21 @@ def _coreml_rows(label: str, payload: dict) -> list[dict]:
 
 
 def rows_from_report(folder: Path, label: str | None = None) -> list[dict]:
-    if (folder / "manifest.json").is_file():  # a report written since 0.3: its files checked (integrity.py)
-        read_manifest(folder)
-    payload = _read_json(folder / "report.json")
+    if (folder / MANIFEST).is_file():  # a report written since 0.3: its files checked (integrity.py)
+        read_contract(folder, "validation")
+    payload = read_report(folder)
     # a report folder named generically (runs/x/validate) is labelled by the folder above it
     label = label or (folder.resolve().parent.name if folder.name in ("validate", "report") else folder.name)
-    if "linux_checks" in payload:
+    if isinstance(payload, CoremlReport):
         return _coreml_rows(label, payload)
     manifest = None
-    export = payload.get("export")
-    if export and (Path(export) / "manifest.json").is_file():
-        manifest = _read_json(Path(export) / "manifest.json")
+    if (Path(payload.export) / MANIFEST).is_file():  # the export's graph sizes, when it is still there
+        manifest = read_contract(payload.export, "onnx", check=False)
     return _onnx_rows(label, payload, manifest)
 
 
 def rows_from_run(run_dir: Path) -> list[dict]:
-    run = _read_json(Path(run_dir) / "run.json")
+    run = read_json(Path(run_dir) / RUN_JSON)
     label = run.get("recipe") or Path(run_dir).name
     rows = []
     for s in run.get("stages", []):
@@ -115,11 +115,11 @@ def collect(inputs: list[str | Path]) -> list[dict]:
     for p in map(Path, inputs):
         if not p.exists():
             raise KvpError(f"no such run or report folder: {p}")
-        if (p / "run.json").is_file():
+        if (p / RUN_JSON).is_file():
             got = rows_from_run(p)
-        elif (p / "report.json").is_file():
+        elif (p / REPORT_JSON).is_file():
             got = rows_from_report(p)
-        elif (p / "manifest.json").is_file():
+        elif (p / MANIFEST).is_file():
             raise KvpError(f"{p} is an artifact without a validation report: run `kvp validate {p} -o REPORT` "
                            "and compare REPORT")
         else:
@@ -211,7 +211,7 @@ def plot(rows: list[dict], path: Path, *, at: str, metric: str, title: str = "")
         if not t or not q or (r["run"], r["variant"]) in base_seen:
             continue
         base_seen.add((r["run"], r["variant"]))
-        by = {"first_token_agreement": 1.0, "nll": q.get("base_nll"), "delta_nll": 0.0}[metric]
+        by = {FIRST_TOKEN_AGREEMENT: 1.0, NLL: q.get("base_nll"), DELTA_NLL: 0.0}[metric]
         if by is not None:
             ax.scatter([t["base_ms"]], [by], marker="x", color="gray", zorder=3,
                        label="base prefill (each run)" if len(base_seen) == 1 else None)
@@ -244,7 +244,7 @@ def markdown(rows: list[dict], *, at: str | None, metric: str, png: str | None, 
         row = [r["run"], r["format"], r["variant"], r.get("size_mb")]
         for p in pts:
             row += [t.get(p, {}).get("kvp_ms"), t.get(p, {}).get("speedup")]
-        row += [q.get("nll"), q.get("delta_nll"), q.get("first_token_agreement")]
+        row += [q.get(NLL), q.get(DELTA_NLL), q.get(FIRST_TOKEN_AGREEMENT)]
         row += [q.get(greedy)] if greedy else []
         row += [r.get("parity", "-")]
         table.append(row)
@@ -257,7 +257,7 @@ def markdown(rows: list[dict], *, at: str | None, metric: str, png: str | None, 
     return "\n".join(lines) + "\n"
 
 
-def render(rows: list[dict], out: Path, *, at: str | None = None, metric: str = "first_token_agreement",
+def render(rows: list[dict], out: Path, *, at: str | None = None, metric: str = FIRST_TOKEN_AGREEMENT,
            title: str = "KVP variants compared", stem: str = "compare", extra_md: str = "",
            md_name: str | None = None) -> dict:
     """Write <stem>.md (or md_name), <stem>.json and pareto.png into `out`; return the JSON payload."""

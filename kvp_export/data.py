@@ -10,6 +10,7 @@ always calibration or always held out, on any machine, whatever else the corpus 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -81,20 +82,22 @@ class Corpus:
 
 def _read_text(path: Path) -> str:
     """Read UTF-8 (a BOM is dropped); anything else is the user's to fix, so say which file."""
-    try:
+    with _reading(path):
         return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise KvpError(f"not UTF-8 text: {path} (invalid byte at offset {e.start})") from None
-    except OSError as e:
-        raise KvpError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_lines(path: Path) -> Iterator[str]:
     """A UTF-8 file's lines, streamed (a JSONL of millions of records is never held as one string)."""
+    with _reading(path), open(path, encoding="utf-8-sig", newline="") as f:
+        for line in f:
+            yield line.rstrip("\r\n")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A file that is not UTF-8 or cannot be read: one line naming it."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            for line in f:
-                yield line.rstrip("\r\n")
+        yield
     except UnicodeDecodeError as e:
         raise KvpError(f"not UTF-8 text: {path} (invalid byte at offset {e.start})") from None
     except OSError as e:
@@ -413,14 +416,20 @@ def _body_len(seq_len: int, bos: int | None) -> int:
     return body
 
 
-def token_sequences(tokenizer, corpus: Corpus, seq_len: int, max_tokens: int, *,
-                    add_bos: bool | None = None) -> torch.Tensor:
-    """Documents in order, EOS-separated, packed into [n, seq_len] with n = max_tokens // seq_len
-    at most. Tokenizes only as many documents as the budget needs."""
+def packing(tokenizer, seq_len: int, max_tokens: int, add_bos: bool | None) -> tuple[int | None, int]:
+    """(the BOS id each row opens with or None, the text tokens per row), checked against the budget."""
     bos = _bos_id(tokenizer, add_bos)
     body = _body_len(seq_len, bos)
     if max_tokens < seq_len:
         raise KvpError(f"max_tokens {max_tokens} is less than one sequence of {seq_len} tokens")
+    return bos, body
+
+
+def token_sequences(tokenizer, corpus: Corpus, seq_len: int, max_tokens: int, *,
+                    add_bos: bool | None = None) -> torch.Tensor:
+    """Documents in order, EOS-separated, packed into [n, seq_len] with n = max_tokens // seq_len
+    at most. Tokenizes only as many documents as the budget needs."""
+    bos, body = packing(tokenizer, seq_len, max_tokens, add_bos)
     need = (max_tokens // seq_len) * body
     eos = tokenizer.eos_token_id
     stream: list[int] = []

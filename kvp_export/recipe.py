@@ -20,7 +20,10 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from kvp_validate import metrics as M
 from kvp_validate import options as VO
+from kvp_validate.contract import min_kvp_len
+from kvp_validate.metrics import metric_key
 
 from .config import CoremlConfig, DataConfig, DeriveConfig, FitConfig, OnnxConfig, Seed, TrainConfig, rule_text
 from .errors import KvpError
@@ -168,9 +171,9 @@ class Recipe(Strict):
             b, n = (int(x) for x in p.split("x"))
             if b not in v.batches or n not in v.lengths:
                 raise ValueError(f"validate.gates.speedup_at: point {p} is not measured (validate.batches x validate.lengths)")
-        if onnx.enabled and "ttft" in v.checks and min(v.lengths) < self.fit.sink + 3:
+        if onnx.enabled and "ttft" in v.checks and min(v.lengths) < min_kvp_len(self.fit.sink):
             raise ValueError(f"validate.lengths: TTFT length {min(v.lengths)} is too short for KVP with a {self.fit.sink}-token sink "
-                             f"(at least {self.fit.sink + 3})")
+                             f"(at least {min_kvp_len(self.fit.sink)})")
         if self.predictor.method == "fit" and "train" in self.model_fields_set:
             raise ValueError("predictor.method: a train section is given but predictor.method is 'fit' (set it to 'train')")
         return self
@@ -190,30 +193,26 @@ class Recipe(Strict):
         variants = self.onnx_variants()
         checks = self.validate_.checks
         if g.parity and "parity" in checks:
-            out.append("parity.*.ok==1")
+            out.append(metric_key("parity", "*", M.OK) + "==1")
 
-        def expand(thr, key: str, op: str) -> None:
+        def expand(thr, op: str, *where: str, only: list[str] = variants) -> None:
             if thr is None:
                 return
-            for var in variants:
+            for var in only:
                 val = thr.get(var) if isinstance(thr, dict) else thr
                 if val is not None:
-                    out.append(key.format(v=var) + f"{op}{val:g}")
+                    out.append(metric_key(where[0], var, *where[1:]) + f"{op}{val:g}")
 
-        expand(g.max_delta_nll, "quality.{v}.kvp.delta_nll", "<=")
-        expand(g.min_first_token_agreement, "quality.{v}.kvp.first_token_agreement", ">=")
-        points = g.speedup_at or [f"{b}x{n}" for b in self.validate_.batches for n in self.validate_.lengths]
+        expand(g.max_delta_nll, "<=", "quality", "kvp", M.DELTA_NLL)
+        expand(g.min_first_token_agreement, ">=", "quality", "kvp", M.FIRST_TOKEN_AGREEMENT)
+        points = g.speedup_at or [M.point(b, n) for b in self.validate_.batches for n in self.validate_.lengths]
         for p in points:
-            expand(g.min_speedup, "ttft.{v}." + p + ".kvp_speedup", ">=")
-        if g.max_delta_nll_vs_fp32 is not None:  # quantized variants only: fp32 is the reference
-            thr = g.max_delta_nll_vs_fp32
-            for var in variants[1:]:
-                val = thr.get(var) if isinstance(thr, dict) else thr
-                if val is not None:
-                    out.append(f"quality.{var}.kvp.delta_nll_vs_fp32<={val:g}")
-        expand(g.max_auto_vs_base, "ttft.{v}.auto.worst_vs_base", "<=")
+            expand(g.min_speedup, ">=", "ttft", p, M.KVP_SPEEDUP)
+        # quantized variants only: fp32 is the reference
+        expand(g.max_delta_nll_vs_fp32, "<=", "quality", "kvp", M.DELTA_NLL_VS_FP32, only=variants[1:])
+        expand(g.max_auto_vs_base, "<=", "ttft", M.AUTO, M.WORST_VS_BASE)
         for n in self.validate_.coldstart_lengths:
-            expand(g.max_coldstart_vs_base, "coldstart.{v}." + f"1x{n}" + ".auto_vs_base", "<=")
+            expand(g.max_coldstart_vs_base, "<=", "coldstart", M.point(1, n), M.vs_base(M.AUTO))
         return out + list(g.extra)
 
     def dump(self) -> dict:

@@ -20,7 +20,6 @@ part of the validation key: they are evaluated again on the cached report's metr
 from __future__ import annotations
 
 import importlib
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kvp_validate.contract import MANIFEST, REPORT_JSON, REPORT_MD, RUN_JSON, read_json, read_report
 
 from . import __version__
 from .artifacts import check_folder, sha256_file, write_json
@@ -39,7 +40,6 @@ from .recipe import Gates, Recipe, section_hash
 
 log = get_logger("run")
 
-RUN_JSON = "run.json"
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _fingerprint(spec: str | None) -> object:
 
 
 def _manifest_hash(folder: Path) -> str:
-    return sha256_file(folder / "manifest.json")
+    return sha256_file(folder / MANIFEST)
 
 
 def _complete(folder: Path, marker: str, stage: str | None) -> bool:
@@ -96,8 +96,8 @@ def _complete(folder: Path, marker: str, stage: str | None) -> bool:
     if stage is None:
         return True
     try:
-        return json.loads(path.read_text()).get("stage") == stage
-    except (OSError, ValueError, AttributeError):
+        return read_json(path).get("stage") == stage
+    except KvpError:
         return False
 
 
@@ -143,7 +143,7 @@ class Stage:
     paths: tuple[str, ...] = ()  # dotted keys of args / "config." whose strings name files or corpora
     when: Callable[[Recipe], bool] = lambda r: True
     expect: str | None = None  # the manifest's stage, for a complete folder
-    marker: str = "manifest.json"
+    marker: str = MANIFEST
     extra: Callable[[Runner], dict] = lambda runner: {}
     after: Callable[[], None] | None = None
 
@@ -170,10 +170,10 @@ STAGES = (
           when=lambda r: r.export.coreml.enabled, expect="coreml"),
     Stage("validate-onnx", {"onnx": "onnx"}, lambda r: r.validate.model_copy(update={"gates": Gates()}),
           "kvp_export.run:_validate_onnx", "report-onnx", args=lambda r: {"variants": r.onnx_variants()},
-          when=lambda r: r.validate.enabled and r.export.onnx.enabled, marker="report.json",
+          when=lambda r: r.validate.enabled and r.export.onnx.enabled, marker=REPORT_JSON,
           extra=lambda runner: {"allow_unsafe_execution": runner.allow_unsafe_execution}),
     Stage("validate-coreml", {"coreml": "coreml"}, lambda r: r.validate.repeats, "kvp_export.run:_validate_coreml",
-          "report-coreml", when=lambda r: r.validate.enabled and r.export.coreml.enabled, marker="report.json"),
+          "report-coreml", when=lambda r: r.validate.enabled and r.export.coreml.enabled, marker=REPORT_JSON),
 )
 
 
@@ -210,7 +210,7 @@ class Runner:
 
     # ------------------------------------------------------------------ one cached stage
 
-    def stage(self, name: str, parts: Any, fn, *, marker: str = "manifest.json", expect: str | None = None) -> Path:
+    def stage(self, name: str, parts: Any, fn, *, marker: str = MANIFEST, expect: str | None = None) -> Path:
         key = section_hash(name, __version__, parts)[:12]
         folder = self.stages_dir / f"{name}-{key}"
         t = time.perf_counter()
@@ -262,21 +262,18 @@ class Runner:
         if gates:
             self._gate(outputs["report-onnx"], gates)
         if "report-coreml" in outputs and r.validate.gates.parity:
-            payload = json.loads((outputs["report-coreml"] / "report.json").read_text())
-            self.result.gates.append({"gate": "coreml.ok==1", "key": "coreml.ok", "value": float(payload["ok"]),
-                                      "ok": bool(payload["ok"])})
+            ok = read_report(outputs["report-coreml"]).ok
+            self.result.gates.append({"gate": "coreml.ok==1", "key": "coreml.ok", "value": float(ok), "ok": ok})
         self.result.seconds = round(time.perf_counter() - self.t0, 2)
         self.write_summary(final=True)
         self.write_report()
         return self.result
 
-    def _gate(self, folder: Path, gates: list[str]) -> dict:
+    def _gate(self, folder: Path, gates: list[str]) -> None:
         """The recipe's gates, evaluated on the (possibly cached) report's metrics."""
         from kvp_validate.gates import Gate, evaluate
 
-        payload = json.loads((folder / "report.json").read_text())
-        self.result.gates += evaluate([Gate.parse(g) for g in gates], payload.get("metrics", {}))
-        return payload
+        self.result.gates += evaluate([Gate.parse(g) for g in gates], read_report(folder).metrics)
 
     # ------------------------------------------------------------------ outputs
 
@@ -301,10 +298,10 @@ class Runner:
 
         rows = rows_from_run(self.run_dir)
         render(rows, self.run_dir, title=f"Run {self.r.label()}", stem="compare",
-               extra_md=self.report_header(), md_name="report.md")
+               extra_md=self.report_header(), md_name=REPORT_MD)
 
     def report_header(self) -> str:
-        from kvp_validate.report import md_table
+        from kvp_validate.report import gates_table, md_table
 
         res = self.result
         lines = [f"Recipe `{self.r.label()}`, base `{self.r.base}`, kvp-export {__version__}; "
@@ -312,10 +309,7 @@ class Runner:
         lines.append(md_table(["stage", "status", "seconds", "folder"],
                               [[s.name, s.status, s.seconds, s.folder] for s in res.stages], 2))
         if res.gates:
-            lines += ["", "## Gates", ""]
-            lines.append(md_table(["gate", "metric", "measured", ""],
-                                  [[g["gate"], g["key"], g["value"], "pass" if g["ok"] else "FAIL"] for g in res.gates],
-                                  4))
+            lines += ["", "## Gates", "", gates_table(res.gates)]
         return "\n".join(lines)
 
 
@@ -330,11 +324,10 @@ def junit_suites(result: RunResult, run_dir: Path) -> list:
                                    for s in result.stages])]
     for s in result.stages:
         if s.name == "validate-onnx":
-            payload = json.loads((run_dir / s.folder / "report.json").read_text())
+            payload = read_json(run_dir / s.folder / REPORT_JSON)
             suites += [x for x in report_suites(payload, "onnx") if not x.name.endswith(".gates")]
         if s.name == "validate-coreml":
-            payload = json.loads((run_dir / s.folder / "report.json").read_text())
-            suites += report_suites(payload, "coreml")
+            suites += report_suites(read_json(run_dir / s.folder / REPORT_JSON), "coreml")
     if result.gates:
         suites.append(Suite("run.gates", gate_cases(result.gates, "run.gates")))
     return suites

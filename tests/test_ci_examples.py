@@ -18,11 +18,6 @@ DIST = ROOT / "packaging" / "kvp-validate"
 pytestmark = pytest.mark.venv
 
 
-@pytest.fixture(scope="module")
-def exported(fp32_export):
-    return fp32_export
-
-
 def shell(cmd: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     # GitHub's default `run:` shell is `bash --noprofile --norc -eo pipefail {0}`; GitLab runs each line in sh
     return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", cmd], cwd=cwd, env=env,
@@ -47,7 +42,7 @@ def check_outputs(ws: Path) -> None:
     assert (ws / "kvp-report" / "report.json").is_file()
 
 
-def test_github_actions_workflow_runs_locally_in_order(exported, tmp_path):
+def test_github_actions_workflow_runs_locally_in_order(fp32_export, tmp_path):
     wf = yaml.safe_load((CI / "github-actions.yml").read_text())
     (job,) = wf["jobs"].values()
     steps = job["steps"]
@@ -59,7 +54,7 @@ def test_github_actions_workflow_runs_locally_in_order(exported, tmp_path):
     assert len(publish) == 2 and all(s.get("if") == "always()" for s in publish)
     ws = tmp_path / "workspace"
     ws.mkdir()
-    env = base_env(job["env"], exported, RUNNER_TEMP=str(tmp_path / "runner-temp"))
+    env = base_env(job["env"], fp32_export, RUNNER_TEMP=str(tmp_path / "runner-temp"))
     run_all(commands, ws, env)
     check_outputs(ws)
     # a failing gate fails the step (exit 3) and still leaves the JUnit XML to publish
@@ -70,11 +65,11 @@ def test_github_actions_workflow_runs_locally_in_order(exported, tmp_path):
     assert "<failure" in (ws / "kvp-junit.xml").read_text()
 
 
-def test_gitlab_job_runs_locally_in_order(exported, tmp_path):
+def test_gitlab_job_runs_locally_in_order(fp32_export, tmp_path):
     job = yaml.safe_load((CI / "gitlab-ci.yml").read_text())["validate-kvp-export"]
     assert job["artifacts"]["reports"]["junit"] == "kvp-junit.xml" and job["artifacts"]["when"] == "always"
     ws = tmp_path / "project"
     ws.mkdir()
-    env = base_env(job["variables"], exported, CI_PROJECT_DIR=str(ws))
+    env = base_env(job["variables"], fp32_export, CI_PROJECT_DIR=str(ws))
     run_all(job["script"], ws, env)  # before_script (apt-get in the image) is the image's business
     check_outputs(ws)

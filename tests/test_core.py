@@ -132,9 +132,13 @@ def test_left_padded_batch_equals_single_prompts(base):
     assert torch.equal(toks[1], decode(base, prefill_kvp(base, aux, pred, b[None]), 6)[0])
 
 
+def untrained_kvp(base) -> tuple:
+    """An aux of base layers 0 and 2 with an untrained predictor: the cache's shapes and sources, not values."""
+    return prune(base, [0, 2]), KVPredictor([0, 0, 1, 1], "hidden", 64, 64, arch.ArchSpec.of(base).kv_dim)
+
+
 def test_exact_sink_is_the_base_kv_and_memoised(base):
-    aux = prune(base, [0, 2])
-    pred = KVPredictor([0, 0, 1, 1], "hidden", 64, 64, arch.ArchSpec.of(base).kv_dim)
+    aux, pred = untrained_kvp(base)
     ids = seqs(2, 9)
     ids[:, :2] = 5  # the same sink prefix in both rows
     sinks = SinkCache(base)
@@ -146,8 +150,7 @@ def test_exact_sink_is_the_base_kv_and_memoised(base):
 
 
 def test_kv_sources_and_short_prompts(base):
-    aux = prune(base, [0, 2])
-    pred = KVPredictor([0, 0, 1, 1], "hidden", 64, 64, arch.ArchSpec.of(base).kv_dim)
+    aux, pred = untrained_kvp(base)
     ids = seqs(1, 8)
     none = prefill_kvp(base, aux, pred, ids, kv_source="none")
     assert none.mask[0].tolist() == [1] + [0] * 6 + [1]  # only the sink and the last token

@@ -21,11 +21,6 @@ DIST = ROOT / "packaging" / "kvp-validate"
 pytestmark = pytest.mark.venv
 
 
-@pytest.fixture(scope="module")
-def exported(fp32_export):
-    return fp32_export
-
-
 def bin_dir(env: Path) -> Path:
     return env / ("Scripts" if os.name == "nt" else "bin")
 
@@ -63,8 +58,8 @@ def test_installs_alone_without_torch_or_transformers(validate_env):
     assert r.stdout.strip() == __version__
 
 
-def test_validates_an_export_with_parity_and_a_gate(validate_env, exported, tmp_path):
-    args = ["kvp-validate", str(exported), "--check", "parity", "--variant", "fp32", "--threads", "1"]
+def test_validates_an_export_with_parity_and_a_gate(validate_env, fp32_export, tmp_path):
+    args = ["kvp-validate", str(fp32_export), "--check", "parity", "--variant", "fp32", "--threads", "1"]
     ok = run(validate_env, *args, "-o", str(tmp_path / "ok"), "--gate", "parity.fp32.ok==1",
              "--junit", str(tmp_path / "ok.xml"))
     assert ok.returncode == 0, ok.stderr[-2000:]

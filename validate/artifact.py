@@ -12,7 +12,6 @@ is the one exported (SHA-256) and covers the graphs' vocabulary.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from .contract import OnnxManifest, parse_manifest, read_json
 from .errors import KvpError
 from .integrity import MANIFEST, inside, listed, sha256_file, verify  # noqa: F401  (sha256_file: re-exported)
 
@@ -101,13 +103,7 @@ def load_manifest(folder: str | Path, label: str = "") -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise KvpError(f"not an {label or 'artifact'} folder (no {MANIFEST}): {folder}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KvpError(f"unreadable manifest {path}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise KvpError(f"unreadable manifest {path}: a JSON object expected, got {type(manifest).__name__}")
-    return manifest
+    return read_json(path, "manifest")
 
 
 def check_sections(manifest: dict, folder: Path, keys: tuple[str, ...]) -> None:
@@ -119,20 +115,21 @@ def check_sections(manifest: dict, folder: Path, keys: tuple[str, ...]) -> None:
 @dataclass
 class OnnxArtifact:
     folder: Path
-    manifest: dict
+    manifest: OnnxManifest  # the typed contract (contract.py)
+    raw: dict  # the same manifest as read, for the integrity checks
 
     @classmethod
     def open(cls, folder: str | Path) -> OnnxArtifact:
         folder = Path(folder)
-        manifest = load_manifest(folder, "export")
-        if manifest.get("stage") != "onnx":
-            raise KvpError(f"{folder} is a '{manifest.get('stage')}' artifact, expected an ONNX or Core ML export")
-        check_sections(manifest, folder, ("variants", "io", "model", "tokenizer"))
-        verify(folder, manifest, hash_files=False)  # sizes, missing, unlisted, links: nothing read yet
-        verify(folder, manifest, [rel for rel in listed(folder, manifest) if not rel.endswith(GRAPH_SUFFIXES)])
-        art = cls(folder, manifest)
-        for variant in manifest["variants"]:
-            for name in manifest["variants"][variant]:
+        raw = load_manifest(folder, "export")
+        if raw.get("stage") != "onnx":
+            raise KvpError(f"{folder} is a '{raw.get('stage')}' artifact, expected an ONNX or Core ML export")
+        check_sections(raw, folder, ("variants", "io", "model", "tokenizer"))
+        verify(folder, raw, hash_files=False)  # sizes, missing, unlisted, links: nothing read yet
+        verify(folder, raw, [rel for rel in listed(folder, raw) if not rel.endswith(GRAPH_SUFFIXES)])
+        art = cls(folder, parse_manifest(raw, folder, "onnx"), raw)
+        for variant, graphs in art.manifest.variants.items():
+            for name in graphs:
                 art.check_files(variant, name)
         return art
 
@@ -144,8 +141,8 @@ class OnnxArtifact:
         """The relative paths of a graph's files (the source graph's, or its optimised copy's)."""
         if optimized:
             stem = f"{OPTIMIZED_DIR}/{variant}/{name}.onnx"
-            return [rel for rel in listed(self.folder, self.manifest) if rel in (stem, stem + ".data")]
-        return [f"{variant}/{fname}" for fname in self.manifest["variants"][variant][name]["sha256"]]
+            return [rel for rel in listed(self.folder, self.raw) if rel in (stem, stem + ".data")]
+        return [f"{variant}/{fname}" for fname in self.manifest.variants[variant][name].sha256]
 
     def verify_graph(self, variant: str, name: str, optimized: bool = False) -> None:
         """Hash a graph's files against the manifest (once per process; call it before timing a load)."""
@@ -153,78 +150,86 @@ class OnnxArtifact:
         if not rels:
             raise KvpError(f"graph {variant}/{name}{' (optimised)' if optimized else ''} has no files listed in "
                            f"{self.folder / MANIFEST}")
-        verify(self.folder, self.manifest, rels)
+        verify(self.folder, self.raw, rels)
 
     @property
     def model(self) -> dict:
-        return self.manifest["model"]
+        """The model facts as a dict (report payloads embed it); typed: `manifest.model`."""
+        return self.manifest.model.model_dump()
 
     @property
     def variants(self) -> list[str]:
-        return list(self.manifest["variants"])
+        return list(self.manifest.variants)
 
     def check_variant(self, variant: str) -> None:
-        if variant not in self.manifest["variants"]:
+        if variant not in self.manifest.variants:
             raise KvpError(f"variant '{variant}' not in this export (has {', '.join(self.variants)})")
 
     def variant_bytes(self, variant: str) -> int:
         """The size of a variant's graphs (what its sessions hold in memory, before packing)."""
-        return sum(entry["bytes"] for entry in self.manifest["variants"][variant].values())
+        return sum(entry.bytes for entry in self.manifest.variants[variant].values())
 
     def graph(self, variant: str, name: str) -> Path:
         self.check_variant(variant)
-        if name not in self.manifest["variants"][variant]:
+        if name not in self.manifest.variants[variant]:
             raise KvpError(f"graph '{name}' not listed for variant {variant} in {self.folder / MANIFEST}")
-        return self.path(self.manifest["variants"][variant][name]["file"], "graph")
+        return self.path(self.manifest.variants[variant][name].file, "graph")
 
     def check_files(self, variant: str, name: str) -> None:
         """Every file of the graph on disk, with the size the manifest recorded (its hash is checked
         by `verify_graph` before the graph is loaded, not at every open)."""
-        entry = self.manifest["variants"][variant][name]
-        files = listed(self.folder, self.manifest)
-        for fname, digest in entry["sha256"].items():
+        entry = self.manifest.variants[variant][name]
+        files = listed(self.folder, self.raw)
+        for fname, digest in entry.sha256.items():
             path = self.path(f"{variant}/{fname}", "graph file")
             if not path.is_file():
                 raise KvpError(f"missing graph file {path} (listed in the manifest)")
             if files.get(f"{variant}/{fname}", {}).get("sha256") != digest:
                 raise KvpError(f"graph file {path}: the manifest's graph and file hashes disagree (edited manifest)")
-        size = sum((self.folder / variant / f).stat().st_size for f in entry["sha256"])
-        if size != entry["bytes"]:
-            raise KvpError(f"graph {variant}/{name} is {size} bytes, the manifest says {entry['bytes']}")
+        size = sum((self.folder / variant / f).stat().st_size for f in entry.sha256)
+        if size != entry.bytes:
+            raise KvpError(f"graph {variant}/{name} is {size} bytes, the manifest says {entry.bytes}")
 
     def check_session_io(self, sess, variant: str, name: str) -> None:
-        want = self.manifest["io"][name]
+        want = self.manifest.io[name]
         got_in = [i.name for i in sess.get_inputs()]
         got_out = [o.name for o in sess.get_outputs()]
-        for what, got, exp in (("inputs", got_in, want["inputs"]), ("outputs", got_out, want["outputs"])):
+        for what, got, exp in (("inputs", got_in, want.inputs), ("outputs", got_out, want.outputs)):
             if got != exp:
                 missing = [n for n in exp if n not in got] or [n for n in got if n not in exp] or got[:1]
                 raise KvpError(f"graph {variant}/{name} {what} do not match the manifest (first difference: {missing[0]})")
         is_base = name.startswith(("base", "kvp"))
-        layers = self.model["base_layers"] if is_base else self.model["aux_layers"]
+        m = self.manifest.model
+        layers = m.base_layers if is_base else m.aux_layers
         kv = [t for t in sess.get_inputs() + sess.get_outputs() if t.name.startswith(("past_key_values.", "present."))]
         for t in kv:
             dims = t.shape
-            if len(dims) != 4 or (is_base and (dims[1], dims[3]) != (self.model["kv_heads"], self.model["head_dim"])):
+            if len(dims) != 4 or (is_base and (dims[1], dims[3]) != (m.kv_heads, m.head_dim)):
                 raise KvpError(f"graph {variant}/{name}: {t.name} has shape {dims}, the manifest's base has "
-                               f"{self.model['kv_heads']} KV heads of size {self.model['head_dim']}")
+                               f"{m.kv_heads} KV heads of size {m.head_dim}")
         if sum(t.name.startswith("present.") for t in kv) != 2 * layers:
             raise KvpError(f"graph {variant}/{name} does not output {2 * layers} cache tensors")
         logits = [o for o in sess.get_outputs() if o.name == "logits"]
-        if logits and isinstance(logits[0].shape[-1], int) and logits[0].shape[-1] != self.model["vocab"]:
-            raise KvpError(f"graph {variant}/{name} has {logits[0].shape[-1]} logits, the manifest says {self.model['vocab']}")
+        if logits and isinstance(logits[0].shape[-1], int) and logits[0].shape[-1] != m.vocab:
+            raise KvpError(f"graph {variant}/{name} has {logits[0].shape[-1]} logits, the manifest says {m.vocab}")
+
+    def eval_pairs(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The export's held-out (prompts, continuations), the first `n` of them when given."""
+        pairs = np.load(self.path(self.manifest.eval.file), allow_pickle=False)
+        prompts, conts = pairs["prompts"], pairs["continuations"]
+        return (prompts, conts) if n is None else (prompts[:n], conts[:n])
 
     def tokenizer(self):
         """The exported tokenizer, checked against the manifest's hash and vocabulary."""
         from tokenizers import Tokenizer
 
-        info = self.manifest["tokenizer"]
-        path = self.path(f"{info['folder']}/tokenizer.json", "tokenizer")
+        info = self.manifest.tokenizer
+        path = self.path(f"{info.folder}/tokenizer.json", "tokenizer")
         if not path.is_file():
             raise KvpError(f"missing tokenizer file {path}")
-        if sha256_file(path) != info["sha256"]:
+        if sha256_file(path) != info.sha256:
             raise KvpError(f"tokenizer {path} is not the one exported with these graphs (SHA-256 differs)")
         tok = Tokenizer.from_file(str(path))
-        if tok.get_vocab_size() > self.model["vocab"]:
-            raise KvpError(f"tokenizer has {tok.get_vocab_size()} tokens, the graphs only {self.model['vocab']}")
+        if tok.get_vocab_size() > self.manifest.model.vocab:
+            raise KvpError(f"tokenizer has {tok.get_vocab_size()} tokens, the graphs only {self.manifest.model.vocab}")
         return tok

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .contract import REPORT_MD
 from .errors import KvpError
 from .gates import GATE_FAILED
 from .options import CHECKS, DEFAULT_CHECKS, OPTIONS, Option
@@ -80,7 +81,7 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, allo
         from .coreml import validate_coreml
 
         payload = validate_coreml(export_dir, out, repeats=measure["repeats"], overwrite=overwrite)
-        click.echo((Path(out) / "report.md").read_text(), nl=False)
+        click.echo((Path(out) / REPORT_MD).read_text(), nl=False)
         _junit(junit, payload)
         if not payload.get("ok", True):
             sys.exit(GATE_FAILED)
@@ -90,7 +91,7 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, allo
                             checks=tuple(checks) or DEFAULT_CHECKS, gates=list(gates), tolerances=_tolerances(tols),
                             overwrite=overwrite, progress=sys.stderr.isatty(),
                             allow_unsafe_execution=allow_unsafe_execution, **measure)
-    click.echo((Path(out) / "report.md").read_text(), nl=False)
+    click.echo((Path(out) / REPORT_MD).read_text(), nl=False)
     _junit(junit, payload)
     failed = [g for g in payload["gates"] if not g["ok"]]
     for g in failed:
@@ -109,11 +110,11 @@ def _junit(path: Path | None, payload: dict) -> None:
 
 def export_stage(folder: Path) -> str | None:
     """The stage an export folder's manifest names (None when unreadable: the validators say why)."""
-    import json
+    from .contract import MANIFEST, read_json
 
     try:
-        return json.loads((Path(folder) / "manifest.json").read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
+        return read_json(Path(folder) / MANIFEST).get("stage")
+    except KvpError:
         return None
 
 

@@ -27,7 +27,8 @@ LENGTHS = DEFAULTS["coldstart_lengths"]
 
 
 def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = PATHS,
-                  lengths: tuple[int, ...] = LENGTHS, threads: int = 2, repeats: int = 3, runs: int = 1,
+                  lengths: tuple[int, ...] = LENGTHS, threads: int = DEFAULTS["threads"], repeats: int = 3,
+                  runs: int = DEFAULTS["coldstart_runs"],
                   timeout: float = 600, progress: bool = False) -> dict:
     """Measure each (path, length) in `runs` fresh processes (interleaved across paths, since
     one process's load time varies by tens of percent with the OS's page cache); each figure

@@ -23,11 +23,11 @@ import numpy as np
 
 from . import mlpackage
 from .artifact import check_sections, load_manifest
+from .contract import CoremlVariant, now, parse_manifest
 from .errors import KvpError
 from .integrity import inside, verify
 from .report import md_table, write_report_folder
 
-MANIFEST = "manifest.json"
 UNMEASURED = "not measured on this host"
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_NE", "ALL")
 MEASURES = ("parity", "prefill_ms", "first_decode_ms", "ane_op_share")
@@ -40,29 +40,31 @@ class CoremlExport:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder, "export")
-        if self.manifest.get("stage") != "coreml":
-            raise KvpError(f"{folder} is a '{self.manifest.get('stage')}' artifact, expected a Core ML export")
-        check_sections(self.manifest, self.folder, ("variants", "model", "checks", "reference"))
-        for v in self.variants:
-            for role in self.manifest["variants"][v]["packages"]:
+        raw = load_manifest(self.folder, "export")
+        if raw.get("stage") != "coreml":
+            raise KvpError(f"{folder} is a '{raw.get('stage')}' artifact, expected a Core ML export")
+        check_sections(raw, self.folder, ("variants", "model", "checks", "reference"))
+        self.manifest = parse_manifest(raw, self.folder, "coreml")  # the typed contract (contract.py)
+        for v, entry in self.manifest.variants.items():
+            for role in entry.packages:
                 if not self.package(v, role).is_dir():
                     raise KvpError(f"missing Core ML package {self.package(v, role)} (listed in the manifest)")
-        verify(self.folder, self.manifest)  # every file's size and SHA-256 (integrity.py)
+        verify(self.folder, raw)  # every file's size and SHA-256 (integrity.py)
 
     @property
     def variants(self) -> list[str]:
-        return list(self.manifest["variants"])
+        return list(self.manifest.variants)
 
     @property
     def model(self) -> dict:
-        return self.manifest["model"]
+        """The model facts as a dict (the report embeds it); typed: `manifest.model`."""
+        return self.manifest.model.model_dump()
 
     def package(self, variant: str, role: str) -> Path:
-        return inside(self.folder, self.manifest["variants"][variant]["packages"][role]["path"], "package")
+        return inside(self.folder, self.manifest.variants[variant].packages[role].path, "package")
 
     def reference(self) -> dict[str, np.ndarray]:
-        path = inside(self.folder, self.manifest["reference"]["file"])
+        path = inside(self.folder, self.manifest.reference.file)
         if not path.is_file():
             raise KvpError(f"missing reference outputs {path}")
         with np.load(path) as z:
@@ -112,9 +114,9 @@ def spec_problems(iface: dict, want: dict, vocab: int) -> list[str]:
     return problems
 
 
-def _function_map(variant: dict) -> dict[str, tuple[str, str | None]]:
+def _function_map(variant: CoremlVariant) -> dict[str, tuple[str, str | None]]:
     """function -> (package role, function name inside it)."""
-    if variant["multifunction"]:
+    if variant.multifunction:
         return {"prefill": ("kvp", "prefill"), "decode": ("kvp", "decode")}
     return {"prefill": ("prefill", None), "decode": ("decode", None)}
 
@@ -122,11 +124,11 @@ def _function_map(variant: dict) -> dict[str, tuple[str, str | None]]:
 def linux_checks(art: CoremlExport) -> dict:
     """Per variant: the export-time checks, and the interface, ops and lint recomputed from the packages."""
     out = {}
-    numeric = art.manifest["checks"]["numeric"]
-    for key, v in art.manifest["variants"].items():
+    numeric = art.manifest.checks["numeric"]
+    for key, v in art.manifest.variants.items():
         iface: dict = {"functions": {}}
         ops, lint, size = {}, [], 0
-        for role in v["packages"]:
+        for role in v.packages:
             path = art.package(key, role)
             got = mlpackage.interface(path)
             prog = mlpackage.program(path)
@@ -135,19 +137,19 @@ def linux_checks(art: CoremlExport) -> dict:
             ops |= {names[f]: counts for f, counts in mlpackage.ops(prog).items()}
             lint += [d | {"function": names[d["function"]]} for d in mlpackage.lint(prog, got)]
             size += mlpackage.package_bytes(path)
-        problems = spec_problems(iface, expected_interface(art.model, v["target"]), art.model["vocab"])
-        if size != v["bytes"]:
-            problems.append(f"packages hold {size} bytes, the manifest says {v['bytes']}")
-        num = numeric[v["target"]]
+        problems = spec_problems(iface, expected_interface(art.model, v.target), art.manifest.model.vocab)
+        if size != v.bytes:
+            problems.append(f"packages hold {size} bytes, the manifest says {v.bytes}")
+        num = numeric[v.target]
         out[key] = {
             "numeric": {p: {k: num[p][k] for k in ("rel", "tolerance", "top1_agreement", "ok")}
                         for p in ("float32", "float16")},
-            "weights": v["weights"],
+            "weights": v.weights,
             "spec": {"ok": not problems, "problems": problems, "functions": iface["functions"]},
             "ops": ops,
             "lint": lint,
             "bytes": size,
-            "ok": num["ok"] and v["weights"]["ok"] and not problems,
+            "ok": num["ok"] and v.weights["ok"] and not problems,
         }
     return out
 
@@ -180,11 +182,11 @@ class CoremlKVP:
     @classmethod
     def load(cls, art: CoremlExport, variant: str, compute_units: str) -> CoremlKVP:
         ct = mlpackage.coremltools()
-        v = art.manifest["variants"][variant]
+        v = art.manifest.variants[variant]
         models = {fn: ct.models.MLModel(str(art.package(variant, role)), compute_units=ct.ComputeUnit[compute_units],
                                         function_name=name)
                   for fn, (role, name) in _function_map(v).items()}
-        return cls(models, v["stateful"], art.model["cache_shape"], art.model["prompt_lengths"])
+        return cls(models, v.stateful, art.manifest.model.cache_shape, art.manifest.model.prompt_lengths)
 
     def bucket(self, n: int) -> int:
         fits = [b for b in self.lengths if b >= n]
@@ -280,7 +282,7 @@ def ane_share(rt: CoremlKVP, compute_units: str) -> dict[str, float]:
 
 def mac_measurements(art: CoremlExport, variant: str, repeats: int) -> dict:
     ref = art.reference()
-    tol = PARITY_TOL[art.manifest["variants"][variant]["compression"]]
+    tol = PARITY_TOL[art.manifest.variants[variant].compression]
     out = {}
     for cu in COMPUTE_UNITS:
         rt = CoremlKVP.load(art, variant, cu)
@@ -308,7 +310,7 @@ def section(folder: str | Path, repeats: int = 5) -> dict:
     from .machine import machine
 
     return {"export": str(art.folder.resolve()), "host": f"{platform.system()} {platform.machine()}",
-            "machine": machine(), "model": art.model, "recipe": art.manifest.get("recipe", {}), "linux_checks": checks,
+            "machine": machine(), "model": art.model, "recipe": art.manifest.recipe, "linux_checks": checks,
             "macos": {"measured": ok, "reason": why or None, "variants": mac},
             "ok": parity_ok and all(c["ok"] for c in checks.values())}
 
@@ -319,7 +321,7 @@ def validate_coreml(folder: str | Path, out: str | Path, *, repeats: int = 5, ov
     if out.exists() and not overwrite:
         raise KvpError(f"output folder exists: {out} (pass --overwrite to replace it)")
     mlpackage.coremltools()  # first, so a validator without the coreml extra says so in one line
-    payload = section(folder, repeats) | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = section(folder, repeats) | {"created": now()}
     write_report_folder(out, payload, markdown(payload), overwrite)
     return payload
 

@@ -38,12 +38,15 @@ from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact, sha256_file
 from .errors import KvpError
+from .gates import flatten
 from .genai import GENAI_CONFIG, KVP_FOLDER, GenaiBase, genai_folder, import_genai
+from .metrics import DELTA_NLL, NLL, metric_key, point
+from .options import DEFAULTS as D
 from .quality import log_softmax
 from .report import md_table
 from .runtime import OnnxKVP
+from .ttft import check_lengths
 
-LENGTHS = (512, 1024)  # the issue's TTFT points (batch 1)
 PATHS = ("kvp", "base")
 
 
@@ -57,7 +60,7 @@ def check_ready(art: OnnxArtifact, variants: list[str]) -> None:
         if not (kvp / GENAI_CONFIG).is_file():
             raise KvpError(f"no {KVP_FOLDER}/ in {folder} (build it: kvp export genai-kvp {art.folder} --variant {v})")
         genai_folder(folder, KVP_FOLDER)
-        for name, sha in art.manifest["variants"][v]["base_decode"]["sha256"].items():  # the graph (+ its .data)
+        for name, sha in art.manifest.variants[v]["base_decode"].sha256.items():  # the graph (+ its .data)
             ours, theirs = art.folder / v / name, kvp / name
             if not theirs.is_file():
                 same = False
@@ -122,10 +125,7 @@ def ours_pair(rt: OnnxKVP, path: str, prompt: np.ndarray, cont: np.ndarray, gree
 
 def run_genai_quality(art: OnnxArtifact, rt: OnnxKVP, models: dict[str, GenaiBase], *, n: int | None,
                       greedy_tokens: int, progress: bool = False) -> dict:
-    pairs = np.load(art.folder / art.manifest["eval"]["file"], allow_pickle=False)
-    prompts, conts = pairs["prompts"], pairs["continuations"]
-    if n is not None:
-        prompts, conts = prompts[:n], conts[:n]
+    prompts, conts = art.eval_pairs(n)
     rt.check_context(prompts.shape[1], max(conts.shape[1], greedy_tokens))
     eos = set(int(e) for e in art.model["eos_token_ids"])
     g = greedy_tokens
@@ -165,7 +165,7 @@ def run_genai_quality(art: OnnxArtifact, rt: OnnxKVP, models: dict[str, GenaiBas
             f"greedy{g}_agreement": float((greedy == base_greedy).mean()),
         }
     for path in PATHS:
-        out[path]["delta_nll"] = out[path]["nll"] - out["base"]["nll"]
+        out[path][DELTA_NLL] = out[path][NLL] - out["base"][NLL]
     return {"sequences": len(prompts), "prompt_len": int(prompts.shape[1]), "cont_len": int(conts.shape[1]),
             "greedy_tokens": g, "paths": out}
 
@@ -208,8 +208,9 @@ def measure_point(rt: OnnxKVP, models: dict[str, GenaiBase], n: int, *, warmup: 
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}, {k: [t * 1e3 for t in v] for k, v in times.items()}
 
 
-def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LENGTHS, threads: int = 2,
-              warmup: int = 1, repeats: int = 5, quality_n: int | None = None, greedy_tokens: int = 16,
+def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = D["genai_lengths"],
+              threads: int = D["threads"], warmup: int = D["warmup"], repeats: int = D["repeats"],
+              quality_n: int | None = None, greedy_tokens: int = D["greedy_tokens"],
               progress: bool = False) -> dict:
     """Quality and TTFT of KVP and the base through onnxruntime-genai beside our runtime (module docstring)."""
     if repeats < 1 or warmup < 0:
@@ -219,10 +220,7 @@ def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LEN
     check_ready(art, [variant])
     og = import_genai()
     rt = OnnxKVP(art, variant, threads)
-    for n in lengths:
-        rt.check_context(n, 1)
-        if n < rt.min_kvp_len:
-            raise KvpError(f"genai TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+    check_lengths(rt, lengths, "genai TTFT")
     rt.load("kvp")
     rt.load("base")
     models = {"kvp": GenaiBase(art.folder, variant, kvp=True, threads=threads),
@@ -246,17 +244,18 @@ def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = LEN
     return out
 
 
-def genai_metrics(results: dict) -> dict:
-    """{"genai": {variant: {"1x512": {...}, "kvp": {...}, "base": {...}}}} for the report's flat metrics."""
-    m: dict = {}
+def genai_metrics(results: dict) -> dict[str, float]:
+    """The genai check's flat metrics: `genai.VARIANT.1x512.kvp_vs_ours`, `genai.VARIANT.kvp.nll`..."""
+    m: dict[str, float] = {}
     for v, r in results.get("genai", {}).items():
-        mv = m.setdefault("genai", {}).setdefault(v, {})
+        per: dict = {}
         for p in r["points"]:
-            mv[f"{p['batch']}x{p['prompt_len']}"] = {
+            per[point(p["batch"], p["prompt_len"])] = {
                 k: p[k] for k in ("kvp_vs_ours", "base_vs_ours", "kvp_speedup_genai", "kvp_speedup_ours")
             } | {f"ms_{k}": val for k, val in p["ms"].items()}
         for path, vals in r.get("quality", {}).get("paths", {}).items():
-            mv[path] = dict(vals)
+            per[path] = dict(vals)
+        m |= flatten(per, metric_key("genai", v) + ".")
     return m
 
 

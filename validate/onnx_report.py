@@ -12,15 +12,17 @@ from pathlib import Path
 
 from .artifact import OnnxArtifact
 from .coldstart import run_coldstart
+from .contract import now
 from .errors import KvpError
-from .gates import Gate, evaluate, flatten
+from .gates import Gate, evaluate
 from .machine import describe, machine
+from .metrics import report_metrics
 from .options import CHECKS, DEFAULT_CHECKS
 from .options import DEFAULTS as D
 from .parallel import plan, run_parallel
 from .parity import run_parity
 from .quality import quality_job
-from .report import md_table, write_report_folder
+from .report import gates_table, md_table, write_report_folder
 from .runtime import verify_variants
 from .ttft import run_ttft
 
@@ -80,8 +82,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
         # timing checks, which then run alone
         workers, per_worker = plan(len(variants), threads, SESSION_MEMORY_FACTOR * max(art.variant_bytes(v) for v in variants))
         # the slowest variant first (its TTFT at the export's longest crossover length is the cost
-        # proxy): on 2 workers int4 alone took as long as fp32 and int8 together, and last it
-        # made the phase 80 s longer than running the three in turn
+        # proxy), so the longest job never starts last (measured: BENCHMARKS.md, "The default
+        # recipe, second pass")
         order = sorted(variants, key=lambda v: -_cost(art, v))
         jobs = {v: (quality_job, (folder, v, quality_n, greedy_tokens, per_worker)) for v in order}
         for v, (res, secs) in run_parallel(jobs, workers, f"quality ({workers} workers)", progress,
@@ -110,12 +112,12 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
 
             timed("humaneval", v, lambda v=v: run_humaneval_onnx(art, v, limit=humaneval_limit, threads=threads,
                                                              progress=progress, allow_unsafe=allow_unsafe_execution))
-    metrics = flatten(_metrics(results))
+    metrics = report_metrics(results)
     gate_results = evaluate(parsed, metrics)
     payload = {
         "export": str(Path(folder).resolve()),
         "machine": machine(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now(),
         "seconds": round(time.perf_counter() - t0, 1),
         "check_seconds": seconds,
         "variants": variants,
@@ -132,61 +134,11 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
 def _cost(art, variant: str) -> float:
     """A variant's relative compute cost: base + KVP time at the longest length the export timed
     for its crossover (0 when it timed none)."""
-    points = (art.manifest.get("crossover", {}).get(variant) or {}).get("points") or []
+    points = c.points if (c := art.manifest.crossover.get(variant)) else []
     if not points:
         return 0.0
     p = max(points, key=lambda q: q["prompt_len"])
     return sum(v for k, v in p.items() if k.endswith("_ms"))
-
-
-def _metrics(results: dict) -> dict:
-    """The gateable numbers: parity.<variant>.ok and per-check values, quality per path, TTFT per point."""
-    m: dict = {}
-    for v, r in results.get("parity", {}).items():
-        m.setdefault("parity", {})[v] = {"ok": r["ok"], **{f"{c['graph']}.{c['metric']}".replace(" ", "_"): c["value"]
-                                                          for c in r["checks"]}}
-    fp32_q = results.get("quality", {}).get("fp32", {}).get("paths", {})
-    for v, r in results.get("quality", {}).items():
-        base_nll = r["paths"].get("base", {}).get("nll")
-        # delta_nll: the path's NLL minus the same variant's base (what KVP costs against that base);
-        # delta_nll_vs_fp32: minus the same path in fp32 (what quantization costs)
-        m.setdefault("quality", {})[v] = {
-            path: dict(vals)
-            | ({"delta_nll": vals["nll"] - base_nll} if base_nll is not None and "nll" in vals else {})
-            | ({"delta_nll_vs_fp32": vals["nll"] - fp32_q[path]["nll"]} if v != "fp32" and "nll" in fp32_q.get(path, {})
-               else {})
-            for path, vals in r["paths"].items()}
-    for v, r in results.get("ttft", {}).items():
-        m.setdefault("ttft", {})[v] = {
-            f"{p['batch']}x{p['prompt_len']}": {k: p[k] for k in ("kvp_speedup", "kvp_flops_ratio", "kvp_efficiency",
-                                                                  "aux_speedup", "kvp_over_aux", "auto_vs_base")}
-            | {f"ms_{k}": val for k, val in p["ms"].items()}
-            for p in r["points"]
-        }
-        if "auto" in r:  # the default mode: its worst TTFT against the base's, and where KVP starts to pay
-            a = r["auto"]
-            m["ttft"][v]["auto"] = {"worst_vs_base": a["worst_vs_base"]}
-            m.setdefault("crossover", {})[v] = {
-                k: val for k, val in (("measured", a["measured_crossover"]), ("export", a["export_crossover"]))
-                if val is not None}
-    for v, r in results.get("coldstart", {}).items():
-        m.setdefault("coldstart", {})[v] = {
-            f"1x{p['prompt_len']}": {} for p in r["points"]}
-        for p in r["points"]:
-            m["coldstart"][v][f"1x{p['prompt_len']}"][p["path"]] = {
-                f"{k}_ms": p[f"{k}_ms"] for k in ("first_token", "load", "first_call", "warm")} | {
-                f"load_{g}_ms": ms for g, ms in p["graphs_ms"].items()}
-        for point in m["coldstart"][v].values():  # KVP's and the default mode's cold start against the base's
-            for path in ("kvp", "auto"):
-                if path in point and "base" in point:
-                    point[f"{path}_vs_base"] = point[path]["first_token_ms"] / point["base"]["first_token_ms"]
-    for v, r in results.get("humaneval", {}).items():
-        m.setdefault("humaneval", {})[v] = {path: {"pass@1": res["pass@1"]} for path, res in r["paths"].items()}
-    if results.get("genai"):
-        from .genai_check import genai_metrics
-
-        m |= genai_metrics(results)
-    return m
 
 
 def markdown(p: dict) -> str:
@@ -260,7 +212,5 @@ def markdown(p: dict) -> str:
 
         lines += genai_markdown(res)
     if p["gates"]:
-        lines += ["## Gates", ""]
-        rows = [[g["gate"], g["key"], g["value"], "pass" if g["ok"] else "FAIL"] for g in p["gates"]]
-        lines += [md_table(["gate", "metric", "measured", ""], rows, 4), ""]
+        lines += ["## Gates", "", gates_table(p["gates"]), ""]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ continuation) pairs of the export, for each path (base, aux alone, KVP) with the
 teacher-forced,
 - kl_vs_fp32: mean KL(fp32 || variant) of the next-token distributions, nats per position;
 - top1_vs_fp32: share of positions whose argmax is fp32's (near ties count);
-- nll_delta_vs_fp32: the variant's continuation NLL minus fp32's, nats per token;
+- delta_nll_vs_fp32: the variant's continuation NLL minus fp32's, nats per token;
 and for kvp_prefill the predicted cache against fp32's (kv_rel_vs_fp32). These measure what
 quantization costs in the units that matter and do not depend on the CPU's int8 arithmetic
 beyond that cost, while a broken graph (a zeroed layer, swapped K/V, a wrong RoPE base) is
@@ -31,6 +31,7 @@ import numpy as np
 
 from .artifact import OnnxArtifact
 from .errors import KvpError
+from .metrics import DELTA_NLL_VS_FP32
 from .quality import log_softmax
 from .runtime import PATHS, OnnxKVP
 
@@ -44,8 +45,8 @@ FP32_TOLERANCES = {"logits_rel": 1e-4, "kv_rel": 1e-4, "token_agreement": 1.0}
 # quantization may cost a given model is the recipe's quality gate (quality.<v>.<path>.
 # delta_nll_vs_fp32 on all held-out pairs), not parity's.
 QUANT_TOLERANCES: dict[str, dict[str, float]] = {
-    "int8": {"kl_vs_fp32": 0.15, "top1_vs_fp32": 0.75, "nll_delta_vs_fp32": 0.15, "kv_rel_vs_fp32": 0.35},
-    "int4": {"kl_vs_fp32": 0.5, "top1_vs_fp32": 0.5, "nll_delta_vs_fp32": 0.4, "kv_rel_vs_fp32": 0.5},
+    "int8": {"kl_vs_fp32": 0.15, "top1_vs_fp32": 0.75, DELTA_NLL_VS_FP32: 0.15, "kv_rel_vs_fp32": 0.35},
+    "int4": {"kl_vs_fp32": 0.5, "top1_vs_fp32": 0.5, DELTA_NLL_VS_FP32: 0.4, "kv_rel_vs_fp32": 0.5},
 }
 PATH_GRAPHS = {"base": "base_prefill + base_decode", "aux": "aux_prefill + aux_decode",
                "kvp": "kvp_prefill + base_decode"}
@@ -53,11 +54,14 @@ N_PAIRS = 8  # held-out pairs compared against fp32 (x the continuation's positi
 
 # A reference token whose logit is within TIE x the row's RMS of the best counts as top-1.
 TIE = 1e-4
+# Limits renamed within 0.3 (one name per metric: metrics.py); an override by the old name still applies.
+RENAMED = {"nll_delta_vs_fp32": DELTA_NLL_VS_FP32}
 
 
 def tolerances_for(variant: str, overrides: dict | None = None) -> dict:
     """The variant's limits with `overrides` applied; an override naming no limit of it is refused."""
     base = FP32_TOLERANCES if variant == "fp32" else QUANT_TOLERANCES.get(variant, QUANT_TOLERANCES["int4"])
+    overrides = {RENAMED.get(k, k): v for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides or {}) - set(base))
     if unknown:
         raise KvpError(f"unknown parity tolerance '{variant}.{unknown[0]}' (the {variant} limits are "
@@ -105,7 +109,7 @@ def run_parity(art: OnnxArtifact, variant: str, threads: int = 2, tolerances: di
 def reference_checks(art: OnnxArtifact, variant: str, threads: int, tol: dict | None = None) -> list[dict]:
     """Every graph of `variant` against the PyTorch reference (limits from `tol`, or none)."""
     tol = tol or {}
-    ref = np.load(art.path(art.manifest["reference"]["file"]), allow_pickle=False)
+    ref = np.load(art.path(art.manifest.reference.file), allow_pickle=False)
     rt = OnnxKVP(art, variant, threads)
     rt.verify()  # every graph's hash, before any of them runs
     ids, mask = ref["input_ids"], ref["attention_mask"]
@@ -132,8 +136,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
     """The variant against the fp32 graphs on the first `n_pairs` held-out pairs, per path.
     `cache` keeps the fp32 outputs for the next variant (float32 log-probabilities)."""
     cache = {} if cache is None else cache
-    pairs = np.load(art.path(art.manifest["eval"]["file"]), allow_pickle=False)
-    prompts, conts = pairs["prompts"][:n_pairs].astype(np.int64), pairs["continuations"][:n_pairs].astype(np.int64)
+    prompts, conts = (a.astype(np.int64) for a in art.eval_pairs(n_pairs))
     ref_rt, rt = OnnxKVP(art, "fp32", threads), OnnxKVP(art, variant, threads)
     ref_rt.verify(), rt.verify()  # every graph's hash, before any of them runs
     checks = []
@@ -155,7 +158,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
         graph = PATH_GRAPHS[mode]
         checks += [check(graph, "kl_vs_fp32", kl / count, tol.get("kl_vs_fp32")),
                    check(graph, "top1_vs_fp32", agree / count, tol.get("top1_vs_fp32"), higher_is_better=True),
-                   check(graph, "nll_delta_vs_fp32", nll_delta / count, tol.get("nll_delta_vs_fp32"))]
+                   check(graph, DELTA_NLL_VS_FP32, nll_delta / count, tol.get(DELTA_NLL_VS_FP32))]
     ids = prompts
     mask = np.ones_like(ids)
     if "kv" not in cache:
@@ -167,7 +170,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
 
 
 def _kv_names(rt: OnnxKVP) -> list[str]:
-    return rt.art.manifest["io"]["kvp_prefill"]["outputs"][:-3]
+    return rt.art.manifest.io["kvp_prefill"].outputs[:-3]
 
 
 def _kv_check(rt: OnnxKVP, ids, mask, want: dict, metric: str, limit: float | None) -> dict:

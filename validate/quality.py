@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
+from .options import DEFAULTS as D
 from .runtime import PATHS, OnnxKVP
 
 
@@ -24,12 +25,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy_tokens: int = 16, batch: int = 8,
-                threads: int = 2, progress: bool = False) -> dict:
-    pairs = np.load(art.path(art.manifest["eval"]["file"]), allow_pickle=False)
-    prompts, conts = pairs["prompts"], pairs["continuations"]
-    if n is not None:
-        prompts, conts = prompts[:n], conts[:n]
+def run_quality(art: OnnxArtifact, variant: str, *, n: int | None = None, greedy_tokens: int = D["greedy_tokens"],
+                batch: int = 8, threads: int = D["threads"], progress: bool = False) -> dict:
+    prompts, conts = art.eval_pairs(n)
     rt = OnnxKVP(art, variant, threads)
     pad = int(art.model["pad_token_id"] or 0)
     nll = dict.fromkeys(PATHS, 0.0)

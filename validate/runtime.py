@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR: the export imports it from here)
+from .contract import min_kvp_len
 from .crossover import use_kvp
 from .errors import KvpError
 from .integrity import share_verified
@@ -76,17 +77,17 @@ def optimized_graph(art: OnnxArtifact, variant: str, name: str, quiet: bool = Fa
 
     It matches when its record names the source graph's recorded SHA-256 and this onnxruntime's
     version; a stale copy is skipped with a one-line warning and the source graph is loaded."""
-    entry = art.manifest.get("optimized", {}).get(variant, {}).get(name)
+    entry = art.manifest.optimized.get(variant, {}).get(name)
     if not entry:
         return None
-    path = art.path(entry["file"], "graph")
-    source_sha = art.manifest["variants"][variant][name]["sha256"]
+    path = art.path(entry.file, "graph")
+    source_sha = art.manifest.variants[variant][name].sha256
     why = None
-    if entry.get("onnxruntime") != ort.__version__:
-        why = f"made by onnxruntime {entry.get('onnxruntime')}, this is {ort.__version__}"
-    elif entry.get("source_sha256") != source_sha:
+    if entry.onnxruntime != ort.__version__:
+        why = f"made by onnxruntime {entry.onnxruntime}, this is {ort.__version__}"
+    elif entry.source_sha256 != source_sha:
         why = "its source graph's hash differs"
-    elif not path.is_file() or path.stat().st_size != entry.get("bytes"):
+    elif not path.is_file() or path.stat().st_size != entry.bytes:
         why = "the file is missing or its size differs"
     if why:
         if not quiet:
@@ -102,7 +103,7 @@ def verify_variants(art: OnnxArtifact, variants: list[str]) -> None:
     manifest, and hand the digests to the processes started from now on (integrity.share_verified):
     quality workers and cold-start children hash nothing again."""
     for v in dict.fromkeys([*variants, *(["fp32"] if "fp32" in art.variants else [])]):
-        for name in art.manifest["variants"][v]:
+        for name in art.manifest.variants[v]:
             art.verify_graph(v, name)
             if art.graph_files(v, name, optimized=True):
                 art.verify_graph(v, name, optimized=True)
@@ -195,7 +196,7 @@ class OnnxKVP:
         self.model = self.art.model
         self.sink_len = int(self.model["sink_len"])
         if crossover == -1:
-            crossover = self.art.manifest.get("crossover", {}).get(variant, {}).get("prompt_len")
+            crossover = c.prompt_len if (c := self.art.manifest.crossover.get(variant)) else None
         self.crossover = crossover
         self.use_optimized = use_optimized
         session_options(threads, spin=spin)  # refuse an unknown policy now, not at the first load
@@ -247,7 +248,7 @@ class OnnxKVP:
     def verify(self, names: tuple[str, ...] | list[str] | None = None) -> None:
         """Hash the files of the graphs `names` (default: every graph of the variant) that sessions
         would load against the manifest; a changed graph is refused before it is ever run."""
-        for name in names or self.art.manifest["variants"][self.variant]:
+        for name in names or self.art.manifest.variants[self.variant]:
             opt = optimized_graph(self.art, self.variant, name, quiet=True) if self.use_optimized else None
             self.art.verify_graph(self.variant, name, optimized=bool(opt))
 
@@ -272,7 +273,7 @@ class OnnxKVP:
     @property
     def min_kvp_len(self) -> int:
         """KVP needs every prompt to hold the sink, at least as many predicted tokens, and the last."""
-        return 2 * self.sink_len + 2
+        return min_kvp_len(self.sink_len)
 
     def kvp_applies(self, mask: np.ndarray) -> bool:
         return int(mask.sum(-1).min()) >= self.min_kvp_len
@@ -327,7 +328,7 @@ class OnnxKVP:
     def step(self, model: str, ids, mask, pos, past) -> list[np.ndarray]:
         sess = self.session(f"{model}_decode")
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        feeds |= dict(zip(self.art.manifest["io"][f"{model}_decode"]["inputs"][3:], past))
+        feeds |= dict(zip(self.art.manifest.io[f"{model}_decode"].inputs[3:], past))
         return sess.run(None, feeds)
 
     # --- decoding ---

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .artifact import OnnxArtifact
 from .crossover import crossover_from, lengths_for, measure_paths
 from .errors import KvpError
+from .options import DEFAULTS as D
 from .runtime import OnnxKVP, positions
 
 
@@ -32,11 +33,11 @@ def poly(coef: list[float], x: float) -> float:
 
 
 def graph_flops(art: OnnxArtifact, batch: int, n: int) -> dict[str, float]:
-    f = art.manifest["flops"]
-    base = batch * poly(f["base_prefill"]["coef"], n)
-    aux = batch * poly(f["aux_prefill"]["coef"], n)
-    kvp_prefill = batch * poly(f["kvp_prefill"]["coef"], n)
-    first = batch * poly(f["base_decode"]["first_step"], n - 1)
+    f = art.manifest.flops
+    base = batch * poly(f["base_prefill"].coef, n)
+    aux = batch * poly(f["aux_prefill"].coef, n)
+    kvp_prefill = batch * poly(f["kvp_prefill"].coef, n)
+    first = batch * poly(f["base_decode"].first_step, n - 1)
     return {"base": base, "aux": aux, "kvp": kvp_prefill + first, "kvp_prefill": kvp_prefill, "base_first_step": first}
 
 
@@ -80,7 +81,7 @@ def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int,
     state = run_kvp()  # also the cache for the decode step below
     step_feeds = {"input_ids": ids[:, -1:], "attention_mask": np.concatenate([state.mask, np.ones((batch, 1), np.int64)], 1),
                   "position_ids": state.next_pos[:, None]}
-    step_feeds |= dict(zip(rt.art.manifest["io"]["base_decode"]["inputs"][3:], state.past))
+    step_feeds |= dict(zip(rt.art.manifest.io["base_decode"].inputs[3:], state.past))
     step = rt.session("base_decode")
     paths = {
         "base": lambda: base.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos}),
@@ -127,15 +128,20 @@ SWEEP = (5, 16, 32, 64, 128, 256)  # the short prompts of the default mode's che
 SHORT, SHORT_REPEATS = 64, 9  # sweep lengths up to SHORT are timed over at least SHORT_REPEATS rounds
 
 
-def run_ttft(art: OnnxArtifact, variant: str, *, lengths=(128, 512, 1024), batches=(1, 4, 8), threads: int = 2,
-             warmup: int = 1, repeats: int = 5, sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
-    if repeats < 1 or warmup < 0:
-        raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
-    rt = OnnxKVP(art, variant, threads)
+def check_lengths(rt: OnnxKVP, lengths, what: str = "TTFT") -> None:
+    """Every prompt length to time fits the context and is long enough for KVP (one-line errors)."""
     for n in lengths:
         rt.check_context(n, 1)
         if n < rt.min_kvp_len:
-            raise KvpError(f"TTFT prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+            raise KvpError(f"{what} prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+
+
+def run_ttft(art: OnnxArtifact, variant: str, *, lengths=D["lengths"], batches=D["batches"], threads: int = D["threads"],
+             warmup: int = D["warmup"], repeats: int = D["repeats"], sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
+    if repeats < 1 or warmup < 0:
+        raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    rt = OnnxKVP(art, variant, threads)
+    check_lengths(rt, lengths)
     points = []
     grid = [(b, n) for n in lengths for b in batches]
     for b, n in tqdm(grid, desc=f"ttft {variant}", unit="point", disable=not progress):

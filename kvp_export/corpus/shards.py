@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import atomic_dir, sha256_file, write_json
-from ..data import _body_len, _bos_id
+from ..data import packing
 from ..errors import KvpError
 from .build import read_description, read_documents
 from .fetch import remove_partials
@@ -184,10 +184,7 @@ class Rows:
 
 def rows(tokenizer, shard: Shard, seq_len: int, max_tokens: int, *, add_bos: bool | None = None) -> Rows:
     """The rows `data.token_sequences` would pack from the split's documents, read from the shard."""
-    bos = _bos_id(tokenizer, add_bos)
-    body = _body_len(seq_len, bos)
-    if max_tokens < seq_len:
-        raise KvpError(f"max_tokens {max_tokens} is less than one sequence of {seq_len} tokens")
+    bos, body = packing(tokenizer, seq_len, max_tokens, add_bos)
     n = min((max_tokens // seq_len) * body, len(shard.stream)) // body
     if not n:
         raise KvpError(f"not enough text for one sequence of {seq_len} tokens: the corpus split gives "

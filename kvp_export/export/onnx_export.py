@@ -32,12 +32,12 @@ from .. import data
 from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifest
 from ..errors import KvpError
 from ..models.arch import ArchSpec
-from ..runtime.pipeline import KVPPipeline
-from ..stage import Clock, check_positive, model_ref, seed_all
+from ..stage import Clock, check_positive
 from .genai import write_genai_config
 from .graph_jobs import flops_job, run_graph_jobs, variant_graph, worker_count
 from .quantize import check_variants
 from .reference import build_reference, reference_inputs, save_reference
+from .source import load_source, source_inputs
 from .to_onnx import GRAPHS, OPSET, export_graph, kv_names
 
 EVAL_PAIRS = "eval_pairs.npz"
@@ -59,9 +59,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
     out = check_output_dir(out, overwrite)
     variants = check_variants(variants, block_size, accuracy_level, int8_method, int4_method)
     check_positive(eval_n=eval_n, prompt_len=prompt_len, cont_len=cont_len)
-    seed_all(seed)
-    with clock.step("load"):
-        pipe = KVPPipeline.from_predictor(predictor)
+    pipe = load_source(predictor, seed, clock)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     spec, aux_spec = ArchSpec.of(base), ArchSpec.of(aux)
     context = int(getattr(base.config, "max_position_embeddings", 0) or 0)
@@ -127,12 +125,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             "eval": {"file": EVAL_PAIRS, "n": eval_n, "prompt_len": prompt_len, "cont_len": cont_len,
                      "heldout": corpus.description},
         }
-        inputs = {
-            "predictor": {"path": str(Path(predictor).resolve()),
-                          "sha256": sha256_file(Path(predictor) / "predictor.safetensors")},
-            "aux": model_ref(pipe.aux_dir, pipe.aux_dir),
-            "base": pipe.manifest["inputs"]["base"],
-        }
+        inputs = source_inputs(pipe, predictor)
         recipe = {"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
                   "int8_method": int8_method, "int4_method": int4_method, "opset": OPSET, "seed": seed}
         write_manifest(tmp, "onnx", inputs=inputs, recipe=recipe, **manifest_fields)

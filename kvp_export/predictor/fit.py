@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
+from ..artifacts import atomic_dir, check_output_dir, read_contract, write_manifest
 from ..config import DataConfig, FitConfig, configure
 from ..distributed import session
 from ..log import get_logger
@@ -38,8 +38,8 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
     cfg, data = configure(options, (FitConfig, config), (DataConfig, data))
     input_mode, sink_len, sources = cfg.input, cfg.sink, cfg.sources
     check_paths(data.calib, "calibration")
-    aux_manifest = read_manifest(aux, "aux")
-    recorded_base = aux_manifest["inputs"]["base"]
+    aux_manifest = read_contract(aux, "aux")
+    recorded_base = aux_manifest.inputs["base"]
     base = base or ref_spec(recorded_base)
     seed_all(seed)
     with clock.step("load"):
@@ -55,9 +55,9 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
     with clock.step("ridge"), compute_device(cfg.device) as dev, session(dev) as world:
         base_model.to(dev)
         aux_model.to(dev)
-        predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest["layer_map"]["map"],
+        predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest.layer_map.map,
                                       input_mode=input_mode, sink_len=sink_len, progress=progress and world.main,
-                                      kept=aux_manifest.get("kept_layers") if sources == "two-sided" else None,
+                                      kept=aux_manifest.kept_layers if sources == "two-sided" else None,
                                       window=1 if sources == "window" else 0)
         predictor.to("cpu")
     if not world.main:  # under torchrun every process fits the same solution; one writes it
@@ -69,7 +69,7 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
             inputs={"aux": model_ref(aux, Path(aux)), "base": base_ref, "calibration": calib_desc},
             recipe={"method": "ridge", "input_mode": input_mode, "sources": sources, "sink_len": sink_len,
                     "seed": seed, **({"device": cfg.device} if cfg.device != "cpu" else {})},
-            layer_map=aux_manifest["layer_map"], input_mode=input_mode, sink_len=sink_len,
+            layer_map=aux_manifest.layer_map, input_mode=input_mode, sink_len=sink_len,
             fit_report=report, calib_tokens=int(seqs.numel()), **clock.record(),
         )
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kvp_validate.contract import min_kvp_len
 from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
@@ -165,7 +166,7 @@ class KVPPipeline:
                 mask = torch.ones_like(ids)
                 return self._timed_prefill(ids, mask, path == "kvp", None) * 1e3
 
-            found = find_crossover(time_ms, lengths_for(2 * self.sink_len + 2, limit))
+            found = find_crossover(time_ms, lengths_for(min_kvp_len(self.sink_len), limit))
             write_json(path, {"key": key, "crossover": found})
         self._crossover = (found["prompt_len"], found)
         return found["prompt_len"], (time.perf_counter() - t0) if measured else 0.0

@@ -31,8 +31,8 @@ from ...artifacts import atomic_dir, check_output_dir, sha256_dir, sha256_file, 
 from ...config import CoremlConfig, configure
 from ...errors import KvpError
 from ...models.arch import ArchSpec
-from ...runtime.pipeline import KVPPipeline
-from ...stage import Clock, check_paths, model_ref, seed_all
+from ...stage import Clock, check_paths
+from ..source import load_source, source_inputs
 from . import checks, compress, convert
 from .stateful import build
 
@@ -64,9 +64,7 @@ def export_coreml(predictor: str | Path, out: str | Path, config: CoremlConfig |
     targets, compressions = tuple(dict.fromkeys(cfg.targets)), tuple(dict.fromkeys(cfg.compress))
     context, block_size, group_size = cfg.context, cfg.block_size, cfg.group_size
     check_paths(heldout, "held-out")
-    seed_all(seed)
-    with clock.step("load"):
-        pipe = KVPPipeline.from_predictor(predictor)
+    pipe = load_source(predictor, seed, clock)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     limits = {name: getattr(m.config, "max_position_embeddings", 0) or 0 for name, m in (("base", base), ("aux", aux))}
     lengths = check_shapes(context, cfg.prompt_lengths, pipe.sink_len, limits)
@@ -123,12 +121,7 @@ def export_coreml(predictor: str | Path, out: str | Path, config: CoremlConfig |
             what = (f"no source for {w['unmatched'][0]}" if w["unmatched"] else
                     f"{w['worst']} differs by {w['max_rel']:.3g} (> {w['tolerance']})")
             raise KvpError(f"weights read back from {k} do not match the source: {what}")
-        write_manifest(tmp, "coreml", inputs={
-            "predictor": {"path": str(Path(predictor).resolve()),
-                          "sha256": sha256_file(Path(predictor) / "predictor.safetensors")},
-            "aux": model_ref(pipe.aux_dir, pipe.aux_dir),
-            "base": pipe.manifest["inputs"]["base"],
-        }, recipe={"context": context, "prompt_lengths": list(lengths), "targets": list(targets),
+        write_manifest(tmp, "coreml", inputs=source_inputs(pipe, predictor), recipe={"context": context, "prompt_lengths": list(lengths), "targets": list(targets),
                    "compressions": {c: compress.describe(c, block_size, group_size) for c in compressions},
                    "compute_precision": "float16", "batch": 1, "seed": seed},
             model={"model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": ArchSpec.of(aux).n_layers,
