@@ -330,6 +330,8 @@ def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sam
     path = "base" if mode == "base" or min(map(len, rows)) < rt.min_kvp_len else "kvp"
     if mode == "kvp" and path == "base":
         raise KvpError(f"a prompt is shorter than KVP's minimum of {rt.min_kvp_len} tokens (use --mode base)")
+    if path == "base":  # genai loads the variant's own base_decode (genai-kvp/ is checked by GenaiBase)
+        rt.art.verify_graph(variant, "base_decode")
     model = GenaiBase(folder, variant, kvp=path == "kvp", threads=threads)
     runs = [model.run(r, max_new_tokens) for r in rows]
     tokens = [t for t, _ in runs]

@@ -279,3 +279,14 @@ def test_macos_driver_reproduces_the_reference(exported, built, target):
     assert set(vc.ttft(rt, art.reference(), repeats=1)) == {"8", "16"}
     with pytest.raises(KvpError, match="longer than the longest exported prompt length 16"):
         rt.prefill(np.ones((1, 17), np.int32), rt.session())
+
+
+def test_export_is_byte_identical(exported, built, assets, tmp_path):
+    """The same conversion again writes the same bytes: a package's Manifest.json names its items
+    by path, not by the random UUIDs coremltools draws (the manifests' `files` agree; one target
+    and compression of `exported`, which converts each target on its own)."""
+    again = export_coreml(built["pred"], tmp_path / "again", context=64, prompt_lengths=(8, 16), targets=("ios18",),
+                          compress=("fp16",), heldout=[str(assets["corpus"])], progress=False)
+    a, b = (manifest(d)["files"] for d in (exported, again))
+    assert any(rel.endswith("Manifest.json") for rel in b) and set(b) <= set(a)
+    assert [rel for rel in b if a[rel] != b[rel]] == []

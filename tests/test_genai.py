@@ -314,10 +314,17 @@ def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, expo
     d = tmp_path / "export"
     shutil.copytree(exported, d, ignore=shutil.ignore_patterns("genai-kvp"))
     one_line_error(run(d), "no genai-kvp/ in")
+    shutil.copytree(genai_export / "int8" / "genai-kvp", d / "fp32" / "genai-kvp")  # another variant's
+    one_line_error(run(d), "was not built from this export's fp32 kvp_prefill (a stale genai-kvp/?")
+    shutil.rmtree(d / "fp32" / "genai-kvp")
     shutil.copytree(genai_export / "fp32" / "genai-kvp", d / "fp32" / "genai-kvp")
     (d / "fp32" / "genai-kvp" / "base_decode.onnx").unlink()
     shutil.copy(d / "fp32" / "aux_decode.onnx", d / "fp32" / "genai-kvp" / "base_decode.onnx")
-    one_line_error(run(d), "is not this export's base_decode.onnx (a stale genai-kvp/?")
+    one_line_error(run(d), "genai-kvp/base_decode.onnx is ")  # its size differs from genai-kvp/manifest.json's
+    shutil.copy(genai_export / "fp32" / "genai-kvp" / "base_decode.onnx", d / "fp32" / "genai-kvp" / "base_decode.onnx")
+    flip = d / "fp32" / "genai-kvp" / "kvp_prompt.onnx"
+    flip.write_bytes(flip.read_bytes()[:-1] + bytes([flip.read_bytes()[-1] ^ 0xFF]))
+    one_line_error(run(d), "genai-kvp/kvp_prompt.onnx does not match the SHA-256")
     one_line_error(run(genai_export, "--genai-lengths", "3"), "too short for KVP")
     one_line_error(run(genai_export, "--genai-lengths", "4096"), "longer than the exported context")
     bad = run(genai_export, "--genai-pairs", "-1")  # the options table's bound: click's usage error

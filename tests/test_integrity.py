@@ -158,12 +158,14 @@ class TestValidatorRefusesChangedGraphs:
         monkeypatch.delenv(integrity.ENV, raising=False)
         events: list[tuple[str, float, float]] = []
         clock = time.perf_counter
+        slow_disk = [0.0]  # each graph hash moves the clock load() reads by 1000 s: timed, it would show
+        monkeypatch.setattr(time, "perf_counter", lambda: clock() + slow_disk[0])
 
         def spy(kind, fn):
             def wrapped(*a, **k):
                 t0 = clock()
                 if kind == "hash" and str(getattr(a[0], "name", "")).endswith((".onnx", ".onnx.data")):
-                    time.sleep(1)  # a slow disk: were it timed, a load would take over a second
+                    slow_disk[0] += 1000
                 try:
                     return fn(*a, **k)
                 finally:
@@ -174,11 +176,59 @@ class TestValidatorRefusesChangedGraphs:
         monkeypatch.setattr(runtime.ort, "InferenceSession", spy("session", runtime.ort.InferenceSession))
         rt = OnnxKVP(fp32_export, "fp32", threads=1)
         load = rt.load("auto")
-        assert load["wall"] < 1 and all(s < 1 for s in load.values())
+        assert slow_disk[0] >= 2000 and load["wall"] < 1000 and all(s < 1000 for s in load.values())
         hashes = [e for e in events if e[0] == "hash"]
         sessions = [e for e in events if e[0] == "session"]
         assert len(hashes) >= 2 and len(sessions) == 2  # both graphs (and side files) hashed here
         assert max(end for _, _, end in hashes) <= min(t0 for _, t0, _ in sessions)  # load()'s timer starts later
+
+
+class TestGenaiKvpFolder:
+    """`kvp export genai-kvp` checks the graphs it reads and writes a folder that lists its own files;
+    its reader (kvp_validate.genai.kvp_folder, before genai loads anything) checks them all."""
+
+    def test_lists_every_file_and_is_checked_by_its_reader(self, fp32_export, tmp_path):
+        from kvp_validate.genai import kvp_folder
+
+        d = copy(fp32_export, tmp_path / "export")
+        r = kvp("export", "genai-kvp", d)
+        assert r.exit_code == 0, r.output
+        folder = d / "fp32" / "genai-kvp"
+        m = manifest(folder)
+        assert m["stage"] == "genai-kvp" and sorted(m["files"]) == sorted(
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+        assert m["inputs"]["base_decode"] == manifest(d)["variants"]["fp32"]["base_decode"]["sha256"]
+        assert kvp_folder(d, "fp32") == folder and not [p for p in (d / "fp32").iterdir() if ".partial-" in p.name]
+        flip_byte(folder / "kvp_prompt.onnx")
+        with pytest.raises(KvpError, match=r"genai-kvp/kvp_prompt\.onnx does not match the SHA-256"):
+            kvp_folder(d, "fp32")
+        (folder / "extra.onnx").write_bytes(b"x")
+        with pytest.raises(KvpError, match=r"genai-kvp/extra\.onnx is not listed"):
+            kvp_folder(d, "fp32")
+        (folder / "manifest.json").unlink()
+        with pytest.raises(KvpError, match="no manifest.json in .*rebuild it: kvp export genai-kvp"):
+            kvp_folder(d, "fp32")
+
+    def test_writer_refuses_a_changed_source_graph_and_leaves_the_old_folder(self, fp32_export, tmp_path):
+        d = copy(fp32_export, tmp_path / "export")
+        assert kvp("export", "genai-kvp", d).exit_code == 0
+        before = integrity.file_records(d / "fp32" / "genai-kvp")
+        flip_byte(d / "fp32" / "kvp_prefill.onnx")
+        user_error(kvp("export", "genai-kvp", d), r"fp32/kvp_prefill\.onnx does not match the SHA-256")
+        assert integrity.file_records(d / "fp32" / "genai-kvp") == before
+        assert [p.name for p in (d / "fp32").iterdir() if p.name.startswith(".genai-kvp.")] == []
+
+    def test_a_killed_writers_partial_folder_does_not_break_the_export(self, fp32_export, tmp_path):
+        """What a SIGKILL of `kvp export genai-kvp` leaves (`.genai-kvp.partial-PID-*`) is not a file
+        of the export: readers of the export pass it by; the next writer removes it."""
+        from kvp_validate.artifact import OnnxArtifact
+
+        d = copy(fp32_export, tmp_path / "export")
+        dead = d / "fp32" / ".genai-kvp.partial-999999999-x"
+        dead.mkdir()
+        (dead / "kvp_prompt.onnx").write_bytes(b"half")
+        OnnxArtifact.open(d)
+        assert kvp("export", "genai-kvp", d).exit_code == 0 and not dead.exists()
 
 
 # ---------------------------------------------------------------- determinism

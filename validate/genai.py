@@ -53,6 +53,35 @@ def genai_folder(export: str | Path, variant: str = "fp32") -> Path:
 KVP_FOLDER = "genai-kvp"  # kvp_export.export.genai_kvp.FOLDER: the decoder-pipeline with KVP's prompt stage
 
 
+def kvp_folder(export, variant: str = "fp32") -> Path:
+    """`<export>/<variant>/genai-kvp`, checked before genai reads any of it: its manifest was made
+    from this export's kvp_prefill and base_decode (else it is stale), and every file it holds has
+    the size and SHA-256 that manifest lists (integrity.verify). `export`: a folder or an OnnxArtifact."""
+    from .artifact import MANIFEST, OnnxArtifact, load_manifest
+    from .integrity import verify
+
+    art = export if isinstance(export, OnnxArtifact) else OnnxArtifact.open(export)
+    art.check_variant(variant)
+    base = genai_folder(art.folder, variant)
+    folder = base / KVP_FOLDER
+    rebuild = f"kvp export genai-kvp {art.folder} --variant {variant}"
+    if not (folder / GENAI_CONFIG).is_file():
+        raise KvpError(f"no {KVP_FOLDER}/ in {base} (build it: {rebuild})")
+    if not (folder / MANIFEST).is_file():
+        raise KvpError(f"no {MANIFEST} in {folder} (made before genai-kvp folders listed their files; rebuild it: {rebuild})")
+    manifest = load_manifest(folder, KVP_FOLDER)
+    graphs, inputs = art.manifest.variants[variant], manifest.get("inputs") or {}
+    for name in ("kvp_prefill", "base_decode"):
+        if inputs.get(name) != graphs[name].sha256:
+            raise KvpError(f"{folder} was not built from this export's {variant} {name} (a stale {KVP_FOLDER}/? "
+                           f"rebuild it: {rebuild})")
+    verify(folder, manifest)
+    for fname, sha in graphs["base_decode"].sha256.items():  # the token stage is the export's own graph
+        if manifest["files"].get(fname, {}).get("sha256") != sha:
+            raise KvpError(f"{folder / fname} is not this export's {fname} (a stale {KVP_FOLDER}/? rebuild it: {rebuild})")
+    return genai_folder(base, KVP_FOLDER)
+
+
 class GenaiBase:
     """One genai model folder, loaded once: `<export>/<variant>` (the base decoder) or, with
     kvp=True, `<export>/<variant>/genai-kvp` (KVP's prompt stage, then the base decoder)."""
@@ -63,12 +92,7 @@ class GenaiBase:
 
         self.og = import_genai()
         self.kvp = kvp
-        base = genai_folder(export, variant)
-        if kvp:
-            if not (base / KVP_FOLDER / GENAI_CONFIG).is_file():
-                raise KvpError(f"no {KVP_FOLDER}/ in {base} (build it: kvp export genai-kvp {export} --variant {variant})")
-            base = genai_folder(base, KVP_FOLDER)
-        self.folder = base
+        self.folder = kvp_folder(export, variant) if kvp else genai_folder(export, variant)
         t0 = time.perf_counter()
         try:
             config = self.og.Config(str(self.folder))

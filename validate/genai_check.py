@@ -23,23 +23,22 @@ Threads: genai's decoder-level `session_options.intra_op_num_threads`, which pip
 without their own options use (onnxruntime-genai, src/models/model.cpp, Model::GetSessionOptions).
 
 onnxruntime-genai is an optional extra: without it, asking for this check is a one-line error
-before anything runs, as is a variant without `genai-kvp/` or one whose `genai-kvp/` holds a
-base_decode that is not the export's.
+before anything runs, as is a variant without `genai-kvp/`, one built from other graphs than the
+export's, or one with a file that differs from its manifest (genai.kvp_folder).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .artifact import OnnxArtifact, sha256_file
+from .artifact import OnnxArtifact
 from .errors import KvpError
 from .gates import flatten
-from .genai import GENAI_CONFIG, KVP_FOLDER, GenaiBase, genai_folder, import_genai
+from .genai import KVP_FOLDER, GenaiBase, import_genai, kvp_folder
 from .metrics import DELTA_NLL, NLL, metric_key, point
 from .options import DEFAULTS as D
 from .quality import log_softmax
@@ -52,25 +51,10 @@ PATHS = ("kvp", "base")
 
 def check_ready(art: OnnxArtifact, variants: list[str]) -> None:
     """Fail before any measurement: genai installed, each variant a genai folder with a genai-kvp/
-    pipeline whose token stage is this export's base_decode."""
+    pipeline built from this export's graphs, every file as its manifest lists it (genai.kvp_folder)."""
     import_genai()
     for v in variants:
-        folder = genai_folder(art.folder, v)
-        kvp = folder / KVP_FOLDER
-        if not (kvp / GENAI_CONFIG).is_file():
-            raise KvpError(f"no {KVP_FOLDER}/ in {folder} (build it: kvp export genai-kvp {art.folder} --variant {v})")
-        genai_folder(folder, KVP_FOLDER)
-        for name, sha in art.manifest.variants[v]["base_decode"].sha256.items():  # the graph (+ its .data)
-            ours, theirs = art.folder / v / name, kvp / name
-            if not theirs.is_file():
-                same = False
-            elif ours.is_file() and os.path.samefile(ours, theirs):  # the hard link the export writes
-                same = True
-            else:
-                same = sha256_file(theirs) == sha
-            if not same:
-                raise KvpError(f"{theirs} is not this export's {name} (a stale {KVP_FOLDER}/? rebuild it: "
-                               f"kvp export genai-kvp {art.folder} --variant {v})")
+        kvp_folder(art, v)
 
 
 def _generator(g: GenaiBase, max_length: int):

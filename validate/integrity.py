@@ -29,7 +29,9 @@ from .errors import KvpError
 
 MANIFEST = "manifest.json"
 ENV = "KVP_VERIFIED_SHA256"  # digests a parent process has computed, for its children
-# Folders a later command adds inside an export (kvp export genai-kvp); no kvp consumer reads them.
+# Folders a later command adds inside an export (kvp export genai-kvp), with their own manifest,
+# checked by their readers (kvp_validate.genai.kvp_folder); also their writer's temporary siblings
+# (`.genai-kvp.partial-PID-*`, removed by its next run), which nothing reads.
 UNLISTED_OK = ("genai-kvp",)
 
 _cache: dict[tuple, str] = {}
@@ -141,6 +143,10 @@ def listed(folder: str | Path, manifest: dict) -> dict[str, dict]:
     return files
 
 
+def _own_folder(part: str) -> bool:
+    return part in UNLISTED_OK or any(part.startswith(f".{name}.") for name in UNLISTED_OK)
+
+
 def verify(folder: str | Path, manifest: dict, only: Iterable[str] | None = None, *,
            hash_files: bool = True, unlisted: bool = True) -> None:
     """Check the folder's files against its manifest (see the module docstring); `only` limits the
@@ -164,7 +170,7 @@ def verify(folder: str | Path, manifest: dict, only: Iterable[str] | None = None
     if unlisted and only is None:
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder).as_posix()
-            if p.name == MANIFEST or rel in files or any(part in UNLISTED_OK for part in p.relative_to(folder).parts):
+            if p.name == MANIFEST or rel in files or any(_own_folder(part) for part in p.relative_to(folder).parts):
                 continue
             if p.is_symlink() or p.is_file():
                 raise KvpError(f"file {p} is not listed in {folder / MANIFEST} (added after the stage wrote it)")

@@ -13,7 +13,12 @@ stage output named `present.N.key/value` into its own cache. So:
 
 `write_genai_kvp(export, variant)` writes `<export>/<variant>/genai-kvp/`: genai_config.json,
 kvp_prompt.onnx, and hard links (copies across file systems) to base_decode.onnx and the
-tokenizer files, since genai only opens files inside the config's folder.
+tokenizer files, since genai only opens files inside the config's folder. It reads the export's
+graphs only after checking their SHA-256 against the export's manifest, writes the folder
+atomically (replacing an older one only when the new one is complete), and gives it its own
+manifest.json (stage "genai-kvp"): every file's size and SHA-256, and the export's kvp_prefill and
+base_decode hashes it was built from, so that a reader (kvp_validate.genai.kvp_folder) refuses a
+changed file or a folder left from another export in one line.
 
 Limits (genai 0.18): batch 1 per generator (genai feeds pad tokens unmasked); prompts of at
 least 2 x sink + 2 tokens (shorter ones: use the variant folder itself, the base model); one
@@ -32,6 +37,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, compose, helper
 
+from kvp_validate.artifact import OnnxArtifact
+
+from ..artifacts import atomic_dir, write_manifest
 from ..errors import KvpError
 from .genai import GENAI_CONFIG, GENAI_TOKENIZER
 
@@ -116,31 +124,30 @@ def _link(src: Path, dst: Path) -> None:
 
 def write_genai_kvp(export: str | Path, variant: str = "fp32") -> Path:
     """`<export>/<variant>/genai-kvp/`: KVP through onnxruntime-genai (see the module docstring)."""
-    export = Path(export)
-    variant_dir = export / variant
-    try:
-        manifest = json.loads((export / "manifest.json").read_text())
-        base_cfg = json.loads((variant_dir / GENAI_CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise KvpError(f"not an ONNX export with onnxruntime-genai files: {e}") from None
-    if variant not in manifest.get("variants", {}):
-        raise KvpError(f"variant '{variant}' not in {export}")
-    model = manifest["model"]
-    n_layers, sink, vocab = model["base_layers"], model["sink_len"], model["vocab"]
+    art = OnnxArtifact.open(export)  # every file's size; the small files' SHA-256
+    art.check_variant(variant)
+    variant_dir = art.folder / variant
+    if not (variant_dir / GENAI_CONFIG).is_file():
+        raise KvpError(f"no {GENAI_CONFIG} in {variant_dir} (an export made before genai support? re-export it)")
+    for name in ("kvp_prefill", "base_decode"):  # the graphs read below, hashed before they are parsed
+        art.verify_graph(variant, name)
+    base_cfg = json.loads((variant_dir / GENAI_CONFIG).read_text())
+    n_layers, sink, vocab = art.model["base_layers"], art.model["sink_len"], art.model["vocab"]
     out = variant_dir / FOLDER
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir()
-    m = prompt_graph(variant_dir, n_layers, sink, vocab)
-    if m.ByteSize() > MAX_PROTO:
-        onnx.save(m, str(out / PROMPT_GRAPH), save_as_external_data=True, location=PROMPT_GRAPH + ".data")
-    else:
-        onnx.save(m, str(out / PROMPT_GRAPH))
-    for name in SHARED:
-        if (variant_dir / name).is_file():
-            _link(variant_dir / name, out / name)
-    if (variant_dir / GENAI_TOKENIZER).is_dir():
-        shutil.copytree(variant_dir / GENAI_TOKENIZER, out / GENAI_TOKENIZER)
-    cfg = pipeline_config(base_cfg, n_layers)
-    (out / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_dir(out, overwrite=True) as tmp:
+        m = prompt_graph(variant_dir, n_layers, sink, vocab)
+        if m.ByteSize() > MAX_PROTO:
+            onnx.save(m, str(tmp / PROMPT_GRAPH), save_as_external_data=True, location=PROMPT_GRAPH + ".data")
+        else:
+            onnx.save(m, str(tmp / PROMPT_GRAPH))
+        for name in SHARED:
+            if (variant_dir / name).is_file():
+                _link(variant_dir / name, tmp / name)
+        if (variant_dir / GENAI_TOKENIZER).is_dir():
+            shutil.copytree(variant_dir / GENAI_TOKENIZER, tmp / GENAI_TOKENIZER)
+        cfg = pipeline_config(base_cfg, n_layers)
+        (tmp / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        graphs = art.manifest.variants[variant]
+        write_manifest(tmp, FOLDER, inputs={"export": str(art.folder.resolve()), "variant": variant,
+                                            **{name: graphs[name].sha256 for name in ("kvp_prefill", "base_decode")}})
     return out

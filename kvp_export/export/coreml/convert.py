@@ -15,7 +15,9 @@ Targets:
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +89,7 @@ def save_target(models: dict, target: str, folder: Path) -> dict[str, Path]:
         paths = {}
         for role, name in PACKAGE[target].items():
             models[role].save(str(folder / name))
-            paths[role] = folder / name
+            paths[role] = stable_ids(folder / name)
         return paths
     parts = folder / ".functions"
     parts.mkdir()
@@ -101,7 +103,21 @@ def save_target(models: dict, target: str, folder: Path) -> dict[str, Path]:
         ct.utils.save_multifunction(desc, str(out))
     finally:
         shutil.rmtree(parts, ignore_errors=True)
-    return {"kvp": out}
+    return {"kvp": stable_ids(out)}
+
+
+def stable_ids(package: Path) -> Path:
+    """Name the package's items by their paths, not by the random UUIDs coremltools draws at every
+    save: the same export then writes the same Manifest.json (byte-identical packages; Core ML
+    looks items up by these ids only within the package)."""
+    path = package / "Manifest.json"
+    manifest = json.loads(path.read_text())
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "kvp-export:" + item["path"]))
+           for old, item in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {ids[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
+    path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    return package
 
 
 def shapes_for(base, context: int, prompt_lengths: tuple[int, ...]) -> Shapes:
