@@ -196,6 +196,13 @@ class ValidationManifest(Manifest):
     stage: Literal["validation"]
 
 
+class GenaiKvpManifest(Manifest):
+    """`<export>/<variant>/genai-kvp/`: KVP as an onnxruntime-genai pipeline (export/genai_kvp.py);
+    `inputs` names the export and the SHA-256 of the two graphs it was built from."""
+
+    stage: Literal["genai-kvp"]
+
+
 class GateResult(_Open):
     gate: str  # as given: KEY OP VALUE
     key: str  # the metric it matched (a gate with `*` gives one result per key)
@@ -234,7 +241,8 @@ def min_kvp_len(sink_len: int) -> int:
 
 
 MANIFESTS: dict[str, type[Manifest]] = {m.model_fields["stage"].annotation.__args__[0]: m for m in (
-    ModelManifest, AuxManifest, PredictorManifest, OnnxManifest, CoremlManifest, EvalManifest, ValidationManifest)}
+    ModelManifest, AuxManifest, PredictorManifest, OnnxManifest, CoremlManifest, EvalManifest, ValidationManifest,
+    GenaiKvpManifest)}
 
 
 def now() -> str:
