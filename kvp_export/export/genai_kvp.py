@@ -32,6 +32,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, compose, helper
 
+from kvp_validate.contract import MANIFEST
+
 from ..errors import KvpError
 from .genai import GENAI_CONFIG, GENAI_TOKENIZER
 
@@ -119,7 +121,7 @@ def write_genai_kvp(export: str | Path, variant: str = "fp32") -> Path:
     export = Path(export)
     variant_dir = export / variant
     try:
-        manifest = json.loads((export / "manifest.json").read_text())
+        manifest = json.loads((export / MANIFEST).read_text())
         base_cfg = json.loads((variant_dir / GENAI_CONFIG).read_text())
     except (OSError, ValueError) as e:
         raise KvpError(f"not an ONNX export with onnxruntime-genai files: {e}") from None
