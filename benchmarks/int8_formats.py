@@ -17,6 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
+from kvp_validate.contract import MANIFEST
+
 # name -> (method, options) for kvp_export.export.quantize
 CANDIDATES = {
     "int8_u8s8": ("dynamic", {"reduce_range": False}),       # onnxruntime's default dynamic int8
@@ -36,7 +38,7 @@ def build(export: Path, scratch: Path) -> None:
     if scratch.exists():
         shutil.rmtree(scratch)
     shutil.copytree(export, scratch, ignore=shutil.ignore_patterns("int8", "int4"))
-    manifest = json.loads((scratch / "manifest.json").read_text())
+    manifest = json.loads((scratch / MANIFEST).read_text())
     for name, (method, opts) in CANDIDATES.items():
         (scratch / name).mkdir()
         for g in GRAPHS:
@@ -49,7 +51,7 @@ def build(export: Path, scratch: Path) -> None:
         manifest["variants"][name] = {g: graph_files(scratch, name, g) for g in GRAPHS}
         print("built", name, flush=True)
     manifest["variants"] = {k: v for k, v in manifest["variants"].items() if k not in ("int8", "int4")}
-    (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def measure(scratch: Path, out: Path, ttft: bool, pairs: int, reference_only: bool, variants: list[str]) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kvp_validate.contract import MANIFEST
+
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
     o = ort.SessionOptions()
@@ -49,7 +51,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="128,512")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    manifest = json.loads((args.export_dir / "manifest.json").read_text())
+    manifest = json.loads((args.export_dir / MANIFEST).read_text())
     base_dir = Path(manifest["inputs"]["base"]["path"])
     out = args.out or args.export_dir.parent / "optimum"
     if not (out / "model.onnx").is_file():

@@ -9,14 +9,16 @@ import json
 import sys
 from pathlib import Path
 
+from kvp_validate.contract import MANIFEST, REPORT_JSON
+
 
 def main(folders: list[str]) -> None:
     print("| variant | form | MiB | convert s | compress s | save s | total s | weights max / median rel. err | "
           "Linux checks |")
     print("|---|---|---|---|---|---|---|---|---|")
     for folder in map(Path, folders):
-        m = json.loads((folder / "manifest.json").read_text())
-        report = Path(f"{folder}-report") / "report.json"
+        m = json.loads((folder / MANIFEST).read_text())
+        report = Path(f"{folder}-report") / REPORT_JSON
         checks = json.loads(report.read_text())["linux_checks"] if report.is_file() else {}
         for key, v in m["variants"].items():
             form = "stateful, multifunction" if v["multifunction"] else "stateless pair"
@@ -25,7 +27,7 @@ def main(folders: list[str]) -> None:
             print(f"| {key} | {form} | {v['bytes'] / 2**20:.1f} | {s['convert']:.0f} | {s['compress']:.0f} | "
                   f"{s['save']:.0f} | {s['total']:.0f} | {w['max_rel']:.3g} / {w['median_rel']:.3g} | {ok} |")
     for folder in map(Path, folders):
-        m = json.loads((folder / "manifest.json").read_text())
+        m = json.loads((folder / MANIFEST).read_text())
         for target, r in m["checks"]["numeric"].items():
             print(f"\n{target} modules before conversion vs the PyTorch KVP path ({r['prompt_tokens']}-token prompt "
                   f"padded to {r['padded_to']}, prefill + {r['decode_steps']} decode steps): max |logits diff| / "

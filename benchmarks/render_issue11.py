@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from kvp_validate.contract import MANIFEST, REPORT_JSON
+
 HE_PATHS = {"base": "base", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
             "kvp_ridge": "KVP closed form (healed aux + ridge)", "kvp_trained": "KVP trained"}
 
@@ -38,9 +40,9 @@ def train_curve(log: Path, metric: str, window: int = 100) -> list[dict]:
 
 def summarise(work: Path, machine: str, date: str) -> dict:
     he = read(work / "humaneval" / "summary.json")
-    man = {k: read(work / k / "manifest.json") for k in ("aux", "ridge", "kvp", "baseline")}
-    evals = {k: read(work / f"eval-{k}" / "report.json")["results"] for k in ("ridge", "kvp", "baseline")}
-    emin = {k: round(read(work / f"eval-{k}" / "manifest.json")["wall_seconds"] / 60, 2) for k in evals}
+    man = {k: read(work / k / MANIFEST) for k in ("aux", "ridge", "kvp", "baseline")}
+    evals = {k: read(work / f"eval-{k}" / REPORT_JSON)["results"] for k in ("ridge", "kvp", "baseline")}
+    emin = {k: round(read(work / f"eval-{k}" / MANIFEST)["wall_seconds"] / 60, 2) for k in evals}
     quality = {
         "base": evals["ridge"]["paths"]["base"],
         "no_prompt": evals["ridge"]["paths"]["no_prompt"],

@@ -9,14 +9,15 @@ import json
 import sys
 from pathlib import Path
 
+from kvp_validate.contract import MANIFEST, REPORT_JSON
 from kvp_validate.report import md_table
 from kvp_validate.ttft import poly
 
 
 def main(root: Path) -> None:
-    reports = {d.name: json.loads((d / "validate" / "report.json").read_text()) for d in sorted(root.glob("keep-*"))
-               if (d / "validate" / "report.json").is_file()}
-    manifests = {k: json.loads((root / k / "onnx" / "manifest.json").read_text()) for k in reports}
+    reports = {d.name: json.loads((d / "validate" / REPORT_JSON).read_text()) for d in sorted(root.glob("keep-*"))
+               if (d / "validate" / REPORT_JSON).is_file()}
+    manifests = {k: json.loads((root / k / "onnx" / MANIFEST).read_text()) for k in reports}
     first = next(iter(reports.values()))
     print(f"Machine: {first['machine']['cpu']}, {first['machine']['cores']} cores; onnxruntime "
           f"{first['machine']['onnxruntime']}; {first['created'][:10]}.\n")
@@ -45,7 +46,7 @@ def main(root: Path) -> None:
     print("Parity with the PyTorch reference (worst-row logits relative error; greedy-8 agreement):\n")
     rows = []
     for k, r in reports.items():
-        rerun = root / k / "parity" / "report.json"  # a parity-only re-run, when there is one
+        rerun = root / k / "parity" / REPORT_JSON  # a parity-only re-run, when there is one
         if rerun.is_file():
             r = json.loads(rerun.read_text())
         for v, p in r["results"]["parity"].items():

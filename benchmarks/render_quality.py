@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from kvp_validate.contract import REPORT_JSON
 from kvp_validate.report import md_table
 
 LABELS = {"base": "base", "aux": "aux alone", "kvp": "KVP", "no_prompt": "no prompt (sink only)",
@@ -19,7 +20,7 @@ LABELS = {"base": "base", "aux": "aux alone", "kvp": "KVP", "no_prompt": "no pro
 def main(folders: list[str]) -> None:
     quality, stages = [], []
     for folder in folders:
-        rep = json.loads((Path(folder) / "report.json").read_text())
+        rep = json.loads((Path(folder) / REPORT_JSON).read_text())
         res = rep["results"]
         g = res["data"]["greedy_tokens"]
         name = f"{res['aux_layers']}/{res['base_layers']} layers"

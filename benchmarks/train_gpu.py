@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvp_validate.contract import MANIFEST, REPORT_JSON
+
 INCOMPLETE = 3
 
 
@@ -57,11 +59,11 @@ def repeat(flag: str, values: list[str]) -> list[str]:
 
 
 def manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder / MANIFEST).read_text())
 
 
 def paths(report: Path) -> dict:
-    return json.loads((report / "report.json").read_text())["results"]["paths"]
+    return json.loads((report / REPORT_JSON).read_text())["results"]["paths"]
 
 
 def summary(a, out: Path) -> dict:

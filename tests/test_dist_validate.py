@@ -97,4 +97,4 @@ def test_the_wheel_holds_the_validator_only(tmp_path):
     requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
     assert sorted(r.split()[1].split("=")[0].split("<")[0].split(">")[0] for r in requires) == [
-        "click", "numpy", "onnxruntime", "tokenizers", "tqdm"]
+        "click", "numpy", "onnxruntime", "pydantic", "tokenizers", "tqdm"]

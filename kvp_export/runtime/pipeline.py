@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvp_validate.contract import min_kvp_len
+from kvp_validate.contract import MANIFEST, min_kvp_len
 from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
@@ -97,7 +97,7 @@ class KVPPipeline:
         manifest = read_manifest(folder, "predictor")
         predictor = KVPredictor.load(folder).to(device)
         aux = aux or manifest["inputs"]["aux"]["path"]
-        if (Path(aux) / "manifest.json").is_file():  # a derive or train folder: its files checked too
+        if (Path(aux) / MANIFEST).is_file():  # a derive or train folder: its files checked too
             read_manifest(aux)
         base_model, tok = load(base or ref_spec(manifest["inputs"]["base"]), dtype=dtype)
         aux_model, aux_tok = load(aux, dtype=dtype)
