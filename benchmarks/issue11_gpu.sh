@@ -4,29 +4,38 @@
 #
 #   benchmarks/issue11_gpu.sh WORK KEEP TOKENS [CALIB_TOKENS]
 #
-# 1. the model is converted (`kvp models pull`, from the cached GGUF); HumanEval of the base (all
-#    164, greedy, sandboxed) starts, beside the corpus's tokenisation for it (`kvp data build`) and
-# 2. derive (bridge healing) and fit (ridge), both with --device cuda (on failure: again on the
+# 1. the model is converted (`kvp models pull`, from the cached GGUF), beside the corpus's
+#    tokenisation for it (`kvp data build`; with TOKENIZER, a folder holding the same tokenizer,
+#    both run at once); then HumanEval of the base (all 164, greedy, sandboxed) starts;
+# 2. derive (bridge healing), then fit (ridge), both with --device cuda (on failure: again on the
 #    CPU with at most 100k calibration tokens, and the log says so);
 # 3. then, all on the same GPU and at the same time:
-#    - KVP training (aux + predictor through the frozen base) and the OE-LP baseline (the aux
-#      alone, plain CE), TOKENS each, held-out loss every EVAL_EVERY steps on the corpus's
-#      held-out projects, the best step's weights kept, PATIENCE evaluations without a new best
-#      stop a run; if DEADLINE (epoch seconds) is set, each run ends there at the latest
-#      (--finish-after) and still writes its output;
+#    - the OE-LP baseline (the aux alone, plain CE) as soon as derive is done, KVP training (aux +
+#      predictor through the frozen base) as soon as fit is done: TOKENS each, sequences of SEQ
+#      tokens, held-out loss every EVAL_EVERY steps on the corpus's held-out projects, the best
+#      step's weights kept, PATIENCE evaluations without a new best stop a run; with DEADLINE
+#      (epoch seconds) each run ends RESERVE minutes before it at the latest (--finish-after)
+#      and still writes its output;
 #    - HumanEval and the held-out NLL / agreement eval (`kvp eval --device cuda`) of the closed
-#      form; then those of each trained path as soon as its training ends.
+#      form (and, with HE_AUX, HumanEval of the healed aux alone); then those of each trained
+#      path as soon as its training ends;
+#    - with ONNX_HE=N, on the CPU (niced, one export at a time): the closed form, then the
+#      trained KVP exported to ONNX (fp32 + int8) and validated through onnxruntime (int8:
+#      parity, and HumanEval on the first N problems; VAL_THREADS threads).
 # Every stage skips an output that exists, so the script resumes. Logs: WORK/logs/<stage>.log,
-# one line per stage on stderr. Env: KVP_PY (python), HE_FLAGS (extra humaneval_gpu.py flags,
-# e.g. --allow-unsafe-execution where no bubblewrap sandbox exists), BATCH (32), LR (1e-4),
-# EVAL_EVERY (200), EVAL_TOKENS (65536), PATIENCE (4), DEADLINE.
+# one line per stage on stderr. HumanEval runs in the OS sandbox where the machine gives one,
+# else with --allow-unsafe-execution (the log says which). Env: KVP_PY (python), M (model,
+# qwen2.5-coder-0.5b), HE_FLAGS (extra humaneval_gpu.py flags, e.g. --limit 2), BATCH (32),
+# SEQ (256), LR (1e-4), KL (KVP's --kl weight; none by default), EVAL_EVERY (200), EVAL_TOKENS
+# (65536), PATIENCE (4), DEADLINE, RESERVE (0), TOKENIZER, HE_AUX, ONNX_HE, VAL_THREADS (12),
+# DEVICE (cuda; cpu for a smoke test).
 set -u
 W=$1 KEEP=$2 TOKENS=$3 CALIB=${4:-200000}
 PY=${KVP_PY:-python3}
-M=qwen2.5-coder-0.5b
+M=${M:-qwen2.5-coder-0.5b}
 HERE=$(cd "$(dirname "$0")" && pwd)
-BATCH=${BATCH:-32} LR=${LR:-1e-4} EVAL_EVERY=${EVAL_EVERY:-200} EVAL_TOKENS=${EVAL_TOKENS:-65536}
-PATIENCE=${PATIENCE:-4}
+BATCH=${BATCH:-32} SEQ=${SEQ:-256} LR=${LR:-1e-4} EVAL_EVERY=${EVAL_EVERY:-200} EVAL_TOKENS=${EVAL_TOKENS:-65536}
+PATIENCE=${PATIENCE:-4} RESERVE=${RESERVE:-0} VAL_THREADS=${VAL_THREADS:-12} DEVICE=${DEVICE:-cuda}
 mkdir -p "$W/logs"
 
 kvp() { "$PY" -m kvp_export.cli "$@"; }
@@ -42,53 +51,76 @@ stage() {  # stage NAME OUTPUT COMMAND...: run unless OUTPUT exists; the command
   return $rc
 }
 he() {  # he NAME=KIND[:FOLDER]...: HumanEval of these paths into WORK/humaneval
-  "$PY" "$HERE/humaneval_gpu.py" --base $M --out "$W/humaneval" --batch 32 ${HE_FLAGS:-} \
+  "$PY" "$HERE/humaneval_gpu.py" --base "$M" --out "$W/humaneval" --batch 32 ${HE_FLAGS:-} $UNSAFE \
     $(for r in "$@"; do printf -- '--run %s ' "$r"; done)
 }
-finish() {  # the --finish-after minutes left until DEADLINE (nothing without one)
-  [ -n "${DEADLINE:-}" ] && echo "--finish-after $(( (DEADLINE - $(date +%s)) / 6 ))e-1"
+finish() {  # the --finish-after minutes left until RESERVE minutes before DEADLINE (nothing without one)
+  [ -n "${DEADLINE:-}" ] && echo "--finish-after $(( (DEADLINE - RESERVE * 60 - $(date +%s)) / 6 ))e-1"
 }
-EV=(--heldout pypi-code --n 64 --prompt-len 192 --cont-len 64 --greedy-tokens 32 --device cuda)
+onnx() {  # onnx NAME PREDICTOR: export (fp32 + int8), then validate int8 (parity, HumanEval first ONNX_HE)
+  local name=$1 pred=$2
+  (
+    flock 9  # one export or validation at a time: they share the CPU with the GPU stages' feeders
+    stage "export-$name" "$W/onnx-$name" nice -n 5 "$PY" -m kvp_export.cli export onnx --predictor "$pred" \
+      --variant int8 --heldout pypi-code -o "$W/onnx-$name" || exit 1
+    stage "validate-$name" "$W/validate-$name" nice -n 5 "$PY" -m kvp_export.cli validate "$W/onnx-$name" \
+      --variant int8 --check parity --check humaneval --humaneval-limit "$ONNX_HE" --threads "$VAL_THREADS" \
+      $UNSAFE -o "$W/validate-$name"
+    find "$W/onnx-$name" -name '*.onnx*' -delete  # tens of GB of graphs; the manifest stays
+  ) 9>"$W/logs/onnx.lock"
+}
+EV=(--heldout pypi-code --n 64 --prompt-len 192 --cont-len 64 --greedy-tokens 32 --device "$DEVICE")
 
-log "work $W, keep $KEEP, tokens $TOKENS, calibration $CALIB, batch $BATCH, lr $LR"
-log "model: $(kvp models pull $M 2>"$W/logs/pull.log")"
-if [ -z "${HE_FLAGS+x}" ]; then  # the OS sandbox if this machine gives one, else the documented opt-in
-  why=$("$PY" -c "from kvp_validate.sandbox import os_sandbox_error as e; print(e() or '')")
-  HE_FLAGS=${why:+--allow-unsafe-execution}
-  log "HumanEval sandbox: ${why:-bubblewrap layers available}${why:+; running with --allow-unsafe-execution}"
+log "work $W, model $M, keep $KEEP, tokens $TOKENS, calibration $CALIB, batch $BATCH x $SEQ, lr $LR, kl ${KL:-none}"
+EARLY=
+if [ -n "${TOKENIZER:-}" ]; then  # the same tokenizer (same SHA-256) as the model's, so these are its shards
+  stage data-early "$W/logs/data-early.done" sh -c "\"$PY\" -m kvp_export.cli data build --tokenizer \"$TOKENIZER\" \
+      && touch \"$W/logs/data-early.done\"" &
+  EARLY=$!
 fi
+log "model: $(kvp models pull "$M" 2>"$W/logs/pull.log")"
+# the OS sandbox if this machine gives one, else the documented opt-in
+why=$("$PY" -c "from kvp_validate.sandbox import os_sandbox_error as e; print(e() or '')")
+UNSAFE=${why:+--allow-unsafe-execution}
+log "HumanEval sandbox: ${why:-bubblewrap layers available}${why:+; running with --allow-unsafe-execution}"
 stage he-base "$W/humaneval/base.json" he base=base &
-BASE_HE=$!
+[ -n "$EARLY" ] && wait "$EARLY"
 stage data-build "$W/logs/data-build.done" sh -c "\"$PY\" -m kvp_export.cli data build --tokenizer $M \
     && touch \"$W/logs/data-build.done\"" || exit 1
-stage derive "$W/aux" kvp derive --base $M -k "$KEEP" --heal bridge --calib pypi-code --calib-tokens "$CALIB" \
-    --device cuda -o "$W/aux" \
-  || stage derive-cpu "$W/aux" kvp derive --base $M -k "$KEEP" --heal bridge --calib pypi-code \
+stage derive "$W/aux" kvp derive --base "$M" -k "$KEEP" --heal bridge --calib pypi-code --calib-tokens "$CALIB" \
+    --device "$DEVICE" -o "$W/aux" \
+  || stage derive-cpu "$W/aux" kvp derive --base "$M" -k "$KEEP" --heal bridge --calib pypi-code \
     --calib-tokens $((CALIB < 100000 ? CALIB : 100000)) -o "$W/aux" || exit 1
-stage fit "$W/ridge" kvp fit --aux "$W/aux" --calib pypi-code --calib-tokens "$CALIB" --device cuda -o "$W/ridge" \
-  || stage fit-cpu "$W/ridge" kvp fit --aux "$W/aux" --calib pypi-code \
-    --calib-tokens $((CALIB < 100000 ? CALIB : 100000)) -o "$W/ridge" || exit 1
 
-TRAIN=(--predictor "$W/ridge" --data pypi-code --tokens "$TOKENS" --batch "$BATCH" --seq-len 256 --lr "$LR"
-       --device cuda --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" --patience "$PATIENCE"
-       --checkpoint-every 1000000)
+TRAIN=(--data pypi-code --tokens "$TOKENS" --batch "$BATCH" --seq-len "$SEQ" --lr "$LR" --device "$DEVICE"
+       --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" --patience "$PATIENCE" --checkpoint-every 1000000)
 (
-  stage train-kvp "$W/kvp" kvp train "${TRAIN[@]}" $(finish) -o "$W/kvp" || exit 1
-  stage he-kvp "$W/humaneval/kvp_trained.json" he "kvp_trained=kvp:$W/kvp"
-  stage eval-kvp "$W/eval-kvp" kvp eval --predictor "$W/kvp" "${EV[@]}" -o "$W/eval-kvp"
-) &
-(
-  stage train-baseline "$W/baseline" kvp train --baseline "${TRAIN[@]}" $(finish) -o "$W/baseline" || exit 1
+  stage train-baseline "$W/baseline" kvp train --baseline --aux "$W/aux" "${TRAIN[@]}" $(finish) -o "$W/baseline" \
+    || exit 1
   stage he-baseline "$W/humaneval/aux_baseline.json" he "aux_baseline=aux:$W/baseline"
+  for _ in $(seq 240); do [ -e "$W/ridge" ] && break; sleep 5; done  # its eval reads the ridge predictor
   stage eval-baseline "$W/eval-baseline" kvp eval --predictor "$W/ridge" --aux "$W/baseline" "${EV[@]}" \
     -o "$W/eval-baseline"
 ) &
+stage fit "$W/ridge" kvp fit --aux "$W/aux" --calib pypi-code --calib-tokens "$CALIB" --device "$DEVICE" -o "$W/ridge" \
+  || stage fit-cpu "$W/ridge" kvp fit --aux "$W/aux" --calib pypi-code \
+    --calib-tokens $((CALIB < 100000 ? CALIB : 100000)) -o "$W/ridge" || exit 1
+(
+  stage train-kvp "$W/kvp" kvp train --predictor "$W/ridge" "${TRAIN[@]}" ${KL:+--kl "$KL"} $(finish) -o "$W/kvp" \
+    || exit 1
+  [ -n "${ONNX_HE:-}" ] && onnx kvp "$W/kvp" &
+  stage he-kvp "$W/humaneval/kvp_trained.json" he "kvp_trained=kvp:$W/kvp"
+  stage eval-kvp "$W/eval-kvp" kvp eval --predictor "$W/kvp" "${EV[@]}" -o "$W/eval-kvp"
+  wait
+) &
 (
   stage he-ridge "$W/humaneval/kvp_ridge.json" he "kvp_ridge=kvp:$W/ridge"
+  [ -n "${HE_AUX:-}" ] && stage he-aux "$W/humaneval/aux_healed.json" he "aux_healed=aux:$W/aux"
   stage eval-ridge "$W/eval-ridge" kvp eval --predictor "$W/ridge" "${EV[@]}" -o "$W/eval-ridge"
 ) &
+[ -n "${ONNX_HE:-}" ] && onnx ridge "$W/ridge" &
 wait
 # one summary over every path (all exist now: nothing is generated again)
-he base=base "aux_baseline=aux:$W/baseline" "kvp_ridge=kvp:$W/ridge" "kvp_trained=kvp:$W/kvp" \
-  >"$W/logs/he-summary.log" 2>&1
+he base=base ${HE_AUX:+"aux_healed=aux:$W/aux"} "aux_baseline=aux:$W/baseline" "kvp_ridge=kvp:$W/ridge" \
+  "kvp_trained=kvp:$W/kvp" >"$W/logs/he-summary.log" 2>&1
 log "done"

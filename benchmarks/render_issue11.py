@@ -2,7 +2,8 @@
 """Summarise one benchmarks/issue11_gpu.sh run (its WORK folder, or a copy of its manifests, reports,
 train logs and HumanEval files) as OUT.json and OUT.md: HumanEval pass@1 per path, held-out NLL and
 agreement per path, the held-out curves of both trainings, train vs held-out loss at the kept step,
-and minutes per stage.
+minutes per stage and, where the run exported them (ONNX_HE), the int8 exports' validation (parity,
+HumanEval on the first N problems through onnxruntime, beside the GPU run's score on the same N).
 
   python benchmarks/render_issue11.py WORK OUT --machine "NVIDIA H200 ..." --date 2026-11-30
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from kvp_validate.contract import MANIFEST, REPORT_JSON
 
-HE_PATHS = {"base": "base", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
+HE_PATHS = {"base": "base", "aux_healed": "aux alone, healed", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
             "kvp_ridge": "KVP closed form (healed aux + ridge)", "kvp_trained": "KVP trained"}
+ONNX = {"ridge": "kvp_ridge", "kvp": "kvp_trained"}  # export name -> the GPU HumanEval path it exports
 
 
 def read(path: Path) -> dict:
@@ -69,9 +71,9 @@ def summarise(work: Path, machine: str, date: str) -> dict:
             "at_kept_step": {"step": best["step"], "heldout": best["heldout"][metric],
                              "train_mean_last_100_steps": best[f"train_{metric}_mean_last_100"]},
             "curve": curve,
-            "recipe": {k: man[name]["recipe"][k] for k in ("batch", "seq_len", "lr", "warmup_steps", "min_lr_ratio",
-                                                           "lambda_c", "precision", "eval_every", "eval_tokens",
-                                                           "patience")},
+            "recipe": {k: man[name]["recipe"].get(k) for k in ("batch", "seq_len", "lr", "warmup_steps",
+                                                               "min_lr_ratio", "lambda_c", "kl", "precision",
+                                                               "eval_every", "eval_tokens", "patience")},
         }
     return {
         "model": "qwen2.5-coder-0.5b", "keep": man["aux"]["recipe"]["keep"], "date": date, "machine": machine,
@@ -87,6 +89,40 @@ def summarise(work: Path, machine: str, date: str) -> dict:
                     **{f"eval_{k}": v for k, v in emin.items()}},
         "healing_rel_drift": [round(x["rel_drift"], 3) for x in man["aux"]["healing"]["layers"]],
         "humaneval": he, "quality": quality, "kv_rel_error": kv_error, "training": training,
+        "onnx": {name: o for name, path in ONNX.items() if (o := onnx_summary(work, name, path))},
+    }
+
+
+def first_n_passed(work: Path, path: str, n: int) -> int | None:
+    """Problems the GPU run of `path` passed among HumanEval/0 .. n-1."""
+    f = work / "humaneval" / f"{path}.json"
+    if not f.exists():
+        return None
+    probs = read(f)["problems"]
+    return sum(probs[f"HumanEval/{i}"]["passed"] > 0 for i in range(n))
+
+
+def onnx_summary(work: Path, name: str, he_path: str) -> dict | None:
+    """The int8 export of `name` as validated: parity checks, HumanEval per onnxruntime path, seconds."""
+    rep = work / f"validate-{name}" / "report.json"
+    if not rep.exists():
+        return None
+    r = read(rep)
+    exp = read(work / f"onnx-{name}" / "manifest.json")
+    he = r["results"].get("humaneval", {}).get("int8", {})
+    n = next((p["problems"] for p in he.get("paths", {}).values()), None)
+    gpu = {"base": "base", "kvp": he_path, "aux": None}
+    return {
+        "export_minutes": round(exp["wall_seconds"] / 60, 2) if "wall_seconds" in exp else None,
+        "validate_seconds": r["check_seconds"], "machine": r["machine"],
+        "parity_ok": r["results"]["parity"]["int8"]["ok"],
+        "parity": [{k: c.get(k) for k in ("graph", "metric", "value", "limit", "ok")}
+                   for c in r["results"]["parity"]["int8"]["checks"]],
+        "humaneval": {mode: {"passed": p["passed"], "problems": p["problems"], "pass@1": p["pass@1"],
+                             "max_new_tokens": he.get("max_new_tokens"),
+                             "gpu_bf16_same_problems": first_n_passed(work, gpu[mode], n) if gpu[mode] else None}
+                      for mode, p in he.get("paths", {}).items()},
+        "crossover": exp.get("crossover"),
     }
 
 
@@ -105,6 +141,8 @@ def markdown(s: dict) -> str:
              "### HumanEval pass@1 (164 problems, greedy, bf16, 384 new tokens at most)", "",
              "| path | passed | pass@1 | relative to base | generate s | sandbox |", "|---|---|---|---|---|---|"]
     for k, label in HE_PATHS.items():
+        if k not in he:
+            continue
         r = he[k]
         lines.append(f"| {label} | {r['passed']}/{r['n_problems']} | {f(r['pass_at_1'])} | "
                      f"{f(r.get('relative_to_base'), 2)} | {r['seconds']['generate']:.0f} | "
@@ -128,6 +166,16 @@ def markdown(s: dict) -> str:
     for name, t in tr.items():
         lines += ["", f"Held-out {t['metric']} of `{name}` by step: " +
                   ", ".join(f"{c['step']}: {c['heldout'][t['metric']]:.3f}" for c in t["curve"])]
+    for name, o in s.get("onnx", {}).items():
+        lines += ["", f"### ONNX int8 export of `{name}` through onnxruntime (CPU: {o['machine'].get('cpu')})", "",
+                  f"Parity ok: {o['parity_ok']}; export {o['export_minutes']} min; validation seconds "
+                  f"{o['validate_seconds']}.", "",
+                  "| onnxruntime path | passed | pass@1 | the GPU bf16 run, same problems |", "|---|---|---|---|"]
+        for mode, h in o["humaneval"].items():
+            lines.append(f"| {mode} | {h['passed']}/{h['problems']} | {f(h['pass@1'])} | "
+                         f"{'-' if h['gpu_bf16_same_problems'] is None else h['gpu_bf16_same_problems']} |")
+        lines += ["", "| graph | metric | value | limit | ok |", "|---|---|---|---|---|"]
+        lines += [f"| {c['graph']} | {c['metric']} | {c['value']:.4g} | {c['limit']} | {c['ok']} |" for c in o["parity"]]
     lines += ["", "Minutes: " + ", ".join(f"{k} {v}" for k, v in s["minutes"].items()), ""]
     return "\n".join(lines)
 

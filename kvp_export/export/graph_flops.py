@@ -9,6 +9,7 @@ the validator evaluates at any (batch, length) without onnx or torch.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,10 @@ import onnxruntime as ort
 MATMULS = ("MatMul", "Gemm")
 
 
-def _instrumented(path: Path) -> tuple[bytes, list[tuple[str, str]], dict[str, tuple[int, ...]]]:
+def _instrumented(path: Path, out: Path) -> tuple[list[tuple[str, str]], dict[str, tuple[int, ...]]]:
+    """Write to `out` the graph at `path` with every MatMul input exposed as an output. Its weights
+    go to a side file: in one protobuf a graph over 2 GB cannot be serialised (qwen2.5-coder-0.5b's
+    fp32 base graphs are about that size)."""
     model = onnx.load(str(path))
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     pairs, extra = [], []
@@ -32,25 +36,27 @@ def _instrumented(path: Path) -> tuple[bytes, list[tuple[str, str]], dict[str, t
                     extra.append(name)
     for name in extra:
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString(), pairs, inits
+    onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
+    return pairs, inits
 
 
 def matmul_flops(path: Path, feeds_list: list[dict[str, np.ndarray]]) -> list[int]:
     """FLOPs of the graph's MatMul/Gemm nodes for each feed dict."""
-    blob, pairs, inits = _instrumented(path)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the nodes as exported
-    sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    out = []
-    for feeds in feeds_list:
-        shapes = {n: v.shape for n, v in zip(names, sess.run(None, feeds))} | inits
-        total = 0
-        for a, b in pairs:
-            sa, sb = shapes[a], shapes[b]
-            batch = int(np.prod(np.broadcast_shapes(sa[:-2], sb[:-2]))) if len(sa) > 2 or len(sb) > 2 else 1
-            total += 2 * batch * sa[-2] * sa[-1] * sb[-1]
-        out.append(int(total))
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # beside the graph: the disk that holds it
+        pairs, inits = _instrumented(path, Path(tmp) / "instrumented.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the nodes as exported
+        sess = ort.InferenceSession(str(Path(tmp) / "instrumented.onnx"), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        out = []
+        for feeds in feeds_list:
+            shapes = {n: v.shape for n, v in zip(names, sess.run(None, feeds))} | inits
+            total = 0
+            for a, b in pairs:
+                sa, sb = shapes[a], shapes[b]
+                batch = int(np.prod(np.broadcast_shapes(sa[:-2], sb[:-2]))) if len(sa) > 2 or len(sb) > 2 else 1
+                total += 2 * batch * sa[-2] * sa[-1] * sb[-1]
+            out.append(int(total))
     return out
 
 
