@@ -17,8 +17,11 @@ int8, two methods (`int8_method`):
 - "weight-only": MatMulNBits with 8-bit weights in blocks of 128 (+0.013 nats there); no
   activation outliers problem, but slower prefill on CPUs (see BENCHMARKS.md).
 int4, weight-only MatMulNBits, blocks of `block_size` along K (`int4_method`):
-- "hqq" (default): half-quadratic optimisation of scales and zero points (no calibration
-  data); +0.08 nats against +0.26 for plain round-to-nearest at block 32 on smollm2-135m;
+- "hqq" (default): half-quadratic optimisation of scales and float zero points (no calibration
+  data); +0.08 nats against +0.26 for plain round-to-nearest at block 32 on smollm2-135m, whose
+  GGUF weights are already 4-bit with a float minimum per block of 32, which HQQ recovers and an
+  integer zero point cannot. The float zero points are split off into a small per-block offset
+  term (zero_points.py), so onnxruntime runs its fast integer kernels on them;
 - "rtn": symmetric round-to-nearest.
 `accuracy_level` 4 lets the CPU kernels compute in int8 (fast); 0 keeps fp32 compute.
 Every variant keeps the graph's inputs and outputs, so every runtime path runs on any of them.
@@ -37,6 +40,7 @@ from ..config import OnnxConfig
 from ..errors import KvpError
 from ..stage import torch_threads
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
+from .zero_points import split_float_zero_points
 
 # MatMuls (by traced module name) whose inputs carry the sink's massive activations
 OUTLIER_MATMULS = ("down_proj", "/qkv/", "/final/")
@@ -101,6 +105,8 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_le
             attrs = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", accuracy_level)])
+    # HQQ's float zero points send onnxruntime down a dequantize-every-call path: split them off
+    split_float_zero_points(q.model.model)
     q.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 
 
