@@ -61,3 +61,22 @@ def test_integer_zero_points_are_left_alone(tmp_path):
     before = [n.SerializeToString() for n in model.graph.node]
     assert split_float_zero_points(model) == 0
     assert [n.SerializeToString() for n in model.graph.node] == before
+
+
+def test_int4_keeps_the_lm_head_at_8_bits(tmp_path):
+    from kvp_export.export.quantize import quantize
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32), (rng.standard_normal((64, 96)) * 0.1).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 96])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/layers.0/mlp/up_proj/MatMul"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    info = quantize("int4", src, tmp_path / "int4.onnx", block_size=32, accuracy_level=4)
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    assert bits == {"/layers.0/mlp/up_proj/MatMul_Q4": 4, "/lm_head/MatMul_Q8": 8}
+    assert info["lm_head"]["bits"] == 8

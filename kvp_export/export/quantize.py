@@ -23,6 +23,8 @@ int4, weight-only MatMulNBits, blocks of `block_size` along K (`int4_method`):
   integer zero point cannot. The float zero points are split off into a small per-block offset
   term (zero_points.py), so onnxruntime runs its fast integer kernels on them;
 - "rtn": symmetric round-to-nearest.
+The LM head of the int4 variant is 8-bit (round-to-nearest, integer zero points, blocks of 32):
+with 4-bit weights elsewhere and an 8-bit LM head, smollm2-135m's base is within 0.005 nats of fp32.
 `accuracy_level` 4 lets the CPU kernels compute in int8 (fast); 0 keeps fp32 compute.
 Every variant keeps the graph's inputs and outputs, so every runtime path runs on any of them.
 """
@@ -44,6 +46,9 @@ from .zero_points import split_float_zero_points
 
 # MatMuls (by traced module name) whose inputs carry the sink's massive activations
 OUTLIER_MATMULS = ("down_proj", "/qkv/", "/final/")
+# int4 keeps the LM head (the tied embedding, not 4-bit in the GGUF sources) at 8 bits: on
+# smollm2-135m it carried nearly all of int4's loss (BENCHMARKS.md, "int4 that pays off")
+LM_HEAD, INT4_LM_HEAD_BITS, LM_HEAD_BLOCK = "lm_head", 8, 32
 
 
 def check_variants(variants, block_size: int, accuracy_level: int, int8_method: str = "dynamic",
@@ -86,20 +91,30 @@ def quantize_dynamic_int8(src: Path, dst: Path, reduce_range: bool = True, weigh
     return kept
 
 
-def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str) -> None:
+def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str,
+                   lm_head_bits: int | None = None) -> None:
+    """MatMulNBits weights of `bits` for every weight MatMul; the LM head's at `lm_head_bits`
+    (round-to-nearest with integer zero points, blocks of 32) when given."""
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and LM_HEAD in n.name] if lm_head_bits else []
     # HQQ optimises scales with torch; its reductions' order, and so the int4 graph's bytes,
     # depend on torch's thread count (3 of 5 SmolLM2 graphs differed between 1 and 2 threads):
     # on one thread the graph is the same on every machine, whatever its cores
     with _quiet(), torch_threads(1):
         if method == "hqq":
-            q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+            q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits),
+                                     nodes_to_exclude=head)
         else:
             q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level)
+                                     accuracy_level=accuracy_level, nodes_to_exclude=head)
         q.process()
+        if head:
+            rest = [n.name for n in q.model.model.graph.node if n.op_type == "MatMul" and n.name not in head]
+            q = MatMulNBitsQuantizer(q.model.model, bits=lm_head_bits, block_size=LM_HEAD_BLOCK, is_symmetric=False,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=rest)
+            q.process()
     for node in q.model.model.graph.node:  # HQQ's config has no accuracy level: set it on the nodes
         if node.op_type == "MatMulNBits":
             attrs = [a for a in node.attribute if a.name != "accuracy_level"]
@@ -122,8 +137,10 @@ def quantize(variant: str, src: Path, dst: Path, *, block_size: int, accuracy_le
         quantize_nbits(src, dst, 8, 128, accuracy_level, "rtn")
         info = {"method": "weight-only", "bits": 8, "block_size": 128, "accuracy_level": accuracy_level}
     elif variant == "int4":
-        quantize_nbits(src, dst, 4, block_size, accuracy_level, int4_method)
-        info = {"method": int4_method, "bits": 4, "block_size": block_size, "accuracy_level": accuracy_level}
+        quantize_nbits(src, dst, 4, block_size, accuracy_level, int4_method, lm_head_bits=INT4_LM_HEAD_BITS)
+        info = {"method": int4_method, "bits": 4, "block_size": block_size, "accuracy_level": accuracy_level,
+                "lm_head": {"method": "rtn", "bits": INT4_LM_HEAD_BITS, "block_size": LM_HEAD_BLOCK,
+                            "zero_points": "integer"}}
     else:
         raise KvpError(f"no quantizer for variant '{variant}'")
     check_graph(dst)
