@@ -179,6 +179,29 @@ def test_onnx_generation_equals_pytorch_kvp_token_for_token(exported, built):
     assert rt.generate(prompts, max_new_tokens=2, mode="kvp").load_seconds == {}
 
 
+def test_io_binding_gives_the_copying_runtimes_tokens_and_logits(exported):
+    """The runtime binds IO by default (the cache stays an OrtValue read in place by the next
+    step); the copying path (every output to numpy) must give the same tokens and logits, in
+    every mode and through teacher-forced scoring."""
+    import onnxruntime as ort
+
+    from kvp_validate.runtime import OnnxKVP
+
+    prompts = ["w1 w2 w3 w4 w5 w6 the fox def w7", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16"]
+    bound, copying = OnnxKVP(exported, "fp32", threads=1), OnnxKVP(exported, "fp32", threads=1, io_binding=False)
+    for mode in ("kvp", "base", "aux", "auto"):
+        a = bound.generate(prompts, max_new_tokens=8, mode=mode)
+        b = copying.generate(prompts, max_new_tokens=8, mode=mode)
+        assert a.token_ids == b.token_ids and a.mode == b.mode
+    ids, mask = bound.encode(prompts)
+    sa, sb = bound.prefill(ids, mask, "kvp"), copying.prefill(ids, mask, "kvp")
+    assert all(isinstance(p, ort.OrtValue) for p in sa.past) and all(isinstance(p, np.ndarray) for p in sb.past)
+    for x, y in zip(sa.past_arrays(), sb.past_arrays()):
+        np.testing.assert_array_equal(x, y)
+    cont = np.array([[3, 4, 5], [6, 7, 8]])
+    np.testing.assert_array_equal(bound.score(sa, cont), copying.score(sb, cont))
+
+
 def test_auto_mode_uses_the_base_below_the_crossover_through_the_decoder(exported):
     """Below the crossover, "auto" runs the base prompt through base_decode with an empty cache
     (no third graph to load): the same logits as base_prefill; from the crossover on, KVP."""
@@ -192,7 +215,7 @@ def test_auto_mode_uses_the_base_below_the_crossover_through_the_decoder(exporte
     assert short.mode == "base" and "base_decode" in short.seconds and "base_prefill" not in rt._sessions
     full = rt.prefill(ids[:, :6], None, "base")
     np.testing.assert_allclose(short.logits, full.logits, rtol=1e-4, atol=1e-4)
-    assert [a.shape for a in short.past] == [a.shape for a in full.past]
+    assert [a.shape for a in short.past_arrays()] == [a.shape for a in full.past_arrays()]
     never = OnnxKVP(exported, "fp32", threads=1, crossover=None)
     assert never.prefill(ids, None, "auto").mode == "base"
 

@@ -12,7 +12,10 @@ The default mode, "auto", is "kvp" from the export's measured crossover prompt l
 an empty cache, so "auto" loads two graphs (kvp_prefill, base_decode) and not three.
 
 Sessions are created by `load` (concurrently), never inside a timed call, so load time and
-TTFT are reported apart. An optimised copy of each graph, saved at export (`optimized/`, see
+TTFT are reported apart. Graphs run through onnxruntime's IO binding by default: the cache a
+graph writes stays an OrtValue that the next step reads in place, instead of being copied out
+to numpy after every call (`io_binding=False` gives the copying path; both give the same
+tokens, tests/test_export_onnx.py). An optimised copy of each graph, saved at export (`optimized/`, see
 kvp_export/export/optimize.py), is used when its recorded source hash and onnxruntime version
 match; otherwise the source graph is loaded with a one-line warning.
 """
@@ -35,6 +38,7 @@ from .crossover import use_kvp
 from .errors import KvpError
 from .integrity import share_verified
 
+NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 PATHS = ("kvp", "base", "aux")  # the three prefill paths, as measured and compared
 MODES = ("auto", *PATHS)  # what a caller may ask for
 # The graphs each mode needs to generate (first token and decoding).
@@ -169,11 +173,15 @@ class State:
     """After a prefill: next-token logits [B, V], the cache, its mask, the next positions."""
 
     logits: np.ndarray
-    past: list[np.ndarray]
+    past: list  # numpy arrays, or onnxruntime OrtValues where the runtime binds its outputs
     mask: np.ndarray
     next_pos: np.ndarray
     mode: str
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def past_arrays(self) -> list[np.ndarray]:
+        """The cache as numpy arrays (copies of the OrtValues under IO binding)."""
+        return [p.numpy() if isinstance(p, ort.OrtValue) else p for p in self.past]
 
 
 @dataclass
@@ -202,9 +210,12 @@ class OnnxKVP:
     """The graphs of one variant of an export, with sessions opened on first use."""
 
     def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = 2, *,
-                 crossover: int | None = -1, use_optimized: bool = True, spin: str = "run"):
+                 crossover: int | None = -1, use_optimized: bool = True, spin: str = "run",
+                 io_binding: bool = True):
         """`crossover`: the prompt length from which "auto" uses KVP; -1 (default) takes the one
-        the export measured for this variant, None means never. `spin`: see SPIN_POLICIES."""
+        the export measured for this variant, None means never. `spin`: see SPIN_POLICIES.
+        `io_binding`: keep each graph's cache output where onnxruntime wrote it (False: copy every
+        output to numpy)."""
         self.art = artifact if isinstance(artifact, OnnxArtifact) else OnnxArtifact.open(artifact)
         self.art.check_variant(variant)
         if threads < 1:
@@ -218,6 +229,7 @@ class OnnxKVP:
         self.use_optimized = use_optimized
         session_options(threads, spin=spin)  # refuse an unknown policy now, not at the first load
         self.spin = spin
+        self.io_binding = io_binding
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.load_seconds: dict[str, float] = {}
         self._tok = None
@@ -317,7 +329,7 @@ class OnnxKVP:
         model = "aux" if mode == "aux" else "base"
         pos = positions(mask)
         t0 = time.perf_counter()
-        out = self.session(f"{model}_prefill").run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+        out = self.run(f"{model}_prefill", {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
         dt = time.perf_counter() - t0
         return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, model, {f"{model}_prefill": dt, "total": dt})
 
@@ -334,7 +346,7 @@ class OnnxKVP:
 
     def _prefill_kvp(self, ids: np.ndarray, mask: np.ndarray) -> State:
         t0 = time.perf_counter()
-        out = self.session("kvp_prefill").run(None, {"input_ids": ids, "attention_mask": mask})
+        out = self.run("kvp_prefill", {"input_ids": ids, "attention_mask": mask}, NEXT_INPUTS)
         t1 = time.perf_counter()
         past, (next_ids, next_pos, next_mask) = out[:-3], out[-3:]
         first = self.step("base", next_ids, next_mask, next_pos, past)
@@ -343,11 +355,30 @@ class OnnxKVP:
         return State(first[0][:, -1], first[1:], next_mask, next_pos[:, -1] + 1, "kvp",
                      {"kvp_prefill": t1 - t0, "base_first_step": t2 - t1, "total": t2 - t0})
 
-    def step(self, model: str, ids, mask, pos, past) -> list[np.ndarray]:
-        sess = self.session(f"{model}_decode")
+    def step(self, model: str, ids, mask, pos, past) -> list:
+        """One call of `model`_decode: [logits (numpy), *present] (OrtValues under IO binding)."""
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         feeds |= dict(zip(self.art.manifest.io[f"{model}_decode"].inputs[3:], past))
-        return sess.run(None, feeds)
+        return self.run(f"{model}_decode", feeds)
+
+    def run(self, name: str, feeds: dict, numpy_outputs: tuple[str, ...] = ("logits",)) -> list:
+        """All outputs of graph `name`, in the manifest's order. Under IO binding the inputs are
+        read where they are (numpy memory or OrtValues) and only `numpy_outputs` are copied out;
+        the rest (the cache) stay OrtValues for the next call to read in place."""
+        sess = self.session(name)
+        if not self.io_binding:
+            return sess.run(None, {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feeds.items()})
+        binding = sess.io_binding()
+        for k, v in feeds.items():
+            if isinstance(v, ort.OrtValue):
+                binding.bind_ortvalue_input(k, v)
+            else:
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        outputs = self.art.manifest.io[name].outputs
+        for k in outputs:
+            binding.bind_output(k, "cpu")
+        sess.run_with_iobinding(binding)
+        return [v.numpy() if k in numpy_outputs else v for k, v in zip(outputs, binding.get_outputs())]
 
     # --- decoding ---
 

@@ -9,7 +9,8 @@ paths alike); medians per path, and ratios of medians from the same run:
 - aux_ctx: aux_prefill over the N-1 context tokens: KVP's aux share, so the predictor's
   share is kvp_prefill - aux_ctx (approximate: the two graphs differ by the aux's last-token
   LM head and by what the fused predictor adds);
-- base_step: one ordinary decode step after N tokens (per-token decode cost).
+- base_step: one ordinary decode step after N tokens (per-token decode cost), through the
+  runtime's own step (IO binding: the cache is read in place, only the logits copied out).
 FLOPs come from the export's counts of the graphs themselves (manifest "flops").
 """
 
@@ -78,18 +79,15 @@ def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int,
         kvp_first.update(state.seconds)
         return state
 
-    state = run_kvp()  # also the cache for the decode step below
-    step_feeds = {"input_ids": ids[:, -1:], "attention_mask": np.concatenate([state.mask, np.ones((batch, 1), np.int64)], 1),
-                  "position_ids": state.next_pos[:, None]}
-    step_feeds |= dict(zip(rt.art.manifest.io["base_decode"].inputs[3:], state.past))
-    step = rt.session("base_decode")
+    state = run_kvp()  # also the cache for the decode step below (read in place under IO binding)
+    step_mask = np.concatenate([state.mask, np.ones((batch, 1), np.int64)], 1)
     paths = {
         "base": lambda: base.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos}),
         "aux": lambda: aux.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos}),
         "aux_ctx": lambda: aux.run(["logits"], {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1],
                                                 "position_ids": pos[:, :-1]}),
         "kvp": run_kvp,
-        "base_step": lambda: step.run(["logits"], step_feeds),
+        "base_step": lambda: rt.step("base", ids[:, -1:], step_mask, state.next_pos[:, None], state.past),
     }
     if rt.resolve("auto", ids, mask) != "kvp":  # the default mode's own path here (else it is "kvp")
         paths["auto"] = lambda: rt.prefill(ids, mask, "auto")

@@ -17,9 +17,14 @@ int8, two methods (`int8_method`):
 - "weight-only": MatMulNBits with 8-bit weights in blocks of 128 (+0.013 nats there); no
   activation outliers problem, but slower prefill on CPUs (see BENCHMARKS.md).
 int4, weight-only MatMulNBits, blocks of `block_size` along K (`int4_method`):
-- "hqq" (default): half-quadratic optimisation of scales and zero points (no calibration
-  data); +0.08 nats against +0.26 for plain round-to-nearest at block 32 on smollm2-135m;
+- "hqq" (default): half-quadratic optimisation of scales and float zero points (no calibration
+  data); +0.08 nats against +0.26 for plain round-to-nearest at block 32 on smollm2-135m, whose
+  GGUF weights are already 4-bit with a float minimum per block of 32, which HQQ recovers and an
+  integer zero point cannot. The float zero points are split off into a small per-block offset
+  term (zero_points.py), so onnxruntime runs its fast integer kernels on them;
 - "rtn": symmetric round-to-nearest.
+The LM head of the int4 variant is 8-bit (round-to-nearest, integer zero points, blocks of 32):
+with 4-bit weights elsewhere and an 8-bit LM head, smollm2-135m's base is within 0.005 nats of fp32.
 `accuracy_level` 4 lets the CPU kernels compute in int8 (fast); 0 keeps fp32 compute.
 Every variant keeps the graph's inputs and outputs, so every runtime path runs on any of them.
 """
@@ -38,10 +43,14 @@ from ..errors import KvpError
 from ..models.arch import int8_keep_fp32
 from ..stage import torch_threads
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
+from .zero_points import split_float_zero_points
 
 # MatMuls (by traced module name) whose inputs carry the sink's massive activations (each
 # family's adapter names its own)
 OUTLIER_MATMULS = int8_keep_fp32()
+# int4 keeps the LM head (the tied embedding, not 4-bit in the GGUF sources) at 8 bits: on
+# smollm2-135m it carried nearly all of int4's loss (BENCHMARKS.md, "int4 that pays off")
+LM_HEAD, INT4_LM_HEAD_BITS, LM_HEAD_BLOCK = "lm_head", 8, 32
 
 
 def check_variants(variants, block_size: int, accuracy_level: int, int8_method: str = "dynamic",
@@ -84,25 +93,37 @@ def quantize_dynamic_int8(src: Path, dst: Path, reduce_range: bool = True, weigh
     return kept
 
 
-def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str) -> None:
+def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str,
+                   lm_head_bits: int | None = None) -> None:
+    """MatMulNBits weights of `bits` for every weight MatMul; the LM head's at `lm_head_bits`
+    (round-to-nearest with integer zero points, blocks of 32) when given."""
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and LM_HEAD in n.name] if lm_head_bits else []
     # HQQ optimises scales with torch; its reductions' order, and so the int4 graph's bytes,
     # depend on torch's thread count (3 of 5 SmolLM2 graphs differed between 1 and 2 threads):
     # on one thread the graph is the same on every machine, whatever its cores
     with _quiet(), torch_threads(1):
         if method == "hqq":
-            q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+            q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits),
+                                     nodes_to_exclude=head)
         else:
             q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level)
+                                     accuracy_level=accuracy_level, nodes_to_exclude=head)
         q.process()
+        if head:
+            rest = [n.name for n in q.model.model.graph.node if n.op_type == "MatMul" and n.name not in head]
+            q = MatMulNBitsQuantizer(q.model.model, bits=lm_head_bits, block_size=LM_HEAD_BLOCK, is_symmetric=False,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=rest)
+            q.process()
     for node in q.model.model.graph.node:  # HQQ's config has no accuracy level: set it on the nodes
         if node.op_type == "MatMulNBits":
             attrs = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", accuracy_level)])
+    # HQQ's float zero points send onnxruntime down a dequantize-every-call path: split them off
+    split_float_zero_points(q.model.model)
     q.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 
 
@@ -118,8 +139,10 @@ def quantize(variant: str, src: Path, dst: Path, *, block_size: int, accuracy_le
         quantize_nbits(src, dst, 8, 128, accuracy_level, "rtn")
         info = {"method": "weight-only", "bits": 8, "block_size": 128, "accuracy_level": accuracy_level}
     elif variant == "int4":
-        quantize_nbits(src, dst, 4, block_size, accuracy_level, int4_method)
-        info = {"method": int4_method, "bits": 4, "block_size": block_size, "accuracy_level": accuracy_level}
+        quantize_nbits(src, dst, 4, block_size, accuracy_level, int4_method, lm_head_bits=INT4_LM_HEAD_BITS)
+        info = {"method": int4_method, "bits": 4, "block_size": block_size, "accuracy_level": accuracy_level,
+                "lm_head": {"method": "rtn", "bits": INT4_LM_HEAD_BITS, "block_size": LM_HEAD_BLOCK,
+                            "zero_points": "integer"}}
     else:
         raise KvpError(f"no quantizer for variant '{variant}'")
     check_graph(dst)

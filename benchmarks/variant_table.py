@@ -1,0 +1,163 @@
+"""One BENCHMARKS.md table, before and after, in one process: TTFT and decode step per variant.
+
+Given one or more ONNX export folders (e.g. the same predictor exported by the code before and
+after a change), times, interleaved round by round so that a noisy machine's drift hits every
+export alike (the export order alternates each round; medians; ratios from the same run):
+- TTFT at each prompt length x batch, for the base (base_prefill), KVP (kvp_prefill + the base's
+  first step) and the aux alone (aux_prefill), through the project's runtime (kvp_validate.runtime);
+- one base decode step after 128 / 512 / 1024 past tokens (the runtime's own step);
+- optimum's export of the base (`--optimum DIR` holding optimum-cli's model.onnx, as
+  benchmarks/optimum_reference.py makes it): its decode step at the same past lengths (fp32);
+and reports each variant's graph sizes from the manifests.
+Usage: python benchmarks/variant_table.py LABEL=EXPORT_DIR [LABEL=EXPORT_DIR ...] [--variants fp32,int8,int4]
+       [--lengths 128,512,1024] [--batches 1,4,8] [--past 128,512,1024] [--rounds 5] [--optimum DIR] [--out FILE]
+Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kvp_validate.report import md_table
+from kvp_validate.runtime import OnnxKVP, session_options
+
+GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_prefill")
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def timed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def ttft_jobs(rt: OnnxKVP, batch: int, n: int, rng) -> dict:
+    ids = rng.integers(0, rt.model["vocab"], size=(batch, n), dtype=np.int64)
+    mask = np.ones_like(ids)
+    return {path: (lambda p=path: rt.prefill(ids, mask, p)) for path in ("base", "kvp", "aux")}
+
+
+def step_job(rt: OnnxKVP, past: int, rng):
+    """One base decode step after `past` tokens (cache from a base prefill of random tokens)."""
+    ids = rng.integers(0, rt.model["vocab"], size=(1, past), dtype=np.int64)
+    state = rt.prefill(ids, np.ones_like(ids), "base")
+    mask = np.ones((1, past + 1), np.int64)
+    return lambda: rt.step("base", ids[:, -1:], mask, state.next_pos[:, None], state.past)
+
+
+def optimum_job(sess: ort.InferenceSession, past: int, kv_heads: int, head_dim: int, rng):
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {"input_ids": rng.integers(0, 1000, (1, 1), dtype=np.int64), "attention_mask": np.ones((1, past + 1), np.int64),
+             "position_ids": np.array([[past]], np.int64)}
+    feeds |= {n: rng.standard_normal((1, kv_heads, past, head_dim)).astype(np.float32)
+              for n in names if n.startswith("past_key_values")}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    return lambda: sess.run(None, feeds)
+
+
+def interleaved(jobs: dict, rounds: int) -> dict:
+    """Median ms per job; each round runs every job once (after one warm-up round), in an order
+    that alternates from round to round."""
+    keys = list(jobs)
+    times = {k: [] for k in keys}
+    for r in range(rounds + 1):
+        for k in keys if r % 2 else keys[::-1]:
+            dt = timed_ms(jobs[k])
+            if r:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("exports", nargs="+", help="LABEL=EXPORT_DIR")
+    ap.add_argument("--variants", default="fp32,int8,int4")
+    ap.add_argument("--lengths", default="128,512,1024")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--past", default="128,512,1024")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--optimum", type=Path, default=None, help="folder with optimum-cli's model.onnx of the base")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    exports = dict(e.split("=", 1) for e in args.exports)
+    rng = np.random.default_rng(0)
+    runtimes = {}
+    for label, folder in exports.items():
+        for v in args.variants.split(","):
+            rt = OnnxKVP(folder, v, args.threads, crossover=None)
+            if v in rt.art.variants:
+                for mode in ("kvp", "base", "aux"):
+                    rt.load(mode)
+                runtimes[(label, v)] = rt
+    result = {"exports": exports, "threads": args.threads, "rounds": args.rounds, "cpu": _cpu(),
+              "onnxruntime": ort.__version__, "ttft": [], "step": [], "sizes": {}}
+    for (label, v), rt in runtimes.items():
+        result["sizes"][f"{label}/{v}"] = {g: rt.art.manifest["variants"][v][g]["bytes"] for g in GRAPHS}
+    for n in ints(args.lengths):
+        for b in ints(args.batches):
+            jobs = {(label, v, path): fn for (label, v), rt in runtimes.items()
+                    for path, fn in ttft_jobs(rt, b, n, rng).items()}
+            med = interleaved(jobs, args.rounds)
+            result["ttft"] += [{"export": k[0], "variant": k[1], "path": k[2], "batch": b, "prompt_len": n, "ms": ms}
+                               for k, ms in med.items()]
+    opt = None
+    if args.optimum:
+        opt = ort.InferenceSession(str(args.optimum / "model.onnx"), session_options(args.threads),
+                                   providers=["CPUExecutionProvider"])
+    for p in ints(args.past):
+        jobs = {(label, v): step_job(rt, p, rng) for (label, v), rt in runtimes.items()}
+        if opt is not None:
+            m = next(iter(runtimes.values())).model
+            jobs[("optimum", "fp32")] = optimum_job(opt, p, m["kv_heads"], m["head_dim"], rng)
+        result["step"] += [{"export": k[0], "variant": k[1], "past": p, "ms": ms}
+                           for k, ms in interleaved(jobs, args.rounds).items()]
+    render(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+def _cpu() -> str:
+    from kvp_validate.machine import machine
+
+    m = machine()
+    return f"{m['cpu']} ({', '.join(m['isa'])})" if isinstance(m.get("isa"), list) else str(m.get("cpu"))
+
+
+def render(r: dict) -> None:
+    print(f"CPU: {r['cpu']}; onnxruntime {r['onnxruntime']}, {r['threads']} threads; medians of {r['rounds']} "
+          "interleaved rounds.\n")
+    ttft = {(t["export"], t["variant"], t["batch"], t["prompt_len"], t["path"]): t["ms"] for t in r["ttft"]}
+    rows = []
+    for (e, v, b, n, path), ms in ttft.items():
+        if path == "base":
+            kvp, aux = ttft[(e, v, b, n, "kvp")], ttft[(e, v, b, n, "aux")]
+            fp32 = ttft.get((e, "fp32", b, n, "kvp"))
+            rows.append([e, v, f"{b}x{n}", ms, kvp, aux, ms / kvp, kvp / aux, fp32 / kvp if fp32 else ""])
+    print("TTFT (ms):\n")
+    print(md_table(["export", "variant", "BxN", "base", "KVP", "aux alone", "base / KVP", "KVP / aux",
+                    "fp32 KVP / this KVP"], rows, 2) + "\n")
+    step = {(s["export"], s["variant"], s["past"]): s["ms"] for s in r["step"]}
+    rows = []
+    for (e, v, p), ms in step.items():
+        fp32, optimum = step.get((e, "fp32", p)), step.get(("optimum", "fp32", p))
+        rows.append([e, v, p, ms, fp32 / ms if fp32 and e != "optimum" else "", ms / optimum if optimum else ""])
+    print("Base decode step (ms, one token, batch 1):\n")
+    print(md_table(["export", "variant", "past", "step", "fp32 / this", "this / optimum"], rows, 2) + "\n")
+    rows = [[k, *[b / 1e6 for b in sizes.values()]] for k, sizes in r["sizes"].items()]
+    print("Graph sizes (MB):\n")
+    print(md_table(["export/variant", *GRAPHS], rows, 1))
+
+
+if __name__ == "__main__":
+    main()
