@@ -270,15 +270,15 @@ CASES = {
     "compare/report-json-not-json": lambda c: (["compare", _report(c, "{"), "-o", c["out"]], r"unreadable .*report\.json"),
     "compare/report-changed-after-validation": lambda c: (["compare", _changed_report(c), "-o", c["out"]],
                                                           r"report\.json does not match the SHA-256"),
-    "data/build-tokenizer-missing": lambda c: (["data", "build", "--tokenizer", c["tmp"] / "nope"],
+    "data-build/tokenizer-missing": lambda c: (["data", "build", "--tokenizer", c["tmp"] / "nope"],
                                                "no such file or folder"),
-    "models/pull-a-path": lambda c: (["models", "pull", "../../../etc/passwd"], "unknown zoo model"),
-    "models/list-cache-is-a-file": lambda c: (_cache_in(c, _write(c["tmp"] / "f", b"x")) or ["models", "list"],
+    "models-pull/a-path": lambda c: (["models", "pull", "../../../etc/passwd"], "unknown zoo model"),
+    "models-list/cache-is-a-file": lambda c: (_cache_in(c, _write(c["tmp"] / "f", b"x")) or ["models", "list"],
                                               r"cannot use the cache folder .*/f/models \(Not a directory"),
-    "models/pull-cache-is-a-file": lambda c: (_cache_in(c, _write(c["tmp"] / "f", b"x")) or ["models", "pull", "smollm2-135m"],
+    "models-pull/cache-is-a-file": lambda c: (_cache_in(c, _write(c["tmp"] / "f", b"x")) or ["models", "pull", "smollm2-135m"],
                                               r"cannot use the cache folder .*/f/"),
-    "data/info-a-path": lambda c: (["data", "info", "--corpus", "../../etc/passwd"], "unknown corpus '../../etc/passwd'"),
-    "data/build-a-path": lambda c: (["data", "build", "--corpus", "/etc", "--tokenizer", "smollm2-135m"],
+    "data-info/a-path": lambda c: (["data", "info", "--corpus", "../../etc/passwd"], "unknown corpus '../../etc/passwd'"),
+    "data-build/a-path": lambda c: (["data", "build", "--corpus", "/etc", "--tokenizer", "smollm2-135m"],
                                     "unknown corpus '/etc'"),
 }
 
@@ -408,8 +408,15 @@ def ctx(assets, built, fp32_export, tmp_path, monkeypatch):
             "env": monkeypatch}
 
 
-def test_there_are_at_least_40_hostile_cases():
-    assert len(CASES) >= 40
+def test_there_are_at_least_40_hostile_cases_and_every_verb_has_some():
+    import click
+
+    from kvp_export.cli import main
+
+    verbs = {f"{name}-{sub}" if isinstance(cmd, click.Group) else name
+             for name, cmd in main.commands.items() for sub in getattr(cmd, "commands", [None])}
+    covered = {case.split("/")[0] for case in CASES}
+    assert len(CASES) >= 40 and len(verbs) == 15 and verbs <= covered, sorted(verbs - covered)
 
 
 @pytest.mark.parametrize("case", list(CASES))
