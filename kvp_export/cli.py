@@ -18,11 +18,11 @@ import click
 from kvp_validate.contract import REPORT_MD
 
 from . import __version__
-from .artifacts import read_contract
 from .cliopts import options
 from .config import Config, CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
 from .distributed import launched_as_main
 from .errors import KvpError
+from .limits import check_limits
 from .models import DEFAULT_MODEL
 
 
@@ -127,6 +127,7 @@ def data_build(name, tokenizer, force):
     from . import corpus
     from .models import load_tokenizer
 
+    corpus.source(name)  # an unknown name is refused before the tokenizer's model is fetched
     built = corpus.build_corpus(name, load_tokenizer(tokenizer), force=force, progress=_progress())
     click.echo(corpus.render(corpus.info(name)), nl=False)
     click.echo(f"shards: {built['shards']}")
@@ -234,6 +235,7 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
     mode = "aux" if aux_only else "base" if no_kvp else mode
     if warm_repeats < 0:
         raise KvpError(f"--warm-repeats must be >= 0, got {warm_repeats}")
+    check_limits(threads=threads, warm_repeats=warm_repeats, crossover=crossover)  # absurd numbers (limits.py)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if onnx_dir is not None:
         if prefix or aux or base:
@@ -393,11 +395,11 @@ def export_coreml_cmd(predictor, out, overwrite, **kw):
 def export_genai_kvp_cmd(export_dir, variants):
     """KVP under onnxruntime-genai: write <variant>/genai-kvp/ (a decoder-pipeline: KVP's prompt stage, then
     base_decode) into an ONNX export folder."""
+    from kvp_validate.artifact import OnnxArtifact
+
     from .export.genai_kvp import write_genai_kvp
 
-    if not variants:
-        variants = list(read_contract(export_dir, "onnx", check=False).variants)
-    for v in variants:
+    for v in variants or OnnxArtifact.open(export_dir).variants:
         click.echo(write_genai_kvp(export_dir, v))
 
 

@@ -181,9 +181,9 @@ CASES = {
     "eval/prompt-len-1e8": lambda c: (["eval", "--predictor", c["built"]["pred"], "--prompt-len", 10**8, "-o", c["out"]],
                                       "prompt-len = 1e\\+08 is beyond"),
     # --- export onnx
-    "export/eval-n-1e7": lambda c: (["export", "onnx", "--predictor", c["built"]["pred"], "--eval-n", 10**7, "-o",
+    "export-onnx/eval-n-1e7": lambda c: (["export", "onnx", "--predictor", c["built"]["pred"], "--eval-n", 10**7, "-o",
                                      c["out"]], "eval-n = 1e\\+07 is beyond"),
-    "export/predictor-file-outside": lambda c: (["export", "onnx", "--predictor", with_manifest(
+    "export-onnx/predictor-file-outside": lambda c: (["export", "onnx", "--predictor", with_manifest(
         c["built"]["pred"], c["tmp"] / "p", lambda m: m["files"].update({"../aux/model.safetensors": {
             "bytes": 1, "sha256": "0" * 64}})), "-o", c["out"]], "names a file outside its folder"),
     # --- validate
@@ -216,16 +216,96 @@ CASES = {
     "run/yaml-billion-laughs": lambda c: (["run", _laughs(c), "-o", c["out"]], r"laughs.yaml:3: YAML aliases \(\*a0\) are not allowed"),
     "run/override-with-aliases": lambda c: (["run", TINY, "--set", "validate.lengths=[&a 8, *a, *a]", "-o", c["out"]],
                                             r"--set validate.lengths=.*YAML aliases \(\*a\) are not allowed"),
+    "validate/repeats-1e11": lambda c: (["validate", c["export"], "--repeats", 10**11, "-o", c["out"]],
+                                        "repeats = 1e\\+11 is beyond"),
+    "validate/batches-1e8": lambda c: (["validate", c["export"], "--lengths", "8", "--batches", 10**8, "-o", c["out"]],
+                                       "batches = 1e\\+08 is beyond"),
+    "validate/coldstart-runs-1e8": lambda c: (["validate", c["export"], "--check", "coldstart", "--coldstart-runs", 10**8,
+                                               "-o", c["out"]], "coldstart-runs = 1e\\+08 is beyond"),
+    "validate/threads-1e5": lambda c: (["validate", c["export"], "--threads", 10**5, "-o", c["out"]],
+                                       "threads = 1e\\+05 is beyond"),
+    "validate/manifest-file-outside": lambda c: (["validate", with_manifest(c["export"], c["tmp"] / "x", lambda m: m[
+        "files"].update({"../../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}})), "-o", c["out"]],
+                                                 "names a file outside its folder: '../../../etc/passwd'"),
+    "validate/foreign-tokenizer": lambda c: (["validate", _foreign_export_tokenizer(c), "-o", c["out"]],
+                                             "not the one exported"),
+    # --- generate: options that ran for ever
+    "generate/threads-1e5": lambda c: (["generate", "--onnx", c["export"], "--threads", 10**5, "w1"],
+                                       "threads = 1e\\+05 is beyond"),
+    "generate/warm-repeats-1e8": lambda c: (["generate", "--onnx", c["export"], "--warm-repeats", 10**8, "w1"],
+                                           "warm-repeats = 1e\\+08 is beyond"),
+    # --- export coreml
+    "export-coreml/context-1e9": lambda c: (["export", "coreml", "--predictor", c["built"]["pred"], "--context", 10**9,
+                                             "-o", c["out"]], "context = 1e\\+09 is beyond"),
+    "export-coreml/prompt-longer-than-context": lambda c: (["export", "coreml", "--predictor", c["built"]["pred"],
+                                                            "--prompt-lengths", "100000", "-o", c["out"]],
+                                                           "prompt length 100000 leaves no room"),
+    "export-coreml/predictor-file-outside": lambda c: (["export", "coreml", "--predictor", with_manifest(
+        c["built"]["pred"], c["tmp"] / "p", lambda m: m["files"].update({"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}})),
+        "-o", c["out"]], "names a file outside its folder: '/etc/passwd'"),
+    "export-coreml/jsonl-10M-empty-heldout": lambda c: (["export", "coreml", "--predictor", c["built"]["pred"],
+                                                         "--heldout", ten_million_empty_records(c["tmp"] / "e.jsonl"),
+                                                         "--context", "64", "--prompt-lengths", "8", "-o", c["out"]],
+                                                        "corpus is empty"),
+    # --- export genai-kvp (writes into an export: `out` here is the genai-kvp/ folder it would write)
+    "export-genai-kvp/an-aux-folder": lambda c: (["export", "genai-kvp", c["built"]["aux"]],
+                                                 "'aux' artifact, expected an ONNX"),
+    "export-genai-kvp/changed-graph": lambda c: _genai_kvp(c, lambda d: _flip(d / "fp32" / "kvp_prefill.onnx"),
+                                                           r"fp32/kvp_prefill\.onnx does not match the SHA-256"),
+    "export-genai-kvp/manifest-file-outside": lambda c: _genai_kvp(
+        c, lambda d: _edit(d, lambda m: m["files"].update({"../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}})),
+        "names a file outside its folder: '../../etc/passwd'"),
+    "export-genai-kvp/unknown-variant": lambda c: _genai_kvp(c, lambda d: None, "variant 'int4' not in this export",
+                                                             "--variant", "int4"),
+    # --- train, eval: 10 million empty records
+    "train/jsonl-10M-empty-records": lambda c: (["train", "--predictor", c["built"]["pred"], "--data",
+                                                 ten_million_empty_records(c["tmp"] / "e.jsonl"), "-o", c["out"]],
+                                                "corpus is empty"),
+    "eval/jsonl-10M-empty-records": lambda c: (["eval", "--predictor", c["built"]["pred"], "--heldout",
+                                                ten_million_empty_records(c["tmp"] / "e.jsonl"), "-o", c["out"]],
+                                               "corpus is empty"),
     # --- compare, data, models
     "compare/report-json-a-list": lambda c: (["compare", _report(c, "[]"), "-o", c["out"]],
                                              r"report\.json: a JSON object expected, got list"),
     "compare/report-json-not-json": lambda c: (["compare", _report(c, "{"), "-o", c["out"]], r"unreadable .*report\.json"),
     "compare/report-changed-after-validation": lambda c: (["compare", _changed_report(c), "-o", c["out"]],
                                                           r"report\.json does not match the SHA-256"),
-    "data/build-tokenizer-missing": lambda c: (["data", "build", "--tokenizer", c["tmp"] / "nope"],
+    "data-build/tokenizer-missing": lambda c: (["data", "build", "--tokenizer", c["tmp"] / "nope"],
                                                "no such file or folder"),
-    "models/pull-a-path": lambda c: (["models", "pull", "../../../etc/passwd"], "unknown zoo model"),
+    "models-pull/a-path": lambda c: (["models", "pull", "../../../etc/passwd"], "unknown zoo model"),
+    "models-list/cache-is-a-file": lambda c: (_cache_in(c, _write(c["tmp"] / "f", b"x")) or ["models", "list"],
+                                              r"cannot use the cache folder .*/f/models \(Not a directory"),
+    "models-pull/cache-is-a-file": lambda c: (_cache_in(c, _write(c["tmp"] / "f", b"x")) or ["models", "pull", "smollm2-135m"],
+                                              r"cannot use the cache folder .*/f/"),
+    "data-info/a-path": lambda c: (["data", "info", "--corpus", "../../etc/passwd"], "unknown corpus '../../etc/passwd'"),
+    "data-build/a-path": lambda c: (["data", "build", "--corpus", "/etc", "--tokenizer", "smollm2-135m"],
+                                    "unknown corpus '/etc'"),
 }
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit(folder: Path, edit) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _genai_kvp(c, spoil, pattern: str, *extra):
+    """`kvp export genai-kvp` on a spoiled copy of the export; `out` becomes the folder it would write."""
+    d = c["tmp"] / "x"
+    shutil.copytree(c["export"], d)
+    spoil(d)
+    c["out"] = d / "fp32" / "genai-kvp"
+    return ["export", "genai-kvp", d, *extra], pattern
+
+
+def _cache_in(c, path: Path) -> None:
+    c["env"].setenv("KVP_CACHE_DIR", str(path))
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -324,11 +404,19 @@ def _report(c, text: str) -> Path:
 @pytest.fixture
 def ctx(assets, built, fp32_export, tmp_path, monkeypatch):
     monkeypatch.setenv("KVP_CACHE_DIR", str(tmp_path / "cache"))
-    return {"assets": assets, "built": built, "export": fp32_export, "tmp": tmp_path, "out": tmp_path / "out"}
+    return {"assets": assets, "built": built, "export": fp32_export, "tmp": tmp_path, "out": tmp_path / "out",
+            "env": monkeypatch}
 
 
-def test_there_are_at_least_40_hostile_cases():
-    assert len(CASES) >= 40
+def test_there_are_at_least_40_hostile_cases_and_every_verb_has_some():
+    import click
+
+    from kvp_export.cli import main
+
+    verbs = {f"{name}-{sub}" if isinstance(cmd, click.Group) else name
+             for name, cmd in main.commands.items() for sub in getattr(cmd, "commands", [None])}
+    covered = {case.split("/")[0] for case in CASES}
+    assert len(CASES) >= 40 and len(verbs) == 15 and verbs <= covered, sorted(verbs - covered)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -364,3 +452,45 @@ def test_existing_output_untouched_when_refused_even_with_overwrite(ctx, verb):
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert file_records(out) == before and sorted(p.name for p in out.parent.iterdir()
                                                   if p.name.startswith(".out.")) == []
+
+
+def test_run_with_a_base_of_another_models_tokenizer_stops_before_writing_a_stage(ctx):
+    """`kvp run` finds the base's tokenizer wrong when its derive stage loads it: one error line
+    (after the stage's progress line), exit 1, no stage folder nor partial one. The run folder
+    keeps its recipe.yaml (a run folder is where a rerun resumes)."""
+    out = ctx["out"]
+    r = kvp("run", recipe(ctx["tmp"], _foreign_base(ctx), ""), "-o", out)
+    errors = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error: ")]
+    assert r.exit_code == 1 and "Traceback" not in r.output and len(errors) == 1, r.output
+    assert "tokenizer has 157 tokens, the model's vocabulary 107" in errors[0]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["recipe.yaml", "stages"]
+
+
+@pytest.mark.parametrize("verb", ["run", "compare", "export-genai-kvp"])
+def test_existing_folder_untouched_when_refused_by_the_verbs_that_write_into_one(ctx, verb):
+    """`kvp run` resumes in its folder, `kvp compare` writes into one, `kvp export genai-kvp` replaces
+    genai-kvp/ inside an export: a refused command leaves what was there as it was."""
+    if verb == "export-genai-kvp":
+        d = ctx["tmp"] / "x"
+        shutil.copytree(ctx["export"], d)
+        assert kvp("export", "genai-kvp", d).exit_code == 0
+        out, argv = d / "fp32" / "genai-kvp", ["export", "genai-kvp", d]
+        _flip(d / "fp32" / "base_decode.onnx")  # the hard link in genai-kvp/ changes with it: listed, so refused too
+        before = {rel: rec for rel, rec in file_records(out).items() if rel != "base_decode.onnx"}
+        pattern = r"base_decode\.onnx does not match the SHA-256"
+    else:
+        out = ctx["out"]
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        before = file_records(out)
+        argv, pattern = {
+            "run": (["run", recipe(ctx["tmp"], ctx["assets"]["llama"], "data:\n  calib_tokens: " + "1" + "0" * 30 + "\n"),
+                     "-o", out], "calib_tokens: 1e\\+30 is beyond"),
+            "compare": (["compare", _changed_report(ctx), "-o", out], r"report\.json does not match the SHA-256"),
+        }[verb]
+    user_error(kvp(*argv), pattern)
+    after = file_records(out)
+    if verb == "export-genai-kvp":
+        after.pop("base_decode.onnx")
+    assert after == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []

@@ -282,11 +282,20 @@ def test_macos_driver_reproduces_the_reference(exported, built, target):
 
 
 def test_export_is_byte_identical(exported, built, assets, tmp_path):
-    """The same conversion again writes the same bytes: a package's Manifest.json names its items
-    by path, not by the random UUIDs coremltools draws (the manifests' `files` agree; one target
-    and compression of `exported`, which converts each target on its own)."""
-    again = export_coreml(built["pred"], tmp_path / "again", context=64, prompt_lengths=(8, 16), targets=("ios18",),
-                          compress=("fp16",), heldout=[str(assets["corpus"])], progress=False)
+    """The same conversion again, in another process, writes the same bytes: a package's
+    Manifest.json names its items by path, not by the random UUIDs coremltools draws, and its model
+    spec has its protobuf maps sorted, not in the order of the process's string hashing (the
+    manifests' `files` agree; one target and compression of `exported`, which converts each
+    target on its own)."""
+    import os
+
+    again = tmp_path / "again"
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # another hash order than this process's
+    proc = subprocess.run([sys.executable, "-m", "kvp_export.cli", "export", "coreml", "--predictor", str(built["pred"]),
+                           "--context", "64", "--prompt-lengths", "8,16", "--target", "ios18", "--compress", "fp16",
+                           "--heldout", str(assets["corpus"]), "-o", str(again)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (manifest(d)["files"] for d in (exported, again))
     assert any(rel.endswith("Manifest.json") for rel in b) and set(b) <= set(a)
     assert [rel for rel in b if a[rel] != b[rel]] == []

@@ -199,6 +199,7 @@ class TestGenaiKvpFolder:
             p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
         assert m["inputs"]["base_decode"] == manifest(d)["variants"]["fp32"]["base_decode"]["sha256"]
         assert kvp_folder(d, "fp32") == folder and not [p for p in (d / "fp32").iterdir() if ".partial-" in p.name]
+        assert kvp("export", "genai-kvp", d).exit_code == 0 and manifest(folder)["files"] == m["files"]  # same bytes
         flip_byte(folder / "kvp_prompt.onnx")
         with pytest.raises(KvpError, match=r"genai-kvp/kvp_prompt\.onnx does not match the SHA-256"):
             kvp_folder(d, "fp32")

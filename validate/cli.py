@@ -14,6 +14,7 @@ import click
 from .contract import REPORT_MD
 from .errors import KvpError
 from .gates import GATE_FAILED
+from .limits import check_limits
 from .options import CHECKS, DEFAULT_CHECKS, OPTIONS, Option
 
 
@@ -77,6 +78,7 @@ def validate_cmd(export_dir, out, overwrite, variants, checks, gates, tols, allo
     """Validate an export (ONNX: parity, accuracy, TTFT; Core ML: its checks); write report.json + report.md to OUT."""
     from .onnx_report import validate_onnx
 
+    check_limits(**measure)  # absurd numbers (limits.py): refused before any work
     if export_stage(export_dir) == "coreml":
         from .coreml import validate_coreml
 

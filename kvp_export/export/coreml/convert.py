@@ -89,7 +89,7 @@ def save_target(models: dict, target: str, folder: Path) -> dict[str, Path]:
         paths = {}
         for role, name in PACKAGE[target].items():
             models[role].save(str(folder / name))
-            paths[role] = stable_ids(folder / name)
+            paths[role] = stable_bytes(folder / name)
         return paths
     parts = folder / ".functions"
     parts.mkdir()
@@ -103,18 +103,24 @@ def save_target(models: dict, target: str, folder: Path) -> dict[str, Path]:
         ct.utils.save_multifunction(desc, str(out))
     finally:
         shutil.rmtree(parts, ignore_errors=True)
-    return {"kvp": stable_ids(out)}
+    return {"kvp": stable_bytes(out)}
 
 
-def stable_ids(package: Path) -> Path:
-    """Name the package's items by their paths, not by the random UUIDs coremltools draws at every
-    save: the same export then writes the same Manifest.json (byte-identical packages; Core ML
-    looks items up by these ids only within the package)."""
+def stable_bytes(package: Path) -> Path:
+    """Make a saved package the same bytes whenever the same models are saved: coremltools names
+    the package's items by random UUIDs (Manifest.json), here named by their paths (uuid5; Core ML
+    looks items up by these ids only within the package), and it serializes the model spec's
+    protobuf maps in insertion order, which follows the process's string hashing; the spec is
+    written again with sorted maps (protobuf's deterministic serialization, the same message)."""
     path = package / "Manifest.json"
     manifest = json.loads(path.read_text())
-    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "kvp-export:" + item["path"]))
-           for old, item in manifest["itemInfoEntries"].items()}
-    manifest["itemInfoEntries"] = {ids[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    items = manifest["itemInfoEntries"]
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "kvp-export:" + item["path"])) for old, item in items.items()}
+    spec_file = package / "Data" / items[manifest["rootModelIdentifier"]]["path"]
+    spec = ct.proto.Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest["itemInfoEntries"] = {ids[k]: v for k, v in items.items()}
     manifest["rootModelIdentifier"] = ids[manifest["rootModelIdentifier"]]
     path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
     return package
