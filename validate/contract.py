@@ -93,6 +93,7 @@ class ExportModel(_Open):
     sink_len: int
     eos_token_ids: list[int]
     pad_token_id: int | None = None
+    windows: list[int | None] = []  # per base layer, its sliding window (None: full); [] before 0.3.1
 
 
 class TokenizerRef(_Open):

@@ -223,6 +223,7 @@ class OnnxKVP:
         self.variant, self.threads = variant, threads
         self.model = self.art.model
         self.sink_len = int(self.model["sink_len"])
+        self.windowed = any(self.model.get("windows") or [])  # a sliding-window layer (Gemma 3)
         if crossover == -1:
             crossover = c.prompt_len if (c := self.art.manifest.crossover.get(variant)) else None
         self.crossover = crossover
@@ -351,7 +352,9 @@ class OnnxKVP:
         past, (next_ids, next_pos, next_mask) = out[:-3], out[-3:]
         first = self.step("base", next_ids, next_mask, next_pos, past)
         t2 = time.perf_counter()
-        settle_sinks(first[1:], next_mask, mask, self.sink_len)
+        if self.windowed:  # full attention sees the same keys either way: nothing to move
+            first = [first[0], *(v.numpy() if isinstance(v, ort.OrtValue) else v for v in first[1:])]
+            settle_sinks(first[1:], next_mask, mask, self.sink_len)
         return State(first[0][:, -1], first[1:], next_mask, next_pos[:, -1] + 1, "kvp",
                      {"kvp_prefill": t1 - t0, "base_first_step": t2 - t1, "total": t2 - t0})
 

@@ -31,6 +31,7 @@ from kvp_validate.integrity import remember
 from .. import data
 from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifest
 from ..errors import KvpError
+from ..models import arch
 from ..models.arch import ArchSpec
 from ..stage import Clock, check_positive, context_len
 from .genai import write_genai_config
@@ -112,6 +113,9 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                 "model_type": spec.model_type, "base_layers": spec.n_layers, "aux_layers": aux_spec.n_layers,
                 "kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "context": context,
                 "sink_len": pipe.sink_len, "eos_token_ids": sorted(pipe.eos_ids), "pad_token_id": tok.pad_token_id,
+                # per base layer, its sliding window (None: full attention); runtimes settle the
+                # sink after KVP's first step only where a window is (kvp_validate.runtime.settle_sinks)
+                "windows": [arch.adapter(base).window(i) for i in range(spec.n_layers)],
             },
             "tokenizer": {"folder": "tokenizer", "sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
                           "vocab_size": len(tok)},
