@@ -20,6 +20,7 @@ from .config import SEQ_LEN, check_mix
 from .errors import KvpError
 from .limits import check_limits
 from .models import ZOO
+from .models.arch import context_length
 
 
 class Clock:
@@ -107,7 +108,8 @@ def ref_spec(ref: dict) -> str:
 
 
 def context_len(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+    """The model's context length (its family's adapter knows where the config keeps it)."""
+    return context_length(model)
 
 
 def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split: str = "calib",

@@ -1,7 +1,8 @@
 """Tiny models, tokenizer and corpus for the pipeline tests (built in tmp dirs, no network).
 
-The models are random Llama / Qwen2 decoders (hidden 64, 4 layers, 4 heads / 2 KV
-heads) over a word-level tokenizer; the corpus is pseudo-text over the same words.
+The models are random decoders of each supported family (hidden 64, 4 layers, 4 heads / 2 KV
+heads; family fields in tiny_models.py) over a word-level tokenizer; the corpus is pseudo-text
+over the same words.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ def word_tokenizer(words: list[str] = WORDS):
 def tiny_model(path: Path, family: str = "llama", *, layers: int = 4, hidden: int = 64, context: int = 256,
                tokenizer=None, seed: int = 0, tied: bool = False) -> Path:
     """Save a random tiny decoder and its tokenizer with save_pretrained; return the folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    from tiny_models import TINY
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = tokenizer or word_tokenizer()
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    cfg = cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=context, rope_theta=10000.0,
-              initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-              pad_token_id=tok.eos_token_id, tie_word_embeddings=tied,
-              **({"head_dim": hidden // 4} if family == "qwen3" else {}))  # Qwen3's default is 128
+    cfg = AutoConfig.for_model(family, **{
+        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": hidden // 4, "vocab_size": len(tok), "max_position_embeddings": context,
+        "rope_theta": 10000.0, "initializer_range": 0.1, "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id, "tie_word_embeddings": tied,
+        **TINY[family]})
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)

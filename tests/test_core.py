@@ -57,8 +57,7 @@ def test_capture_matches_the_cache(base):
     with capture(base) as got:
         out = base(input_ids=ids, use_cache=True)
     spec = arch.ArchSpec.of(base)
-    cos, sin = arch.rope_cos_sin(base, arch.positions(2, 10), torch.float32)
-    for i in range(spec.n_layers):
+    for i, (cos, sin) in enumerate(arch.layer_rope(base, arch.positions(2, 10), torch.float32)):
         k = arch.apply_rope(arch.split_heads(got.keys[i], spec.n_kv_heads), cos, sin)
         assert torch.allclose(k, out.past_key_values.layers[i].keys, atol=1e-5)
         assert torch.allclose(arch.split_heads(got.values[i], spec.n_kv_heads), out.past_key_values.layers[i].values)

@@ -22,6 +22,7 @@ from test_cli import kvp, ok, user_error
 from kvp_export.errors import KvpError
 from kvp_export.export.coreml import checks, stateful
 from kvp_export.export.coreml.export import export_coreml
+from kvp_export.models import arch
 from kvp_export.runtime.pipeline import KVPPipeline
 from kvp_validate import coreml as vc
 from kvp_validate import mlpackage
@@ -66,7 +67,7 @@ def test_scaled_rmsnorm_is_rmsnorm_and_survives_fp16(built):
     """The sink token's residual reaches ~2.4e4 in SmolLM2; x**2 overflows fp16 (coremltools drops HF's fp32 upcast)."""
     base = KVPPipeline.from_predictor(built["pred"]).base
     hf = base.model.norm
-    norm = stateful.ScaledRMSNorm(hf)
+    norm = stateful.ScaledRMSNorm(hf, arch.adapter(base))
     x = torch.randn(3, 64)
     x[0, 5] = 2.4e4
     with torch.no_grad():

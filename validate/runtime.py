@@ -109,6 +109,23 @@ def verify_variants(art: OnnxArtifact, variants: list[str]) -> None:
     share_verified(art.folder)
 
 
+def settle_sinks(present: list[np.ndarray], next_mask: np.ndarray, mask: np.ndarray, sink_len: int) -> None:
+    """After KVP's first base step, move the sink's exact KV (the step's s re-fed entries, right
+    after the predicted context) into the context's masked sink slots, and mask the re-fed copies
+    (in place). The same keys stay visible, so full attention is unchanged; sliding-window layers
+    need it: base_decode places the kept past keys at consecutive positions (docs/architecture.md,
+    "Sliding-window layers")."""
+    if sink_len == 0:
+        return
+    n_ctx = mask.shape[1] - 1
+    starts = mask.shape[1] - mask.sum(-1)  # left padding
+    for b, start in enumerate(starts.tolist()):
+        src, dst = slice(n_ctx, n_ctx + sink_len), slice(start, start + sink_len)
+        for kv in present:
+            kv[b, :, dst] = kv[b, :, src]
+        next_mask[b, dst], next_mask[b, src] = 1, 0
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Greedy when temperature == 0; else temperature, then top-k, then top-p (nucleus), seeded."""
@@ -321,6 +338,7 @@ class OnnxKVP:
         past, (next_ids, next_pos, next_mask) = out[:-3], out[-3:]
         first = self.step("base", next_ids, next_mask, next_pos, past)
         t2 = time.perf_counter()
+        settle_sinks(first[1:], next_mask, mask, self.sink_len)
         return State(first[0][:, -1], first[1:], next_mask, next_pos[:, -1] + 1, "kvp",
                      {"kvp_prefill": t1 - t0, "base_first_step": t2 - t1, "total": t2 - t0})
 

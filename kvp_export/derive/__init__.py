@@ -14,7 +14,7 @@ from pathlib import Path
 from ..artifacts import atomic_dir, check_output_dir, write_manifest
 from ..config import DataConfig, DeriveConfig, configure
 from ..models import DEFAULT_MODEL, check_same_tokenizer, load, resolve
-from ..models.arch import ArchSpec
+from ..models.arch import ArchSpec, adapter
 from ..predictor.layermap import c_map, lp_map
 from ..stage import Clock, calibration, check_paths, compute_device, model_ref, seed_all
 from .heal import heal as heal_aux
@@ -77,7 +77,7 @@ def _sibling(base_model, tok, sibling: str, inputs: dict, clock: Clock):
 def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock, progress, **heal_args):
     """KVP-LP: choose the kept layers, copy them out of the base, heal."""
     n_base = ArchSpec.of(base_model).n_layers
-    kept = check_layers(layers, n_base) if layers is not None else regular_layers(n_base, keep)
+    kept = check_layers(layers, n_base) if layers is not None else regular_layers(n_base, keep, adapter(base_model).required_layers())
     seqs, scores = None, None
     if heal_args["heal"] != "none" or select == "importance":
         with clock.step("calibration"):

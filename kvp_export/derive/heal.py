@@ -64,31 +64,24 @@ def _base_targets(base, seqs, depths: list[int], batch: int, kv: tuple[list, lis
     return out
 
 
-def _mlp_parts(layer, h, pe):
-    """(a, m) with layer(h) = a + down_proj(m): the post-attention residual and the MLP's
-    inner activations."""
-    a = h + arch.attention(layer)(layer.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
-    mlp = layer.mlp
-    x = layer.post_attention_layernorm(a)
-    return a, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-
-
 def _weights(y: torch.Tensor) -> torch.Tensor:
     return 1.0 / y.float().pow(2).sum(-1, keepdim=True).clamp(min=1e-6)
 
 
 @torch.no_grad()
-def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8, keep: bool = False):
+def _fit_bridge(run: arch.LayerRunner, j: int, layer, h_all, y_all, batch: int, val_every: int = 8,
+                keep: bool = False):
     """The closed-form bridge: refit down_proj by weighted ridge regression.
 
     Minimises sum_t w_t ||layer(h_t) - y_t||^2 over down_proj's weight, holding the MLP's
-    inner activations fixed, shrunk towards the original weight; alpha is chosen on every
+    inner activations fixed, shrunk towards the original weight (with a norm after down_proj,
+    the family adapter's `down_target` says what down_proj's output should be); alpha is chosen on every
     `val_every`-th sequence. (Refitting o_proj jointly was measured worse: it shifts the MLP's
     input, so the activations the fit held fixed no longer hold; drift rose from ~0.2 to ~0.35.)
-    With `keep`, also returns the layer's new output (a + down_proj(m) from the parts computed
-    here: only down_proj changed, so the layer need not run again) and its normed input.
+    With `keep`, also returns the layer's new output (from the parts computed here: only
+    down_proj changed, so the layer need not run again).
     """
-    down = layer.mlp.down_proj
+    down = run.ad.down_proj(run.ad.mlp(layer))
     w0 = down.weight.detach().T.double()  # [inter, hidden]
     d = w0.shape[0]
     mom = {k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, w0.shape[1], dtype=torch.float64), 0.0]
@@ -96,11 +89,13 @@ def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8, keep
     parts = []
     for s in range(0, len(h_all), batch):
         h, y = h_all[s : s + batch], y_all[s : s + batch]
-        a, m = _mlp_parts(layer, h, pe_of(h))
+        a, m = run.mlp_parts(j, layer, h)
         if keep:
             parts.append((a, m))
         sw = _weights(y).sqrt()
-        x, r = (m * sw).flatten(0, 1), ((y - a - down(m)) * sw).flatten(0, 1)  # r: what the layer misses
+        d = down(m)
+        miss = run.ad.down_target(layer, y - a, d) - d  # what down_proj's output misses
+        x, r = (m * sw).flatten(0, 1), (miss * sw).flatten(0, 1)
         for b in range(h.shape[0]):
             split = "val" if (s + b) % val_every == val_every - 1 else "fit"
             rows = slice(b * h.shape[1], (b + 1) * h.shape[1])
@@ -114,10 +109,10 @@ def _fit_bridge(layer, pe_of, h_all, y_all, batch: int, val_every: int = 8, keep
     stats = {"alpha": alpha, "val_residual_kept": val_err / max(mom["val"][2], 1e-30)}
     if not keep:
         return stats
-    return stats, torch.cat([a + down(m) for a, m in parts])
+    return stats, torch.cat([a + run.mlp_out(layer, down(m)) for a, m in parts])
 
 
-def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> float:
+def _distill(run: arch.LayerRunner, j: int, layer, h_all, y_all, batch: int, epochs: int, lr: float) -> float:
     """A few epochs of Adam on one layer against its target (weighted MSE)."""
     params = [p for p in layer.parameters() if p.dtype.is_floating_point]
     for p in params:
@@ -132,7 +127,7 @@ def _distill(layer, pe_of, h_all, y_all, batch: int, epochs: int, lr: float) -> 
         for s in range(0, len(order), batch):
             idx = order[s : s + batch].to(h_all.device)
             h, y = h_all[idx], y_all[idx]
-            out = arch.run_layer(layer, h, pe_of(h))
+            out = run.run(j, layer, h)
             loss = ((out - y).pow(2).sum(-1, keepdim=True) * _weights(y)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,35 +158,33 @@ def heal(base, aux, kept: list[int], seqs: torch.Tensor, method: str = "bridge",
     if share:
         kv = tuple([torch.empty(*seqs.shape, spec.kv_dim) for _ in range(n_base)] for _ in range(2))
     targets = _base_targets(base, seqs, depths, batch, kv, progress)
-    layers = arch.decoder_layers(aux)
+    run = arch.LayerRunner(aux)
+    layers = run.ad.layers(aux)
     stats, inputs = [], []
-
-    def pe_of(h):
-        return arch.rotary(aux)(h, arch.positions(h.shape[0], h.shape[1]))
-
     with torch.no_grad():
-        h = torch.cat([arch.embed(aux, seqs[s : s + batch]) for s in range(0, len(seqs), batch)])
+        h = torch.cat([run.embed(seqs[s : s + batch]) for s in range(0, len(seqs), batch)])
     for j in tqdm(range(len(layers)), desc=f"heal ({method})", unit="layer", disable=not progress):
         layer, y = layers[j], targets.pop(depths[j])  # each depth is one layer's target: free it after
         if share:
             with torch.no_grad():  # the normed state entering attention: the predictor's hidden input
-                inputs.append(torch.cat([layer.input_layernorm(h[s : s + batch]) for s in range(0, len(h), batch)]))
+                norm = run.ad.input_norm(layer)
+                inputs.append(torch.cat([norm(h[s : s + batch]) for s in range(0, len(h), batch)]))
         if method == "bridge":  # only down_proj changes: the new output comes from the fit's own parts
-            fitted, h = _fit_bridge(layer, pe_of, h, y, batch, keep=True)
+            fitted, h = _fit_bridge(run, j, layer, h, y, batch, keep=True)
             st = {"layer": kept[j], "target_depth": depths[j], **fitted}
         else:
-            st = {"layer": kept[j], "target_depth": depths[j], **_fit_bridge(layer, pe_of, h, y, batch)}
-            st["distill_loss"] = _distill(layer, pe_of, h, y, batch, distill_epochs, distill_lr)
+            st = {"layer": kept[j], "target_depth": depths[j], **_fit_bridge(run, j, layer, h, y, batch)}
+            st["distill_loss"] = _distill(run, j, layer, h, y, batch, distill_epochs, distill_lr)
             with torch.no_grad():
-                h = torch.cat([arch.run_layer(layer, h[s : s + batch], pe_of(h[s : s + batch]))
-                               for s in range(0, len(h), batch)])
+                h = torch.cat([run.run(j, layer, h[s : s + batch]) for s in range(0, len(h), batch)])
         with torch.no_grad():
             st["rel_drift"] = float(((h - y).norm(dim=-1) / y.norm(dim=-1).clamp(min=1e-6))[:, 1:].mean())
         stats.append(st)
         del y
     if share:
         with torch.no_grad():
-            inputs.append(torch.cat([aux.model.norm(h[s : s + batch]) for s in range(0, len(h), batch)]))
+            norm = run.ad.final_norm(aux)
+            inputs.append(torch.cat([norm(h[s : s + batch]) for s in range(0, len(h), batch)]))
         tokens = shared.digest(seqs)
         shared.put("base_kv", (shared.digest(base), tokens), kv)
         shared.put("aux_hidden", (shared.digest(aux), tokens), inputs)

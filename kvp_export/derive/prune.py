@@ -12,16 +12,24 @@ from ..errors import KvpError
 from ..models import arch
 
 
-def regular_layers(n_layers: int, keep: float) -> list[int]:
+def regular_layers(n_layers: int, keep: float, required: list[int] | tuple[int, ...] = ()) -> list[int]:
     """The paper's regular pattern: keep 0.25 keeps 0,4,8,...; 0.5 keeps 0,2,4,...; 0.75 drops 3,7,11,...
 
     Layer i is dropped when the running count of drops, floor(i * (1 - keep)), steps up at i.
+    `required` layers (the family adapter's `required_layers`) are always kept, within the same
+    count: the pattern then spreads the remaining slots over the other layers.
     """
     if not 0.0 < keep <= 1.0:
         raise KvpError(f"keep ratio must be in (0, 1], got {keep}")
     drop = 1 - Fraction(keep).limit_denominator(1000)
     kept = [i for i in range(n_layers) if (drop * (i + 1)).__floor__() == (drop * i).__floor__()]
-    return kept
+    must = sorted(set(required))
+    if not must or set(must) <= set(kept):
+        return kept
+    others = [i for i in range(n_layers) if i not in must]
+    n_rest = max(len(kept) - len(must), 0)
+    rest = regular_layers(len(others), Fraction(n_rest, len(others))) if n_rest and others else []
+    return sorted(must + [others[j] for j in rest])
 
 
 def check_layers(layers: list[int], n_layers: int) -> list[int]:
@@ -40,9 +48,11 @@ def importance_layers(model, seqs: torch.Tensor, n_keep: int, batch: int = 4) ->
     """Keep the n_keep layers that change the residual stream most (ShortGPT's block influence).
 
     Influence of layer i = 1 - cos(h_in, h_out), averaged over non-sink tokens of the
-    calibration sequences. Layer 0 is always kept: it builds the attention sink.
+    calibration sequences. Layer 0 is always kept: it builds the attention sink; so are the
+    family adapter's `required_layers`.
     """
     n = arch.ArchSpec.of(model).n_layers
+    must = [0, *(i for i in arch.adapter(model).required_layers() if i != 0)]
     if not 0 < n_keep <= n:
         raise KvpError(f"cannot keep {n_keep} of {n} layers")
     score = torch.zeros(n, dtype=torch.float64)
@@ -51,7 +61,7 @@ def importance_layers(model, seqs: torch.Tensor, n_keep: int, batch: int = 4) ->
             cos = torch.nn.functional.cosine_similarity(h_in[:, 1:].double(), h_out[:, 1:].double(), dim=-1)
             score[i] += (1 - cos).sum()
     score /= seqs.shape[0] * (seqs.shape[1] - 1)
-    ranked = [0] + [i for i in torch.argsort(score, descending=True).tolist() if i != 0]
+    ranked = must + [i for i in torch.argsort(score, descending=True).tolist() if i not in must]
     return sorted(ranked[:n_keep]), score.tolist()
 
 
@@ -59,14 +69,10 @@ def prune(base: nn.Module, layers: list[int]) -> nn.Module:
     """A copy of `base` holding only `layers` (weights shared by value, not by reference)."""
     layers = check_layers(layers, arch.ArchSpec.of(base).n_layers)
     aux = copy.deepcopy(base)
-    kept = nn.ModuleList([arch.decoder_layers(aux)[i] for i in layers])
+    ad = arch.adapter(aux)
+    kept = nn.ModuleList([ad.layers(aux)[i] for i in layers])
     for new_idx, layer in enumerate(kept):
-        arch.attention(layer).layer_idx = new_idx  # the cache is indexed by position in the stack
-    aux.model.layers = kept
-    cfg = aux.config
-    cfg.num_hidden_layers = len(layers)
-    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds (Qwen2)
-        cfg.layer_types = [cfg.layer_types[i] for i in layers]
-    if getattr(cfg, "max_window_layers", None) is not None:
-        cfg.max_window_layers = min(cfg.max_window_layers, len(layers))
+        ad.attention(layer).layer_idx = new_idx  # the cache is indexed by position in the stack
+    ad.set_layers(aux, kept)
+    ad.prune_config(aux.config, layers)
     return aux

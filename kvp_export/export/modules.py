@@ -3,7 +3,8 @@
 HF's modeling code builds masks and caches in ways a tracer bakes into the graph at the
 example length (docs/architecture.md, "Stack facts that shaped the code"), so the exported
 graphs come from these small modules instead. They reuse the HF submodules (projections,
-norms, RoPE, MLP: the same weights) and write attention and masking from explicit inputs.
+norms, RoPE, MLP: the same weights), found and wired by the family's adapter
+(models/adapters/), and write attention and masking from explicit inputs.
 tests/test_export_onnx.py checks them against the HF path. The graphs' contract:
 docs/architecture.md, "The ONNX graph contract".
 
@@ -13,7 +14,12 @@ Masking rule of `Decoder` (past keys = the cache it is given, new keys = this ca
   past keys. In ordinary decoding every new position is at least that count, so this is plain
   causal attention and any ONNX LLM runtime can drive the graph. It also lets KVP's first base
   step recompute the sink: the sink tokens are fed again at positions 0..s-1 beside the last
-  prompt token, see only themselves, and get the base's exact KV in the same weight read.
+  prompt token, see only themselves, and get the base's exact KV in the same weight read;
+- on a sliding-window layer (window W), a new token at position p also needs p - k < W for a
+  key at position k. New keys are at their position_ids; the kept past keys hold consecutive
+  positions ending at f - 1, f = the smallest position among the new tokens that see the past
+  (they continue it). The cache stays full length: see docs/architecture.md, "Sliding-window
+  layers" (after KVP's first step the runtime moves the sink into place to keep that true).
 """
 
 from __future__ import annotations
@@ -31,19 +37,19 @@ def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """GQA attention without repeating K/V: q [B,H,T,D], k/v [B,Hkv,K,D], bias [B,1,1,T,K] -> [B,T,H*D].
 
     Query heads are grouped onto their KV head (HF order: head h reads KV head h // rep), so
-    the cache is read once. The 1/sqrt(D) scale is applied to q (T*D values) rather than to
-    the scores (T*K), and masking is one broadcast add of `bias` (built once per forward by
+    the cache is read once. The scale (the family's, usually 1/sqrt(D)) is applied to q (T*D
+    values) rather than to the scores (T*K), and masking is one broadcast add of `bias` (built once per forward by
     `attention_bias`): on a 1024-token prompt the per-layer
     Where + Mul over the scores had cost a quarter of the base prefill here.
     """
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
-    q = q * (d**-0.5)
+    q = q * scale
     scores = torch.matmul(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2)).view(b, hkv, rep, t, -1)
     probs = torch.softmax(scores + bias, dim=-1).view(b, hkv, rep * t, -1)
     out = torch.matmul(probs, v).view(b, h, t, d)
@@ -70,6 +76,51 @@ def causal_visibility(attention_mask: torch.Tensor, position_ids: torch.Tensor, 
     return torch.cat([see_past, see_new], dim=-1)
 
 
+def window_visibility(attention_mask: torch.Tensor, position_ids: torch.Tensor, past_len, window: int) -> torch.Tensor:
+    """[B, T, P+T] bool: keys within `window` positions of each new token (the rule in the module docstring)."""
+    past_mask = attention_mask[:, :past_len].long()
+    kept_past = past_mask.sum(-1, keepdim=True)  # [B, 1]
+    inline = position_ids >= kept_past
+    first = torch.where(inline, position_ids, torch.full_like(position_ids, 1 << 40)).amin(-1, keepdim=True)
+    past_pos = first - 1 - kept_past + past_mask.cumsum(-1)  # [B, P]; masked slots: never visible anyway
+    key_pos = torch.cat([past_pos, position_ids], dim=-1)  # [B, P+T]
+    return (position_ids[:, :, None] - key_pos[:, None, :]) < window
+
+
+class Biases:
+    """The additive attention biases of one forward, one per distinct window among the layers."""
+
+    def __init__(self, attention_mask, position_ids, past_len, dtype, windows):
+        vis = causal_visibility(attention_mask, position_ids, past_len)
+        self.by_window = {w: attention_bias(vis if w is None else vis & window_visibility(
+            attention_mask, position_ids, past_len, w), dtype) for w in dict.fromkeys(windows)}
+
+    def __getitem__(self, window):
+        return self.by_window[window]
+
+
+class LayerPlan(nn.Module):
+    """A model's rotary embeddings and, per layer, which one and which window it uses (from the adapter)."""
+
+    def __init__(self, model):
+        super().__init__()
+        ad = arch.adapter(model)
+        n = arch.ArchSpec.of(model).n_layers
+        self.kinds = [ad.rope_kind(i) for i in range(n)]
+        self.windows = [ad.window(i) for i in range(n)]
+        self.rotaries = nn.ModuleDict({k: r for k, r in ad.rotaries(model).items() if k in self.kinds})
+
+    def rope(self, h, position_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin per layer for `position_ids`."""
+        by_kind = {k: r(h, position_ids) for k, r in self.rotaries.items()}
+        return [by_kind[k] for k in self.kinds]
+
+    def biases(self, attention_mask, position_ids, past_len, dtype) -> list[torch.Tensor]:
+        """The additive bias per layer."""
+        b = Biases(attention_mask, position_ids, past_len, dtype, self.windows)
+        return [b[w] for w in self.windows]
+
+
 class Layer(nn.Module):
     """One HF decoder layer with explicit cache and visibility; optionally extra outputs of its input norm.
 
@@ -78,16 +129,17 @@ class Layer(nn.Module):
     outputs for the base layers that read this aux layer.
     """
 
-    def __init__(self, layer: nn.Module, spec: arch.ArchSpec, extra_w: torch.Tensor | None = None,
+    def __init__(self, layer: nn.Module, ad: arch.Adapter, spec: arch.ArchSpec, extra_w: torch.Tensor | None = None,
                  extra_b: torch.Tensor | None = None):
         super().__init__()
-        attn = arch.attention(layer)
-        self.spec = spec
-        self.norm1, self.norm2, self.mlp, self.o_proj = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, attn.o_proj
-        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), arch.key_norm(layer)
-        ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        q_proj, k_proj, v_proj, self.o_proj = ad.projections(layer)
+        self.ad, self.spec, self.scale = ad, spec, ad.attn_scale(layer)
+        self.norm1, self.post1 = ad.input_norm(layer), ad.attn_post_norm(layer)
+        self.norm2, self.post2, self.mlp = ad.mlp_norm(layer), ad.mlp_post_norm(layer), ad.mlp(layer)
+        self.q_norm, self.k_norm = ad.query_norm(layer), ad.key_norm(layer)
+        ws = [q_proj.weight, k_proj.weight, v_proj.weight]
         bs = [p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=p.weight.dtype)
-              for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+              for p in (q_proj, k_proj, v_proj)]
         self.split = [w.shape[0] for w in ws]
         if extra_w is not None:
             ws.append(extra_w.to(ws[0].dtype))
@@ -121,16 +173,19 @@ class Layer(nn.Module):
         return q, k_rot, v_h, k_pre, v, (parts[3] if len(parts) > 3 else None)
 
     def finish(self, h, attn):
-        """The residual adds after attention: o_proj of attn [B, T, H*D], then the MLP."""
-        h = h + self.o_proj(attn)
-        return h + self.mlp(self.norm2(h))
+        """The residual adds after attention: o_proj of attn [B, T, H*D], then the MLP (each
+        branch through its post norm where the family has one)."""
+        o = self.o_proj(attn)
+        h = h + (self.post1(o) if self.post1 is not None else o)
+        m = self.ad.down_proj(self.mlp)(self.ad.mlp_inner(self.mlp, self.norm2(h)))
+        return h + (self.post2(m) if self.post2 is not None else m)
 
     def forward(self, h, cos, sin, past_k, past_v, bias):
         """-> (h_out, k_full, v_full, pre-RoPE normed k, v, extra or None); bias from `attention_bias`."""
         q, k_rot, v_h, k_pre, v, extra = self.project(h, cos, sin)
         k_full = k_rot if past_k is None else torch.cat([past_k, k_rot], dim=2)
         v_full = v_h if past_v is None else torch.cat([past_v, v_h], dim=2)
-        h = self.finish(h, attend(q, k_full, v_full, bias))
+        h = self.finish(h, attend(q, k_full, v_full, bias, self.scale))
         return h, k_full, v_full, k_pre, v, extra
 
 
@@ -144,22 +199,22 @@ class Decoder(nn.Module):
 
     def __init__(self, model: nn.Module, *, with_past: bool, last_only: bool):
         super().__init__()
-        self.spec = arch.ArchSpec.of(model)
-        self.embed = model.model.embed_tokens
-        self.rotary = arch.rotary(model)
-        self.layers = nn.ModuleList(Layer(layer, self.spec) for layer in arch.decoder_layers(model))
-        self.norm, self.lm_head = model.model.norm, model.lm_head
+        self.spec, ad = arch.ArchSpec.of(model), arch.adapter(model)
+        self.embed = ad.embedding(model)
+        self.plan = LayerPlan(model)
+        self.layers = nn.ModuleList(Layer(layer, ad, self.spec) for layer in ad.layers(model))
+        self.norm, self.lm_head = ad.final_norm(model), ad.lm_head(model)
         self.with_past, self.last_only = with_past, last_only
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         h = self.embed(input_ids)
-        cos, sin = self.rotary(h, position_ids)
         past_len = past[0].shape[2] if self.with_past else 0
-        bias = attention_bias(causal_visibility(attention_mask, position_ids, past_len), h.dtype)
+        ropes = self.plan.rope(h, position_ids)
+        biases = self.plan.biases(attention_mask, position_ids, past_len, h.dtype)
         present = []
         for i, layer in enumerate(self.layers):
             pk, pv = (past[2 * i], past[2 * i + 1]) if self.with_past else (None, None)
-            h, k, v, *_ = layer(h, cos, sin, pk, pv, bias)
+            h, k, v, *_ = layer(h, *ropes[i], pk, pv, biases[i])
             present += [k, v]
         if self.last_only:
             h = h[:, -1:]
@@ -185,8 +240,9 @@ class KVPPrefill(nn.Module):
         self.bspec, self.aspec = arch.ArchSpec.of(base), arch.ArchSpec.of(aux)
         self.sink_len = sink_len
         self.mode = predictor.input_mode
-        self.embed = aux.model.embed_tokens
-        self.aux_rotary, self.base_rotary = arch.rotary(aux), arch.rotary(base)
+        ad = arch.adapter(aux)
+        self.embed = ad.embedding(aux)
+        self.aux_plan, self.base_plan = LayerPlan(aux), LayerPlan(base)
         n_aux = self.aspec.n_layers
         self.sources = predictor.sources
         # Which aux source index (0..n_aux; n_aux = final normed state) feeds which predictor slices.
@@ -204,12 +260,12 @@ class KVPPrefill(nn.Module):
         else:  # "kv": the predictor reads the aux's own keys (normed, pre-RoPE) and values
             self.pk, self.pv = predictor.k, predictor.v
         layers = []
-        for j, layer in enumerate(arch.decoder_layers(aux)):
+        for j, layer in enumerate(ad.layers(aux)):
             w = torch.cat(fused_w[j]) if fused_w[j] else None
             b = torch.cat(fused_b[j]) if fused_b[j] else None
-            layers.append(Layer(layer, self.aspec, w, b))
+            layers.append(Layer(layer, ad, self.aspec, w, b))
         self.layers = nn.ModuleList(layers)
-        self.final_norm = aux.model.norm
+        self.final_norm = ad.final_norm(aux)
         self.final = None
         if fused_w[n_aux]:
             self.final = nn.Linear(self.aspec.hidden, sum(p[2] for p in self.plan[n_aux]))
@@ -223,7 +279,7 @@ class KVPPrefill(nn.Module):
     def predict(self, h, step) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per base layer, predicted pre-RoPE keys and values [B, S, Hkv*D] from the aux run over embeddings h.
 
-        step(layer, h) -> (h, k_pre, v, extra) runs one aux layer: the caller decides how it
+        step(j, layer, h) -> (h, k_pre, v, extra) runs aux layer j: the caller decides how it
         attends (a visibility mask here; the Core ML export uses its own static-shape attention).
         """
         sums: dict[tuple[int, str], torch.Tensor] = {}
@@ -237,7 +293,7 @@ class KVPPrefill(nn.Module):
                 sums[(i, kind)] = piece if (i, kind) not in sums else sums[(i, kind)] + piece
 
         for j in range(self.depth):
-            h, k_pre, v, extra = step(self.layers[j], h)
+            h, k_pre, v, extra = step(j, self.layers[j], h)
             if extra is not None:
                 add(j, extra)
             aux_kv.append((k_pre, v))
@@ -253,18 +309,17 @@ class KVPPrefill(nn.Module):
         pos = positions_from_mask(attention_mask)
         cpos = pos[:, :-1]
         h = self.embed(ctx)
-        cos, sin = self.aux_rotary(h, cpos)
-        bias = attention_bias(causal_visibility(cmask, cpos, 0), h.dtype)
+        ropes = self.aux_plan.rope(h, cpos)
+        biases = self.aux_plan.biases(cmask, cpos, 0, h.dtype)
 
-        def step(layer, h):
-            h, _k, _v, k_pre, v, extra = layer(h, cos, sin, None, None, bias)
+        def step(j, layer, h):
+            h, _k, _v, k_pre, v, extra = layer(h, *ropes[j], None, None, biases[j])
             return h, k_pre, v, extra
 
-        bcos, bsin = self.base_rotary(h, cpos)
         bs = self.bspec
         b, s_ctx = ctx.shape
         present = []
-        for k, v in self.predict(h, step):
+        for (k, v), (bcos, bsin) in zip(self.predict(h, step), self.base_plan.rope(h, cpos)):
             k = arch.apply_rope(k.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
             v = v.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
             present += [k, v]

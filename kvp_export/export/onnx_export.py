@@ -33,7 +33,7 @@ from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifes
 from ..errors import KvpError
 from ..models.arch import ArchSpec
 from ..runtime.pipeline import KVPPipeline
-from ..stage import Clock, check_positive, model_ref, seed_all
+from ..stage import Clock, check_positive, context_len, model_ref, seed_all
 from .genai import write_genai_config
 from .graph_jobs import flops_job, run_graph_jobs, variant_graph, worker_count
 from .quantize import check_variants
@@ -64,7 +64,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
         pipe = KVPPipeline.from_predictor(predictor)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     spec, aux_spec = ArchSpec.of(base), ArchSpec.of(aux)
-    context = int(getattr(base.config, "max_position_embeddings", 0) or 0)
+    context = context_len(base) or 0
     if prompt_len + cont_len > context > 0:
         raise KvpError(f"evaluation pairs of {prompt_len}+{cont_len} tokens exceed the context ({context})")
     with clock.step("data"):

@@ -35,11 +35,13 @@ import onnx
 
 from ..config import OnnxConfig
 from ..errors import KvpError
+from ..models.arch import int8_keep_fp32
 from ..stage import torch_threads
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
 
-# MatMuls (by traced module name) whose inputs carry the sink's massive activations
-OUTLIER_MATMULS = ("down_proj", "/qkv/", "/final/")
+# MatMuls (by traced module name) whose inputs carry the sink's massive activations (each
+# family's adapter names its own)
+OUTLIER_MATMULS = int8_keep_fp32()
 
 
 def check_variants(variants, block_size: int, accuracy_level: int, int8_method: str = "dynamic",

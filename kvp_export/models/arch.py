@@ -1,12 +1,10 @@
-"""The one place for architecture quirks.
+"""Shapes, RoPE and layer-by-layer runs of a decoder, over its family's adapter.
 
-KV Prediction touches the attention internals of a decoder: where keys and values
-come from (k_proj / v_proj, and a key norm on qk-norm models), how RoPE rotates
-keys, and how the cache is laid out. Everything model-family specific lives here;
-the rest of the package talks to `ArchSpec`.
-
-Supported: the Llama and Qwen2 families through transformers (GQA, tied embeddings,
-RoPE scaling), and Qwen3 (per-head key norm). Anything else is refused by name.
+Every family quirk lives in one adapter per family (models/adapters/, dispatched by the
+config's `model_type`); this module gives the rest of the package the shapes (`ArchSpec`),
+the adapter of a model (`adapter`), and the operations built on the adapter that several
+stages share: per-layer RoPE, sliding-window masks, running a decoder layer by layer.
+Supported: Llama, Qwen2, Qwen3 through transformers; anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -16,25 +14,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import KvpError, UnsupportedArchitecture
+from ..errors import KvpError
+from .adapters import ADAPTERS, Adapter, family
 
-# model_type -> has a per-head RMSNorm on keys (applied before RoPE)
-SUPPORTED: dict[str, bool] = {"llama": False, "qwen2": False, "qwen3": True}
+SUPPORTED = tuple(ADAPTERS)
 
 
 def check_supported(config) -> str:
+    """The config's model_type, or one line naming it and the supported families."""
     mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED:
-        archs = ",".join(getattr(config, "architectures", None) or []) or "?"
-        raise UnsupportedArchitecture(
-            f"unsupported architecture '{mt}' ({archs}); supported: {', '.join(sorted(SUPPORTED))}"
-        )
+    family(mt)
     return mt
+
+
+def check_gguf_supported(architecture) -> None:
+    """Refuse a GGUF by its general.architecture before its config is built."""
+    family(architecture, gguf=True)
+
+
+def adapter(model_or_config) -> Adapter:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return family(check_supported(cfg))(cfg)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Shapes and quirks of one decoder, read from its config."""
+    """Shapes of one decoder, read from its config."""
 
     model_type: str
     n_layers: int
@@ -42,7 +47,6 @@ class ArchSpec:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    has_key_norm: bool
     vocab: int
 
     @property
@@ -61,13 +65,8 @@ class ArchSpec:
             n_heads=cfg.num_attention_heads,
             n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
             head_dim=head_dim,
-            has_key_norm=SUPPORTED[mt],
             vocab=cfg.vocab_size,
         )
-
-
-# --- module access (HF *ForCausalLM layout shared by the supported families) ---
-
 
 
 def parameters(config) -> int:
@@ -98,26 +97,17 @@ def check_sizes(config, weight_bytes: int, what: str) -> None:
                        f"{config.vocab_size}), its weights hold {weight_bytes} bytes")
 
 
+def context_length(model_or_config) -> int | None:
+    return adapter(model_or_config).context_length()
+
+
+def int8_keep_fp32() -> tuple[str, ...]:
+    """Names of exported MatMuls the int8 quantizer keeps fp32, over every family."""
+    return tuple(dict.fromkeys(n for cls in ADAPTERS.values() for n in cls.int8_keep_fp32))
+
+
 def decoder_layers(model) -> nn.ModuleList:
-    return model.model.layers
-
-
-def attention(layer) -> nn.Module:
-    return layer.self_attn
-
-
-def key_norm(layer) -> nn.Module | None:
-    return getattr(attention(layer), "k_norm", None)
-
-
-def key_output(layer) -> nn.Module:
-    """The module whose output is the layer's pre-RoPE key in the predictor's space: the key
-    norm on qk-norm models (it reads k_proj's output), else k_proj itself."""
-    return key_norm(layer) or attention(layer).k_proj
-
-
-def rotary(model) -> nn.Module:
-    return model.model.rotary_emb
+    return adapter(model).layers(model)
 
 
 # --- RoPE ---
@@ -128,11 +118,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_cos_sin(model, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, S, D] for `position_ids` [B, S], with the model's own RoPE (scaling included)."""
+def rope_by_kind(model, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """cos/sin [B, S, D] for `position_ids` [B, S] per rotary kind, with the model's own RoPE (scaling included)."""
     dummy = torch.empty(0, dtype=dtype, device=position_ids.device)
-    cos, sin = rotary(model)(dummy, position_ids)
-    return cos, sin
+    return {kind: rot(dummy, position_ids) for kind, rot in adapter(model).rotaries(model).items()}
+
+
+def layer_rope(model, position_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """cos/sin [B, S, D] per decoder layer: each layer with its own rotary embedding."""
+    ad = adapter(model)
+    by_kind = rope_by_kind(model, position_ids, dtype)
+    return [by_kind[ad.rope_kind(i)] for i in range(ArchSpec.of(model).n_layers)]
 
 
 def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -149,9 +145,9 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(b, s, n_heads, hd // n_heads).transpose(1, 2)
 
 
-def normalize_keys(layer, k_merged: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """Apply the layer's key norm (qk-norm models) to merged pre-RoPE keys [B, S, H*D]."""
-    norm = key_norm(layer)
+def normalize_keys(ad: Adapter, layer, k_merged: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Apply the layer's key norm (qk-norm families) to merged pre-RoPE keys [B, S, H*D]."""
+    norm = ad.key_norm(layer)
     if norm is None:
         return k_merged
     b, s, hd = k_merged.shape
@@ -165,22 +161,70 @@ def positions(batch: int, seq: int, device=None) -> torch.Tensor:
     return torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
 
 
+def window_mask(window: int | None, seq: int, dtype: torch.dtype, device=None) -> torch.Tensor | None:
+    """None (plain causal) or the additive [1, 1, S, S] mask of a sliding window: query q sees
+    keys k with q - window < k <= q, as transformers masks sliding layers."""
+    if window is None or seq <= window:
+        return None
+    q = torch.arange(seq, device=device)[:, None]
+    k = torch.arange(seq, device=device)[None]
+    visible = (k <= q) & (k > q - window)
+    return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+
+
+class LayerRunner:
+    """Runs the layers of one model over full, unpadded sequences, each with its own RoPE and mask."""
+
+    def __init__(self, model):
+        self.model, self.ad = model, adapter(model)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ad.embedding(self.model)(input_ids)
+
+    def context(self, h: torch.Tensor):
+        """What every layer of a pass over h [B, S, hidden] shares: RoPE by kind, masks by window."""
+        pos = positions(h.shape[0], h.shape[1], h.device)
+        pe = {kind: rot(h, pos) for kind, rot in self.ad.rotaries(self.model).items()}
+        return pe, {}
+
+    def mask(self, ctx, i: int, h: torch.Tensor):
+        w = self.ad.window(i)
+        masks = ctx[1]
+        if w not in masks:
+            masks[w] = window_mask(w, h.shape[1], h.dtype, h.device)
+        return masks[w]
+
+    def run(self, i: int, layer, h: torch.Tensor, ctx=None) -> torch.Tensor:
+        """Layer `layer` at index i of this model over h (ctx from `context`, or built here)."""
+        ctx = ctx or self.context(h)
+        return self.ad.run_layer(layer, h, ctx[0], self.ad.rope_kind(i), self.mask(ctx, i, h))
+
+    def mlp_parts(self, i: int, layer, h: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, m): the post-attention residual and the MLP's inner activations, so that the layer's
+        output is a + mlp_post_norm(down_proj(m))."""
+        ctx = ctx or self.context(h)
+        ad = self.ad
+        o = ad.attention_branch(layer, ad.input_norm(layer)(h), ctx[0][ad.rope_kind(i)], self.mask(ctx, i, h))
+        post = ad.attn_post_norm(layer)
+        a = h + (post(o) if post is not None else o)
+        return a, ad.mlp_inner(ad.mlp(layer), ad.mlp_norm(layer)(a))
+
+    def mlp_out(self, layer, d: torch.Tensor) -> torch.Tensor:
+        """What the MLP branch adds to the residual, from down_proj's output d."""
+        post = self.ad.mlp_post_norm(layer)
+        return post(d) if post is not None else d
+
+
 def embed(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return model.model.embed_tokens(input_ids)
-
-
-def run_layer(layer: nn.Module, h: torch.Tensor, pos_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """One decoder layer over full, unpadded sequences (causal through SDPA's is_causal)."""
-    pos = positions(h.shape[0], h.shape[1], h.device)
-    out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pos_emb)
-    return out[0] if isinstance(out, tuple) else out
+    return adapter(model).embedding(model)(input_ids)
 
 
 def layer_io(model, input_ids: torch.Tensor):
     """Yield (i, h_in, h_out) for each decoder layer on unpadded sequences [B, S]."""
-    h = embed(model, input_ids)
-    pe = rotary(model)(h, positions(h.shape[0], h.shape[1], h.device))
+    run = LayerRunner(model)
+    h = run.embed(input_ids)
+    ctx = run.context(h)
     for i, layer in enumerate(decoder_layers(model)):
-        out = run_layer(layer, h, pe)
+        out = run.run(i, layer, h, ctx)
         yield i, h, out
         h = out

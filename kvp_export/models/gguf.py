@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
 from ..errors import KvpError
 from ..log import get_logger
-from .arch import check_sizes, check_supported
+from .arch import check_gguf_supported, check_sizes, check_supported
 from .tokenizer import _FOLDER_TOKENIZER_KW, _first_line, check_same_tokenizer
 
 log = get_logger()
@@ -40,7 +39,7 @@ def _gguf_config(gguf: Path, meta: dict[str, Any]):
     """The GGUF's transformers config, refused by architecture before any weight is read."""
     from transformers import AutoConfig
 
-    check_supported(SimpleNamespace(model_type=meta.get("general.architecture"), architectures=None))
+    check_gguf_supported(meta.get("general.architecture"))
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     check_supported(config)
     check_sizes(config, gguf.stat().st_size, f"GGUF file {gguf}")

@@ -1,6 +1,6 @@
 """Capturing what the predictor reads and what it must reproduce.
 
-Forward hooks on each layer's k_proj / v_proj see, in one pass:
+Forward hooks on each layer's k_proj / v_proj (found by the family's adapter) see, in one pass:
 - the normed hidden state entering attention (k_proj's input): the "hidden" input mode;
 - pre-RoPE keys (after the key norm on qk-norm models) and values: the "kv" input mode,
   and the targets the predictor is fitted to.
@@ -33,8 +33,8 @@ def capture(model, *, hidden: bool = True, kv: bool = True, detach: bool = True)
 
     `detach=False` keeps them in the autograd graph (end-to-end training backpropagates
     through the predictor into the aux)."""
-    spec = arch.ArchSpec.of(model)
-    layers = arch.decoder_layers(model)
+    spec, ad = arch.ArchSpec.of(model), arch.adapter(model)
+    layers = ad.layers(model)
     got = Captured([None] * (len(layers) + 1), [None] * len(layers), [None] * len(layers))
     handles = []
     keep = torch.Tensor.detach if detach else (lambda t: t)
@@ -44,7 +44,7 @@ def capture(model, *, hidden: bool = True, kv: bool = True, detach: bool = True)
             if hidden:
                 got.hidden[i] = keep(inp[0])
             if kv:
-                got.keys[i] = keep(arch.normalize_keys(layer, out, spec.n_kv_heads))
+                got.keys[i] = keep(arch.normalize_keys(ad, layer, out, spec.n_kv_heads))
 
         return hook
 
@@ -59,12 +59,12 @@ def capture(model, *, hidden: bool = True, kv: bool = True, detach: bool = True)
 
     try:
         if hidden:
-            handles.append(model.model.norm.register_forward_hook(on_final))
+            handles.append(ad.final_norm(model).register_forward_hook(on_final))
         for i, layer in enumerate(layers):
-            attn = arch.attention(layer)
-            handles.append(attn.k_proj.register_forward_hook(on_k(i, layer)))
+            _q, k_proj, v_proj, _o = ad.projections(layer)
+            handles.append(k_proj.register_forward_hook(on_k(i, layer)))
             if kv:
-                handles.append(attn.v_proj.register_forward_hook(on_v(i)))
+                handles.append(v_proj.register_forward_hook(on_v(i)))
         yield got
     finally:
         for h in handles:
@@ -75,12 +75,12 @@ def predictor_inputs(aux, input_mode: str, **forward) -> tuple[list, list]:
     """Run the aux decoder (no LM head) and return per aux layer (x_k, x_v) for `input_mode`."""
     hidden = input_mode == "hidden"
     with capture(aux, hidden=hidden, kv=not hidden) as got:
-        aux.model(use_cache=False, **forward)
+        arch.adapter(aux).decoder(aux)(use_cache=False, **forward)
     return (got.hidden, got.hidden) if hidden else (got.keys, got.values)
 
 
 def true_kv(base, **forward) -> tuple[list, list]:
     """Run the base decoder (no LM head) and return per layer (pre-RoPE keys, values)."""
     with capture(base, hidden=False, kv=True) as got:
-        base.model(use_cache=False, **forward)
+        arch.adapter(base).decoder(base)(use_cache=False, **forward)
     return got.keys, got.values

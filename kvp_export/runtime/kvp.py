@@ -44,7 +44,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_context(model, input_ids: torch.Tensor, extra: int = 0) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = arch.context_length(model)
     if limit and input_ids.shape[1] + extra > limit:
         raise KvpError(
             f"prompt of {input_ids.shape[1]} tokens (+{extra} to generate) is longer than the context ({limit})"
@@ -76,7 +76,7 @@ class SinkCache:
     def get(self, tokens: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if tokens not in self._memo:
             ids = torch.tensor([tokens], device=self.base.device)
-            out = self.base.model(input_ids=ids, use_cache=True)
+            out = arch.adapter(self.base).decoder(self.base)(input_ids=ids, use_cache=True)
             cache = out.past_key_values
             self._memo[tokens] = [(cache.layers[i].keys[0], cache.layers[i].values[0]) for i in range(len(cache.layers))]
             if len(self._memo) > self.max_entries:
@@ -99,9 +99,8 @@ def predict_kv(
     if xk[0].dtype != pdt:
         xk = [x.to(pdt) for x in xk]
         xv = xk if input_mode_shared(predictor) else [x.to(pdt) for x in xv]
-    cos, sin = arch.rope_cos_sin(base, ctx_pos, pdt)
     out = []
-    for k, v in predictor(xk, xv):
+    for (k, v), (cos, sin) in zip(predictor(xk, xv), arch.layer_rope(base, ctx_pos, pdt)):
         k = arch.apply_rope(arch.split_heads(k, spec.n_kv_heads), cos, sin)
         out.append((k.to(bdt), arch.split_heads(v, spec.n_kv_heads).to(bdt)))
     return out
@@ -116,9 +115,8 @@ def _constant_kv(predictor: KVPredictor, spec, ctx_pos, base, source: str):
     """The trivial baselines' KV: the calibration mean per layer, or zeros (masked out)."""
     b, s = ctx_pos.shape
     dt = base.dtype
-    cos, sin = arch.rope_cos_sin(base, ctx_pos, dt)
     out = []
-    for i in range(spec.n_layers):
+    for i, (cos, sin) in enumerate(arch.layer_rope(base, ctx_pos, dt)):
         if source == "mean":
             k = predictor.mean_k[i].to(ctx_pos.device, dt).expand(b, s, -1)
             v = predictor.mean_v[i].to(ctx_pos.device, dt).expand(b, s, -1)

@@ -33,7 +33,7 @@ from ..limits import check_limits
 from ..models import check_same_tokenizer, load
 from ..models.arch import ArchSpec
 from ..predictor.module import KVPredictor
-from ..stage import ref_spec
+from ..stage import context_len, ref_spec
 from .decode import Sampling, decode
 from .kvp import Prefilled, SinkCache, check_context, prefill_full, prefill_kvp
 
@@ -156,7 +156,7 @@ class KVPPipeline:
             found = json.loads(path.read_text())["crossover"]
         except (OSError, ValueError, KeyError):
             measured = True
-            limit = getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30
+            limit = context_len(self.base) or 1 << 30
             gen = torch.Generator().manual_seed(0)
             vocab = self.base.config.vocab_size
 

@@ -115,7 +115,7 @@ def freeze(base, recipe: Recipe) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRAD_CKPT)
         base.train()
         for layer in arch.decoder_layers(base):
-            arch.attention(layer).attention_dropout = 0.0
+            arch.adapter(base).attention(layer).attention_dropout = 0.0
 
 
 def wrap(trainee: Trainee, recipe: Recipe, world: World, device: torch.device):

@@ -5,7 +5,7 @@ per-layer inputs to the base's keys (pre-RoPE, after the key norm) and values, a
 runs over the same sequence with every layer's K/V replaced by the predicted ones, so its
 queries attend only to predicted KV (the exact sink prefix excepted, as at inference,
 runtime/kvp.py). Forward hooks do the replacement on the module that emits the pre-RoPE key
-(k_proj, or the key norm on qk-norm models: arch.key_output) and on v_proj; the base then
+(k_proj, or the key norm on qk-norm models: the adapter's key_output) and on v_proj; the base then
 applies RoPE and causal attention itself, so training runs the attention code inference runs.
 
 Loss = CE(base with predicted KV) + CE(aux) + lambda_C * sum over layers of the mean L1
@@ -39,15 +39,17 @@ class PredictedKV:
     def __init__(self, base):
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._handles = []
-        for i, layer in enumerate(arch.decoder_layers(base)):
-            self._handles.append(arch.key_output(layer).register_forward_hook(self._hook(i, 0)))
-            self._handles.append(arch.attention(layer).v_proj.register_forward_hook(self._hook(i, 1)))
+        ad = arch.adapter(base)
+        for i, layer in enumerate(ad.layers(base)):
+            self._handles.append(ad.key_output(layer).register_forward_hook(self._hook(i, 0, ad.as_key_output)))
+            self._handles.append(ad.value_output(layer).register_forward_hook(
+                self._hook(i, 1, lambda v, like: v.reshape(like.shape))))
 
-    def _hook(self, i: int, which: int):
+    def _hook(self, i: int, which: int, layout):
         def hook(_mod, _inp, out):
             if self.kv is None:
                 return None
-            return self.kv[i][which].reshape(out.shape).to(out.dtype)
+            return layout(self.kv[i][which], out).to(out.dtype)
 
         return hook
 
@@ -104,7 +106,7 @@ class Objective:
             if self.r.kl:
                 logits = self.base(input_ids=ids, use_cache=False).logits
             else:
-                self.base.model(input_ids=ids, use_cache=False)
+                arch.adapter(self.base).decoder(self.base)(input_ids=ids, use_cache=False)
                 logits = None
         return list(zip(got.keys, got.values)), logits
 

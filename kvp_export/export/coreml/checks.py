@@ -42,7 +42,7 @@ def run_modules(prefill, decode, stateful: bool, ids: torch.Tensor, bucket: int,
     x = torch.zeros(1, bucket, dtype=torch.int32)
     x[0, :n] = ids[0]
     last = torch.tensor([n - 1], dtype=torch.int32)
-    dtype = decode.base.cos.dtype
+    dtype = decode.base.lm_head.weight.dtype
     if stateful:
         prefill.key_cache.zero_()
         prefill.value_cache.zero_()

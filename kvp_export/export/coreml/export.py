@@ -32,7 +32,7 @@ from ...config import CoremlConfig, configure
 from ...errors import KvpError
 from ...models.arch import ArchSpec
 from ...runtime.pipeline import KVPPipeline
-from ...stage import Clock, check_paths, model_ref, seed_all
+from ...stage import Clock, check_paths, context_len, model_ref, seed_all
 from . import checks, compress, convert
 from .stateful import build
 
@@ -68,7 +68,7 @@ def export_coreml(predictor: str | Path, out: str | Path, config: CoremlConfig |
     with clock.step("load"):
         pipe = KVPPipeline.from_predictor(predictor)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
-    limits = {name: getattr(m.config, "max_position_embeddings", 0) or 0 for name, m in (("base", base), ("aux", aux))}
+    limits = {name: context_len(m) or 0 for name, m in (("base", base), ("aux", aux))}
     lengths = check_shapes(context, cfg.prompt_lengths, pipe.sink_len, limits)
     shapes = convert.shapes_for(base, context, lengths)
     spec = ArchSpec.of(base)

@@ -14,7 +14,10 @@ PyTorch KVP path (runtime/kvp.py):
   0..s-1), the last token sees slots 0..n-1 (its own KV replaces slot n-1). Slots n..N-1
   hold predictions for padding: masked, and overwritten by decode before they are seen.
 - decode: one token at `position` writes its KV into that slot and attends to slots
-  0..position.
+  0..position (position - W + 1..position on a sliding-window layer of window W; slot =
+  position, so the window is exact).
+Each layer rotates with its own RoPE table and attends with its own scale (the family's
+adapter says which, models/adapters/).
 
 Stateful (iOS 18): the cache is two registered buffers, [layers, 1, Hkv, context, D],
 which coremltools turns into Core ML states, written by slice assignment. Stateless
@@ -39,18 +42,24 @@ import torch
 from torch import nn
 
 from ...models import arch
-from ..modules import KVPPrefill, Layer
+from ..modules import KVPPrefill, Layer, LayerPlan
 
 MASKED = -1e4  # additive mask: exp underflows to 0 in fp16, and never overflows like finfo.min
 
 
 class ScaledRMSNorm(nn.Module):
-    """RMSNorm that cannot overflow in float16: x / max|x| is squared, not x (same result)."""
+    """RMSNorm that cannot overflow in float16: x / max|x| is squared, not x (same result).
+    The per-channel factor is the adapter's `norm_weight` (w, or 1 + w in families that store
+    the offset)."""
 
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, ad):
         super().__init__()
-        self.weight = norm.weight
-        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        w = ad.norm_weight(norm)
+        if isinstance(w, nn.Parameter):
+            self.weight = w
+        else:
+            self.register_buffer("weight", w.detach().clone(), persistent=False)
+        self.eps = ad.norm_eps(norm)
 
     def forward(self, x):
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-3)
@@ -58,14 +67,14 @@ class ScaledRMSNorm(nn.Module):
         return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / s / s))
 
 
-def attend4(q, k, v, bias):
+def attend4(q, k, v, bias, scale: float):
     """GQA attention in 4-D: q [1,H,T,D], k/v [1,Hkv,K,D], additive bias [T,K] -> [1,T,H*D].
 
     Query heads are grouped onto their KV head (head h reads KV head h // rep, as in HF)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
-    scores = torch.matmul(q.reshape(b, hkv, rep * t, d) * (d**-0.5), k.transpose(-1, -2))
+    scores = torch.matmul(q.reshape(b, hkv, rep * t, d) * scale, k.transpose(-1, -2))
     probs = torch.softmax(scores + torch.cat([bias] * rep).to(scores.dtype), dim=-1)
     out = torch.matmul(probs, v).view(b, h, t, d)
     return out.transpose(1, 2).reshape(b, t, h * d)
@@ -75,17 +84,39 @@ def mask_bias(visible):
     return torch.where(visible, 0.0, MASKED)
 
 
-def rope_tables(model, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [context, D] in float32 with the model's own RoPE (scaling included)."""
-    cos, sin = arch.rope_cos_sin(model, torch.arange(context)[None], torch.float32)
-    return cos[0], sin[0]
+def window_biases(windows, q_pos, k_pos) -> list[torch.Tensor]:
+    """Per layer, the additive bias [T, K] of queries at q_pos [T] over keys at k_pos [K]:
+    causal, and within the layer's window where it has one."""
+    causal = k_pos[None, :] <= q_pos[:, None]
+    by_window = {w: mask_bias(causal if w is None else causal & (q_pos[:, None] - k_pos[None, :] < w))
+                 for w in dict.fromkeys(windows)}
+    return [by_window[w] for w in windows]
+
+
+class RopeTables(nn.Module):
+    """cos, sin [context, D] per rotary kind in float32 with the model's own RoPE (scaling
+    included), and which kind each layer uses."""
+
+    def __init__(self, model, context: int):
+        super().__init__()
+        plan = LayerPlan(model)
+        self.kinds, self.windows = plan.kinds, plan.windows
+        for kind, (cos, sin) in arch.rope_by_kind(model, torch.arange(context)[None], torch.float32).items():
+            self.register_buffer(f"cos_{kind}", cos[0], persistent=False)
+            self.register_buffer(f"sin_{kind}", sin[0], persistent=False)
+
+    def per_layer(self, select) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin [1, T, D] per layer; `select` picks the rows of a [context, D] table."""
+        by_kind = {k: (select(getattr(self, f"cos_{k}"))[None], select(getattr(self, f"sin_{k}"))[None])
+                   for k in dict.fromkeys(self.kinds)}
+        return [by_kind[k] for k in self.kinds]
 
 
 def fp16_safe(layer: Layer) -> Layer:
-    for name in ("norm1", "norm2", "q_norm", "k_norm"):
+    for name in ("norm1", "post1", "norm2", "post2", "q_norm", "k_norm"):
         norm = getattr(layer, name)
         if norm is not None:
-            setattr(layer, name, ScaledRMSNorm(norm))
+            setattr(layer, name, ScaledRMSNorm(norm, layer.ad))
     return layer
 
 
@@ -94,17 +125,16 @@ class BaseStack(nn.Module):
 
     def __init__(self, base, context: int):
         super().__init__()
-        self.spec = arch.ArchSpec.of(base)
-        self.embed = base.model.embed_tokens
-        self.layers = nn.ModuleList(fp16_safe(Layer(layer, self.spec)) for layer in arch.decoder_layers(base))
-        self.norm, self.lm_head = ScaledRMSNorm(base.model.norm), base.lm_head
-        cos, sin = rope_tables(base, context)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.spec, ad = arch.ArchSpec.of(base), arch.adapter(base)
+        self.embed = ad.embedding(base)
+        self.layers = nn.ModuleList(fp16_safe(Layer(layer, ad, self.spec)) for layer in ad.layers(base))
+        self.norm, self.lm_head = ScaledRMSNorm(ad.final_norm(base), ad), ad.lm_head(base)
+        self.ropes = RopeTables(base, context)
         self.register_buffer("slots", torch.arange(context, dtype=torch.int32), persistent=False)
 
     def rope(self, pos):
-        return self.cos.index_select(0, pos)[None], self.sin.index_select(0, pos)[None]
+        """cos, sin [1, T, D] per layer at positions pos [T]."""
+        return self.ropes.per_layer(lambda t: t.index_select(0, pos))
 
     def logits(self, h):
         return self.lm_head(self.norm(h[:, -1]))
@@ -121,11 +151,9 @@ class _Prefill(nn.Module):
         self.kvp = KVPPrefill(base, aux, predictor, sink_len)
         for layer in self.kvp.layers:
             fp16_safe(layer)
-        self.kvp.final_norm = ScaledRMSNorm(self.kvp.final_norm)
+        self.kvp.final_norm = ScaledRMSNorm(self.kvp.final_norm, arch.adapter(aux))
         self.base = BaseStack(base, context)
-        cos, sin = rope_tables(aux, context)
-        self.register_buffer("aux_cos", cos, persistent=False)
-        self.register_buffer("aux_sin", sin, persistent=False)
+        self.aux_ropes = RopeTables(aux, context)
         self.sink_len = sink_len
 
     def run(self, input_ids, last_index):
@@ -133,30 +161,29 @@ class _Prefill(nn.Module):
         n = input_ids.shape[1]
         bs = self.base.spec
         idx = self.base.slots[:n]
-        causal = mask_bias(idx[None, :] <= idx[:, None])
-        cos, sin = self.aux_cos[:n][None], self.aux_sin[:n][None]
+        aux_rope = self.aux_ropes.per_layer(lambda t: t[:n])
+        aux_bias = window_biases(self.aux_ropes.windows, idx, idx)
 
-        def step(layer, h):
-            q, k, v, k_pre, v_pre, extra = layer.project(h, cos, sin)
-            return layer.finish(h, attend4(q, k, v, causal)), k_pre, v_pre, extra
+        def step(j, layer, h):
+            q, k, v, k_pre, v_pre, extra = layer.project(h, *aux_rope[j])
+            return layer.finish(h, attend4(q, k, v, aux_bias[j], layer.scale)), k_pre, v_pre, extra
 
         predicted = self.kvp.predict(self.kvp.embed(input_ids), step)
 
         s = self.sink_len
         pos = torch.cat([idx[:s], last_index])
         h = self.base.embed(torch.cat([input_ids[:, :s], input_ids.index_select(1, last_index)], dim=1))
-        qcos, qsin = self.base.rope(pos)
-        bias = mask_bias(idx[None, :] <= pos[:, None])
+        q_rope, k_rope = self.base.rope(pos), self.base.ropes.per_layer(lambda t: t[:n])
+        biases = window_biases(self.base.ropes.windows, pos, idx)
         is_last = (idx == last_index).view(1, 1, n, 1)
-        bcos, bsin = self.base.cos[:n][None], self.base.sin[:n][None]
         keys, values = [], []
-        for layer, (pk, pv) in zip(self.base.layers, predicted):
-            pk = arch.apply_rope(pk.view(1, n, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
+        for i, (layer, (pk, pv)) in enumerate(zip(self.base.layers, predicted)):
+            pk = arch.apply_rope(pk.view(1, n, bs.n_kv_heads, bs.head_dim).transpose(1, 2), *k_rope[i])
             pv = pv.view(1, n, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
-            q, k, v, *_ = layer.project(h, qcos, qsin)
+            q, k, v, *_ = layer.project(h, *q_rope[i])
             k = torch.where(is_last, k[:, :, s:], torch.cat([k[:, :, :s], pk[:, :, s:]], dim=2))
             v = torch.where(is_last, v[:, :, s:], torch.cat([v[:, :, :s], pv[:, :, s:]], dim=2))
-            h = layer.finish(h, attend4(q, k, v, bias))
+            h = layer.finish(h, attend4(q, k, v, biases[i], layer.scale))
             keys.append(k)
             values.append(v)
         return self.base.logits(h), torch.stack(keys), torch.stack(values)
@@ -171,15 +198,15 @@ class _Decode(nn.Module):
         """-> logits [1, V], the updated cache [layers, 1, Hkv, context, D], this token's KV [layers, 1, Hkv, 1, D]."""
         slots = self.base.slots
         here = (slots == position).view(1, 1, -1, 1)
-        bias = mask_bias(slots <= position)[None]
-        cos, sin = self.base.rope(position)
+        biases = window_biases(self.base.ropes.windows, position, slots)
+        ropes = self.base.rope(position)
         h = self.base.embed(input_ids)
         keys, values, new_k, new_v = [], [], [], []
         for i, layer in enumerate(self.base.layers):
-            q, k_new, v_new, *_ = layer.project(h, cos, sin)
+            q, k_new, v_new, *_ = layer.project(h, *ropes[i])
             k = torch.where(here, k_new, cache_k[i])
             v = torch.where(here, v_new, cache_v[i])
-            h = layer.finish(h, attend4(q, k, v, bias))
+            h = layer.finish(h, attend4(q, k, v, biases[i], layer.scale))
             keys.append(k)
             values.append(v)
             new_k.append(k_new)
