@@ -92,9 +92,11 @@ def models_list(as_json: bool):
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Rebuild the converted folder.")
 def models_pull(name: str, force: bool):
-    """Fetch, verify and convert zoo model NAME; print its cache folder."""
+    """Fetch, verify and convert zoo model NAME; print its license (on stderr) and its cache folder."""
     from .models import pull
+    from .models.zoo import entry
 
+    click.echo(f"{name}: license {entry(name).license}; see LICENSE-NOTICE.txt in its folder", err=True)
     click.echo(pull(name, force=force))
 
 

@@ -29,6 +29,14 @@ def seqs(n=12, length=32, vocab=100, seed=0):
     return torch.randint(3, vocab, (n, length), generator=g)
 
 
+def test_required_layers_are_kept_within_the_same_count():
+    """Gemma 3 270M's global layers (5, 11, 17) at keep 0.5: the plain pattern keeps none of them."""
+    assert regular_layers(18, 0.5) == list(range(0, 18, 2))
+    assert regular_layers(18, 0.5, [5, 11, 17]) == [0, 2, 5, 6, 8, 11, 12, 14, 17]
+    assert regular_layers(18, 0.25, [5, 11, 17]) == [0, 5, 8, 11, 17]
+    assert regular_layers(30, 0.5, [0, 2]) == regular_layers(30, 0.5)  # already kept: unchanged
+
+
 def test_regular_pattern_matches_the_paper():
     assert regular_layers(28, 0.25) == [0, 4, 8, 12, 16, 20, 24]
     assert regular_layers(30, 0.5) == list(range(0, 30, 2))

