@@ -86,7 +86,7 @@ def models_list(as_json: bool):
     for r in rows:
         mark = "*" if r["default"] else " "
         state = "cached" if r["cached"] else "not cached"
-        click.echo(f"{mark} {r['name']:<20} {r['arch']:<6} {r['layers']:>3} layers  {r['size']:>7}  "
+        click.echo(f"{mark} {r['name']:<20} {r['arch']:<11} {r['layers']:>3} layers  {r['size']:>7}  "
                    f"{r['license']:<11} {state}")
     click.echo("(* default)")
 

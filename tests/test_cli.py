@@ -63,7 +63,16 @@ def test_models_list():
     text = ok(kvp("models", "list")).stdout
     assert re.search(r"\* smollm2-135m .* 30 layers .* not cached", text)
     rows = json.loads(ok(kvp("models", "list", "--json")).stdout)
-    assert {r["name"] for r in rows} == {"smollm2-135m", "qwen2.5-coder-0.5b"}
+    assert {r["name"] for r in rows} == {"smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"}
+    assert re.search(r"gemma3-270m +gemma3_text +18 layers .* Gemma Terms of Use", text)
+
+
+def test_models_pull_prints_the_license(monkeypatch, tmp_path):
+    import kvp_export.models as models
+
+    monkeypatch.setattr(models, "pull", lambda name, force=False: tmp_path)
+    r = ok(kvp("models", "pull", "gemma3-270m"))
+    assert "license Gemma Terms of Use (https://ai.google.dev/gemma/terms)" in r.stderr and str(tmp_path) in r.stdout
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -1,6 +1,6 @@
 """Every supported family, through the whole toolchain on its tiny random model.
 
-derive -> fit -> generate (PyTorch KVP) -> ONNX export -> parity -> ONNX generation -> the Core
+derive -> fit -> train (two steps) -> generate (PyTorch KVP) -> ONNX export -> parity -> ONNX generation -> the Core
 ML modules' numeric check (what Linux allows: no Core ML prediction here). A family registered
 in kvp_export/models/adapters/ without a tiny model (tiny_models.py) fails
 `test_every_family_has_a_tiny_model` (optimum's test_all_models_tested pattern).
@@ -71,6 +71,7 @@ def test_family_through_the_toolchain(tmp_path, corpus, family):
     from kvp_export.export.onnx_export import export_onnx
     from kvp_export.predictor.fit import fit
     from kvp_export.runtime.pipeline import KVPPipeline
+    from kvp_export.train import train
     from kvp_validate.artifact import OnnxArtifact
     from kvp_validate.parity import run_parity
     from kvp_validate.runtime import OnnxKVP
@@ -80,6 +81,8 @@ def test_family_through_the_toolchain(tmp_path, corpus, family):
     aux = derive(tmp_path / "aux", base=str(base), keep=0.5, heal="bridge", calib=calib, calib_tokens=1024,
                  progress=False)
     pred = fit(aux, tmp_path / "pred", calib=calib, calib_tokens=1024, progress=False)
+    trained = train(tmp_path / "trained", predictor=pred, steps=2, data=calib, seq_len=LONG, batch=2, progress=False)
+    assert KVPPipeline.from_predictor(trained).aux is not None
     pipe = KVPPipeline.from_predictor(pred)
     words = " ".join(f"w{i % 90}" for i in range(LONG))
     prompts = [words, "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16"]

@@ -38,7 +38,7 @@ def error_of(path: Path, overrides=()) -> str:
 
 def test_shipped_recipes_are_valid():
     names = sorted(p.relative_to(ROOT / "recipes").as_posix() for p in (ROOT / "recipes").glob("*/*.yaml"))
-    assert names == ["qwen2.5-coder-0.5b/keep-0.50.yaml", "smollm2-135m/keep-0.25.yaml",
+    assert names == ["gemma3-270m/keep-0.50.yaml", "qwen2.5-coder-0.5b/keep-0.50.yaml", "smollm2-135m/keep-0.25.yaml",
                      "smollm2-135m/keep-0.50.yaml", "smollm2-135m/keep-0.75.yaml", "tiny/ci.yaml"]
     for n in names:
         r = load_recipe(ROOT / "recipes" / n)

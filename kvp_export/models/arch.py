@@ -17,8 +17,6 @@ from torch import nn
 from ..errors import KvpError
 from .adapters import ADAPTERS, Adapter, family
 
-SUPPORTED = tuple(ADAPTERS)
-
 
 def check_supported(config) -> str:
     """The config's model_type, or one line naming it and the supported families."""

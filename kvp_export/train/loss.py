@@ -41,14 +41,15 @@ class PredictedKV:
         self._handles = []
         ad = arch.adapter(base)
         for i, layer in enumerate(ad.layers(base)):
-            self._handles.append(ad.key_output(layer).register_forward_hook(self._hook(i, 0)))
-            self._handles.append(ad.value_output(layer).register_forward_hook(self._hook(i, 1)))
+            self._handles.append(ad.key_output(layer).register_forward_hook(self._hook(i, 0, ad.as_key_output)))
+            self._handles.append(ad.value_output(layer).register_forward_hook(
+                self._hook(i, 1, lambda v, like: v.reshape(like.shape))))
 
-    def _hook(self, i: int, which: int):
+    def _hook(self, i: int, which: int, layout):
         def hook(_mod, _inp, out):
             if self.kv is None:
                 return None
-            return self.kv[i][which].reshape(out.shape).to(out.dtype)
+            return layout(self.kv[i][which], out).to(out.dtype)
 
         return hook
 

@@ -92,6 +92,11 @@ class Adapter:
         """The module whose output is the layer's pre-RoPE key in the predictor's space."""
         return self.key_norm(layer) or self.projections(layer)[1]
 
+    def as_key_output(self, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Merged pre-RoPE keys k [B, S, H*D] laid out as key_output's output `like` (training
+        substitutes predicted keys there): [B, S, H*D] or [B, S, H, D] here."""
+        return k.reshape(like.shape)
+
     def value_output(self, layer) -> nn.Module:
         return self.projections(layer)[2]
 

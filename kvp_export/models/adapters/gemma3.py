@@ -78,3 +78,8 @@ class Gemma3(Adapter):
 
     def required_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types()) if t == "full_attention"]
+
+    def as_key_output(self, k, like):
+        """k_norm runs on keys already transposed to [B, H, S, D]."""
+        b, s, _ = k.shape
+        return k.view(b, s, like.shape[1], like.shape[-1]).transpose(1, 2)
