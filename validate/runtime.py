@@ -372,11 +372,13 @@ class OnnxKVP:
         if not self.io_binding:
             return sess.run(None, {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feeds.items()})
         binding = sess.io_binding()
+        # numpy inputs are bound by address: keep every array alive until the run has returned
+        feeds = {k: v if isinstance(v, ort.OrtValue) else np.ascontiguousarray(v) for k, v in feeds.items()}
         for k, v in feeds.items():
             if isinstance(v, ort.OrtValue):
                 binding.bind_ortvalue_input(k, v)
             else:
-                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+                binding.bind_cpu_input(k, v)
         outputs = self.art.manifest.io[name].outputs
         for k in outputs:
             binding.bind_output(k, "cpu")
