@@ -99,8 +99,9 @@ def models_pull(name: str, force: bool):
     from .models import pull
     from .models.zoo import entry
 
+    folder = pull(name, force=force)  # a refusal (unknown name, bad cache, hash) prints its one line alone
     click.echo(f"{name}: license {entry(name).license}; see LICENSE-NOTICE.txt in its folder", err=True)
-    click.echo(pull(name, force=force))
+    click.echo(folder)
 
 
 # --------------------------------------------------------------------------- data

@@ -75,7 +75,7 @@ def test_models_pull_prints_the_license(monkeypatch, tmp_path):
     assert "license Gemma Terms of Use (https://ai.google.dev/gemma/terms)" in r.stderr and str(tmp_path) in r.stdout
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama"])  # every family end to end: tests/test_families.py
 def test_derive_fit_generate_eval(assets, calib, tmp_path, family):
     aux, pred, rep = tmp_path / "aux", tmp_path / "pred", tmp_path / "report"
     assert ok(kvp("derive", "--base", assets[family], "-k", "0.5", "--heal", "bridge", *calib, "-o", aux)).stdout \

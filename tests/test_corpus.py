@@ -196,7 +196,7 @@ def test_shards_stream_what_in_memory_tokenisation_makes(source):
         assert rows.sha256(chunk=3) == hashlib.sha256(expect.numpy().astype("int64").tobytes()).hexdigest()
     assert description["tokens"]["calib"] == len(_open(source, tok, "calib").stream)
     assert description["tokens"]["heldout"] > 0 and description["tokenizer_sha256"] == shards.tokenizer_sha256(tok)
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))  # all a stage reads of it here
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llama", max_position_embeddings=64))  # all a stage reads of it here
     seqs, calib = stage.calibration(tok, model, ["test-code"], 2000, seq_len=16, stream=True)
     assert isinstance(seqs, shards.Rows) and calib["tokens"] == seqs.numel() == 2000 // 16 * 16
     tensor, same = stage.calibration(tok, model, ["test-code"], 2000, seq_len=16)
@@ -213,7 +213,7 @@ def test_training_batches_stream_from_shards_as_from_memory(source):
 
     docs = data.corpus_from_spec(["test-code"], "calib")
     tok = bpe_tokenizer([d.text for d in docs.documents])
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llama", max_position_embeddings=64))
     rows, _ = stage.calibration(tok, model, ["test-code"], 4000, seq_len=16, stream=True)
     r = recipe(batch=3, accum=2, seq_len=16, seed=5)
     streamed, held = Batches(rows, r, 0), Batches(rows.tensor(), r, 0)
