@@ -453,3 +453,18 @@ def test_validate_coldstart_and_default_mode_are_reported_and_gateable(exported,
     assert cross["prompt_len"] in (None, *lens)
     assert m.get("crossover.fp32.export") == cross["prompt_len"]
     assert "## Cold start" in r.output and "## Default mode (auto)" in r.output
+
+
+def test_the_spin_policy_reaches_every_session(exported):
+    """The runtime's sessions carry the policy it was given (the default stops spinning when a
+    run returns), and the tokens do not depend on it."""
+    from kvp_validate.runtime import OnnxKVP
+
+    prompt = ["w1 w2 w3 w4 w5 w6 the fox def w7"]
+    tokens = {}
+    for spin, key, want in (("run", "session.force_spinning_stop", "1"), ("off", "session.intra_op.allow_spinning", "0")):
+        rt = OnnxKVP(exported, "fp32", threads=1, spin=spin)
+        tokens[spin] = rt.generate(prompt, max_new_tokens=4, mode="kvp").token_ids
+        for name in ("kvp_prefill", "base_decode"):
+            assert rt.session(name).get_session_options().get_session_config_entry(key) == want
+    assert tokens["run"] == tokens["off"]
