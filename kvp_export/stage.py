@@ -107,10 +107,6 @@ def ref_spec(ref: dict) -> str:
     return ref["spec"] if ref["spec"] in ZOO else ref["path"]
 
 
-def context_len(model) -> int | None:
-    """The model's context length (its family's adapter knows where the config keeps it)."""
-    return context_length(model)
-
 
 def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split: str = "calib",
               seq_len: int = SEQ_LEN, mix: str = "default", stream: bool = False) -> tuple[torch.Tensor, dict]:
@@ -120,7 +116,7 @@ def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split
     corpus (`pypi-code`) is read from its cached token shards; with `stream` its rows stay
     there and are read on demand (a `corpus.shards.Rows`, indexable like the tensor).
     """
-    seq_len = min(seq_len, context_len(model) or seq_len)
+    seq_len = min(seq_len, context_length(model) or seq_len)
     name = data.named_source(paths)
     if name is not None:
         from . import corpus

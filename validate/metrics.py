@@ -22,7 +22,6 @@ KVP_SPEEDUP = "kvp_speedup"  # base prefill time / KVP time at one point
 AUTO = "auto"  # the default mode (KVP from the crossover length on, the base below it)
 WORST_VS_BASE = "worst_vs_base"  # the default mode's worst TTFT / the base's, over the lengths timed
 FIRST_TOKEN_MS = "first_token_ms"  # cold start: a fresh process's time to the first token
-TTFT_POINT_KEYS = ("kvp_speedup", "kvp_flops_ratio", "kvp_efficiency", "aux_speedup", "kvp_over_aux", "auto_vs_base")
 COLDSTART_KEYS = ("first_token", "load", "first_call", "warm")
 
 
@@ -39,6 +38,9 @@ def point(batch: int, prompt_len: int) -> str:
 def vs_base(path: str) -> str:
     """A path's cold start or TTFT over the base's: `kvp_vs_base`, `auto_vs_base`."""
     return f"{path}_vs_base"
+
+
+TTFT_POINT_KEYS = (KVP_SPEEDUP, "kvp_flops_ratio", "kvp_efficiency", "aux_speedup", "kvp_over_aux", vs_base(AUTO))
 
 
 def _put(m: dict, values: dict, *key: str) -> None:

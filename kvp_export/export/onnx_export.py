@@ -33,7 +33,7 @@ from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifes
 from ..errors import KvpError
 from ..models import arch
 from ..models.arch import ArchSpec
-from ..stage import Clock, check_positive, context_len
+from ..stage import Clock, check_positive
 from .genai import write_genai_config
 from .graph_jobs import flops_job, run_graph_jobs, variant_graph, worker_count
 from .quantize import check_variants
@@ -63,7 +63,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
     pipe = load_source(predictor, seed, clock)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     spec, aux_spec = ArchSpec.of(base), ArchSpec.of(aux)
-    context = context_len(base) or 0
+    context = arch.context_length(base) or 0
     if prompt_len + cont_len > context > 0:
         raise KvpError(f"evaluation pairs of {prompt_len}+{cont_len} tokens exceed the context ({context})")
     with clock.step("data"):

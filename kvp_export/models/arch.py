@@ -4,7 +4,7 @@ Every family quirk lives in one adapter per family (models/adapters/, dispatched
 config's `model_type`); this module gives the rest of the package the shapes (`ArchSpec`),
 the adapter of a model (`adapter`), and the operations built on the adapter that several
 stages share: per-layer RoPE, sliding-window masks, running a decoder layer by layer.
-Supported: Llama, Qwen2, Qwen3 through transformers; anything else is refused by name.
+Supported: Llama, Qwen2, Qwen3 and Gemma 3 (text) through transformers; anything else is refused by name.
 """
 
 from __future__ import annotations

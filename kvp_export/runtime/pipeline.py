@@ -32,9 +32,9 @@ from ..data import read_lines as _prompt_lines
 from ..errors import KvpError
 from ..limits import check_limits
 from ..models import check_same_tokenizer, load
-from ..models.arch import ArchSpec
+from ..models.arch import ArchSpec, context_length
 from ..predictor.module import KVPredictor
-from ..stage import context_len, ref_spec
+from ..stage import ref_spec
 from .decode import Sampling, decode
 from .kvp import Prefilled, SinkCache, check_context, prefill_full, prefill_kvp
 
@@ -157,7 +157,7 @@ class KVPPipeline:
             found = json.loads(path.read_text())["crossover"]
         except (OSError, ValueError, KeyError):
             measured = True
-            limit = context_len(self.base) or 1 << 30
+            limit = context_length(self.base) or 1 << 30
             gen = torch.Generator().manual_seed(0)
             vocab = self.base.config.vocab_size
 

@@ -30,9 +30,9 @@ from ..config import TOKENS, TrainConfig, configure
 from ..distributed import resolve_device, session
 from ..errors import KvpError
 from ..models import check_same_tokenizer, load, resolve
-from ..models.arch import ArchSpec
+from ..models.arch import ArchSpec, context_length
 from ..predictor.module import WEIGHTS, KVPredictor
-from ..stage import Clock, calibration, check_paths, context_len, model_ref, ref_spec, seed_all, sequences
+from ..stage import Clock, calibration, check_paths, model_ref, ref_spec, seed_all, sequences
 from .batches import Batches
 from .checkpoint import Checkpoints, steps_in
 from .loop import Outcome, run
@@ -107,7 +107,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
             base_dir, base_model, aux_model, pred, tok = _models(src, bf16)
         sb = ArchSpec.of(base_model)
         sink_len = 0 if baseline else src.predictor_manifest["sink_len"]
-        seq_len = min(seq_len, *(c for c in (context_len(base_model), context_len(aux_model)) if c))
+        seq_len = min(seq_len, *(c for c in (context_length(base_model), context_length(aux_model)) if c))
         if seq_len < sink_len + 2:
             raise KvpError(f"seq-len must be >= {sink_len + 2} (sink {sink_len} + two predicted tokens)")
 

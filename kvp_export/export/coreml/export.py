@@ -30,8 +30,8 @@ from ... import data
 from ...artifacts import atomic_dir, check_output_dir, sha256_dir, sha256_file, write_manifest
 from ...config import CoremlConfig, configure
 from ...errors import KvpError
-from ...models.arch import ArchSpec
-from ...stage import Clock, check_paths, context_len
+from ...models.arch import ArchSpec, context_length
+from ...stage import Clock, check_paths
 from ..source import load_source, source_inputs
 from . import checks, compress, convert
 from .stateful import build
@@ -66,7 +66,7 @@ def export_coreml(predictor: str | Path, out: str | Path, config: CoremlConfig |
     check_paths(heldout, "held-out")
     pipe = load_source(predictor, seed, clock)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
-    limits = {name: context_len(m) or 0 for name, m in (("base", base), ("aux", aux))}
+    limits = {name: context_length(m) or 0 for name, m in (("base", base), ("aux", aux))}
     lengths = check_shapes(context, cfg.prompt_lengths, pipe.sink_len, limits)
     shapes = convert.shapes_for(base, context, lengths)
     spec = ArchSpec.of(base)
