@@ -203,6 +203,13 @@ def test_auto_mode_uses_the_base_below_the_crossover_through_the_decoder(exporte
     full = rt.prefill(ids[:, :6], None, "base")
     np.testing.assert_allclose(short.logits, full.logits, rtol=1e-4, atol=1e-4)
     assert [a.shape for a in short.past_arrays()] == [a.shape for a in full.past_arrays()]
+    # the decoder's LM head covers the last position alone there (`logits_to_keep`), every position by default
+    mask, pos = np.ones((1, 6), np.int64), np.arange(6)[None]
+    empty = [np.zeros((1, rt.model["kv_heads"], 0, rt.model["head_dim"]), np.float32)] * (2 * rt.model["base_layers"])
+    every = rt.step("base", ids[:, :6], mask, pos, empty)[0]
+    last = rt.step("base", ids[:, :6], mask, pos, empty, last_only=True)[0]
+    assert every.shape[1] == 6 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=1e-5, atol=1e-5)
     never = OnnxKVP(exported, "fp32", threads=1, crossover=None)
     assert never.prefill(ids, None, "auto").mode == "base"
 

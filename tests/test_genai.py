@@ -277,7 +277,11 @@ def test_validate_genai_check_beside_our_runtime(genai_export, tmp_path):
         # the same graphs on the same calls (batch 1, one token per step): the same tokens
         assert m[f"genai.{v}.kvp.first_token_vs_ours"] == m[f"genai.{v}.kvp.greedy8_exact_vs_ours"] == 1
         assert m[f"genai.{v}.base.greedy8_vs_ours"] == 1
-        assert abs(m[f"genai.{v}.kvp.nll_vs_ours"]) < 1e-5 and m[f"genai.{v}.kvp.logits_max_abs_diff_vs_ours"] < 1e-4
+        # genai's first step computes the sink's logits too; ours keeps the last position's alone
+        # (logits_to_keep), so int8's dynamic per-tensor quantization of the LM head's input sees other rows
+        tol = {"fp32": (1e-5, 1e-4), "int8": (1e-3, 5e-2)}[v]
+        assert abs(m[f"genai.{v}.kvp.nll_vs_ours"]) < tol[0], (v, m[f"genai.{v}.kvp.nll_vs_ours"])
+        assert m[f"genai.{v}.kvp.logits_max_abs_diff_vs_ours"] < tol[1], (v, m[f"genai.{v}.kvp.logits_max_abs_diff_vs_ours"])
         assert m[f"genai.{v}.kvp.delta_nll"] == pytest.approx(m[f"genai.{v}.kvp.nll"] - m[f"genai.{v}.base.nll"])
     assert m["genai.fp32.base.logits_max_abs_diff_vs_ours"] < 1e-4
     pt = p["results"]["genai"]["int8"]["points"][1]

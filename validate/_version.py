@@ -1,3 +1,3 @@
 """The version of kvp-export and kvp-validate (both distributions read it from here)."""
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"

@@ -194,7 +194,9 @@ class OnnxArtifact:
         want = self.manifest.io[name]
         got_in = [i.name for i in sess.get_inputs()]
         got_out = [o.name for o in sess.get_outputs()]
-        for what, got, exp in (("inputs", got_in, want.inputs), ("outputs", got_out, want.outputs)):
+        got_opt = [i.name for i in sess.get_overridable_initializers()]
+        for what, got, exp in (("inputs", got_in, want.inputs), ("outputs", got_out, want.outputs),
+                               ("inputs with a default", [n for n in want.optional if n in got_opt], want.optional)):
             if got != exp:
                 missing = [n for n in exp if n not in got] or [n for n in got if n not in exp] or got[:1]
                 raise KvpError(f"graph {variant}/{name} {what} do not match the manifest (first difference: {missing[0]})")

@@ -112,8 +112,12 @@ class EvalPairs(FileRef):
 
 
 class GraphIO(_Open):
-    inputs: list[str]
+    inputs: list[str]  # required, in the graph's order
     outputs: list[str]
+    # inputs the graph gives a default (an initializer of the same name, overridable in onnxruntime):
+    # a runtime that does not know them leaves them out. base_decode's `logits_to_keep` (0 = the
+    # logits of every position, N = of the last N); exports before 0.3.2 have none.
+    optional: list[str] = []
 
 
 class Graph(_Open):

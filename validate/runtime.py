@@ -39,6 +39,7 @@ from .errors import KvpError
 from .integrity import share_verified
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
+LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
 PATHS = ("kvp", "base", "aux")  # the three prefill paths, as measured and compared
 MODES = ("auto", *PATHS)  # what a caller may ask for
 # The graphs each mode needs to generate (first token and decoding).
@@ -345,12 +346,13 @@ class OnnxKVP:
 
     def _prefill_with_decoder(self, ids: np.ndarray, mask: np.ndarray) -> State:
         """The base prompt through base_decode with an empty cache: the same computation as
-        base_prefill (plus logits at every position), without loading a third graph."""
+        base_prefill (the last position's logits only, where the graph takes `logits_to_keep`),
+        without loading a third graph."""
         m = self.model
         empty = np.zeros((ids.shape[0], m["kv_heads"], 0, m["head_dim"]), np.float32)
         pos = positions(mask)
         t0 = time.perf_counter()
-        out = self.step("base", ids, mask, pos, [empty] * (2 * m["base_layers"]))
+        out = self.step("base", ids, mask, pos, [empty] * (2 * m["base_layers"]), last_only=True)
         dt = time.perf_counter() - t0
         return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, "base", {"base_decode": dt, "total": dt})
 
@@ -359,7 +361,7 @@ class OnnxKVP:
         out = self.run("kvp_prefill", {"input_ids": ids, "attention_mask": mask}, NEXT_INPUTS)
         t1 = time.perf_counter()
         past, (next_ids, next_pos, next_mask) = out[:-3], out[-3:]
-        first = self.step("base", next_ids, next_mask, next_pos, past)
+        first = self.step("base", next_ids, next_mask, next_pos, past, last_only=True)  # not the sink's logits
         if self.windowed:  # full attention sees the same keys either way: nothing to move
             first = [first[0], *map(as_array, first[1:])]
             settle_sinks(first[1:], next_mask, mask, self.sink_len)
@@ -367,10 +369,15 @@ class OnnxKVP:
         return State(first[0][:, -1], first[1:], next_mask, next_pos[:, -1] + 1, "kvp",
                      {"kvp_prefill": t1 - t0, "base_first_step": t2 - t1, "total": t2 - t0})
 
-    def step(self, model: str, ids, mask, pos, past) -> list:
-        """One call of `model`_decode: [logits (numpy), *present] (OrtValues under IO binding)."""
+    def step(self, model: str, ids, mask, pos, past, last_only: bool = False) -> list:
+        """One call of `model`_decode: [logits (numpy), *present] (OrtValues under IO binding).
+        `last_only` asks for the last position's logits alone where the graph can (`logits_to_keep`);
+        either way logits[:, -1] is the last position's."""
+        io = self.art.manifest.io[f"{model}_decode"]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        feeds |= dict(zip(self.art.manifest.io[f"{model}_decode"].inputs[3:], past))
+        feeds |= dict(zip(io.inputs[3:], past))
+        if last_only and "logits_to_keep" in io.optional:
+            feeds["logits_to_keep"] = LAST_ONLY
         return self.run(f"{model}_decode", feeds)
 
     def run(self, name: str, feeds: dict, numpy_outputs: tuple[str, ...] = ("logits",)) -> list:
@@ -380,6 +387,14 @@ class OnnxKVP:
         sess = self.session(name)
         if not self.io_binding:
             return sess.run(None, {k: as_array(v) for k, v in feeds.items()})
+        outputs = self.art.manifest.io[name].outputs
+        if not feeds.keys() <= set(self.art.manifest.io[name].inputs):
+            # an input with a default (logits_to_keep) cannot be bound; run_with_ort_values reads the
+            # inputs where they are and leaves the outputs as OrtValues just the same
+            vals = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.asarray(v, order="C"))
+                    for k, v in feeds.items()}
+            got = sess.run_with_ort_values(outputs, vals)
+            return [v.numpy() if k in numpy_outputs else v for k, v in zip(outputs, got)]
         binding = sess.io_binding()
         # numpy inputs are bound by address: keep every array alive until the run has returned
         feeds = {k: v if isinstance(v, ort.OrtValue) else np.ascontiguousarray(v) for k, v in feeds.items()}
@@ -388,7 +403,6 @@ class OnnxKVP:
                 binding.bind_ortvalue_input(k, v)
             else:
                 binding.bind_cpu_input(k, v)
-        outputs = self.art.manifest.io[name].outputs
         for k in outputs:
             binding.bind_output(k, "cpu")
         sess.run_with_iobinding(binding)

@@ -46,6 +46,7 @@ def matmul_flops(path: Path, feeds_list: list[dict[str, np.ndarray]]) -> list[in
         pairs, inits = _instrumented(path, Path(tmp) / "instrumented.onnx")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the nodes as exported
+        opts.log_severity_level = 3  # not the warning that an input has a default (logits_to_keep)
         sess = ort.InferenceSession(str(Path(tmp) / "instrumented.onnx"), opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         out = []

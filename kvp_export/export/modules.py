@@ -192,21 +192,26 @@ class Layer(nn.Module):
 class Decoder(nn.Module):
     """A causal LM over new tokens with an optional past cache (the base decoder, the base and aux prefill).
 
-    forward(input_ids, attention_mask [B, P+T], position_ids [B, T], *past (key, value per layer))
-    -> (logits, *present). With `last_only`, logits are for the last position only [B, 1, V]:
-    the LM head over the whole prompt is pure waste in a prefill.
+    forward(input_ids, attention_mask [B, P+T], position_ids [B, T], *past (key, value per layer)
+    [, logits_to_keep]) -> (logits, *present). With `last_only`, logits are for the last position
+    only [B, 1, V]: the LM head over the whole prompt is pure waste in a prefill. With
+    `keep_input`, a last input `logits_to_keep` (a 0-d int64, transformers' name and meaning)
+    keeps the logits of the last N positions, 0 = all: the export gives it a default of 0, so a
+    runtime that does not know it (optimum, onnxruntime-genai) gets every position as before,
+    while ours asks for 1 when base_decode runs a prompt or KVP's first step.
     """
 
-    def __init__(self, model: nn.Module, *, with_past: bool, last_only: bool):
+    def __init__(self, model: nn.Module, *, with_past: bool, last_only: bool, keep_input: bool = False):
         super().__init__()
         self.spec, ad = arch.ArchSpec.of(model), arch.adapter(model)
         self.embed = ad.embedding(model)
         self.plan = LayerPlan(model)
         self.layers = nn.ModuleList(Layer(layer, ad, self.spec) for layer in ad.layers(model))
         self.norm, self.lm_head = ad.final_norm(model), ad.lm_head(model)
-        self.with_past, self.last_only = with_past, last_only
+        self.with_past, self.last_only, self.keep_input = with_past, last_only, keep_input
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
+        past, keep = (past[:-1], past[-1]) if self.keep_input else (past, None)
         h = self.embed(input_ids)
         past_len = past[0].shape[2] if self.with_past else 0
         ropes = self.plan.rope(h, position_ids)
@@ -218,6 +223,8 @@ class Decoder(nn.Module):
             present += [k, v]
         if self.last_only:
             h = h[:, -1:]
+        elif keep is not None:
+            h = h[:, -keep:]  # -0 = 0: every position
         return (self.lm_head(self.norm(h)), *present)
 
 

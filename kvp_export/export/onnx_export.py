@@ -159,7 +159,7 @@ def measure_crossovers(folder: Path, variants: list[str], threads: int) -> dict:
 
 
 def graph_io(io) -> dict:
-    return {"inputs": io.inputs, "outputs": io.outputs}
+    return {"inputs": io.inputs, "outputs": io.outputs, "optional": io.optional}
 
 
 def genai_files(root: Path, variant: str, config: Path) -> dict:
@@ -192,7 +192,8 @@ def _feeds_prefill(n: int, with_pos: bool) -> dict[str, np.ndarray]:
 def _feeds_decode(spec: ArchSpec, past: int, new: int) -> dict[str, np.ndarray]:
     kv = np.zeros((1, spec.n_kv_heads, past, spec.head_dim), np.float32)
     feeds = {"input_ids": np.ones((1, new), np.int64), "attention_mask": np.ones((1, past + new), np.int64),
-             "position_ids": np.arange(past, past + new, dtype=np.int64)[None]}
+             "position_ids": np.arange(past, past + new, dtype=np.int64)[None],
+             "logits_to_keep": np.array(1, np.int64)}  # as the runtime runs KVP's first step
     return feeds | dict.fromkeys(kv_names("past_key_values", spec.n_layers), kv)
 
 

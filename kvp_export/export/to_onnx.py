@@ -3,7 +3,8 @@
 Five graphs, all with dynamic batch and sequence lengths:
 - kvp_prefill:  aux over the context + predictor -> the base's cache and the next step's inputs;
 - base_decode:  the base with past KV (optimum/ORT-GenAI naming: past_key_values.N.key/value ->
-                present.N.key/value), which also runs KVP's first step;
+                present.N.key/value), which also runs KVP's first step and, in the default
+                mode, prompts below the crossover (`logits_to_keep`, an input with a default);
 - base_prefill: the base over a whole prompt, last-position logits (the baseline without KVP);
 - aux_prefill / aux_decode: the aux alone, the other baseline (TTFT, quality, HumanEval).
 The legacy TorchScript exporter is used: the modules take every mask and position as an
@@ -13,10 +14,12 @@ input, so nothing is baked at the example length, and it exports these models in
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 
 from ..errors import KvpError
@@ -32,11 +35,17 @@ GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_decode", "aux_prefi
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
+# Inputs a graph gives a default value (an initializer of the same name, which onnxruntime lets a
+# feed override): a runtime that does not know them leaves them out. name -> default.
+DEFAULTS = {"logits_to_keep": 0}
+
+
 @dataclass
 class GraphIO:
-    inputs: list[str]
+    inputs: list[str]  # required, in the graph's order
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
+    optional: list[str] = field(default_factory=list)  # inputs with a default (DEFAULTS), after `inputs`
 
 
 def kv_names(prefix: str, n_layers: int) -> list[str]:
@@ -49,7 +58,8 @@ def decoder_io(n_layers: int, with_past: bool) -> GraphIO:
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
             "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "logits_seq"}}
     axes |= {n: {0: "batch", 2: "past"} for n in past} | {n: {0: "batch", 2: "total"} for n in present}
-    return GraphIO(["input_ids", "attention_mask", "position_ids", *past], ["logits", *present], axes)
+    optional = ["logits_to_keep"] if with_past else []
+    return GraphIO(["input_ids", "attention_mask", "position_ids", *past], ["logits", *present], axes, optional)
 
 
 def kvp_prefill_io(n_layers: int) -> GraphIO:
@@ -86,24 +96,33 @@ def build_module(name: str, base, aux, predictor: KVPredictor, sink_len: int) ->
     if name == "kvp_prefill":
         return KVPPrefill(base, aux, predictor, sink_len).eval(), kvp_prefill_io(spec.n_layers), spec
     with_past = name.endswith("decode")
-    module = Decoder(model, with_past=with_past, last_only=not with_past).eval()
+    module = Decoder(model, with_past=with_past, last_only=not with_past, keep_input=with_past).eval()
     return module, decoder_io(spec.n_layers, with_past), spec
 
 
 def export_graph(name: str, path: Path, base, aux, predictor: KVPredictor, sink_len: int) -> GraphIO:
     """Trace one graph to `path` (weights external when large) and run the full ONNX check."""
     module, io, spec = build_module(name, base, aux, predictor, sink_len)
-    args = example_inputs(spec, name)
+    args = (*example_inputs(spec, name), *(torch.tensor(DEFAULTS[n]) for n in io.optional))
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: the sizes are inputs here
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET,
-                          input_names=io.inputs, output_names=io.outputs, dynamic_axes=io.dynamic_axes,
-                          do_constant_folding=True)
+                          input_names=io.inputs + io.optional, output_names=io.outputs,
+                          dynamic_axes=io.dynamic_axes, do_constant_folding=True)
+    if io.optional:
+        add_defaults(path, io.optional)
     if weight_bytes > EXTERNAL_DATA_BYTES:
         to_external_data(path)
     check_graph(path)
     return io
+
+
+def add_defaults(path: Path, names: list[str]) -> None:
+    """Give inputs `names` their DEFAULTS value: an initializer named like the input."""
+    model = onnx.load(str(path))
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(DEFAULTS[n], np.int64), n) for n in names)
+    onnx.save_model(model, str(path))
 
 
 def to_external_data(path: Path) -> None:
