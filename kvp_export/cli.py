@@ -242,7 +242,7 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
         if prefix or aux or base:
             raise KvpError("--prefix, --aux and --base apply to the PyTorch path only")
         if runtime == "genai":
-            _generate_genai(onnx_dir, variant, threads, mode, prompts, max_new_tokens, sampling, as_json)
+            _generate_genai(onnx_dir, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, as_json)
             return
         _generate_onnx(onnx_dir, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, warm_repeats,
                        as_json)
@@ -318,8 +318,10 @@ def _generate_onnx(folder, variant, threads, mode, crossover, prompts, max_new_t
     _print_generation(g, as_json, timing)
 
 
-def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sampling, as_json):
-    """One genai generator per prompt (genai 0.18 does not mask a padded batch); greedy only."""
+def _generate_genai(folder, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, as_json):
+    """One genai generator per prompt (genai 0.18 does not mask a padded batch); greedy only. "auto"
+    picks one path for the batch as our runtime does: KVP from the crossover (the export's, or
+    `crossover`) on, by the padded length."""
     from kvp_validate.genai import GenaiBase
     from kvp_validate.runtime import Generation, OnnxKVP
 
@@ -327,10 +329,11 @@ def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sam
         raise KvpError("--runtime genai runs the base (--mode base) or KVP (--mode kvp / auto), not the aux")
     if sampling.temperature > 0:
         raise KvpError("--runtime genai is greedy here (--temperature 0)")
-    rt = OnnxKVP(folder, variant, threads, crossover=None)  # the export's checks, tokenizer and context
+    # the export's checks, tokenizer, context and crossover
+    rt = OnnxKVP(folder, variant, threads, crossover=-1 if crossover is None else crossover)
     ids, mask = rt.encode(prompts, extra=max_new_tokens)
     rows = [r[m.astype(bool)].tolist() for r, m in zip(ids, mask)]
-    path = "base" if mode == "base" or min(map(len, rows)) < rt.min_kvp_len else "kvp"
+    path = "kvp" if rt.resolve(mode, ids, mask) == "kvp" else "base"
     if mode == "kvp" and path == "base":
         raise KvpError(f"a prompt is shorter than KVP's minimum of {rt.min_kvp_len} tokens (use --mode base)")
     if path == "base":  # genai loads the variant's own base_decode (genai-kvp/ is checked by GenaiBase)
@@ -343,7 +346,7 @@ def _generate_genai(folder, variant, threads, mode, prompts, max_new_tokens, sam
     g = Generation(list(prompts), texts, tokens, [len(r) for r in rows], ttft, {"genai": ttft, "total": ttft}, path,
                    {"genai_model": model.load_seconds}, None, {}, None)
     timing = {"runtime": f"onnxruntime-genai {variant}, {threads} threads", "path": path, "mode": mode,
-              "crossover": None, "load_ms": {"genai_model": model.load_seconds * 1e3},
+              "crossover": rt.crossover if mode == "auto" else None, "load_ms": {"genai_model": model.load_seconds * 1e3},
               "ttft_first_call_ms": ttft * 1e3, "first_call_parts_ms": {f"prompt {i + 1}": s * 1e3
                                                                         for i, (_, s) in enumerate(runs)},
               "ttft_warm_ms": None, "warm_repeats": 0}

@@ -220,6 +220,10 @@ def test_generate_cli_with_the_genai_runtime(exported, tmp_path):
         got = json.loads(r.output)
         assert got["mode"] == mode and got["token_ids"] == ours["token_ids"] and got["completions"] == ours["completions"]
         assert got["timing"]["runtime"].startswith("onnxruntime-genai")
+    for cross, path in ((1000, "base"), (4, "kvp")):  # "auto" follows the crossover as our runtime does
+        got = json.loads(gen("--runtime", "genai", "--crossover", str(cross)).output)
+        ours = json.loads(gen("--crossover", str(cross)).output)
+        assert got["timing"]["path"] == path and got["token_ids"] == ours["token_ids"]
     (d / "fp32" / "genai_config.json").unlink()
     one_line_error(gen("--runtime", "genai", "--mode", "base"), "missing file")  # the manifest lists it
     reseal(d)  # as if exported without it: genai's own check
