@@ -64,11 +64,13 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
         return out
     with atomic_dir(out, overwrite=overwrite) as tmp:
         predictor.save(tmp)
+        # recipe: the fields every reader uses, under their manifest names, then every other
+        # option that differs from its default (a new FitConfig field is recorded with no edit here)
         write_manifest(
             tmp, "predictor",
             inputs={"aux": model_ref(aux, Path(aux)), "base": base_ref, "calibration": calib_desc},
             recipe={"method": "ridge", "input_mode": input_mode, "sources": sources, "sink_len": sink_len,
-                    "seed": seed, **({"device": cfg.device} if cfg.device != "cpu" else {})},
+                    "seed": seed, **cfg.model_dump(exclude={"input", "sink", "sources"}, exclude_defaults=True)},
             layer_map=aux_manifest.layer_map, input_mode=input_mode, sink_len=sink_len,
             fit_report=report, calib_tokens=int(seqs.numel()), **clock.record(),
         )
