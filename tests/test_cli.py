@@ -122,6 +122,19 @@ def test_fit_kv_input_and_sibling(assets, calib, tmp_path):
     assert read_manifest(tmp_path / "pred", "predictor")["layer_map"]["kind"] == "c"
 
 
+def test_fit_alpha_fixes_the_ridge_strength(built, calib, tmp_path):
+    """--alpha (a FitConfig field: flag, check, recipe and manifest follow from it) replaces the
+    per-layer choice; a strong one shrinks the predictor and costs validation error."""
+    user_error(kvp("fit", "--aux", built["aux"], "--alpha", "0", *calib, "-o", tmp_path / "bad"),
+               "alpha must be > 0, got 0", tmp_path / "bad")
+    ok(kvp("fit", "--aux", built["aux"], "--alpha", "1000", *calib, "-o", tmp_path / "pred"))
+    got, chosen = (read_manifest(p, "predictor") for p in (tmp_path / "pred", built["pred"]))
+    assert got["recipe"]["alpha"] == 1000 and "alpha" not in chosen["recipe"]
+    report, best = got["fit_report"], chosen["fit_report"]
+    assert set(report["alpha_k"] + report["alpha_v"]) == {1000}
+    assert all(a > b for a, b in zip(report["val_rel_err_v"], best["val_rel_err_v"]))
+
+
 def test_prompts_file(built, tmp_path):
     (tmp_path / "p.jsonl").write_text('"w1 w2"\n{"prompt": "the fox w3 w4 w5"}\n')
     g = json.loads(ok(kvp("generate", "--predictor", built["pred"], "--prompts-file", tmp_path / "p.jsonl",

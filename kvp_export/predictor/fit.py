@@ -58,7 +58,7 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
         predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest.layer_map.map,
                                       input_mode=input_mode, sink_len=sink_len, progress=progress and world.main,
                                       kept=aux_manifest.kept_layers if sources == "two-sided" else None,
-                                      window=1 if sources == "window" else 0)
+                                      window=1 if sources == "window" else 0, alpha=cfg.alpha)
         predictor.to("cpu")
     if not world.main:  # under torchrun every process fits the same solution; one writes it
         return out
