@@ -197,11 +197,20 @@ class ValidationManifest(Manifest):
     stage: Literal["validation"]
 
 
+class GenaiKvpInputs(_Open):
+    """What a genai-kvp folder was built from: the export, and its two graphs' `Graph.sha256`."""
+
+    export: str
+    variant: str
+    kvp_prefill: dict[str, str]
+    base_decode: dict[str, str]
+
+
 class GenaiKvpManifest(Manifest):
-    """`<export>/<variant>/genai-kvp/`: KVP as an onnxruntime-genai pipeline (export/genai_kvp.py);
-    `inputs` names the export and the SHA-256 of the two graphs it was built from."""
+    """`<export>/<variant>/genai-kvp/`: KVP as an onnxruntime-genai pipeline (export/genai_kvp.py)."""
 
     stage: Literal["genai-kvp"]
+    inputs: GenaiKvpInputs
 
 
 class GateResult(_Open):
