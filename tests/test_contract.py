@@ -12,11 +12,12 @@ from conftest import reseal
 
 from kvp_export.artifacts import read_contract, write_manifest
 from kvp_validate.artifact import OnnxArtifact
-from kvp_validate.contract import MANIFEST, REPORT_JSON, OnnxManifest, ValidationManifest, min_kvp_len, read_report
+from kvp_validate.contract import MANIFEST, REPORT_JSON, OnnxManifest, ValidationManifest, read_report
 from kvp_validate.errors import KvpError
 from kvp_validate.integrity import sha256_file
 from kvp_validate.metrics import AUTO, DELTA_NLL_VS_FP32, NLL_VS_FP32, WORST_VS_BASE, metric_key, report_metrics
 from kvp_validate.parity import tolerances_for
+from kvp_validate.protocol import min_kvp_len
 from kvp_validate.report import write_report_folder
 
 

@@ -243,13 +243,6 @@ class CoremlReport(_Open):
     ok: bool
 
 
-def min_kvp_len(sink_len: int) -> int:
-    """The shortest prompt the exported graphs' KVP path takes: the sink, at least as many predicted
-    tokens (the first step drops the predicted sink slots from its mask), and the last token; a
-    shorter prompt goes through the base (docs/architecture.md, "The KVP protocol and the sink rule")."""
-    return 2 * sink_len + 2
-
-
 MANIFESTS: dict[str, type[Manifest]] = {m.model_fields["stage"].annotation.__args__[0]: m for m in (
     ModelManifest, AuxManifest, PredictorManifest, OnnxManifest, CoremlManifest, EvalManifest, ValidationManifest,
     GenaiKvpManifest)}

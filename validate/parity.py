@@ -35,6 +35,7 @@ import numpy as np
 from .artifact import OnnxArtifact
 from .errors import KvpError
 from .metrics import DELTA_NLL_VS_FP32, NLL_VS_FP32
+from .protocol import positions
 from .quality import log_softmax
 from .runtime import PATHS, OnnxKVP
 
@@ -194,7 +195,7 @@ def _kv_check(rt: OnnxKVP, ids, mask, want: dict, metric: str, limit: float | No
     K/V) is off by >= 1 either way."""
     out = rt.session("kvp_prefill").run(None, {"input_ids": ids, "attention_mask": mask})
     ctx_mask = mask[:, :-1]
-    pos = np.cumsum(ctx_mask, -1) - 1
+    pos = positions(ctx_mask)
     keep = (ctx_mask == 1) & (pos >= rt.sink_len)
     err, norm = np.zeros(len(keep)), np.zeros(len(keep))
     worst, worst_name = 0.0, ""

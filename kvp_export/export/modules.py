@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvp_validate.protocol import positions
+
 from ..models import arch
 from ..predictor.module import KVPredictor
-from ..runtime.kvp import positions_from_mask
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -306,7 +307,7 @@ class KVPPrefill(nn.Module):
     def forward(self, input_ids, attention_mask):
         n = input_ids.shape[1]
         ctx, cmask = input_ids[:, :-1], attention_mask[:, :-1]
-        pos = positions_from_mask(attention_mask)
+        pos = positions(attention_mask)
         cpos = pos[:, :-1]
         h = self.embed(ctx)
         ropes = self.aux_plan.rope(h, cpos)
