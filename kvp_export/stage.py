@@ -19,7 +19,7 @@ from .artifacts import sha256_bytes, sha256_dir, sha256_file
 from .config import SEQ_LEN, check_mix
 from .errors import KvpError
 from .limits import check_limits
-from .models import ZOO
+from .models import ZOO, load, resolve
 from .models.arch import context_length
 
 
@@ -100,6 +100,14 @@ def model_ref(spec: str | Path, folder: Path) -> dict:
         "config_sha256": sha256_file(Path(folder) / "config.json"),
         "weights_sha256": sha256_dir(folder, "*.safetensors"),
     }
+
+
+def load_model(spec: str | Path, **kw) -> tuple:
+    """(model, tokenizer, its `model_ref`) for any model spec `models.resolve` accepts; `kw` as
+    for `models.load`."""
+    folder = resolve(spec)
+    model, tok = load(folder, **kw)
+    return model, tok, model_ref(spec, folder)
 
 
 def ref_spec(ref: dict) -> str:

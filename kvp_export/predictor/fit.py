@@ -12,8 +12,8 @@ from ..artifacts import atomic_dir, check_output_dir, read_contract, write_manif
 from ..config import DataConfig, FitConfig, configure
 from ..distributed import session
 from ..log import get_logger
-from ..models import check_same_tokenizer, load, resolve
-from ..stage import Clock, calibration, check_paths, compute_device, model_ref, ref_spec, seed_all
+from ..models import check_same_tokenizer, load
+from ..stage import Clock, calibration, check_paths, compute_device, load_model, model_ref, ref_spec, seed_all
 from .ridge import fit_ridge
 
 log = get_logger()
@@ -43,11 +43,9 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
     base = base or ref_spec(recorded_base)
     seed_all(seed)
     with clock.step("load"):
-        base_dir = resolve(base)
-        base_model, tok = load(base_dir)
+        base_model, tok, base_ref = load_model(base)
         aux_model, aux_tok = load(aux)
     check_same_tokenizer(tok, aux_tok)
-    base_ref = model_ref(base, base_dir)
     if base_ref["config_sha256"] != recorded_base["config_sha256"]:
         log.warning(f"warning: base {base} is not the model {aux} was derived from (config differs)")
     with clock.step("calibration"):

@@ -29,10 +29,10 @@ from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file
 from ..config import TOKENS, TrainConfig, configure
 from ..distributed import resolve_device, session
 from ..errors import KvpError
-from ..models import check_same_tokenizer, load, resolve
+from ..models import check_same_tokenizer, load
 from ..models.arch import ArchSpec, context_length
 from ..predictor.module import WEIGHTS, KVPredictor
-from ..stage import Clock, calibration, check_paths, model_ref, ref_spec, seed_all, sequences
+from ..stage import Clock, calibration, check_paths, load_model, model_ref, ref_spec, seed_all, sequences
 from .batches import Batches
 from .checkpoint import Checkpoints, steps_in
 from .loop import Outcome, run
@@ -104,7 +104,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
     with session(dev) as world:
         seed_all(seed)
         with clock.step("load"):
-            base_dir, base_model, aux_model, pred, tok = _models(src, bf16)
+            base_ref, base_model, aux_model, pred, tok = _models(src, bf16)
         sb = ArchSpec.of(base_model)
         sink_len = 0 if baseline else src.predictor_manifest["sink_len"]
         seq_len = min(seq_len, *(c for c in (context_length(base_model), context_length(aux_model)) if c))
@@ -131,7 +131,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
                                           mix=cfg.mix, stream=True)
             heldout, heldout_desc = (sequences(tok, base_model, data, eval_tokens, split="heldout", seq_len=seq_len,
                                                mix=cfg.mix) if every else (None, None))
-        refs = {"base": model_ref(src.base, base_dir), "aux": model_ref(src.aux, src.aux)}
+        refs = {"base": base_ref, "aux": model_ref(src.aux, src.aux)}
         if pred is not None:
             refs["predictor"] = {"path": str(src.predictor.resolve()),
                                  "weights_sha256": sha256_file(src.predictor / WEIGHTS)}
@@ -170,9 +170,8 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
 
 
 def _models(src: Sources, bf16: bool):
-    """(base folder, base, aux, predictor or None, tokenizer), refused unless they fit together."""
-    base_dir = resolve(src.base)
-    base, tok = load(base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)  # frozen: no fp32 master needed
+    """(base's model_ref, base, aux, predictor or None, tokenizer), refused unless they fit together."""
+    base, tok, base_ref = load_model(src.base, dtype=torch.bfloat16 if bf16 else torch.float32)  # frozen: no fp32 master needed
     aux, aux_tok = load(src.aux)
     pred = KVPredictor.load(src.predictor) if src.predictor else None
     check_same_tokenizer(tok, aux_tok)
@@ -183,7 +182,7 @@ def _models(src: Sources, bf16: bool):
         from ..runtime.pipeline import check_compatible  # transformers' generation code: only when needed
 
         check_compatible(base, aux, pred)
-    return base_dir, base, aux, pred, tok
+    return base_ref, base, aux, pred, tok
 
 
 def _device_name(dev: torch.device) -> str:
