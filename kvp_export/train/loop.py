@@ -233,7 +233,8 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
                 log.info(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
             finishing = (finish is not None and step + 1 < recipe.steps
                          and world.any(time.perf_counter() >= finish, device))
-            if held is not None and (held.due(step + 1) or finishing):
+            evaluated = held is not None and (held.due(step + 1) or finishing)
+            if evaluated:
                 e = held.evaluate(model, objective, trainee, step + 1, device, world)
                 if world.main:
                     line = (f"held-out {recipe.metric} {e[recipe.metric]:.4g} at step {step + 1}"
@@ -242,20 +243,19 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
                         log.info(line)
                     else:
                         bar.write(line, file=sys.stderr)
-                if held.exhausted() and not finishing:
-                    if world.main:
-                        log.info(f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
-                                 f"{recipe.patience} evaluations")
-                    weights = _final_weights(trainee, opt, held, world)
-                    return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
-                                   held.evals, stopped_early=True, stop_reason="patience")
-            if finishing:
+            why = None
+            if evaluated and held.exhausted() and not finishing:
+                why = ("patience", f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
+                                   f"{recipe.patience} evaluations")
+            elif finishing:
+                why = ("time", f"finished after step {step + 1} of {recipe.steps}: the time budget (finish_after) "
+                               "is spent")
+            if why is not None:  # a finished run, before its last step: the best (or last) weights
                 if world.main:
-                    log.info(f"finished after step {step + 1} of {recipe.steps}: the time budget (finish_after) "
-                             "is spent")
-                weights = _final_weights(trainee, opt, held, world)
-                return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
-                               held.evals if held else [], stopped_early=True, stop_reason="time")
+                    log.info(why[1])
+                return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0,
+                               _final_weights(trainee, opt, held, world), held.evals if held else [],
+                               stopped_early=True, stop_reason=why[0])
             if step + 1 == recipe.steps:
                 break
             out_of_time = deadline is not None and world.any(time.perf_counter() >= deadline, device)
