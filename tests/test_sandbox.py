@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import lingering, proc_uid
 
 from kvp_validate import sandbox
 from kvp_validate.errors import KvpError
@@ -204,20 +205,7 @@ def sandbox_processes(uid: int, wait_s: float = 3.0) -> list[int]:
     """Processes of the sandbox's uid in another PID namespace than ours (sandboxed ones),
     after waiting up to wait_s for them to go."""
     ours = os.readlink("/proc/self/ns/pid")
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                ns = os.readlink(f"/proc/{pid}/ns/pid")
-            except OSError:
-                continue
-            if int(status.split("\nUid:")[1].split()[0]) == uid and ns != ours:
-                found.append(int(pid))
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return lingering(lambda pid: proc_uid(pid) == uid and os.readlink(f"/proc/{pid}/ns/pid") != ours, wait_s)
 
 
 def programs(host: Host) -> dict[str, str]:
