@@ -357,6 +357,6 @@ def check_mix(spec: list[str] | tuple[str, ...] | None, mix: str) -> None:
 
 
 def _named() -> tuple[str, ...]:
-    from .corpus.spec import SOURCES
+    from .corpus.spec import CORPORA
 
-    return tuple(SOURCES)
+    return tuple(CORPORA)

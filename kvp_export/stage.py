@@ -77,7 +77,7 @@ def seed_all(seed: int) -> None:
 
 def check_paths(paths: list[str] | tuple[str, ...] | None, what: str) -> None:
     """Fail on a missing input path before any model is loaded (a named corpus is no path)."""
-    if data.named_source(paths):
+    if data.named_corpus(paths):
         return
     for p in paths or ():
         if not Path(p).exists():
@@ -125,7 +125,7 @@ def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split
     there and are read on demand (a `corpus.shards.Rows`, indexable like the tensor).
     """
     seq_len = min(seq_len, context_length(model) or seq_len)
-    name = data.named_source(paths)
+    name = data.named_corpus(paths)
     if name is not None:
         from . import corpus
 

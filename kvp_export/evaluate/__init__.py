@@ -43,7 +43,7 @@ def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None =
     if prompt_len < min_kvp_len(pipe.sink_len):
         raise KvpError(f"prompt-len must be >= {min_kvp_len(pipe.sink_len)} for KVP with a {pipe.sink_len}-token sink")
     with clock.step("data"):
-        user_files = bool(heldout) and data.named_source(heldout) is None
+        user_files = bool(heldout) and data.named_corpus(heldout) is None
         split = cfg.heldout_split if user_files else "heldout"
         corpus = data.corpus_from_spec(list(heldout) if heldout else None, split)
         prompts, conts = data.eval_pairs(pipe.tokenizer, corpus, n, prompt_len, cont_len)
