@@ -17,7 +17,6 @@ from kvp_validate.errors import KvpError
 from kvp_validate.integrity import sha256_file
 from kvp_validate.metrics import AUTO, DELTA_NLL_VS_FP32, NLL_VS_FP32, WORST_VS_BASE, metric_key, report_metrics
 from kvp_validate.parity import tolerances_for
-from kvp_validate.protocol import min_kvp_len
 from kvp_validate.report import write_report_folder
 
 
@@ -77,4 +76,3 @@ def test_metric_keys_and_names(capsys):
     for old in ("nll_delta_vs_fp32", DELTA_NLL_VS_FP32):
         assert tolerances_for("int8", {old: 0.2})[NLL_VS_FP32] == 0.2
         assert f"deprecated: parity tolerance 'int8.{old}' is now 'int8.nll_vs_fp32'" in capsys.readouterr().err
-    assert min_kvp_len(1) == 4
