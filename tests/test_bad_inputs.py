@@ -427,14 +427,19 @@ OVERWRITE = {
 }
 
 
+def _occupied(ctx) -> tuple[Path, dict]:
+    """The output folder, holding a file of the user's; and its records, to compare afterwards."""
+    out = ctx["out"]
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    return out, file_records(out)
+
+
 @pytest.mark.parametrize("verb", list(OVERWRITE))
 def test_existing_output_untouched_when_refused_even_with_overwrite(ctx, verb):
     """With --overwrite the old folder goes only when the new one is complete: a refused command
     leaves it as it was (and without --overwrite it is refused before any work)."""
-    out = ctx["out"]
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    before = file_records(out)
+    out, before = _occupied(ctx)
     argv = OVERWRITE[verb](ctx)
     user_error(kvp(*argv, "-o", out), "output folder exists")
     r = kvp(*argv, "-o", out, "--overwrite")
@@ -468,10 +473,7 @@ def test_existing_folder_untouched_when_refused_by_the_verbs_that_write_into_one
         before = {rel: rec for rel, rec in file_records(out).items() if rel != "base_decode.onnx"}
         pattern = r"base_decode\.onnx does not match the SHA-256"
     else:
-        out = ctx["out"]
-        out.mkdir()
-        (out / "keep.txt").write_text("mine")
-        before = file_records(out)
+        out, before = _occupied(ctx)
         argv, pattern = {
             "run": (["run", recipe(ctx["tmp"], ctx["assets"]["llama"], "data:\n  calib_tokens: " + "1" + "0" * 30 + "\n"),
                      "-o", out], "calib_tokens: 1e\\+30 is beyond"),
