@@ -128,7 +128,7 @@ def data_build(name, tokenizer, force):
     from . import corpus
     from .models import load_tokenizer
 
-    corpus.source(name)  # an unknown name is refused before the tokenizer's model is fetched
+    corpus.corpus_spec(name)  # an unknown name is refused before the tokenizer's model is fetched
     built = corpus.build_corpus(name, load_tokenizer(tokenizer), force=force, progress=_progress())
     click.echo(corpus.render(corpus.info(name)), nl=False)
     click.echo(f"shards: {built['shards']}")

@@ -223,6 +223,10 @@ class FitConfig(OnDevice):
     sources: LayerSources = opt("two-sided", "Skipped base layers read the aux layers on both sides of their "
                                 "depth; or one (the paper); or every base layer reads its aux layer and both "
                                 "neighbours (window).")
+    alpha: float | None = opt(None, "Ridge strength for every layer and K/V, relative to the mean diagonal of X^T X "
+                              "(default: chosen per layer and K/V from 1e-7..1e-1 on held-out calibration "
+                              "sequences); a larger one for little calibration text.", gt=0,
+                              allow_inf_nan=False)
 
 
 class TrainConfig(Config):
@@ -353,6 +357,6 @@ def check_mix(spec: list[str] | tuple[str, ...] | None, mix: str) -> None:
 
 
 def _named() -> tuple[str, ...]:
-    from .corpus.spec import SOURCES
+    from .corpus.spec import CORPORA
 
-    return tuple(SOURCES)
+    return tuple(CORPORA)

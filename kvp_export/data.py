@@ -235,14 +235,14 @@ def _split(docs: list[Document], split: str, key: Callable[[str], str] = lambda 
     return [d for d, h in zip(docs, held) if h == (split == "heldout")]
 
 
-def named_source(spec: list[str] | tuple[str, ...] | None) -> str | None:
+def named_corpus(spec: list[str] | tuple[str, ...] | None) -> str | None:
     """The named corpus (kvp_export.corpus, e.g. `pypi-code`) a spec gives instead of paths, if any.
 
     A name wins over a file or folder of the same name in the working folder (write
     `./pypi-code` for that); a named corpus stands alone, never mixed with paths."""
-    from .corpus.spec import SOURCES
+    from .corpus.spec import CORPORA
 
-    named = [s for s in spec or () if s in SOURCES]
+    named = [s for s in spec or () if s in CORPORA]
     if named and len(spec) > 1:
         raise KvpError(f"'{named[0]}' is a corpus of its own: give it alone, without other paths or corpora")
     return named[0] if named else None
@@ -255,12 +255,12 @@ def corpus_from_spec(spec: list[str] | None, split: str, mix: str = "default") -
     A user corpus of a single document serves "calib" whole; "heldout" then needs at
     least two documents and raises otherwise.
     """
-    if split != WHOLE or not spec or named_source(spec) is not None:
+    if split != WHOLE or not spec or named_corpus(spec) is not None:
         _check_split(split)
     check_mix(spec, mix)
     if not spec:
         return default_corpus(split, mix)
-    name = named_source(spec)
+    name = named_corpus(spec)
     if name is not None:
         from . import corpus
 

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from kvp_validate import metrics as M
 from kvp_validate import options as VO
-from kvp_validate.contract import min_kvp_len
 from kvp_validate.metrics import metric_key
+from kvp_validate.protocol import min_kvp_len
 
 from .config import CoremlConfig, DataConfig, DeriveConfig, FitConfig, OnnxConfig, Seed, TrainConfig, rule_text
 from .errors import KvpError

@@ -73,10 +73,10 @@ def _fingerprint(spec: str | None) -> object:
     by its pins; a path by its files' names, sizes and modification times (cheap: no weights are read)."""
     if spec is None:
         return None
-    from .corpus.spec import SOURCES
+    from .corpus.spec import CORPORA
 
-    if spec in SOURCES:  # a named corpus: its pins (and the package version, in every key) fix it
-        return [spec, SOURCES[spec].key()]
+    if spec in CORPORA:  # a named corpus: its pins (and the package version, in every key) fix it
+        return [spec, CORPORA[spec].key()]
     p = Path(spec)
     if not p.exists():
         return spec

@@ -19,7 +19,7 @@ from .artifacts import sha256_bytes, sha256_dir, sha256_file
 from .config import SEQ_LEN, check_mix
 from .errors import KvpError
 from .limits import check_limits
-from .models import ZOO
+from .models import ZOO, load, resolve
 from .models.arch import context_length
 
 
@@ -77,7 +77,7 @@ def seed_all(seed: int) -> None:
 
 def check_paths(paths: list[str] | tuple[str, ...] | None, what: str) -> None:
     """Fail on a missing input path before any model is loaded (a named corpus is no path)."""
-    if data.named_source(paths):
+    if data.named_corpus(paths):
         return
     for p in paths or ():
         if not Path(p).exists():
@@ -102,6 +102,14 @@ def model_ref(spec: str | Path, folder: Path) -> dict:
     }
 
 
+def load_model(spec: str | Path, **kw) -> tuple:
+    """(model, tokenizer, its `model_ref`) for any model spec `models.resolve` accepts; `kw` as
+    for `models.load`."""
+    folder = resolve(spec)
+    model, tok = load(folder, **kw)
+    return model, tok, model_ref(spec, folder)
+
+
 def ref_spec(ref: dict) -> str:
     """The spec to load a recorded model by: its zoo name (portable), else its folder."""
     return ref["spec"] if ref["spec"] in ZOO else ref["path"]
@@ -117,7 +125,7 @@ def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split
     there and are read on demand (a `corpus.shards.Rows`, indexable like the tensor).
     """
     seq_len = min(seq_len, context_length(model) or seq_len)
-    name = data.named_source(paths)
+    name = data.named_corpus(paths)
     if name is not None:
         from . import corpus
 

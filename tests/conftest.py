@@ -7,7 +7,9 @@ over the same words.
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,28 @@ def one_thread():
     from kvp_export.stage import torch_threads
 
     return torch_threads(1)
+
+
+
+def lingering(match, wait_s: float) -> list[int]:
+    """The processes `match(pid)` picks out, after waiting up to wait_s for them to go: killed
+    processes leave /proc asynchronously. A process gone while it is read is not counted."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if match(pid):
+                    found.append(int(pid))
+            except (OSError, IndexError):
+                pass
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def proc_uid(pid: str) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[0])
 
 
 @pytest.fixture(autouse=True)

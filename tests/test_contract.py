@@ -12,10 +12,10 @@ from conftest import reseal
 
 from kvp_export.artifacts import read_contract, write_manifest
 from kvp_validate.artifact import OnnxArtifact
-from kvp_validate.contract import MANIFEST, REPORT_JSON, OnnxManifest, ValidationManifest, min_kvp_len, read_report
+from kvp_validate.contract import MANIFEST, REPORT_JSON, OnnxManifest, ValidationManifest, read_report
 from kvp_validate.errors import KvpError
 from kvp_validate.integrity import sha256_file
-from kvp_validate.metrics import AUTO, DELTA_NLL_VS_FP32, WORST_VS_BASE, metric_key, report_metrics
+from kvp_validate.metrics import AUTO, DELTA_NLL_VS_FP32, NLL_VS_FP32, WORST_VS_BASE, metric_key, report_metrics
 from kvp_validate.parity import tolerances_for
 from kvp_validate.report import write_report_folder
 
@@ -65,12 +65,14 @@ def test_a_validation_report_has_a_manifest_naming_its_export(fp32_export, tmp_p
         read_report(out)
 
 
-def test_metric_keys_and_names():
+def test_metric_keys_and_names(capsys):
     assert metric_key("ttft", "int8", AUTO, WORST_VS_BASE) == "ttft.int8.auto.worst_vs_base"
     results = {"parity": {"int8": {"ok": True, "checks": [
-        {"graph": "kvp_prefill + base_decode", "metric": DELTA_NLL_VS_FP32, "value": 0.01}]}}}
-    assert report_metrics(results) == {"parity.int8.ok": 1.0,
-                                       "parity.int8.kvp_prefill_+_base_decode.delta_nll_vs_fp32": 0.01}
-    # the parity limit's old name (before 0.3.1) still sets the same limit
-    assert tolerances_for("int8", {"nll_delta_vs_fp32": 0.2})[DELTA_NLL_VS_FP32] == 0.2
-    assert min_kvp_len(1) == 4
+        {"graph": "kvp_prefill + base_decode", "metric": NLL_VS_FP32, "value": 0.01}]},
+        "int4": {"ok": False, "checks": []}}}
+    assert report_metrics(results) == {"parity.int8.ok": 1.0, "parity.int4.ok": 0.0,
+                                       "parity.int8.kvp_prefill_+_base_decode.nll_vs_fp32": 0.01}
+    # the parity limit's old names (before 0.3.1, and quality's) still set it, with a deprecation line
+    for old in ("nll_delta_vs_fp32", DELTA_NLL_VS_FP32):
+        assert tolerances_for("int8", {old: 0.2})[NLL_VS_FP32] == 0.2
+        assert f"deprecated: parity tolerance 'int8.{old}' is now 'int8.nll_vs_fp32'" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from test_cli import kvp, ok, user_error
 
 from kvp_export import corpus, data, stage
 from kvp_export.corpus import build, fetch, shards
-from kvp_export.corpus.spec import SOURCES, CorpusSpec, Project, parse_pins
+from kvp_export.corpus.spec import CORPORA, CorpusSpec, Project, parse_pins
 from kvp_export.errors import HashMismatch, KvpError
 
 HE0 = read_problems()["HumanEval/0"]
@@ -85,7 +85,7 @@ def source(tmp_path_factory):
     spec = CorpusSpec("test-code", (alpha, Project(**{**beta.__dict__, "split": "heldout"}), gamma), str(index))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KVP_CACHE_DIR", str(root / "cache"))
-        mp.setitem(SOURCES, spec.name, spec)
+        mp.setitem(CORPORA, spec.name, spec)
         store = build.build_store(spec, progress=False)
         yield {"spec": spec, "store": store, "index": index, "root": root, "mp": mp}
 
@@ -206,7 +206,7 @@ def test_shards_stream_what_in_memory_tokenisation_makes(source):
 
 
 def test_training_batches_stream_from_shards_as_from_memory(source):
-    from test_train import recipe
+    from test_train import plan
 
     from kvp_export.run import _fingerprint
     from kvp_export.train.batches import Batches
@@ -215,7 +215,7 @@ def test_training_batches_stream_from_shards_as_from_memory(source):
     tok = bpe_tokenizer([d.text for d in docs.documents])
     model = SimpleNamespace(config=SimpleNamespace(model_type="llama", max_position_embeddings=64))
     rows, _ = stage.calibration(tok, model, ["test-code"], 4000, seq_len=16, stream=True)
-    r = recipe(batch=3, accum=2, seq_len=16, seed=5)
+    r = plan(batch=3, accum=2, seq_len=16, seed=5)
     streamed, held = Batches(rows, r, 0), Batches(rows.tensor(), r, 0)
     for step in range(len(rows) // 3):  # past an epoch boundary
         assert all(torch.equal(a, b) for a, b in zip(streamed.micro_batches(step), held.micro_batches(step)))

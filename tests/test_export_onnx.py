@@ -142,10 +142,14 @@ def test_parity_fp32_and_quantized_within_tolerance(exported):
     art = OnnxArtifact.open(exported)
     fp32 = run_parity(art, "fp32", threads=1)
     assert fp32["ok"], fp32["checks"]
-    # random tiny weights quantize badly (flat logits, 64-wide blocks): only check it runs and is finite
+    # the quantized variants against fp32 on the same pairs (a broken graph is off by a nat or more):
+    # int8 within every limit; int4's top-1 on the random model's flat logits sits near its limit
+    # (near ties flip with the CPU's int8 kernels), so its KL, NLL and cache limits are the check
     for v in ("int8", "int4"):
         r = run_parity(art, v, threads=1)
-        assert all(np.isfinite(c["value"]) for c in r["checks"])
+        gated = [c for c in r["checks"] if c.get("limit") is not None
+                 and not (v == "int4" and c["metric"] == "top1_vs_fp32")]
+        assert len(gated) >= 8 and all(c["ok"] for c in gated), (v, gated)
 
 
 def test_onnx_generation_equals_pytorch_kvp_token_for_token(exported, built):

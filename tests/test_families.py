@@ -29,11 +29,11 @@ def corpus(tmp_path_factory):
 
 
 def _hf_logits(model, ids, mask=None):
-    from kvp_export.runtime.kvp import positions_from_mask
+    from kvp_validate.protocol import positions
 
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -42,14 +42,14 @@ def test_decoder_module_matches_hf_past_the_window(tmp_path, family):
     left-padded batch longer than any tiny sliding window."""
     from kvp_export.export.modules import Decoder
     from kvp_export.models import load
-    from kvp_export.runtime.kvp import positions_from_mask
+    from kvp_validate.protocol import positions
 
     model, _ = load(str(tiny_model(tmp_path / "m", family, hidden=32)))
     ids = torch.randint(3, 100, (2, LONG))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     want = _hf_logits(model, ids, mask)
-    pos = positions_from_mask(mask)
+    pos = positions(mask)
     n = LONG - 4
     with torch.no_grad():
         got = [Decoder(model, with_past=False, last_only=False)(ids[:, :n], mask[:, :n], pos[:, :n])]

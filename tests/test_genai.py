@@ -324,6 +324,9 @@ def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, expo
     one_line_error(run(d), "no genai-kvp/ in")
     shutil.copytree(genai_export / "int8" / "genai-kvp", d / "fp32" / "genai-kvp")  # another variant's
     one_line_error(run(d), "was not built from this export's fp32 kvp_prefill (a stale genai-kvp/?")
+    manifest = d / "fp32" / "genai-kvp" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "inputs": {"export": str(d)}}))
+    one_line_error(run(d), "breaks the 'genai-kvp' contract at 'inputs.variant': field required")  # the typed GenaiKvpManifest
     shutil.rmtree(d / "fp32" / "genai-kvp")
     shutil.copytree(genai_export / "fp32" / "genai-kvp", d / "fp32" / "genai-kvp")
     (d / "fp32" / "genai-kvp" / "base_decode.onnx").unlink()

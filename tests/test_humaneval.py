@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import pytest
+from conftest import lingering, proc_uid
 
 from kvp_validate import sandbox
 from kvp_validate.errors import ValidationError
@@ -51,20 +52,8 @@ def processes_in(folder, wait_s: float = 2.0) -> list[int]:
     """Sandboxed processes: those whose working directory is in `folder` (the unsafe path runs
     there) or, as root, that run as the sandbox's uid (bwrap), after waiting up to wait_s for
     them to go: killed processes vanish from /proc asynchronously."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                uid = int(open(f"/proc/{pid}/status").read().split("\nUid:")[1].split()[0])
-                if os.readlink(f"/proc/{pid}/cwd").startswith(str(folder)) or \
-                        (os.geteuid() == 0 and uid == sandbox.SANDBOX_UID):
-                    found.append(int(pid))
-            except (OSError, IndexError):
-                pass
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return lingering(lambda pid: os.readlink(f"/proc/{pid}/cwd").startswith(str(folder))
+                     or (os.geteuid() == 0 and proc_uid(pid) == sandbox.SANDBOX_UID), wait_s)
 
 
 def test_load_problems_selects_and_rejects(problems):

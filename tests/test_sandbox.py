@@ -11,6 +11,7 @@ About 60 s on 2 cores. Needs bubblewrap; skipped (with the reason) where the hos
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import lingering, proc_uid
 
 from kvp_validate import sandbox
 from kvp_validate.errors import KvpError
@@ -204,20 +206,7 @@ def sandbox_processes(uid: int, wait_s: float = 3.0) -> list[int]:
     """Processes of the sandbox's uid in another PID namespace than ours (sandboxed ones),
     after waiting up to wait_s for them to go."""
     ours = os.readlink("/proc/self/ns/pid")
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                ns = os.readlink(f"/proc/{pid}/ns/pid")
-            except OSError:
-                continue
-            if int(status.split("\nUid:")[1].split()[0]) == uid and ns != ours:
-                found.append(int(pid))
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return lingering(lambda pid: proc_uid(pid) == uid and os.readlink(f"/proc/{pid}/ns/pid") != ours, wait_s)
 
 
 def programs(host: Host) -> dict[str, str]:
@@ -262,17 +251,11 @@ def test_escape_table_as_this_user(host, guard):
     assert ("guard" in layers) == guard
 
 
-RUNNER = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from kvp_validate.sandbox import run_sandboxed  # kvp_sandbox_runner
-progs, slow, guard = json.load(open(sys.argv[2]))
-out = {}
-for name, prog in progs.items():
-    r = run_sandboxed(prog, timeout_s=2 if name in slow else 10, memory_mb=256, _guard=guard)
-    out[name] = {"status": r.status, "detail": r.detail, "layers": list(r.layers)}
-json.dump(out, sys.stdout)
-"""
+# the same table run as the normal user, by its system Python: run_table's own source
+RUNNER = ("import json, sys\nsys.path.insert(0, sys.argv[1])\n"
+          "from kvp_validate.sandbox import run_sandboxed  # kvp_sandbox_runner\n\n"
+          + inspect.getsource(run_table)
+          + "\n\nprogs, SLOW, guard = json.load(open(sys.argv[2]))\njson.dump(run_table(progs, guard), sys.stdout)\n")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the normal-user run needs root to switch to that user")

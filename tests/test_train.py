@@ -34,17 +34,17 @@ from kvp_export.train import train
 from kvp_export.train.batches import Batches
 from kvp_export.train.loop import freeze, wrap
 from kvp_export.train.loss import Objective, PredictedKV, Trainee
-from kvp_export.train.recipe import Recipe
+from kvp_export.train.plan import TrainPlan
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
-def recipe(**kw) -> Recipe:
+def plan(**kw) -> TrainPlan:
     base = dict(mode="kvp", steps=4, batch=2, accum=1, seq_len=32, world_size=1, lr=1e-3, predictor_lr=1e-3,
                 weight_decay=0.0, warmup_steps=1, min_lr_ratio=0.1, clip=1.0, lambda_c=0.25, z_loss=0.0, kl=0.0,
                 sink_len=1, precision="fp32", activation_checkpointing=False, strategy="ddp", data=(), mix="default",
                 seed=0)
-    return Recipe(**{**base, **kw})
+    return TrainPlan(**{**base, **kw})
 
 
 def ids(n=2, length=24, seed=0) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_base_with_identity_predicted_kv_is_the_base(tiny, family):
         inject.remove()
     assert (got - want).abs().max().item() < 1e-5
     assert (moved - want).abs().max().item() > 1e-2
-    obj = Objective(trainee, base, recipe(sink_len=1), contextlib.nullcontext)
+    obj = Objective(trainee, base, plan(sink_len=1), contextlib.nullcontext)
     base.requires_grad_(False)
     terms = obj.step(x, 1.0)
     assert terms["l1"].item() < 1e-6
@@ -107,7 +107,7 @@ def _grads(built, checkpointing: bool, kl: float = 0.0) -> tuple[dict, dict]:
     base, _ = load(ref_spec(m["inputs"]["base"]))
     aux, _ = load(built["aux"])
     trainee = Trainee(aux, KVPredictor.load(built["pred"]))
-    r = recipe(activation_checkpointing=checkpointing, kl=kl, z_loss=1e-3 if kl else 0.0)
+    r = plan(activation_checkpointing=checkpointing, kl=kl, z_loss=1e-3 if kl else 0.0)
     freeze(base, r)
     model = wrap(trainee, r, World(), torch.device("cpu"))
     terms = Objective(model, base, r, contextlib.nullcontext).step(ids(), 1.0)
@@ -130,9 +130,9 @@ def test_gradients_reach_aux_and_predictor_and_checkpointing_changes_nothing(bui
 
 def test_batches_are_shared_out_as_one_process_would_read_them():
     seqs = torch.arange(10).unsqueeze(1).expand(10, 3)
-    one = Batches(seqs, recipe(batch=4), 0)
-    two = [Batches(seqs, recipe(batch=2, world_size=2), r) for r in (0, 1)]
-    accum = Batches(seqs, recipe(batch=1, accum=2, world_size=2), 1)
+    one = Batches(seqs, plan(batch=4), 0)
+    two = [Batches(seqs, plan(batch=2, world_size=2), r) for r in (0, 1)]
+    accum = Batches(seqs, plan(batch=1, accum=2, world_size=2), 1)
     for step in range(4):  # crosses epoch boundaries (10 sequences, 4 per step)
         whole = one.micro_batches(step)[0]
         assert torch.equal(torch.cat([b.micro_batches(step)[0] for b in two]), whole)
@@ -142,7 +142,7 @@ def test_batches_are_shared_out_as_one_process_would_read_them():
 
 
 def test_schedule_warms_up_then_decays():
-    r = recipe(steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    r = plan(steps=10, warmup_steps=2, min_lr_ratio=0.1)
     scales = [r.lr_scale(s) for s in range(10)]
     assert scales[:3] == [0.5, 1.0, 1.0] and scales == sorted(scales[:2]) + sorted(scales[2:], reverse=True)
     assert abs(r.lr_scale(10) - 0.1) < 1e-9
@@ -159,7 +159,7 @@ def test_training_reduces_the_loss_and_writes_loadable_folders(built, assets, tm
     def loss(aux_dir, pred_dir) -> dict:
         trainee = Trainee(load(aux_dir)[0], KVPredictor.load(pred_dir))
         base.requires_grad_(False)
-        return Objective(trainee, base, recipe(), contextlib.nullcontext).step(fixed, 1.0)
+        return Objective(trainee, base, plan(), contextlib.nullcontext).step(fixed, 1.0)
 
     out = train(tmp_path / "out", predictor=built["pred"], steps=16, **small(assets))
     before, after = loss(built["aux"], built["pred"]), loss(out / "aux", out)
@@ -183,7 +183,7 @@ def _heldout_ce_base(out: Path, base, tok, assets) -> float:
     """The held-out loss of a trained folder, computed afresh as the loop computes it."""
     seqs, _ = sequences(tok, base, [str(assets["corpus"])], 16_384, split="heldout", seq_len=32)
     trainee = Trainee(load(out / "aux")[0], KVPredictor.load(out))
-    obj = Objective(trainee, base, recipe(), contextlib.nullcontext)
+    obj = Objective(trainee, base, plan(), contextlib.nullcontext)
     total = sum(float(obj.evaluate(seqs[s:s + 2])["ce_base"]) * len(seqs[s:s + 2]) for s in range(0, len(seqs), 2))
     obj.close()
     return total / len(seqs)
@@ -290,7 +290,7 @@ def test_stop_and_resume_is_exact(built, assets, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000002", "step-00000003"]
     with pytest.raises(KvpError, match="checkpoints of an earlier run .* --resume"):
         train(part, **kw)
-    with pytest.raises(KvpError, match=r"another recipe \(lr"):
+    with pytest.raises(KvpError, match=r"another training plan \(lr"):
         train(part, resume=True, **{**kw, "lr": 1e-2})
     assert train(part, resume=True, **kw) == part
     _same_result(whole, part)
@@ -435,7 +435,7 @@ def test_predicted_kv_forward_exact_on_smollm2():
     with torch.no_grad():
         want = base(input_ids=x).logits
     base.requires_grad_(False)
-    obj = Objective(trainee, base, recipe(lambda_c=1 / n), contextlib.nullcontext)
+    obj = Objective(trainee, base, plan(lambda_c=1 / n), contextlib.nullcontext)
     seen = []  # the LM head runs once per step here: on the base reading the predicted KV
     hook = base.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
     terms = obj.step(x, 1.0)

@@ -201,11 +201,20 @@ class ValidationManifest(Manifest):
     stage: Literal["validation"]
 
 
+class GenaiKvpInputs(_Open):
+    """What a genai-kvp folder was built from: the export, and its two graphs' `Graph.sha256`."""
+
+    export: str
+    variant: str
+    kvp_prefill: dict[str, str]
+    base_decode: dict[str, str]
+
+
 class GenaiKvpManifest(Manifest):
-    """`<export>/<variant>/genai-kvp/`: KVP as an onnxruntime-genai pipeline (export/genai_kvp.py);
-    `inputs` names the export and the SHA-256 of the two graphs it was built from."""
+    """`<export>/<variant>/genai-kvp/`: KVP as an onnxruntime-genai pipeline (export/genai_kvp.py)."""
 
     stage: Literal["genai-kvp"]
+    inputs: GenaiKvpInputs
 
 
 class GateResult(_Open):
@@ -236,13 +245,6 @@ class CoremlReport(_Open):
     linux_checks: dict[str, dict[str, Any]]  # variant -> the checks any host runs
     macos: dict[str, Any]  # measured on macOS, or why not
     ok: bool
-
-
-def min_kvp_len(sink_len: int) -> int:
-    """The shortest prompt the exported graphs' KVP path takes: the sink, at least as many predicted
-    tokens (the first step drops the predicted sink slots from its mask), and the last token; a
-    shorter prompt goes through the base (docs/architecture.md, "The KVP protocol and the sink rule")."""
-    return 2 * sink_len + 2
 
 
 MANIFESTS: dict[str, type[Manifest]] = {m.model_fields["stage"].annotation.__args__[0]: m for m in (

@@ -58,6 +58,7 @@ def kvp_folder(export, variant: str = "fp32") -> Path:
     from this export's kvp_prefill and base_decode (else it is stale), and every file it holds has
     the size and SHA-256 that manifest lists (integrity.verify). `export`: a folder or an OnnxArtifact."""
     from .artifact import MANIFEST, OnnxArtifact, load_manifest
+    from .contract import parse_manifest
     from .integrity import verify
 
     art = export if isinstance(export, OnnxArtifact) else OnnxArtifact.open(export)
@@ -69,15 +70,16 @@ def kvp_folder(export, variant: str = "fp32") -> Path:
         raise KvpError(f"no {KVP_FOLDER}/ in {base} (build it: {rebuild})")
     if not (folder / MANIFEST).is_file():
         raise KvpError(f"no {MANIFEST} in {folder} (made before genai-kvp folders listed their files; rebuild it: {rebuild})")
-    manifest = load_manifest(folder, KVP_FOLDER)
-    graphs, inputs = art.manifest.variants[variant], manifest.get("inputs") or {}
+    raw = load_manifest(folder, KVP_FOLDER)
+    inputs = parse_manifest(raw, folder, KVP_FOLDER).inputs
+    graphs = art.manifest.variants[variant]
     for name in ("kvp_prefill", "base_decode"):
-        if inputs.get(name) != graphs[name].sha256:
+        if getattr(inputs, name) != graphs[name].sha256:
             raise KvpError(f"{folder} was not built from this export's {variant} {name} (a stale {KVP_FOLDER}/? "
                            f"rebuild it: {rebuild})")
-    verify(folder, manifest)
+    verify(folder, raw)  # every file listed, of its size and SHA-256
     for fname, sha in graphs["base_decode"].sha256.items():  # the token stage is the export's own graph
-        if manifest["files"].get(fname, {}).get("sha256") != sha:
+        if raw["files"].get(fname, {}).get("sha256") != sha:
             raise KvpError(f"{folder / fname} is not this export's {fname} (a stale {KVP_FOLDER}/? rebuild it: {rebuild})")
     return genai_folder(base, KVP_FOLDER)
 

@@ -16,13 +16,14 @@ from .gates import flatten
 OK = "ok"  # parity: every check of the variant within its limit (1/0)
 NLL = "nll"  # mean negative log-likelihood of the continuation, nats per token
 DELTA_NLL = "delta_nll"  # a path's NLL minus the same variant's base NLL (what KVP costs)
-DELTA_NLL_VS_FP32 = "delta_nll_vs_fp32"  # a variant's NLL minus fp32's on the same inputs (what quantization costs)
+DELTA_NLL_VS_FP32 = "delta_nll_vs_fp32"  # quality: a variant's NLL minus fp32's over the held-out pairs
+NLL_VS_FP32 = "nll_vs_fp32"  # parity: a variant's NLL minus fp32's over parity's few pairs, per graph pair
 FIRST_TOKEN_AGREEMENT = "first_token_agreement"  # share of prompts whose first token is the base's
 KVP_SPEEDUP = "kvp_speedup"  # base prefill time / KVP time at one point
 AUTO = "auto"  # the default mode (KVP from the crossover length on, the base below it)
 WORST_VS_BASE = "worst_vs_base"  # the default mode's worst TTFT / the base's, over the lengths timed
 FIRST_TOKEN_MS = "first_token_ms"  # cold start: a fresh process's time to the first token
-COLDSTART_KEYS = ("first_token", "load", "first_call", "warm")
+COLDSTART_MS = (FIRST_TOKEN_MS, "load_ms", "first_call_ms", "warm_ms")  # a cold-start point's times
 
 
 def metric_key(check: str, variant: str, *where: str) -> str:
@@ -80,7 +81,7 @@ def report_metrics(results: dict) -> dict[str, float]:
         points: dict[str, dict] = {point(1, p["prompt_len"]): {} for p in r["points"]}
         for p in r["points"]:
             points[point(1, p["prompt_len"])][p["path"]] = {
-                f"{k}_ms": p[f"{k}_ms"] for k in COLDSTART_KEYS} | {f"load_{g}_ms": ms for g, ms in p["graphs_ms"].items()}
+                k: p[k] for k in COLDSTART_MS} | {f"load_{g}_ms": ms for g, ms in p["graphs_ms"].items()}
         for at in points.values():  # KVP's and the default mode's cold start against the base's
             for path in ("kvp", AUTO):
                 if path in at and "base" in at:

@@ -16,7 +16,8 @@ continuation) pairs of the export, for each path (base, aux alone, KVP) with the
 teacher-forced,
 - kl_vs_fp32: mean KL(fp32 || variant) of the next-token distributions, nats per position;
 - top1_vs_fp32: share of positions whose argmax is fp32's (near ties count);
-- delta_nll_vs_fp32: the variant's continuation NLL minus fp32's, nats per token;
+- nll_vs_fp32: the variant's continuation NLL minus fp32's, nats per token (on these few pairs;
+  quality's delta_nll_vs_fp32 is the same difference over all held-out pairs);
 and for kvp_prefill the predicted cache against fp32's (kv_rel_vs_fp32). These measure what
 quantization costs in the units that matter and do not depend on the CPU's int8 arithmetic
 beyond that cost, while a broken graph (a zeroed layer, swapped K/V, a wrong RoPE base) is
@@ -27,11 +28,14 @@ without VNNI sums in saturating int16; see BENCHMARKS.md).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .artifact import OnnxArtifact
 from .errors import KvpError
-from .metrics import DELTA_NLL_VS_FP32
+from .metrics import DELTA_NLL_VS_FP32, NLL_VS_FP32
+from .protocol import positions
 from .quality import log_softmax
 from .runtime import PATHS, OnnxKVP
 
@@ -43,10 +47,10 @@ FP32_TOLERANCES = {"logits_rel": 1e-4, "kv_rel": 1e-4, "token_agreement": 1.0}
 # (BENCHMARKS.md, "int8 across CPUs": int8 KL <= 0.04, top-1 >= 0.85, NLL delta <= 0.06; int4 HQQ
 # KL <= 0.25, top-1 >= 0.64, NLL delta <= 0.12) and far below a broken graph (KL >= 1). What
 # quantization may cost a given model is the recipe's quality gate (quality.<v>.<path>.
-# delta_nll_vs_fp32 on all held-out pairs), not parity's.
+# delta_nll_vs_fp32 on all held-out pairs), not parity's nll_vs_fp32.
 QUANT_TOLERANCES: dict[str, dict[str, float]] = {
-    "int8": {"kl_vs_fp32": 0.15, "top1_vs_fp32": 0.75, DELTA_NLL_VS_FP32: 0.15, "kv_rel_vs_fp32": 0.35},
-    "int4": {"kl_vs_fp32": 0.5, "top1_vs_fp32": 0.5, DELTA_NLL_VS_FP32: 0.4, "kv_rel_vs_fp32": 0.5},
+    "int8": {"kl_vs_fp32": 0.15, "top1_vs_fp32": 0.75, NLL_VS_FP32: 0.15, "kv_rel_vs_fp32": 0.35},
+    "int4": {"kl_vs_fp32": 0.5, "top1_vs_fp32": 0.5, NLL_VS_FP32: 0.4, "kv_rel_vs_fp32": 0.5},
 }
 PATH_GRAPHS = {"base": "base_prefill + base_decode", "aux": "aux_prefill + aux_decode",
                "kvp": "kvp_prefill + base_decode"}
@@ -54,14 +58,22 @@ N_PAIRS = 8  # held-out pairs compared against fp32 (x the continuation's positi
 
 # A reference token whose logit is within TIE x the row's RMS of the best counts as top-1.
 TIE = 1e-4
-# Limits renamed within 0.3 (one name per metric: metrics.py); an override by the old name still applies.
-RENAMED = {"nll_delta_vs_fp32": DELTA_NLL_VS_FP32}
+# Limits renamed within 0.3 (one name per figure: metrics.py); an override by an old name still
+# applies, with a deprecation line.
+RENAMED = {"nll_delta_vs_fp32": NLL_VS_FP32, DELTA_NLL_VS_FP32: NLL_VS_FP32}
+
+
+def _renamed(name: str, variant: str) -> str:
+    if name in RENAMED:
+        logging.getLogger("kvp.validate").warning(
+            f"deprecated: parity tolerance '{variant}.{name}' is now '{variant}.{RENAMED[name]}'")
+    return RENAMED.get(name, name)
 
 
 def tolerances_for(variant: str, overrides: dict | None = None) -> dict:
     """The variant's limits with `overrides` applied; an override naming no limit of it is refused."""
     base = FP32_TOLERANCES if variant == "fp32" else QUANT_TOLERANCES.get(variant, QUANT_TOLERANCES["int4"])
-    overrides = {RENAMED.get(k, k): v for k, v in (overrides or {}).items()}
+    overrides = {_renamed(k, variant): v for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides or {}) - set(base))
     if unknown:
         raise KvpError(f"unknown parity tolerance '{variant}.{unknown[0]}' (the {variant} limits are "
@@ -158,7 +170,7 @@ def against_fp32(art: OnnxArtifact, variant: str, threads: int, tol: dict, n_pai
         graph = PATH_GRAPHS[mode]
         checks += [check(graph, "kl_vs_fp32", kl / count, tol.get("kl_vs_fp32")),
                    check(graph, "top1_vs_fp32", agree / count, tol.get("top1_vs_fp32"), higher_is_better=True),
-                   check(graph, DELTA_NLL_VS_FP32, nll_delta / count, tol.get(DELTA_NLL_VS_FP32))]
+                   check(graph, NLL_VS_FP32, nll_delta / count, tol.get(NLL_VS_FP32))]
     ids = prompts
     mask = np.ones_like(ids)
     if "kv" not in cache:
@@ -183,7 +195,7 @@ def _kv_check(rt: OnnxKVP, ids, mask, want: dict, metric: str, limit: float | No
     K/V) is off by >= 1 either way."""
     out = rt.session("kvp_prefill").run(None, {"input_ids": ids, "attention_mask": mask})
     ctx_mask = mask[:, :-1]
-    pos = np.cumsum(ctx_mask, -1) - 1
+    pos = positions(ctx_mask)
     keep = (ctx_mask == 1) & (pos >= rt.sink_len)
     err, norm = np.zeros(len(keep)), np.zeros(len(keep))
     worst, worst_name = 0.0, ""

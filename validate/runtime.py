@@ -33,10 +33,10 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR: the export imports it from here)
-from .contract import min_kvp_len
 from .crossover import use_kvp
 from .errors import KvpError
 from .integrity import share_verified
+from .protocol import min_kvp_len, positions
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
@@ -493,7 +493,3 @@ class OnnxKVP:
         return Generation(list(prompts), [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows], rows,
                           mask.sum(-1).tolist(), ttft, state.seconds, state.mode, loaded, warm, warm_parts,
                           self.crossover)
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)

@@ -16,17 +16,17 @@ from ..data import Corpus, _check_split
 from ..log import get_logger
 from . import shards
 from .build import SPLIT_RULE, build_store, is_built, read_description, read_documents, store_dir
-from .spec import SOURCES, SPLITS, CorpusSpec, register, source
+from .spec import CORPORA, SPLITS, CorpusSpec, corpus_spec, register
 
 log = get_logger("data")
 
-__all__ = ["SOURCES", "CorpusSpec", "build_corpus", "corpus", "describe", "info", "register", "sequences"]
+__all__ = ["CORPORA", "CorpusSpec", "build_corpus", "corpus", "describe", "info", "register", "sequences"]
 
 
 def corpus(name: str, split: str, *, progress: bool = True) -> Corpus:
     """The split's documents (in corpus order) and the corpus description, as other corpora give them."""
     _check_split(split)
-    store = build_store(source(name), progress=progress)
+    store = build_store(corpus_spec(name), progress=progress)
     return Corpus(read_documents(store, split), _with_split(read_description(store), split))
 
 
@@ -35,7 +35,7 @@ def _with_split(desc: dict, split: str) -> dict:
 
 
 def _shards(name: str, tokenizer, progress: bool) -> tuple[Path, Path, dict]:
-    store = build_store(source(name), progress=progress)
+    store = build_store(corpus_spec(name), progress=progress)
     folder = shards.shard_dir(store, tokenizer)
     if not folder.exists():
         log.info(f"tokenizing the {name} corpus for this tokenizer (once; cached in {folder})")
@@ -63,7 +63,7 @@ def sequences(name: str, tokenizer, split: str, seq_len: int, max_tokens: int, *
 
 def build_corpus(name: str, tokenizer=None, *, force: bool = False, progress: bool = True) -> dict:
     """Build (or rebuild with `force`) the corpus text and, given a tokenizer, its shards."""
-    store = build_store(source(name), progress=progress, force=force)
+    store = build_store(corpus_spec(name), progress=progress, force=force)
     out = {"corpus": str(store)}
     if tokenizer is not None:
         folder = shards.build_shards(store, tokenizer, progress=progress, force=force)
@@ -76,7 +76,7 @@ def build_corpus(name: str, tokenizer=None, *, force: bool = False, progress: bo
 
 def info(name: str) -> dict:
     """What is built for corpus `name`: the description and the token shards present (builds nothing)."""
-    spec = source(name)
+    spec = corpus_spec(name)
     store = store_dir(spec)
     if not is_built(store):
         return {"name": name, "built": False, "folder": str(store), "pins": spec.pins()}

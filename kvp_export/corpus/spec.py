@@ -107,20 +107,21 @@ def load_pins(path: str | Path, name: str | None = None, find_links: str | None 
 # The built-in corpus's pins, with why each project is there: pypi-code.txt beside this module.
 PYPI_CODE_PINS = (Path(__file__).parent / "pypi-code.txt").read_text()
 
-SOURCES: dict[str, CorpusSpec] = {}
+CORPORA: dict[str, CorpusSpec] = {}
 
 
 def register(spec: CorpusSpec) -> CorpusSpec:
     """Make `spec` a named corpus that stages accept in place of paths (`--calib NAME`)."""
-    SOURCES[spec.name] = spec
+    CORPORA[spec.name] = spec
     return spec
 
 
 PYPI_CODE = register(CorpusSpec("pypi-code", parse_pins(PYPI_CODE_PINS, "pypi-code")))
 
 
-def source(name: str) -> CorpusSpec:
+def corpus_spec(name: str) -> CorpusSpec:
+    """The named corpus `name`; an unknown name is refused in one line."""
     try:
-        return SOURCES[name]
+        return CORPORA[name]
     except KeyError:
-        raise KvpError(f"unknown corpus '{name}' (known: {', '.join(SOURCES)})") from None
+        raise KvpError(f"unknown corpus '{name}' (known: {', '.join(CORPORA)})") from None

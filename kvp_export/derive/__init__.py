@@ -13,10 +13,10 @@ from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output_dir, write_manifest
 from ..config import DataConfig, DeriveConfig, configure
-from ..models import DEFAULT_MODEL, check_same_tokenizer, load, resolve
+from ..models import DEFAULT_MODEL, check_same_tokenizer
 from ..models.arch import ArchSpec, adapter
 from ..predictor.layermap import c_map, lp_map
-from ..stage import Clock, calibration, check_paths, compute_device, model_ref, seed_all
+from ..stage import Clock, calibration, check_paths, compute_device, load_model, seed_all
 from .heal import heal as heal_aux
 from .prune import check_layers, importance_layers, prune, regular_layers
 
@@ -38,9 +38,8 @@ def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = D
     check_paths(data.calib, "calibration")
     seed_all(seed)
     with clock.step("load"):
-        base_dir = resolve(base)
-        base_model, tok = load(base_dir)
-    inputs = {"base": model_ref(base, base_dir)}
+        base_model, tok, base_ref = load_model(base)
+    inputs = {"base": base_ref}
     recipe = {"keep": keep, "layers": cfg.layers, "select": cfg.select, "heal": heal, "seed": seed}
     if heal == "distill":
         recipe.update(distill_epochs=cfg.distill_epochs, distill_lr=cfg.distill_lr)
@@ -64,10 +63,8 @@ def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = D
 def _sibling(base_model, tok, sibling: str, inputs: dict, clock: Clock):
     """KVP-C: the sibling as it is, after checking it reads text exactly as the base does."""
     with clock.step("load_sibling"):
-        sib_dir = resolve(sibling)
-        aux, aux_tok = load(sib_dir)
+        aux, aux_tok, inputs["sibling"] = load_model(sibling)
     check_same_tokenizer(tok, aux_tok)
-    inputs["sibling"] = model_ref(sibling, sib_dir)
     n_base, n_aux = ArchSpec.of(base_model).n_layers, ArchSpec.of(aux).n_layers
     fields = {"family": "c", "layer_map": {"kind": "c", "map": c_map(n_aux, n_base)},
               "healing": {"method": "none"}, "calib_tokens": 0}

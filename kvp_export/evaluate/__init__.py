@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvp_validate.protocol import min_kvp_len
 from kvp_validate.report import write_report
 
 from .. import data
@@ -39,10 +40,10 @@ def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None =
     seed_all(seed)
     with clock.step("load"):
         pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, device=resolve_device(cfg.device))
-    if prompt_len < pipe.sink_len + 2:
-        raise KvpError(f"prompt-len must be >= {pipe.sink_len + 2} (sink {pipe.sink_len} + one predicted + the last)")
+    if prompt_len < min_kvp_len(pipe.sink_len):
+        raise KvpError(f"prompt-len must be >= {min_kvp_len(pipe.sink_len)} for KVP with a {pipe.sink_len}-token sink")
     with clock.step("data"):
-        user_files = bool(heldout) and data.named_source(heldout) is None
+        user_files = bool(heldout) and data.named_corpus(heldout) is None
         split = cfg.heldout_split if user_files else "heldout"
         corpus = data.corpus_from_spec(list(heldout) if heldout else None, split)
         prompts, conts = data.eval_pairs(pipe.tokenizer, corpus, n, prompt_len, cont_len)

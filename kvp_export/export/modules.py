@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvp_validate.protocol import positions
+
 from ..models import arch
 from ..predictor.module import KVPredictor
-from ..runtime.kvp import positions_from_mask
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -37,21 +38,31 @@ def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """GQA attention without repeating K/V: q [B,H,T,D], k/v [B,Hkv,K,D], bias [B,1,1,T,K] -> [B,T,H*D].
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           layout: str = "grouped") -> torch.Tensor:
+    """GQA attention without repeating K/V: q [B,H,T,D], k/v [B,Hkv,K,D] -> [B,T,H*D].
 
     Query heads are grouped onto their KV head (HF order: head h reads KV head h // rep), so
     the cache is read once. The scale (the family's, usually 1/sqrt(D)) is applied to q (T*D
-    values) rather than to the scores (T*K), and masking is one broadcast add of `bias` (built once per forward by
-    `attention_bias`): on a 1024-token prompt the per-layer
-    Where + Mul over the scores had cost a quarter of the base prefill here.
+    values) rather than to the scores (T*K), and masking is one add of the additive `bias`, in
+    one of two layouts:
+    - "grouped" (the ONNX graphs): [B,1,1,T,K], broadcast over the scores viewed [B,Hkv,rep,T,K];
+      built once per forward by `attention_bias`: on a 1024-token prompt the per-layer Where +
+      Mul over the scores had cost a quarter of the base prefill here;
+    - "flat" (the Core ML modules, 4-D throughout, batch 1): [T,K], repeated for the rep query
+      heads of a group and cast to the scores' dtype.
     """
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
     q = q * scale
-    scores = torch.matmul(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2)).view(b, hkv, rep, t, -1)
-    probs = torch.softmax(scores + bias, dim=-1).view(b, hkv, rep * t, -1)
+    scores = torch.matmul(q.reshape(b, hkv, rep * t, d), k.transpose(-1, -2))
+    if layout == "grouped":
+        probs = torch.softmax(scores.view(b, hkv, rep, t, -1) + bias, dim=-1).view(b, hkv, rep * t, -1)
+    elif layout == "flat":
+        probs = torch.softmax(scores + torch.cat([bias] * rep).to(scores.dtype), dim=-1)
+    else:
+        raise ValueError(f"unknown bias layout {layout!r}")
     out = torch.matmul(probs, v).view(b, h, t, d)
     return out.transpose(1, 2).reshape(b, t, h * d)
 
@@ -313,7 +324,7 @@ class KVPPrefill(nn.Module):
     def forward(self, input_ids, attention_mask):
         n = input_ids.shape[1]
         ctx, cmask = input_ids[:, :-1], attention_mask[:, :-1]
-        pos = positions_from_mask(attention_mask)
+        pos = positions(attention_mask)
         cpos = pos[:, :-1]
         h = self.embed(ctx)
         ropes = self.aux_plan.rope(h, cpos)

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvp_validate.protocol import positions
+
 from ..runtime.decode import decode
-from ..runtime.kvp import positions_from_mask, predict_kv, prefill_full, prefill_kvp
+from ..runtime.kvp import predict_kv, prefill_full, prefill_kvp
 
 REFERENCE = "reference.npz"
 GREEDY_TOKENS = 8
@@ -40,7 +42,7 @@ def build_reference(base, aux, predictor, sink_len: int, ids: torch.Tensor, mask
         pre = run()  # decode reads pre.logits before it extends the cache
         ref[f"{name}.logits"] = pre.logits.numpy().copy()
         ref[f"{name}.tokens"] = decode(model, pre, GREEDY_TOKENS, pad_id=pad_id).numpy()
-    pos = positions_from_mask(mask)
+    pos = positions(mask)
     for i, (k, v) in enumerate(predict_kv(base, aux, predictor, ids[:, :-1], mask[:, :-1], pos[:, :-1])):
         ref[f"kvp.present.{i}.key"], ref[f"kvp.present.{i}.value"] = k.numpy(), v.numpy()
     return ref

@@ -22,10 +22,11 @@ import onnx
 import onnx.numpy_helper
 import torch
 
+from kvp_validate.protocol import positions
+
 from ..errors import KvpError
 from ..models import arch
 from ..predictor.module import KVPredictor
-from ..runtime.kvp import positions_from_mask
 from .modules import Decoder, KVPPrefill
 
 OPSET = 17
@@ -83,7 +84,7 @@ def example_inputs(spec: arch.ArchSpec, name: str, batch: int = 2, seq: int = 7,
     total = seq + (past if with_past else 0)
     mask = torch.ones(batch, total, dtype=torch.long)
     mask[1, :2] = 0
-    pos = positions_from_mask(mask)[:, -seq:]
+    pos = positions(mask)[:, -seq:]
     if not with_past:
         return ids, mask, pos
     kv = torch.randn(batch, spec.n_kv_heads, past, spec.head_dim)

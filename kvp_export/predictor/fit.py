@@ -12,8 +12,8 @@ from ..artifacts import atomic_dir, check_output_dir, read_contract, write_manif
 from ..config import DataConfig, FitConfig, configure
 from ..distributed import session
 from ..log import get_logger
-from ..models import check_same_tokenizer, load, resolve
-from ..stage import Clock, calibration, check_paths, compute_device, model_ref, ref_spec, seed_all
+from ..models import check_same_tokenizer, load
+from ..stage import Clock, calibration, check_paths, compute_device, load_model, model_ref, ref_spec, seed_all
 from .ridge import fit_ridge
 
 log = get_logger()
@@ -43,11 +43,9 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
     base = base or ref_spec(recorded_base)
     seed_all(seed)
     with clock.step("load"):
-        base_dir = resolve(base)
-        base_model, tok = load(base_dir)
+        base_model, tok, base_ref = load_model(base)
         aux_model, aux_tok = load(aux)
     check_same_tokenizer(tok, aux_tok)
-    base_ref = model_ref(base, base_dir)
     if base_ref["config_sha256"] != recorded_base["config_sha256"]:
         log.warning(f"warning: base {base} is not the model {aux} was derived from (config differs)")
     with clock.step("calibration"):
@@ -58,17 +56,19 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
         predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest.layer_map.map,
                                       input_mode=input_mode, sink_len=sink_len, progress=progress and world.main,
                                       kept=aux_manifest.kept_layers if sources == "two-sided" else None,
-                                      window=1 if sources == "window" else 0)
+                                      window=1 if sources == "window" else 0, alpha=cfg.alpha)
         predictor.to("cpu")
     if not world.main:  # under torchrun every process fits the same solution; one writes it
         return out
     with atomic_dir(out, overwrite=overwrite) as tmp:
         predictor.save(tmp)
+        # recipe: the fields every reader uses, under their manifest names, then every other
+        # option that differs from its default (a new FitConfig field is recorded with no edit here)
         write_manifest(
             tmp, "predictor",
             inputs={"aux": model_ref(aux, Path(aux)), "base": base_ref, "calibration": calib_desc},
             recipe={"method": "ridge", "input_mode": input_mode, "sources": sources, "sink_len": sink_len,
-                    "seed": seed, **({"device": cfg.device} if cfg.device != "cpu" else {})},
+                    "seed": seed, **cfg.model_dump(exclude={"input", "sink", "sources"}, exclude_defaults=True)},
             layer_map=aux_manifest.layer_map, input_mode=input_mode, sink_len=sink_len,
             fit_report=report, calib_tokens=int(seqs.numel()), **clock.record(),
         )

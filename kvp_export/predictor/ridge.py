@@ -130,8 +130,9 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
 
 
 @torch.no_grad()
-def solve(stats: RidgeStats) -> dict:
-    """Choose alpha per base layer and K/V on the validation split, then solve on fit+val (in place)."""
+def solve(stats: RidgeStats, alphas: tuple[float, ...] = ALPHAS) -> dict:
+    """Choose alpha per base layer and K/V among `alphas` on the validation split, then solve on
+    fit+val (in place)."""
     p = stats.p
     if not stats.tokens["val"]:
         raise KvpError("too few calibration sequences to hold some out for choosing the ridge strength")
@@ -139,7 +140,7 @@ def solve(stats: RidgeStats) -> dict:
     for i in range(p.n_base_layers):
         for kind, lin, mean in (("k", p.k[i], p.mean_k[i]), ("v", p.v[i], p.mean_v[i])):
             fit, val = stats.moments("fit", kind, i), stats.moments("val", kind, i)
-            alpha, err = choose_alpha(fit, val, ALPHAS, unpenalized=1)
+            alpha, err = choose_alpha(fit, val, alphas, unpenalized=1)
             xtx, xty = fit[0] + val[0], fit[1] + val[1]
             w = ridge_solve(xtx, xty, alpha, unpenalized=1)
             lin.weight.copy_(w[:-1].T.float())
@@ -169,8 +170,10 @@ def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
 
 
 def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: int = 1, *,
-              kept: list[int] | None = None, window: int = 0, progress: bool = True) -> tuple[KVPredictor, dict]:
-    """Fit a predictor in closed form. Returns (predictor, fit report).
+              kept: list[int] | None = None, window: int = 0, alpha: float | None = None,
+              progress: bool = True) -> tuple[KVPredictor, dict]:
+    """Fit a predictor in closed form. Returns (predictor, fit report). `alpha` fixes the ridge
+    strength (the report still gives its validation error); None chooses it among ALPHAS.
 
     Activations that derive left for these models and sequences in this process (shared.py) are
     used instead of running the models again."""
@@ -186,7 +189,7 @@ def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: 
         shared.clear()  # whatever was not taken is for other models or sequences
     stats = collect(base, aux, seqs, pred, sink_len, progress=progress, base_kv=base_kv, aux_inputs=aux_inputs)
     stats.allreduce()
-    report = solve(stats)
+    report = solve(stats, ALPHAS if alpha is None else (alpha,))
     report["activations"] = {"base": "from derive" if base_kv is not None else "computed",
                              "aux": "from derive" if aux_inputs is not None else "computed"}
     return pred.eval(), report

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from kvp_validate.protocol import positions
+
 from ..errors import KvpError
 from ..models import arch
 from ..predictor.features import predictor_inputs
@@ -39,10 +41,6 @@ class Prefilled:
     next_pos: torch.Tensor  # [B] position of the next token
 
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def check_context(model, input_ids: torch.Tensor, extra: int = 0) -> None:
     limit = arch.context_length(model)
     if limit and input_ids.shape[1] + extra > limit:
@@ -55,7 +53,7 @@ def check_context(model, input_ids: torch.Tensor, extra: int = 0) -> None:
 def prefill_full(model, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> Prefilled:
     """Ordinary prefill of the whole prompt (the baseline, and the aux-alone path)."""
     mask = torch.ones_like(input_ids) if mask is None else mask
-    pos = positions_from_mask(mask)
+    pos = positions(mask)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     return Prefilled(out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1] + 1)
 
@@ -154,7 +152,7 @@ def prefill_kvp(
     if input_ids.shape[1] < 2:
         return prefill_full(base, input_ids, mask)  # nothing to predict
     spec = arch.ArchSpec.of(base)
-    pos = positions_from_mask(mask)
+    pos = positions(mask)
     ctx_ids, ctx_mask, ctx_pos = input_ids[:, :-1], mask[:, :-1], pos[:, :-1]
 
     if kv_source == "predictor":

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from kvp_validate.contract import MANIFEST, min_kvp_len
+from kvp_validate.contract import MANIFEST
 from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
+from kvp_validate.protocol import min_kvp_len
 
 from ..artifacts import read_manifest, write_json
 from ..cache import cache_dir

@@ -29,21 +29,21 @@ from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file
 from ..config import TOKENS, TrainConfig, configure
 from ..distributed import resolve_device, session
 from ..errors import KvpError
-from ..models import check_same_tokenizer, load, resolve
+from ..models import check_same_tokenizer, load
 from ..models.arch import ArchSpec, context_length
 from ..predictor.module import WEIGHTS, KVPredictor
-from ..stage import Clock, calibration, check_paths, model_ref, ref_spec, seed_all, sequences
+from ..stage import Clock, calibration, check_paths, load_model, model_ref, ref_spec, seed_all, sequences
 from .batches import Batches
 from .checkpoint import Checkpoints, steps_in
 from .loop import Outcome, run
 from .loss import Trainee
-from .recipe import Recipe, check_call, eval_every_for, steps_for, warmup_for
+from .plan import TrainPlan, check_call, eval_every_for, steps_for, warmup_for
 
 LOG = "train_log.jsonl"
 
 
 @dataclass
-class Sources:
+class StartFolders:
     """What a run starts from: the fit folder (KVP), the aux folder, and the base's spec."""
 
     predictor: Path | None
@@ -53,7 +53,7 @@ class Sources:
     base: str
 
 
-def sources(predictor: str | Path | None, aux: str | Path | None, base: str | None, baseline: bool) -> Sources:
+def start_folders(predictor: str | Path | None, aux: str | Path | None, base: str | None, baseline: bool) -> StartFolders:
     if predictor is None and not baseline:
         raise KvpError("KVP training starts from a fitted predictor: pass --predictor (or --baseline to "
                        "fine-tune the aux alone)")
@@ -63,7 +63,7 @@ def sources(predictor: str | Path | None, aux: str | Path | None, base: str | No
     aux_dir = Path(aux or pm["inputs"]["aux"]["path"])
     am = read_manifest(aux_dir, "aux")
     recorded = pm["inputs"]["base"] if pm else am["inputs"]["base"]
-    return Sources(None if baseline else Path(predictor), None if baseline else pm, aux_dir, am,
+    return StartFolders(None if baseline else Path(predictor), None if baseline else pm, aux_dir, am,
                    base or ref_spec(recorded))
 
 
@@ -93,7 +93,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
     check_paths(data, "training data")
     tokens = TOKENS if cfg.steps is None and cfg.tokens is None else cfg.tokens
     batch, accum, seq_len, eval_tokens = cfg.batch, cfg.accum, cfg.seq_len, cfg.eval_tokens
-    src = sources(predictor, aux, base, baseline)
+    src = start_folders(predictor, aux, base, baseline)
     dev = resolve_device(cfg.device)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
     if steps_in(ckpt_dir) and not resume:
@@ -104,7 +104,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
     with session(dev) as world:
         seed_all(seed)
         with clock.step("load"):
-            base_dir, base_model, aux_model, pred, tok = _models(src, bf16)
+            base_ref, base_model, aux_model, pred, tok = _models(src, bf16)
         sb = ArchSpec.of(base_model)
         sink_len = 0 if baseline else src.predictor_manifest["sink_len"]
         seq_len = min(seq_len, *(c for c in (context_length(base_model), context_length(aux_model)) if c))
@@ -116,7 +116,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
         every = eval_every_for(cfg.eval_every, n_steps)
         if every and eval_tokens < seq_len:
             raise KvpError(f"eval-tokens ({eval_tokens}) is less than one sequence of {seq_len} tokens")
-        recipe = Recipe(
+        plan = TrainPlan(
             mode="baseline" if baseline else "kvp", steps=n_steps, batch=batch, accum=accum, seq_len=seq_len,
             world_size=world.size, lr=cfg.lr, predictor_lr=cfg.predictor_lr or cfg.lr,
             weight_decay=cfg.weight_decay, warmup_steps=warmup_for(cfg.warmup_steps, n_steps),
@@ -131,23 +131,23 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
                                           mix=cfg.mix, stream=True)
             heldout, heldout_desc = (sequences(tok, base_model, data, eval_tokens, split="heldout", seq_len=seq_len,
                                                mix=cfg.mix) if every else (None, None))
-        refs = {"base": model_ref(src.base, base_dir), "aux": model_ref(src.aux, src.aux)}
+        refs = {"base": base_ref, "aux": model_ref(src.aux, src.aux)}
         if pred is not None:
             refs["predictor"] = {"path": str(src.predictor.resolve()),
                                  "weights_sha256": sha256_file(src.predictor / WEIGHTS)}
         identity = {**{k: r["weights_sha256"] for k, r in refs.items()}, "data": data_desc["tokens_sha256"]}
         if heldout_desc is not None:
             identity["heldout"] = heldout_desc["tokens_sha256"]
-        ckpts = Checkpoints(ckpt_dir, recipe, identity)
+        ckpts = Checkpoints(ckpt_dir, plan, identity)
         if world.main:
             ckpts.clean_partial()
         world.barrier()
 
         trainee = Trainee(aux_model, pred).to(dev)
         base_model.to(dev)
-        batches = Batches(seqs, recipe, world.rank)
+        batches = Batches(seqs, plan, world.rank)
         with clock.step("train"):
-            outcome = run(trainee, base_model, recipe, batches, world, dev, ckpts,
+            outcome = run(trainee, base_model, plan, batches, world, dev, ckpts,
                           checkpoint_every=cfg.checkpoint_every,
                           heldout=heldout, stop_after=stop_after, progress=progress,
                           deadline=clock.start + 60 * max_minutes if max_minutes else None,
@@ -160,19 +160,18 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
                         "train_seconds": round(outcome.train_seconds, 3), "device": _device_name(dev),
                         "world_size": world.size, "strategy": cfg.strategy if world.distributed else None,
                         "planned_steps": n_steps, "stopped": outcome.stop_reason,
-                        "loss": summarize(outcome.history), "heldout": heldout_summary(outcome, recipe, heldout_desc)}
+                        "loss": summarize(outcome.history), "heldout": heldout_summary(outcome, plan, heldout_desc)}
             if heldout_desc is not None:
                 data_desc = {**data_desc, "heldout": heldout_desc}
-            _write(out, overwrite, src, recipe, outcome, refs, data_desc, training, tok, clock)
+            _write(out, overwrite, src, plan, outcome, refs, data_desc, training, tok, clock)
             ckpts.remove()
         world.barrier()
     return out
 
 
-def _models(src: Sources, bf16: bool):
-    """(base folder, base, aux, predictor or None, tokenizer), refused unless they fit together."""
-    base_dir = resolve(src.base)
-    base, tok = load(base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)  # frozen: no fp32 master needed
+def _models(src: StartFolders, bf16: bool):
+    """(base's model_ref, base, aux, predictor or None, tokenizer), refused unless they fit together."""
+    base, tok, base_ref = load_model(src.base, dtype=torch.bfloat16 if bf16 else torch.float32)  # frozen: no fp32 master needed
     aux, aux_tok = load(src.aux)
     pred = KVPredictor.load(src.predictor) if src.predictor else None
     check_same_tokenizer(tok, aux_tok)
@@ -183,7 +182,7 @@ def _models(src: Sources, bf16: bool):
         from ..runtime.pipeline import check_compatible  # transformers' generation code: only when needed
 
         check_compatible(base, aux, pred)
-    return base_dir, base, aux, pred, tok
+    return base_ref, base, aux, pred, tok
 
 
 def _device_name(dev: torch.device) -> str:
@@ -198,16 +197,16 @@ def summarize(history: list[dict]) -> dict:
                 "mean_last_tenth": sum(h[k] for h in tail) / len(tail)} for k in keys}
 
 
-def heldout_summary(outcome: Outcome, recipe: Recipe, desc: dict | None) -> dict | None:
+def heldout_summary(outcome: Outcome, plan: TrainPlan, desc: dict | None) -> dict | None:
     """The held-out evaluations in brief: which step's weights the output holds, and why."""
     if not outcome.evals:
         return None
-    best = min(outcome.evals, key=lambda e: (e[recipe.metric], e["step"]))
-    return {"metric": recipe.metric, "every": recipe.eval_every, "tokens": desc["tokens"],
+    best = min(outcome.evals, key=lambda e: (e[plan.metric], e["step"]))
+    return {"metric": plan.metric, "every": plan.eval_every, "tokens": desc["tokens"],
             "sequences": desc["sequences"], "evaluations": len(outcome.evals), "best_step": best["step"],
-            "best_loss": best[recipe.metric], "last_step": outcome.evals[-1]["step"],
-            "last_loss": outcome.evals[-1][recipe.metric], "patience": recipe.patience or None,
-            "stopped_early": outcome.stopped_early, "weights": f"step {best['step']} (best held-out {recipe.metric})"}
+            "best_loss": best[plan.metric], "last_step": outcome.evals[-1]["step"],
+            "last_loss": outcome.evals[-1][plan.metric], "patience": plan.patience or None,
+            "stopped_early": outcome.stopped_early, "weights": f"step {best['step']} (best held-out {plan.metric})"}
 
 
 def log_lines(history: list[dict], evals: list[dict]) -> str:
@@ -217,7 +216,7 @@ def log_lines(history: list[dict], evals: list[dict]) -> str:
                                        if k != "step"}}) + "\n" for h in history)
 
 
-def _write(out: Path, overwrite: bool, src: Sources, recipe: Recipe, outcome: Outcome, refs: dict, data_desc: dict,
+def _write(out: Path, overwrite: bool, src: StartFolders, plan: TrainPlan, outcome: Outcome, refs: dict, data_desc: dict,
            training: dict, tok, clock: Clock) -> None:
     """The output folder (rank 0): the trained aux as an HF folder, and the trained predictor."""
     weights = outcome.weights
@@ -225,16 +224,16 @@ def _write(out: Path, overwrite: bool, src: Sources, recipe: Recipe, outcome: Ou
     aux_model.load_state_dict({k.removeprefix("aux."): v for k, v in weights.items() if k.startswith("aux.")})
     am = src.aux_manifest
     lineage = {k: am[k] for k in ("family", "kept_layers", "layer_map", "base_layers", "aux_layers") if k in am}
-    method = "baseline-ce" if recipe.mode == "baseline" else "kvp-train"
+    method = "baseline-ce" if plan.mode == "baseline" else "kvp-train"
     common = {"calib_tokens": training["tokens"], "training": training}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        aux_dir, final_aux = (tmp, out) if recipe.mode == "baseline" else (tmp / "aux", out / "aux")
+        aux_dir, final_aux = (tmp, out) if plan.mode == "baseline" else (tmp / "aux", out / "aux")
         aux_model.save_pretrained(aux_dir, safe_serialization=True)
         tok.save_pretrained(aux_dir)
         (tmp / LOG).write_text(log_lines(outcome.history, outcome.evals))
         write_manifest(aux_dir, "aux", inputs={"base": refs["base"], "aux": refs["aux"], "data": data_desc},
-                       recipe={"method": method, **recipe.to_dict()}, **lineage, **common, **clock.record())
-        if recipe.mode == "kvp":
+                       recipe={"method": method, **plan.to_dict()}, **lineage, **common, **clock.record())
+        if plan.mode == "kvp":
             pred = KVPredictor.load(src.predictor)
             pred.load_state_dict({k.removeprefix("predictor."): v for k, v in weights.items()
                                   if k.startswith("predictor.")})
@@ -244,6 +243,6 @@ def _write(out: Path, overwrite: bool, src: Sources, recipe: Recipe, outcome: Ou
             write_manifest(tmp, "predictor",
                            inputs={"aux": aux_ref, "base": refs["base"], "predictor": refs["predictor"],
                                    "aux_init": refs["aux"], "data": data_desc},
-                           recipe={"method": method, **recipe.to_dict(), "sources": pm["recipe"].get("sources")},
+                           recipe={"method": method, **plan.to_dict(), "sources": pm["recipe"].get("sources")},
                            layer_map=pm["layer_map"], input_mode=pm["input_mode"], sink_len=pm["sink_len"],
                            **common, **clock.record())

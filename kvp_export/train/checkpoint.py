@@ -6,10 +6,10 @@ A checkpoint is a folder `step-NNNNNNNN/` in the run's checkpoint folder:
   containers only, read back with `torch.load(weights_only=True)`;
 - `best.safetensors` (with held-out evaluations): the trainee state at the best held-out
   loss so far, so a resumed run still returns the best weights;
-- `meta.json`: the step, the recipe, the inputs' hashes and the SHA-256 of every file.
+- `meta.json`: the step, the plan, the inputs' hashes and the SHA-256 of every file.
 It is built under a temporary name and renamed, so a run killed while saving leaves the
 previous checkpoints intact. On loading, a file that does not match meta.json is refused as
-corrupt, and a checkpoint of another recipe or other inputs is refused as another run's.
+corrupt, and a checkpoint of another plan or other inputs is refused as another run's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir, sha256_file, write_json
 from ..errors import KvpError
-from .recipe import Recipe
+from .plan import TrainPlan
 
 PREFIX = "step-"
 WEIGHTS, STATE, META, BEST = "weights.safetensors", "state.pt", "meta.json", "best.safetensors"
@@ -40,8 +40,8 @@ def steps_in(folder: str | Path) -> list[int]:
 
 
 class Checkpoints:
-    def __init__(self, folder: str | Path, recipe: Recipe, inputs: dict):
-        self.folder, self.recipe, self.inputs = Path(folder), recipe, inputs
+    def __init__(self, folder: str | Path, plan: TrainPlan, inputs: dict):
+        self.folder, self.plan, self.inputs = Path(folder), plan, inputs
 
     def steps(self) -> list[int]:
         return steps_in(self.folder)
@@ -68,7 +68,7 @@ class Checkpoints:
                 save_file({k: v.detach().cpu().clone().contiguous() for k, v in best.items()}, str(tmp / BEST))
             torch.save(state, tmp / STATE)
             files = (WEIGHTS, STATE) + ((BEST,) if best is not None else ())
-            write_json(tmp / META, {"step": step, "recipe": self.recipe.to_dict(), "inputs": self.inputs,
+            write_json(tmp / META, {"step": step, "recipe": self.plan.to_dict(), "inputs": self.inputs,
                                     "files": {f: sha256_file(tmp / f) for f in files}})
         for old in self.steps()[:-KEEP]:
             shutil.rmtree(self.path(old), ignore_errors=True)
@@ -89,9 +89,9 @@ class Checkpoints:
                 raise corrupt(f"{name} is missing")
             if sha256_file(path / name) != files.get(name):
                 raise corrupt(f"{name} does not match the SHA-256 recorded when it was written")
-        diffs = self.recipe.differences(meta.get("recipe") or {})
+        diffs = self.plan.differences(meta.get("recipe") or {})
         if diffs:
-            raise KvpError(f"checkpoint {path} is from a run with another recipe ({diffs[0]}): resume with the "
+            raise KvpError(f"checkpoint {path} is from a run with another training plan ({diffs[0]}): resume with the "
                            "same options, or delete the checkpoint folder to start over")
         if meta.get("inputs") != self.inputs:
             changed = sorted(k for k in self.inputs if (meta.get("inputs") or {}).get(k) != self.inputs[k])

@@ -31,7 +31,7 @@ from ..models import arch
 from .batches import Batches
 from .checkpoint import Checkpoints
 from .loss import TERMS, Objective, Trainee
-from .recipe import Recipe
+from .plan import TrainPlan
 
 log = get_logger()
 
@@ -52,11 +52,11 @@ class Outcome:
 
 
 class Heldout:
-    """Held-out evaluation every `recipe.eval_every` steps and after the last: the loss terms on
-    the same held-out sequences each time, the best weights by `recipe.metric`, and patience."""
+    """Held-out evaluation every `plan.eval_every` steps and after the last: the loss terms on
+    the same held-out sequences each time, the best weights by `plan.metric`, and patience."""
 
-    def __init__(self, seqs, recipe: Recipe):
-        self.seqs, self.r = seqs, recipe
+    def __init__(self, seqs, plan: TrainPlan):
+        self.seqs, self.r = seqs, plan
         self.evals: list[dict] = []
         self.best: dict[str, torch.Tensor] | None = None
         self.bad = 0  # evaluations since the last new best
@@ -105,27 +105,27 @@ def _model_weights(trainee: Trainee) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def freeze(base, recipe: Recipe) -> None:
+def freeze(base, plan: TrainPlan) -> None:
     """No gradients for the base's weights; gradients still flow through its activations.
 
     transformers checkpoints layers only in train mode; a frozen base must behave as in
     inference there, so its attention dropout (if any) is zeroed."""
     base.requires_grad_(False)
-    if recipe.activation_checkpointing and recipe.mode == "kvp":
+    if plan.activation_checkpointing and plan.mode == "kvp":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRAD_CKPT)
         base.train()
         for layer in arch.decoder_layers(base):
             arch.adapter(base).attention(layer).attention_dropout = 0.0
 
 
-def wrap(trainee: Trainee, recipe: Recipe, world: World, device: torch.device):
+def wrap(trainee: Trainee, plan: TrainPlan, world: World, device: torch.device):
     """The module the loop calls: the trainee itself, under DDP, or sharded with FSDP."""
-    if recipe.activation_checkpointing:
+    if plan.activation_checkpointing:
         trainee.aux.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRAD_CKPT)
     trainee.train()
     if not world.distributed:
         return trainee
-    if recipe.strategy == "ddp":
+    if plan.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None,
@@ -138,21 +138,21 @@ def wrap(trainee: Trainee, recipe: Recipe, world: World, device: torch.device):
     return trainee
 
 
-def optimizer(trainee: Trainee, recipe: Recipe) -> torch.optim.Optimizer:
+def optimizer(trainee: Trainee, plan: TrainPlan) -> torch.optim.Optimizer:
     """AdamW; group 0 is the aux, group 1 the predictor (its own learning rate)."""
-    groups = [{"params": list(trainee.aux.parameters()), "lr": recipe.lr}]
+    groups = [{"params": list(trainee.aux.parameters()), "lr": plan.lr}]
     if trainee.predictor is not None:
-        groups.append({"params": list(trainee.predictor.parameters()), "lr": recipe.predictor_lr})
-    return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+        groups.append({"params": list(trainee.predictor.parameters()), "lr": plan.predictor_lr})
+    return torch.optim.AdamW(groups, weight_decay=plan.weight_decay)
 
 
-def _sync(model, world: World, recipe: Recipe, last: bool):
+def _sync(model, world: World, plan: TrainPlan, last: bool):
     """Gradient synchronisation only on the last micro-step of an optimizer step."""
     if not world.distributed or last:
-        if world.distributed and recipe.strategy == "fsdp":
+        if world.distributed and plan.strategy == "fsdp":
             model.set_requires_gradient_sync(True)
         return contextlib.nullcontext()
-    if recipe.strategy == "ddp":
+    if plan.strategy == "ddp":
         return model.no_sync()
     model.set_requires_gradient_sync(False)
     return contextlib.nullcontext()
@@ -181,21 +181,21 @@ def _describe(terms: dict, tok_s: float) -> str:
     return f"{shown} | {tok_s:,.0f} tok/s"
 
 
-def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, device: torch.device,
+def run(trainee: Trainee, base, plan: TrainPlan, batches: Batches, world: World, device: torch.device,
         ckpts: Checkpoints, *, checkpoint_every: int, heldout=None, stop_after: int | None = None,
         deadline: float | None = None, finish: float | None = None, progress: bool = True) -> Outcome:
-    """Train from the latest checkpoint in `ckpts` (or from the start) to the end of the recipe
+    """Train from the latest checkpoint in `ckpts` (or from the start) to the end of the plan
     (or to an early stop on the held-out loss), or until `stop_after` steps in this call or the
     time.perf_counter() `deadline` (then checkpoint and stop). At the perf_counter() `finish`
     the run ends as if its last step were done: a held-out evaluation (if due to evaluate at
     all), and the outcome is finished (a time budget). `heldout`: the held-out sequences, when
-    recipe.eval_every is set."""
+    plan.eval_every is set."""
     t0 = time.perf_counter()
-    freeze(base, recipe)
-    model = wrap(trainee, recipe, world, device)
-    opt = optimizer(trainee, recipe)
+    freeze(base, plan)
+    model = wrap(trainee, plan, world, device)
+    opt = optimizer(trainee, plan)
     start, history, seconds_before = 0, [], 0.0
-    held = Heldout(heldout, recipe) if recipe.eval_every else None
+    held = Heldout(heldout, plan) if plan.eval_every else None
     latest = ckpts.latest()
     if latest is not None:
         weights, state = ckpts.load(latest)
@@ -206,57 +206,57 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
             held.evals, held.bad, held.best = state["evals"], state["bad_evals"], state.get("best_weights")
         _restore_rng(state["rng"])
         if world.main:
-            log.info(f"resuming from {latest} (step {start} of {recipe.steps})")
+            log.info(f"resuming from {latest} (step {start} of {plan.steps})")
     def autocast():
-        if recipe.precision == "bf16":
+        if plan.precision == "bf16":
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    objective = Objective(model, base, recipe, autocast)
-    lrs = [recipe.lr, recipe.predictor_lr]
-    log_every = max(1, recipe.steps // 20)
-    bar = tqdm(total=recipe.steps, initial=start, unit="step", desc=f"train {recipe.mode}",
+    objective = Objective(model, base, plan, autocast)
+    lrs = [plan.lr, plan.predictor_lr]
+    log_every = max(1, plan.steps // 20)
+    bar = tqdm(total=plan.steps, initial=start, unit="step", desc=f"train {plan.mode}",
                disable=not (progress and world.main))
     try:
-        for step in range(start, recipe.steps):
+        for step in range(start, plan.steps):
             t_step = time.perf_counter()
-            scale = recipe.lr_scale(step)
+            scale = plan.lr_scale(step)
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * scale
             record = {"step": step + 1, "lr_scale": scale,
-                      **_optimizer_step(model, objective, opt, batches.micro_batches(step), recipe, world, device)}
+                      **_optimizer_step(model, objective, opt, batches.micro_batches(step), plan, world, device)}
             history.append(record)
-            tok_s = recipe.tokens_per_step / (time.perf_counter() - t_step)
+            tok_s = plan.tokens_per_step / (time.perf_counter() - t_step)
             bar.update(1)
             bar.set_postfix_str(_describe(record, tok_s), refresh=False)
             if world.main and bar.disable and (step + 1) % log_every == 0:  # no bar: a line now and then
-                log.info(f"train step {step + 1}/{recipe.steps}: {_describe(record, tok_s)}")
-            finishing = (finish is not None and step + 1 < recipe.steps
+                log.info(f"train step {step + 1}/{plan.steps}: {_describe(record, tok_s)}")
+            finishing = (finish is not None and step + 1 < plan.steps
                          and world.any(time.perf_counter() >= finish, device))
-            if held is not None and (held.due(step + 1) or finishing):
+            evaluated = held is not None and (held.due(step + 1) or finishing)
+            if evaluated:
                 e = held.evaluate(model, objective, trainee, step + 1, device, world)
                 if world.main:
-                    line = (f"held-out {recipe.metric} {e[recipe.metric]:.4g} at step {step + 1}"
-                            f"{' (best)' if e['best'] else f' (best {held.best_eval[recipe.metric]:.4g})'}")
+                    line = (f"held-out {plan.metric} {e[plan.metric]:.4g} at step {step + 1}"
+                            f"{' (best)' if e['best'] else f' (best {held.best_eval[plan.metric]:.4g})'}")
                     if bar.disable:
                         log.info(line)
                     else:
                         bar.write(line, file=sys.stderr)
-                if held.exhausted() and not finishing:
-                    if world.main:
-                        log.info(f"early stop after step {step + 1}: no better held-out {recipe.metric} in "
-                                 f"{recipe.patience} evaluations")
-                    weights = _final_weights(trainee, opt, held, world)
-                    return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
-                                   held.evals, stopped_early=True, stop_reason="patience")
-            if finishing:
+            why = None
+            if evaluated and held.exhausted() and not finishing:
+                why = ("patience", f"early stop after step {step + 1}: no better held-out {plan.metric} in "
+                                   f"{plan.patience} evaluations")
+            elif finishing:
+                why = ("time", f"finished after step {step + 1} of {plan.steps}: the time budget (finish_after) "
+                               "is spent")
+            if why is not None:  # a finished run, before its last step: the best (or last) weights
                 if world.main:
-                    log.info(f"finished after step {step + 1} of {recipe.steps}: the time budget (finish_after) "
-                             "is spent")
-                weights = _final_weights(trainee, opt, held, world)
-                return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0, weights,
-                               held.evals if held else [], stopped_early=True, stop_reason="time")
-            if step + 1 == recipe.steps:
+                    log.info(why[1])
+                return Outcome(True, step + 1, history, seconds_before + time.perf_counter() - t0,
+                               _final_weights(trainee, opt, held, world), held.evals if held else [],
+                               stopped_early=True, stop_reason=why[0])
+            if step + 1 == plan.steps:
                 break
             out_of_time = deadline is not None and world.any(time.perf_counter() >= deadline, device)
             stop = out_of_time or (stop_after is not None and step + 1 - start >= stop_after)
@@ -264,7 +264,7 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
                 _save(ckpts, trainee, opt, world, step + 1, history, seconds_before + time.perf_counter() - t0, held)
             if stop:
                 if world.main:
-                    log.info(f"stopped after step {step + 1} of {recipe.steps}; checkpoint in {ckpts.folder} "
+                    log.info(f"stopped after step {step + 1} of {plan.steps}; checkpoint in {ckpts.folder} "
                         "(run again with --resume to continue)")
                 return Outcome(False, step + 1, history, seconds_before + time.perf_counter() - t0, None,
                                held.evals if held else [])
@@ -272,7 +272,7 @@ def run(trainee: Trainee, base, recipe: Recipe, batches: Batches, world: World, 
         bar.close()
         objective.close()
     weights = _final_weights(trainee, opt, held, world)
-    return Outcome(True, recipe.steps, history, seconds_before + time.perf_counter() - t0, weights,
+    return Outcome(True, plan.steps, history, seconds_before + time.perf_counter() - t0, weights,
                    held.evals if held else [])
 
 
@@ -284,17 +284,17 @@ def _final_weights(trainee: Trainee, opt, held: Heldout | None, world: World) ->
     return weights if world.main else None
 
 
-def _optimizer_step(model, objective: Objective, opt, micro: list[torch.Tensor], recipe: Recipe, world: World,
+def _optimizer_step(model, objective: Objective, opt, micro: list[torch.Tensor], plan: TrainPlan, world: World,
                     device: torch.device) -> dict:
     """Accumulate the micro-batches' gradients, clip, step; the loss terms averaged over all
     micro-batches of all processes, and the gradient norm before clipping."""
     sums = torch.zeros(len(TERMS), device=device)
     for i, ids in enumerate(micro):
-        with _sync(model, world, recipe, last=i == len(micro) - 1):
+        with _sync(model, world, plan, last=i == len(micro) - 1):
             terms = objective.step(ids.to(device), 1 / len(micro))
         sums += torch.stack([terms.get(k, torch.zeros((), device=device)).float() for k in TERMS])
     params = [p for g in opt.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     opt.step()

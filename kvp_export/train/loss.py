@@ -26,7 +26,7 @@ from torch import nn
 from ..models import arch
 from ..predictor.features import capture
 from ..predictor.module import KVPredictor
-from .recipe import Recipe
+from .plan import TrainPlan
 
 TERMS = ("loss", "ce_base", "ce_aux", "l1", "z", "kl")
 
@@ -90,10 +90,10 @@ def consistency_l1(pred: list, true: list, sink_len: int) -> torch.Tensor:
 class Objective:
     """One micro-batch's forward and backward; returns its loss terms (detached, unscaled)."""
 
-    def __init__(self, model: nn.Module, base, recipe: Recipe,
+    def __init__(self, model: nn.Module, base, plan: TrainPlan,
                  autocast: Callable[[], contextlib.AbstractContextManager]):
-        self.model, self.base, self.r, self.autocast = model, base, recipe, autocast
-        self.inject = PredictedKV(base) if recipe.mode == "kvp" else None
+        self.model, self.base, self.r, self.autocast = model, base, plan, autocast
+        self.inject = PredictedKV(base) if plan.mode == "kvp" else None
 
     def close(self) -> None:
         if self.inject is not None:

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kvp_validate import mlpackage
+from kvp_validate.protocol import min_kvp_len
 
 from ... import data
 from ...artifacts import atomic_dir, check_output_dir, sha256_dir, sha256_file, write_manifest
@@ -46,9 +47,9 @@ def check_shapes(context: int, prompt_lengths, sink_len: int, limits: dict[str, 
         if limit and context > limit:
             raise KvpError(f"context {context} is longer than the {name} supports ({limit})")
     lengths = tuple(sorted(set(int(n) for n in prompt_lengths)))  # the config refused an empty list, or no room
-    if lengths[0] < sink_len + 3:
-        raise KvpError(f"prompt length {lengths[0]} is too short: KVP needs at least {sink_len + 3} tokens "
-                       f"(the {sink_len}-token sink, a predicted token and the last one)")
+    if lengths[0] < min_kvp_len(sink_len):
+        raise KvpError(f"prompt length {lengths[0]} is too short: KVP with a {sink_len}-token sink needs at least "
+                       f"{min_kvp_len(sink_len)} tokens")
     return lengths
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ...models import arch
-from ..modules import KVPPrefill, Layer, LayerPlan
+from ..modules import KVPPrefill, Layer, LayerPlan, attend
 
 MASKED = -1e4  # additive mask: exp underflows to 0 in fp16, and never overflows like finfo.min
 
@@ -65,19 +65,6 @@ class ScaledRMSNorm(nn.Module):
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-3)
         y = x / s
         return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / s / s))
-
-
-def attend4(q, k, v, bias, scale: float):
-    """GQA attention in 4-D: q [1,H,T,D], k/v [1,Hkv,K,D], additive bias [T,K] -> [1,T,H*D].
-
-    Query heads are grouped onto their KV head (head h reads KV head h // rep, as in HF)."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    rep = h // hkv
-    scores = torch.matmul(q.reshape(b, hkv, rep * t, d) * scale, k.transpose(-1, -2))
-    probs = torch.softmax(scores + torch.cat([bias] * rep).to(scores.dtype), dim=-1)
-    out = torch.matmul(probs, v).view(b, h, t, d)
-    return out.transpose(1, 2).reshape(b, t, h * d)
 
 
 def mask_bias(visible):
@@ -166,7 +153,7 @@ class _Prefill(nn.Module):
 
         def step(j, layer, h):
             q, k, v, k_pre, v_pre, extra = layer.project(h, *aux_rope[j])
-            return layer.finish(h, attend4(q, k, v, aux_bias[j], layer.scale)), k_pre, v_pre, extra
+            return layer.finish(h, attend(q, k, v, aux_bias[j], layer.scale, "flat")), k_pre, v_pre, extra
 
         predicted = self.kvp.predict(self.kvp.embed(input_ids), step)
 
@@ -183,7 +170,7 @@ class _Prefill(nn.Module):
             q, k, v, *_ = layer.project(h, *q_rope[i])
             k = torch.where(is_last, k[:, :, s:], torch.cat([k[:, :, :s], pk[:, :, s:]], dim=2))
             v = torch.where(is_last, v[:, :, s:], torch.cat([v[:, :, :s], pv[:, :, s:]], dim=2))
-            h = layer.finish(h, attend4(q, k, v, biases[i], layer.scale))
+            h = layer.finish(h, attend(q, k, v, biases[i], layer.scale, "flat"))
             keys.append(k)
             values.append(v)
         return self.base.logits(h), torch.stack(keys), torch.stack(values)
@@ -206,7 +193,7 @@ class _Decode(nn.Module):
             q, k_new, v_new, *_ = layer.project(h, *ropes[i])
             k = torch.where(here, k_new, cache_k[i])
             v = torch.where(here, v_new, cache_v[i])
-            h = layer.finish(h, attend4(q, k, v, biases[i], layer.scale))
+            h = layer.finish(h, attend(q, k, v, biases[i], layer.scale, "flat"))
             keys.append(k)
             values.append(v)
             new_k.append(k_new)

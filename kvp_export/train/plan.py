@@ -1,6 +1,10 @@
-"""A training run's recipe: every choice that decides its trajectory, checked before any work.
+"""A training run's plan (`TrainPlan`): every choice that decides its trajectory, resolved from
+the TrainConfig and the inputs (steps from a token budget, warmup, the world size) and checked
+before any work. (A *recipe* is `kvp run`'s YAML file; a manifest's `recipe` records the options
+that made a folder.)
 
-The recipe is recorded in the output manifest and in every checkpoint; a resumed run must
+The plan is recorded in the output manifest and in every checkpoint (under the key `recipe`,
+which older checkpoints hold too, so they still resume); a resumed run must
 have the same one, or it would not reach the same result.
 """
 
@@ -19,7 +23,7 @@ WARMUP_SHARE = 0.05  # of the steps, when not given
 
 
 @dataclass(frozen=True)
-class Recipe:
+class TrainPlan:
     mode: str  # "kvp": aux + predictor through the base (the paper); "baseline": aux alone, plain CE
     steps: int
     batch: int  # sequences per process per micro-step
@@ -77,7 +81,7 @@ class Recipe:
         return d
 
     def differences(self, recorded: dict) -> list[str]:
-        """Fields where a recorded recipe differs from this one."""
+        """Fields where a recorded plan differs from this one."""
         mine = self.to_dict()
         return [f"{k} {recorded.get(k)!r} != {v!r}" for k, v in mine.items() if recorded.get(k) != v]
 
