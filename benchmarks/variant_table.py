@@ -111,7 +111,7 @@ def main() -> None:
     result = {"exports": exports, "threads": args.threads, "rounds": args.rounds, "cpu": _cpu(),
               "onnxruntime": ort.__version__, "ttft": [], "step": [], "sizes": {}}
     for (label, v), rt in runtimes.items():
-        result["sizes"][f"{label}/{v}"] = {g: rt.art.manifest["variants"][v][g]["bytes"] for g in GRAPHS}
+        result["sizes"][f"{label}/{v}"] = {g: rt.art.manifest.variants[v][g].bytes for g in GRAPHS}
     for n in ints(args.lengths):
         for b in ints(args.batches):
             jobs = {(label, v, path): fn for (label, v), rt in runtimes.items()

@@ -193,6 +193,21 @@ def test_io_binding_gives_the_copying_runtimes_tokens_and_logits(exported):
     np.testing.assert_array_equal(bound.score(sa, cont), copying.score(sb, cont))
 
 
+def test_ttft_times_every_path_through_the_runtimes_io_path(exported):
+    """measure_point times base, aux and KVP through the same runtime calls (IO binding), so
+    kvp_speedup compares graphs, not a bound path against a copying one."""
+    from kvp_validate.runtime import OnnxKVP
+    from kvp_validate.ttft import measure_point
+
+    rt = OnnxKVP(exported, "fp32", threads=1)
+    seen = []
+    run = rt.run
+    rt.run = lambda name, feeds, *a: seen.append(name) or run(name, feeds, *a)  # records, then runs the real graph
+    ms = measure_point(rt, 1, 12, warmup=0, repeats=1)
+    assert {"base", "aux", "aux_ctx", "kvp", "base_step"} <= set(ms)
+    assert {"base_prefill", "aux_prefill", "kvp_prefill", "base_decode"} <= set(seen)
+
+
 def test_auto_mode_uses_the_base_below_the_crossover_through_the_decoder(exported):
     """Below the crossover, "auto" runs the base prompt through base_decode with an empty cache
     (no third graph to load): the same logits as base_prefill; from the crossover on, KVP."""
