@@ -132,46 +132,12 @@ class LayerPlan(nn.Module):
         return [b[w] for w in self.windows]
 
 
-class _SkipRMSNorm(torch.autograd.Function):
-    """(RMSNorm(x + skip) * weight, x + skip), exported as onnxruntime's fused
-    com.microsoft SkipSimplifiedLayerNormalization (one pass over the residual stream instead
-    of an Add and the norm's six nodes; its outputs 1 and 2, mean and inverse std, go unused)."""
-
-    @staticmethod
-    def forward(ctx, x, skip, weight, eps):
-        h = x + skip
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight, h
-
-    @staticmethod
-    def symbolic(g, x, skip, weight, eps):
-        out = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps, outputs=4)
-        for y in (out[0], out[3]):
-            y.setType(x.type())
-        return out[0], out[3]
-
-
-def add_norm(norm: nn.Module, ad: arch.Adapter, h: torch.Tensor, branch: torch.Tensor | None):
-    """(norm(h + branch), h + branch): a residual add and the RMSNorm that reads its sum; branch
-    None: (norm(h), h). In an ONNX export the pair is one fused node (_SkipRMSNorm); onnxruntime
-    fuses the plain norms itself when it loads a graph (SimplifiedLayerNormalization, a node the
-    ONNX checker does not know at the graph's opset, so the export leaves it to the runtime).
-    Eager and traced-for-Core-ML runs keep the module itself (the Core ML export swaps in its own)."""
-    if branch is None:
-        return norm(h), h
-    if torch.onnx.is_in_onnx_export():
-        return _SkipRMSNorm.apply(h, branch, ad.norm_weight(norm), ad.norm_eps(norm))
-    h = h + branch
-    return norm(h), h
-
-
 class Layer(nn.Module):
     """One HF decoder layer with explicit cache and visibility; optionally extra outputs of its input norm.
 
     `extra` [out, hidden] (+ bias) is fused into the layer's q/k/v projection: one matmul
     reads the normed hidden state once and yields q, k, v and the predictor's partial
     outputs for the base layers that read this aux layer.
-    `forward` defers the MLP's residual add to the next norm (the next layer's input norm, or
-    the final norm), so that each add and the norm after it export as one fused node (add_norm).
     """
 
     def __init__(self, layer: nn.Module, ad: arch.Adapter, spec: arch.ArchSpec, extra_w: torch.Tensor | None = None,
@@ -201,13 +167,9 @@ class Layer(nn.Module):
         q [B, H, T, D] and k_rot [B, Hkv, T, D] rotated, v_h [B, Hkv, T, D]; k_pre (normed,
         pre-RoPE) and v [B, T, Hkv*D] for the predictor; extra: the fused outputs, or None.
         """
-        return self.project_normed(self.norm1(h), cos, sin)
-
-    def project_normed(self, x, cos, sin):
-        """`project` from the input norm's output x."""
         s = self.spec
-        b, t, _ = x.shape
-        parts = torch.split(self.qkv(x), self.split, dim=-1)
+        b, t, _ = h.shape
+        parts = torch.split(self.qkv(self.norm1(h)), self.split, dim=-1)
         q, k, v = parts[0], parts[1], parts[2]
         q = q.view(b, t, s.n_heads, s.head_dim)
         if self.q_norm is not None:
@@ -224,30 +186,18 @@ class Layer(nn.Module):
     def finish(self, h, attn):
         """The residual adds after attention: o_proj of attn [B, T, H*D], then the MLP (each
         branch through its post norm where the family has one)."""
-        h, m = self.finish_deferred(h, attn)
-        return h + m
-
-    def finish_deferred(self, h, attn):
-        """`finish` without the MLP's residual add: (h after attention, the MLP branch)."""
         o = self.o_proj(attn)
-        x, h = add_norm(self.norm2, self.ad, h, self.post1(o) if self.post1 is not None else o)
-        m = self.ad.down_proj(self.mlp)(self.ad.mlp_inner(self.mlp, x))
-        return h, (self.post2(m) if self.post2 is not None else m)
+        h = h + (self.post1(o) if self.post1 is not None else o)
+        m = self.ad.down_proj(self.mlp)(self.ad.mlp_inner(self.mlp, self.norm2(h)))
+        return h + (self.post2(m) if self.post2 is not None else m)
 
-    def forward(self, h, pending, cos, sin, past_k, past_v, bias, output: bool = True):
-        """The layer over h + pending (pending: the previous layer's deferred MLP branch, or None)
-        -> (h, pending MLP branch, k_full, v_full, pre-RoPE normed k, v, extra or None); bias from
-        `attention_bias`. The layer's output is h + pending branch. `output=False`: only the
-        projections (h comes back as the input sum, the branch as None), for a last layer that is
-        read only for them: its unused fused norms would crash the ONNX exporter's dead-code pass."""
-        x, h = add_norm(self.norm1, self.ad, h, pending)
-        q, k_rot, v_h, k_pre, v, extra = self.project_normed(x, cos, sin)
+    def forward(self, h, cos, sin, past_k, past_v, bias):
+        """-> (h_out, k_full, v_full, pre-RoPE normed k, v, extra or None); bias from `attention_bias`."""
+        q, k_rot, v_h, k_pre, v, extra = self.project(h, cos, sin)
         k_full = k_rot if past_k is None else torch.cat([past_k, k_rot], dim=2)
         v_full = v_h if past_v is None else torch.cat([past_v, v_h], dim=2)
-        m = None
-        if output:
-            h, m = self.finish_deferred(h, attend(q, k_full, v_full, bias, self.scale))
-        return h, m, k_full, v_full, k_pre, v, extra
+        h = self.finish(h, attend(q, k_full, v_full, bias, self.scale))
+        return h, k_full, v_full, k_pre, v, extra
 
 
 class Decoder(nn.Module):
@@ -264,8 +214,7 @@ class Decoder(nn.Module):
 
     def __init__(self, model: nn.Module, *, with_past: bool, last_only: bool, keep_input: bool = False):
         super().__init__()
-        self.spec, self.ad = arch.ArchSpec.of(model), arch.adapter(model)
-        ad = self.ad
+        self.spec, ad = arch.ArchSpec.of(model), arch.adapter(model)
         self.embed = ad.embedding(model)
         self.plan = LayerPlan(model)
         self.layers = nn.ModuleList(Layer(layer, ad, self.spec) for layer in ad.layers(model))
@@ -278,16 +227,16 @@ class Decoder(nn.Module):
         past_len = past[0].shape[2] if self.with_past else 0
         ropes = self.plan.rope(h, position_ids)
         biases = self.plan.biases(attention_mask, position_ids, past_len, h.dtype)
-        present, m = [], None
+        present = []
         for i, layer in enumerate(self.layers):
             pk, pv = (past[2 * i], past[2 * i + 1]) if self.with_past else (None, None)
-            h, m, k, v, *_ = layer(h, m, *ropes[i], pk, pv, biases[i])
+            h, k, v, *_ = layer(h, *ropes[i], pk, pv, biases[i])
             present += [k, v]
         if self.last_only:
-            h, m = h[:, -1:], m[:, -1:]
+            h = h[:, -1:]
         elif keep is not None:
-            h, m = h[:, -keep:], m[:, -keep:]  # -0 = 0: every position
-        return (self.lm_head(add_norm(self.norm, self.ad, h, m)[0]), *present)
+            h = h[:, -keep:]  # -0 = 0: every position
+        return (self.lm_head(self.norm(h)), *present)
 
 
 class KVPPrefill(nn.Module):
@@ -309,7 +258,7 @@ class KVPPrefill(nn.Module):
         self.bspec, self.aspec = arch.ArchSpec.of(base), arch.ArchSpec.of(aux)
         self.sink_len = sink_len
         self.mode = predictor.input_mode
-        self.ad = ad = arch.adapter(aux)
+        ad = arch.adapter(aux)
         self.embed = ad.embedding(aux)
         self.aux_plan, self.base_plan = LayerPlan(aux), LayerPlan(base)
         n_aux = self.aspec.n_layers
@@ -350,7 +299,6 @@ class KVPPrefill(nn.Module):
 
         step(j, layer, h) -> (h, k_pre, v, extra) runs aux layer j: the caller decides how it
         attends (a visibility mask here; the Core ML export uses its own static-shape attention).
-        h may also be a pair (h, pending residual branch), as Layer.forward leaves it.
         """
         sums: dict[tuple[int, str], torch.Tensor] = {}
         aux_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -368,8 +316,7 @@ class KVPPrefill(nn.Module):
                 add(j, extra)
             aux_kv.append((k_pre, v))
         if self.final is not None:
-            add(len(self.layers), self.final(add_norm(self.final_norm, self.ad, *h)[0] if isinstance(h, tuple)
-                                             else self.final_norm(h)))
+            add(len(self.layers), self.final(self.final_norm(h)))
         if self.mode == "hidden":
             return [(sums[(i, "k")], sums[(i, "v")]) for i in range(self.bspec.n_layers)]
         return [(self.pk[i](aux_kv[s[0]][0]), self.pv[i](aux_kv[s[0]][1])) for i, s in enumerate(self.sources)]
@@ -383,15 +330,14 @@ class KVPPrefill(nn.Module):
         ropes = self.aux_plan.rope(h, cpos)
         biases = self.aux_plan.biases(cmask, cpos, 0, h.dtype)
 
-        def step(j, layer, hm):
-            needed = j + 1 < self.depth or self.final is not None  # is this layer's output read?
-            h, m, _k, _v, k_pre, v, extra = layer(*hm, *ropes[j], None, None, biases[j], output=needed)
-            return (h, m), k_pre, v, extra
+        def step(j, layer, h):
+            h, _k, _v, k_pre, v, extra = layer(h, *ropes[j], None, None, biases[j])
+            return h, k_pre, v, extra
 
         bs = self.bspec
         b, s_ctx = ctx.shape
         present = []
-        for (k, v), (bcos, bsin) in zip(self.predict((h, None), step), self.base_plan.rope(h, cpos)):
+        for (k, v), (bcos, bsin) in zip(self.predict(h, step), self.base_plan.rope(h, cpos)):
             k = arch.apply_rope(k.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
             v = v.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
             present += [k, v]

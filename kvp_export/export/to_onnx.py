@@ -111,35 +111,25 @@ def export_graph(name: str, path: Path, base, aux, predictor: KVPredictor, sink_
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET,
                           input_names=io.inputs + io.optional, output_names=io.outputs,
                           dynamic_axes=io.dynamic_axes, do_constant_folding=True)
-    finish_graph(path, io, spec, external=weight_bytes > EXTERNAL_DATA_BYTES)
+    if io.optional:
+        add_defaults(path, io.optional)
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        to_external_data(path)
     check_graph(path)
     return io
 
 
-def finish_graph(path: Path, io: GraphIO, spec: arch.ArchSpec, external: bool) -> None:
-    """One load and save of a traced graph: its optional inputs get their DEFAULTS (an initializer
-    named like the input), the contract's fixed sizes are written into its declared outputs (cache
-    [batch, KV heads, length, head size], logits [..., vocab]), and its weights go external when
-    `external`.
-
-    The sizes: the tracer cannot see through the fused norms (com.microsoft ops, modules.add_norm),
-    so it declares them as unknown names, and onnxruntime keeps a declared name where its own
-    inference stops at a Reshape whose target is computed from them; the runtime checks them."""
+def add_defaults(path: Path, names: list[str]) -> None:
+    """Give inputs `names` their DEFAULTS value: an initializer named like the input."""
     model = onnx.load(str(path))
-    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(DEFAULTS[n], np.int64), n)
-                                   for n in io.optional)
-    fixed = {n: {1: spec.n_kv_heads, 3: spec.head_dim} for n in io.outputs if n.startswith("present.")}
-    if "logits" in io.outputs:
-        fixed["logits"] = {2: spec.vocab}
-    for out in model.graph.output:
-        for axis, size in fixed.get(out.name, {}).items():
-            out.type.tensor_type.shape.dim[axis].Clear()
-            out.type.tensor_type.shape.dim[axis].dim_value = size
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(DEFAULTS[n], np.int64), n) for n in names)
+    onnx.save_model(model, str(path))
+
+
+def to_external_data(path: Path) -> None:
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 def check_graph(path: Path) -> None:
