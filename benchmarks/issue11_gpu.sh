@@ -20,7 +20,8 @@
 #      form (and, with HE_AUX, HumanEval of the healed aux alone); then those of each trained
 #      path as soon as its training ends;
 #    - with TAIL=W, the same HumanEval and eval of the closed form and of the trained KVP with
-#      `--tail W` (the base reads the prompt's last W tokens exactly), beside those without;
+#      `--tail W` (the base reads the prompt's last W tokens exactly), beside those without; with
+#      TAILS="0 8 32 ...", benchmarks/tail_agreement.py of both at each of those W;
 #    - with ONNX_HE=N, on the CPU (niced, one export at a time): the paths in ONNX_PATHS (the
 #      closed form "ridge", then the trained KVP "kvp") exported to ONNX (fp32 + int8) and
 #      validated through onnxruntime (int8: parity, and HumanEval on the first N problems;
@@ -30,7 +31,7 @@
 # else with --allow-unsafe-execution (the log says which). Env: KVP_PY (python), M (model,
 # qwen2.5-coder-0.5b), HE_FLAGS (extra humaneval_gpu.py flags, e.g. --limit 2), BATCH (32),
 # SEQ (256), LR (1e-4), KL (KVP's --kl weight; none by default), EVAL_EVERY (200), EVAL_TOKENS
-# (65536), PATIENCE (4), DEADLINE, RESERVE (0), TOKENIZER, HE_AUX, TAIL, ONNX_HE, ONNX_PATHS
+# (65536), PATIENCE (4), DEADLINE, RESERVE (0), TOKENIZER, HE_AUX, TAIL, TAILS, ONNX_HE, ONNX_PATHS
 # ("ridge kvp"), VAL_THREADS (12), BASELINE (1; 0 skips the OE-LP baseline), DEVICE (cuda; cpu for
 # a smoke test).
 set -u
@@ -76,10 +77,14 @@ onnx() {  # onnx NAME PREDICTOR: export (fp32 + int8), then validate int8 (parit
   ) 9>"$W/logs/onnx.lock"
 }
 EV=(--heldout pypi-code --n 64 --prompt-len 192 --cont-len 64 --greedy-tokens 32 --device "$DEVICE")
-with_tail() {  # with_tail NAME HE_PATH: with TAIL, HumanEval and eval of WORK/NAME with --tail TAIL
-  [ -n "$TAIL" ] || return 0
-  HE_FLAGS="${HE_FLAGS:-} --tail $TAIL" stage "he-$1-tail" "$W/humaneval/$2_tail$TAIL.json" he "$2_tail$TAIL=kvp:$W/$1"
-  stage "eval-$1-tail" "$W/eval-$1-tail$TAIL" kvp eval --predictor "$W/$1" "${EV[@]}" --tail "$TAIL" -o "$W/eval-$1-tail$TAIL"
+with_tail() {  # with_tail NAME HE_PATH: with TAIL, HumanEval and eval of WORK/NAME with --tail TAIL; TAILS
+  if [ -n "$TAIL" ]; then
+    HE_FLAGS="${HE_FLAGS:-} --tail $TAIL" stage "he-$1-tail" "$W/humaneval/$2_tail$TAIL.json" he "$2_tail$TAIL=kvp:$W/$1"
+    stage "eval-$1-tail" "$W/eval-$1-tail$TAIL" kvp eval --predictor "$W/$1" "${EV[@]}" --tail "$TAIL" \
+      -o "$W/eval-$1-tail$TAIL"
+  fi
+  [ -z "${TAILS:-}" ] || stage "tails-$1" "$W/tails-$1.json" "$PY" "$HERE/tail_agreement.py" "$W/$1" --tails $TAILS \
+    --device "$DEVICE" -o "$W/tails-$1.json"
 }
 
 log "work $W, model $M, keep $KEEP, tokens $TOKENS, calibration $CALIB, batch $BATCH x $SEQ, lr $LR, kl ${KL:-none}"
