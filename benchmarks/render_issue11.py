@@ -106,6 +106,8 @@ def summarise(work: Path, machine: str, date: str) -> dict:
         "healing_rel_drift": [round(x["rel_drift"], 3) for x in man["aux"]["healing"]["layers"]],
         "humaneval": he, "quality": quality, "kv_rel_error": kv_error, "training": training,
         "onnx": {name: o for name, path in ONNX.items() if (o := onnx_summary(work, name, path))},
+        # benchmarks/tail_agreement.py (TAILS): KVP at several tails on the held-out pairs
+        "tails": {EVALS[f.stem.removeprefix("tails-")]: read(f)["paths"] for f in sorted(work.glob("tails-*.json"))},
     }
 
 
@@ -166,6 +168,13 @@ def markdown(s: dict) -> str:
     for k, r in q.items():
         lines.append(f"| {k} | {f(r['nll'])} | {f(r['nll'] - q['base']['nll'])} | {f(r['first_token_agreement'])} | "
                      f"{f(r['greedy32_agreement'])} | {f(1 / r['flops_ratio_vs_base'], 3)} |")
+    for name, t in s.get("tails", {}).items():
+        lines += ["", f"### `{name}` with an exact tail of W prompt tokens (the same 64 pairs, fp32)", "",
+                  "| W | NLL | first-token agreement | greedy-32 agreement | greedy-32 exact | prefill FLOPs vs base |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k.removeprefix('tail')} | {f(r['nll'])} | {f(r['first_token_agreement'])} | "
+                  f"{f(r['greedy32_agreement'])} | {f(r['greedy32_exact'])} | {f(r['prefill_flops_vs_base'])} |"
+                  for k, r in t.items()]
     lines += ["", "### Training: held-out vs train loss", "",
               "| run | metric | tokens | epochs | kept step | held-out at it | train (mean of the 100 steps "
               "before it) | gap | tokens/s | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]
