@@ -63,25 +63,36 @@ def main() -> None:
             dec = copy.deepcopy(pre)
             nll[k][sl] = _nll(score_continuation(base, pre, c), c).double()
             gen[k][sl] = _pad(decode(base, dec, a.greedy_tokens), a.greedy_tokens)
-        print(f"{s + pr.shape[0]}/{a.n} pairs", flush=True)
-    base_flops = flops.prefill_flops(base, a.prompt_len)
-    out = {"predictor": str(a.predictor.resolve()), "heldout": corpus.description, "n": a.n,
+        done = s + pr.shape[0]
+        print(f"{done}/{a.n} pairs", flush=True)
+        # written after every batch: a run stopped early still leaves the pairs it measured
+        write(a, pipe, corpus, paths, (nll, first, gen, seconds), done)
+    print(json.dumps(json.loads(a.out.read_text())["paths"], indent=1))
+
+
+def write(a, pipe, corpus, paths, measured, done: int) -> None:
+    """OUT as measured on the first `done` pairs."""
+    nll, first, gen, seconds = measured
+    base_flops = flops.prefill_flops(pipe.base, a.prompt_len)
+    out = {"predictor": str(a.predictor.resolve()), "heldout": corpus.description, "n": done, "n_planned": a.n,
            "prompt_len": a.prompt_len, "cont_len": a.cont_len, "greedy_tokens": a.greedy_tokens,
            "sink_len": pipe.sink_len, "device": a.device, "threads": torch.get_num_threads(), "paths": {}}
     for k in paths:
-        match = (gen[k] == gen["base"]).double()
-        kvp = None if k == "base" else flops.kvp_flops(base, aux, pred, a.prompt_len, int(k[4:]))["total"]
+        match = (gen[k][:done] == gen["base"][:done]).double()
+        kvp = (None if k == "base" else
+               flops.kvp_flops(pipe.base, pipe.aux, pipe.predictor, a.prompt_len, int(k[4:]))["total"])
         out["paths"][k] = {
-            "nll": float(nll[k].sum() / conts.numel()),
-            "first_token_agreement": float((first[k] == first["base"]).double().mean()),
+            "nll": float(nll[k][:done].sum() / (done * a.cont_len)),
+            "first_token_agreement": float((first[k][:done] == first["base"][:done]).double().mean()),
             f"greedy{a.greedy_tokens}_agreement": float(match.mean()),
             f"greedy{a.greedy_tokens}_exact": float(match.all(dim=1).double().mean()),
             "prefill_flops_vs_base": 1.0 if kvp is None else kvp / base_flops,
             "prefill_seconds_total": seconds[k],  # includes the first batch's warm-up
         }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out["paths"], indent=1))
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(a.out)
 
 
 if __name__ == "__main__":
