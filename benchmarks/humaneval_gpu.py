@@ -91,6 +91,8 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="first N problems only (smoke tests)")
     p.add_argument("--workers", type=int, default=8, help="sandboxes at a time")
     p.add_argument("--sink-len", type=int, help="exact sink positions (default: the predictor's)")
+    p.add_argument("--tail", type=int, default=0,
+                   help="KVP: the base reads the prompt's last TAIL + 1 tokens exactly (runtime.kvp.prefill_kvp)")
     p.add_argument("--allow-unsafe-execution", action="store_true",
                    help="execute completions even where no OS sandbox (bubblewrap) is available (docs/sandbox.md)")
     a = p.parse_args()
@@ -143,10 +145,10 @@ def main() -> int:
             pred = KVPredictor.load(folder).to(device)
             sink = a.sink_len if a.sink_len is not None else man.get("sink_len", 1)
             sinks = SinkCache(base)
-            info.update(aux=aux_dir, sink_len=sink)
+            info.update(aux=aux_dir, sink_len=sink, tail=a.tail)
             model, mtok = base, tok
             prefill = (lambda ids, mask, aux=aux, pred=pred, sink=sink, sinks=sinks:
-                       prefill_kvp(base, aux, pred, ids, mask, sink_len=sink, sinks=sinks))
+                       prefill_kvp(base, aux, pred, ids, mask, sink_len=sink, sinks=sinks, tail=a.tail))
         log(f"[{name}] {kind} {folder or ''}")
         gen = batched_generate(mtok, model, prefill, batch=a.batch, max_new=a.max_new_tokens,
                                eos_ids=_eos_ids(mtok, model), device=device, log=log)

@@ -19,16 +19,21 @@
 #    - HumanEval and the held-out NLL / agreement eval (`kvp eval --device cuda`) of the closed
 #      form (and, with HE_AUX, HumanEval of the healed aux alone); then those of each trained
 #      path as soon as its training ends;
-#    - with ONNX_HE=N, on the CPU (niced, one export at a time): the closed form, then the
-#      trained KVP exported to ONNX (fp32 + int8) and validated through onnxruntime (int8:
-#      parity, and HumanEval on the first N problems; VAL_THREADS threads).
+#    - with TAIL=W, the same HumanEval and eval of the closed form and of the trained KVP with
+#      `--tail W` (the base reads the prompt's last W tokens exactly), beside those without; with
+#      TAILS="0 8 32 ...", benchmarks/tail_agreement.py of both at each of those W;
+#    - with ONNX_HE=N, on the CPU (niced, one export at a time): the paths in ONNX_PATHS (the
+#      closed form "ridge", then the trained KVP "kvp") exported to ONNX (fp32 + int8) and
+#      validated through onnxruntime (int8: parity, and HumanEval on the first N problems;
+#      VAL_THREADS threads).
 # Every stage skips an output that exists, so the script resumes. Logs: WORK/logs/<stage>.log,
 # one line per stage on stderr. HumanEval runs in the OS sandbox where the machine gives one,
 # else with --allow-unsafe-execution (the log says which). Env: KVP_PY (python), M (model,
 # qwen2.5-coder-0.5b), HE_FLAGS (extra humaneval_gpu.py flags, e.g. --limit 2), BATCH (32),
 # SEQ (256), LR (1e-4), KL (KVP's --kl weight; none by default), EVAL_EVERY (200), EVAL_TOKENS
-# (65536), PATIENCE (4), DEADLINE, RESERVE (0), TOKENIZER, HE_AUX, ONNX_HE, VAL_THREADS (12),
-# DEVICE (cuda; cpu for a smoke test).
+# (65536), PATIENCE (4), DEADLINE, RESERVE (0), TOKENIZER, HE_AUX, TAIL, TAILS, ONNX_HE, ONNX_PATHS
+# ("ridge kvp"), VAL_THREADS (12), BASELINE (1; 0 skips the OE-LP baseline), DEVICE (cuda; cpu for
+# a smoke test).
 set -u
 W=$1 KEEP=$2 TOKENS=$3 CALIB=${4:-200000}
 PY=${KVP_PY:-python3}
@@ -36,6 +41,7 @@ M=${M:-qwen2.5-coder-0.5b}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BATCH=${BATCH:-32} SEQ=${SEQ:-256} LR=${LR:-1e-4} EVAL_EVERY=${EVAL_EVERY:-200} EVAL_TOKENS=${EVAL_TOKENS:-65536}
 PATIENCE=${PATIENCE:-4} RESERVE=${RESERVE:-0} VAL_THREADS=${VAL_THREADS:-12} DEVICE=${DEVICE:-cuda}
+ONNX_PATHS=${ONNX_PATHS:-ridge kvp} BASELINE=${BASELINE:-1} TAIL=${TAIL:-}
 mkdir -p "$W/logs"
 
 kvp() { "$PY" -m kvp_export.cli "$@"; }
@@ -59,6 +65,7 @@ finish() {  # the --finish-after minutes left until RESERVE minutes before DEADL
 }
 onnx() {  # onnx NAME PREDICTOR: export (fp32 + int8), then validate int8 (parity, HumanEval first ONNX_HE)
   local name=$1 pred=$2
+  [ -n "${ONNX_HE:-}" ] && [[ " $ONNX_PATHS " == *" $name "* ]] || return 0
   (
     flock 9  # one export or validation at a time: they share the CPU with the GPU stages' feeders
     stage "export-$name" "$W/onnx-$name" nice -n 5 "$PY" -m kvp_export.cli export onnx --predictor "$pred" \
@@ -70,6 +77,15 @@ onnx() {  # onnx NAME PREDICTOR: export (fp32 + int8), then validate int8 (parit
   ) 9>"$W/logs/onnx.lock"
 }
 EV=(--heldout pypi-code --n 64 --prompt-len 192 --cont-len 64 --greedy-tokens 32 --device "$DEVICE")
+with_tail() {  # with_tail NAME HE_PATH: with TAIL, HumanEval and eval of WORK/NAME with --tail TAIL; TAILS
+  if [ -n "$TAIL" ]; then
+    HE_FLAGS="${HE_FLAGS:-} --tail $TAIL" stage "he-$1-tail" "$W/humaneval/$2_tail$TAIL.json" he "$2_tail$TAIL=kvp:$W/$1"
+    stage "eval-$1-tail" "$W/eval-$1-tail$TAIL" kvp eval --predictor "$W/$1" "${EV[@]}" --tail "$TAIL" \
+      -o "$W/eval-$1-tail$TAIL"
+  fi
+  [ -z "${TAILS:-}" ] || stage "tails-$1" "$W/tails-$1.json" "$PY" "$HERE/tail_agreement.py" "$W/$1" --tails $TAILS \
+    --device "$DEVICE" -o "$W/tails-$1.json"
+}
 
 log "work $W, model $M, keep $KEEP, tokens $TOKENS, calibration $CALIB, batch $BATCH x $SEQ, lr $LR, kl ${KL:-none}"
 EARLY=
@@ -94,7 +110,7 @@ stage derive "$W/aux" kvp derive --base "$M" -k "$KEEP" --heal bridge --calib py
 
 TRAIN=(--data pypi-code --tokens "$TOKENS" --batch "$BATCH" --seq-len "$SEQ" --lr "$LR" --device "$DEVICE"
        --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" --patience "$PATIENCE" --checkpoint-every 1000000)
-(
+[ "$BASELINE" = 1 ] && (
   stage train-baseline "$W/baseline" kvp train --baseline --aux "$W/aux" "${TRAIN[@]}" $(finish) -o "$W/baseline" \
     || exit 1
   stage he-baseline "$W/humaneval/aux_baseline.json" he "aux_baseline=aux:$W/baseline"
@@ -108,19 +124,23 @@ stage fit "$W/ridge" kvp fit --aux "$W/aux" --calib pypi-code --calib-tokens "$C
 (
   stage train-kvp "$W/kvp" kvp train --predictor "$W/ridge" "${TRAIN[@]}" ${KL:+--kl "$KL"} $(finish) -o "$W/kvp" \
     || exit 1
-  [ -n "${ONNX_HE:-}" ] && onnx kvp "$W/kvp" &
+  onnx kvp "$W/kvp" &
+  with_tail kvp kvp_trained &
   stage he-kvp "$W/humaneval/kvp_trained.json" he "kvp_trained=kvp:$W/kvp"
   stage eval-kvp "$W/eval-kvp" kvp eval --predictor "$W/kvp" "${EV[@]}" -o "$W/eval-kvp"
   wait
 ) &
 (
+  with_tail ridge kvp_ridge &
   stage he-ridge "$W/humaneval/kvp_ridge.json" he "kvp_ridge=kvp:$W/ridge"
   [ -n "${HE_AUX:-}" ] && stage he-aux "$W/humaneval/aux_healed.json" he "aux_healed=aux:$W/aux"
   stage eval-ridge "$W/eval-ridge" kvp eval --predictor "$W/ridge" "${EV[@]}" -o "$W/eval-ridge"
+  wait
 ) &
-[ -n "${ONNX_HE:-}" ] && onnx ridge "$W/ridge" &
+onnx ridge "$W/ridge" &
 wait
 # one summary over every path (all exist now: nothing is generated again)
-he base=base ${HE_AUX:+"aux_healed=aux:$W/aux"} "aux_baseline=aux:$W/baseline" "kvp_ridge=kvp:$W/ridge" \
-  "kvp_trained=kvp:$W/kvp" >"$W/logs/he-summary.log" 2>&1
+he base=base ${HE_AUX:+"aux_healed=aux:$W/aux"} $([ "$BASELINE" = 1 ] && echo "aux_baseline=aux:$W/baseline") \
+  "kvp_ridge=kvp:$W/ridge" ${TAIL:+"kvp_ridge_tail$TAIL=kvp:$W/ridge"} "kvp_trained=kvp:$W/kvp" \
+  ${TAIL:+"kvp_trained_tail$TAIL=kvp:$W/kvp"} >"$W/logs/he-summary.log" 2>&1
 log "done"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise one benchmarks/issue11_gpu.sh run (its WORK folder, or a copy of its manifests, reports,
 train logs and HumanEval files) as OUT.json and OUT.md: HumanEval pass@1 per path, held-out NLL and
-agreement per path, the held-out curves of both trainings, train vs held-out loss at the kept step,
+agreement per path (with TAIL, the tailed paths too), the held-out curves of the trainings, train vs held-out loss at the kept step,
 minutes per stage and, where the run exported them (ONNX_HE), the int8 exports' validation (parity,
 HumanEval on the first N problems through onnxruntime, beside the GPU run's score on the same N).
 
@@ -19,6 +19,13 @@ from kvp_validate.contract import MANIFEST, REPORT_JSON
 HE_PATHS = {"base": "base", "aux_healed": "aux alone, healed", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
             "kvp_ridge": "KVP closed form (healed aux + ridge)", "kvp_trained": "KVP trained"}
 ONNX = {"ridge": "kvp_ridge", "kvp": "kvp_trained"}  # export name -> the GPU HumanEval path it exports
+EVALS = {"ridge": "kvp_ridge", "kvp": "kvp_trained"}  # eval folder name -> its KVP path
+
+
+def he_label(path: str) -> str:
+    """A HumanEval path's label; `<kvp path>_tail<W>` is that path with `--tail W`."""
+    head, _, w = path.partition("_tail")
+    return f"{HE_PATHS[head]}, tail {w}" if w else HE_PATHS.get(path, path)
 
 
 def read(path: Path) -> dict:
@@ -42,23 +49,32 @@ def train_curve(log: Path, metric: str, window: int = 100) -> list[dict]:
 
 def summarise(work: Path, machine: str, date: str) -> dict:
     he = read(work / "humaneval" / "summary.json")
-    man = {k: read(work / k / MANIFEST) for k in ("aux", "ridge", "kvp", "baseline")}
-    evals = {k: read(work / f"eval-{k}" / REPORT_JSON)["results"] for k in ("ridge", "kvp", "baseline")}
+    # the OE-LP baseline is optional (BASELINE=0), and so are the tailed evals (TAIL)
+    man = {k: read(work / k / MANIFEST) for k in ("aux", "ridge", "kvp", "baseline") if (work / k / MANIFEST).exists()}
+    evals = {d.name.removeprefix("eval-"): read(d / REPORT_JSON)["results"] for d in sorted(work.glob("eval-*"))
+             if (d / REPORT_JSON).exists()}
     emin = {k: round(read(work / f"eval-{k}" / MANIFEST)["wall_seconds"] / 60, 2) for k in evals}
     quality = {
         "base": evals["ridge"]["paths"]["base"],
         "no_prompt": evals["ridge"]["paths"]["no_prompt"],
         "mean_kv": evals["ridge"]["paths"]["mean_kv"],
         "aux_healed": evals["ridge"]["paths"]["aux"],
-        "aux_baseline_oe_lp": evals["baseline"]["paths"]["aux"],
+        **({"aux_baseline_oe_lp": evals["baseline"]["paths"]["aux"]} if "baseline" in evals else {}),
         "kvp_ridge": evals["ridge"]["paths"]["kvp"],
         "aux_after_kvp_training": evals["kvp"]["paths"]["aux"],
         "kvp_trained": evals["kvp"]["paths"]["kvp"],
     }
     kv_error = {"kvp_ridge": {k: evals["ridge"]["kv_rel_error"][k] for k in ("k_mean", "v_mean")},
                 "kvp_trained": {k: evals["kvp"]["kv_rel_error"][k] for k in ("k_mean", "v_mean")}}
+    for name, r in evals.items():  # eval-<ridge|kvp>-tail<W>
+        head, _, w = name.partition("-tail")
+        if w:
+            quality[f"{EVALS[head]}_tail{w}"] = r["paths"]["kvp"] | {"prefill_flops_vs_tail0": round(
+                r["paths"]["kvp"]["prefill_flops"] / evals[head]["paths"]["kvp"]["prefill_flops"], 3)}
     training = {}
     for name, metric in (("kvp", "ce_base"), ("baseline", "ce_aux")):
+        if name not in man:
+            continue
         t = man[name]["training"]
         curve = train_curve(work / name / "train_log.jsonl", metric)
         best = next(c for c in curve if c["step"] == t["heldout"]["best_step"])
@@ -80,16 +96,18 @@ def summarise(work: Path, machine: str, date: str) -> dict:
         "versions": man["kvp"]["versions"],
         "corpus": {"name": "pypi-code", "sha256": man["kvp"]["inputs"]["data"]["corpus"]["sha256"],
                    "tokens_qwen": man["aux"]["inputs"]["calibration"]["corpus"]["tokens"]},
-        "tokens": {"calibration": man["ridge"]["calib_tokens"], "train_kvp": training["kvp"]["tokens"],
-                   "train_baseline": training["baseline"]["tokens"]},
+        "tokens": {"calibration": man["ridge"]["calib_tokens"],
+                   **{f"train_{k}": t["tokens"] for k, t in training.items()}},
         "minutes": {"derive_gpu": round(man["aux"]["wall_seconds"] / 60, 2),
                     "fit_gpu": round(man["ridge"]["wall_seconds"] / 60, 2),
-                    "train_kvp": training["kvp"]["train_minutes"], "train_baseline": training["baseline"]["train_minutes"],
+                    **{f"train_{k}": t["train_minutes"] for k, t in training.items()},
                     **{f"humaneval_{k}": round(v["seconds"]["total_with_load"] / 60, 2) for k, v in he.items()},
                     **{f"eval_{k}": v for k, v in emin.items()}},
         "healing_rel_drift": [round(x["rel_drift"], 3) for x in man["aux"]["healing"]["layers"]],
         "humaneval": he, "quality": quality, "kv_rel_error": kv_error, "training": training,
         "onnx": {name: o for name, path in ONNX.items() if (o := onnx_summary(work, name, path))},
+        # benchmarks/tail_agreement.py (TAILS): KVP at several tails on the held-out pairs
+        "tails": {EVALS[f.stem.removeprefix("tails-")]: read(f)["paths"] for f in sorted(work.glob("tails-*.json"))},
     }
 
 
@@ -135,25 +153,28 @@ def markdown(s: dict) -> str:
     lines = [f"## {s['model']}, keep {s['keep']:.2f}, on `pypi-code` ({s['date']})", "",
              f"Machine: {s['machine']}. Versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ".",
              f"Tokens: calibration {s['tokens']['calibration']:,} (derive + fit); training "
-             f"{s['tokens']['train_kvp']:,} for KVP and {s['tokens']['train_baseline']:,} for the baseline "
-             f"(corpus: {s['corpus']['tokens_qwen']['calib']:,} calibration / "
+             + " and ".join(f"{v:,} for {k.removeprefix('train_')}" for k, v in s["tokens"].items() if k != "calibration")
+             + f" (corpus: {s['corpus']['tokens_qwen']['calib']:,} calibration / "
              f"{s['corpus']['tokens_qwen']['heldout']:,} held-out tokens with Qwen's tokenizer).", "",
              "### HumanEval pass@1 (164 problems, greedy, bf16, 384 new tokens at most)", "",
              "| path | passed | pass@1 | relative to base | generate s | sandbox |", "|---|---|---|---|---|---|"]
-    for k, label in HE_PATHS.items():
-        if k not in he:
-            continue
-        r = he[k]
-        lines.append(f"| {label} | {r['passed']}/{r['n_problems']} | {f(r['pass_at_1'])} | "
+    for k, r in he.items():
+        lines.append(f"| {he_label(k)} | {r['passed']}/{r['n_problems']} | {f(r['pass_at_1'])} | "
                      f"{f(r.get('relative_to_base'), 2)} | {r['seconds']['generate']:.0f} | "
                      f"{', '.join(r['sandbox']['layers'])} |")
     lines += ["", "### Held-out code (64 pairs from the 12 held-out projects, prompt 192 + 64 tokens, fp32)", "",
-              "| path | NLL | ΔNLL vs base | first-token agreement | greedy-32 agreement |", "|---|---|---|---|---|"]
-    for k in ("base", "no_prompt", "mean_kv", "aux_healed", "aux_baseline_oe_lp", "kvp_ridge", "aux_after_kvp_training",
-              "kvp_trained"):
-        r = q[k]
+              "| path | NLL | ΔNLL vs base | first-token agreement | greedy-32 agreement | prefill FLOPs vs base |",
+              "|---|---|---|---|---|---|"]
+    for k, r in q.items():
         lines.append(f"| {k} | {f(r['nll'])} | {f(r['nll'] - q['base']['nll'])} | {f(r['first_token_agreement'])} | "
-                     f"{f(r['greedy32_agreement'])} |")
+                     f"{f(r['greedy32_agreement'])} | {f(1 / r['flops_ratio_vs_base'], 3)} |")
+    for name, t in s.get("tails", {}).items():
+        lines += ["", f"### `{name}` with an exact tail of W prompt tokens (the same 64 pairs, fp32)", "",
+                  "| W | NLL | first-token agreement | greedy-32 agreement | greedy-32 exact | prefill FLOPs vs base |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k.removeprefix('tail')} | {f(r['nll'])} | {f(r['first_token_agreement'])} | "
+                  f"{f(r['greedy32_agreement'])} | {f(r['greedy32_exact'])} | {f(r['prefill_flops_vs_base'])} |"
+                  for k, r in t.items()]
     lines += ["", "### Training: held-out vs train loss", "",
               "| run | metric | tokens | epochs | kept step | held-out at it | train (mean of the 100 steps "
               "before it) | gap | tokens/s | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -341,6 +341,9 @@ class EvalConfig(OnDevice):
     cont_len: int = opt(CONT_LEN, "Continuation tokens of each pair.", ge=1)
     greedy_tokens: int = opt(32, "Greedy tokens compared with the base's.", ge=1)
     batch: int = opt(8, "Pairs per forward pass.", ge=1)
+    tail: int = opt(0, "KVP's base reads the prompt's last TAIL tokens (and the last one) exactly, over the "
+                    "predicted cache: exact KV nearest the first generated token, for TAIL more base tokens "
+                    "in the prefill.", ge=0)
     heldout_split: HeldoutSplit = opt("whole", "Which part of --heldout files to evaluate: all of it (whole; "
                                       "give text the calibration did not read), or the documents the "
                                       "calibration split of the same files leaves out (heldout). The default "

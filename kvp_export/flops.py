@@ -32,15 +32,18 @@ def predictor_flops(predictor, n_tokens: int) -> int:
     return n_tokens * predictor.n_base_layers * 2 * (d["in_k"] + d["in_v"]) * d["out"]
 
 
-def kvp_flops(base, aux, predictor, n_tokens: int) -> dict[str, int]:
-    """KVP's TTFT work for a prompt of n_tokens: aux over N-1 tokens, predictor, base on the last one.
+def kvp_flops(base, aux, predictor, n_tokens: int, tail: int = 0) -> dict[str, int]:
+    """KVP's TTFT work for a prompt of n_tokens: aux over N-1 tokens, predictor, base on the last one
+    (with a `tail` W, runtime.kvp.prefill_kvp: aux and predictor over N-1-W, base over the last W+1).
 
     The exact sink's KV is a constant per sink prefix (memoised), so it adds nothing per call.
     """
+    w = min(tail, max(n_tokens - 2, 0))
+    predicted = n_tokens - 1 - w
     parts = {
-        "aux_prefill": prefill_flops(aux, n_tokens - 1, lm_head=False),
-        "predictor": predictor_flops(predictor, n_tokens - 1) if predictor is not None else 0,
-        "base_step": prefill_flops(base, 1, past=n_tokens - 1),
+        "aux_prefill": prefill_flops(aux, predicted, lm_head=False),
+        "predictor": predictor_flops(predictor, predicted) if predictor is not None else 0,
+        "base_step": prefill_flops(base, w + 1, past=predicted),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -176,6 +176,28 @@ def test_kv_sources_and_short_prompts(base):
         prefill_kvp(base, aux, pred, ids, kv_source="bogus")
 
 
+def test_tail_gives_the_last_tokens_exact_kv(base):
+    """With a tail the base recomputes the prompt's last tokens over the predicted cache: their KV
+    is the base's own given that cache, the positions before stay predicted, and a tail covering
+    everything after the sink is the plain prefill; left padding keeps rows as they are alone."""
+    aux, pred = untrained_kvp(base)
+    torch.nn.init.normal_(pred.mean_v)  # an untrained predictor: far from the base's KV
+    ids = seqs(1, 10)
+    zero, three = prefill_kvp(base, aux, pred, ids), prefill_kvp(base, aux, pred, ids, tail=3)
+    keys = [p.cache.layers[1].keys[0] for p in (zero, three)]
+    assert torch.allclose(keys[0][:, :6], keys[1][:, :6])  # sink + predicted: the same
+    assert not torch.allclose(keys[0][:, 6:9], keys[1][:, 6:9])  # the tail: the base's
+    whole = prefill_kvp(base, aux, pred, ids, tail=100)  # clamped: only the sink is "predicted"
+    assert torch.allclose(whole.logits, prefill_full(base, ids).logits, atol=1e-4)
+    b = seqs(1, 7, seed=2)[0]
+    padded = torch.stack([ids[0], torch.cat([torch.zeros(3, dtype=torch.long), b])])
+    mask = torch.tensor([[1] * 10, [0] * 3 + [1] * 7])
+    batched = prefill_kvp(base, aux, pred, padded, mask, tail=3)
+    assert torch.allclose(batched.logits[1], prefill_kvp(base, aux, pred, b[None], tail=3).logits[0], atol=1e-4)
+    with pytest.raises(KvpError):
+        prefill_kvp(base, aux, pred, ids, tail=-1)
+
+
 def test_pickle_weights_are_refused(tmp_path, assets):
     """A folder with only pytorch_model.bin (pickle) is refused; weights load from safetensors only."""
     from kvp_export.models import load

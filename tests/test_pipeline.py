@@ -143,6 +143,12 @@ def test_eval_uses_the_text_given_whole_unless_told_to_split(built, assets, tmp_
     assert read_manifest(part, "report")["recipe"]["heldout_split"] == "heldout"
     help_text = " ".join(CliRunner().invoke(main, ["eval", "--help"]).output.split())
     assert "--heldout-split [whole|heldout]" in help_text and "[default: whole]" in help_text
+    # --tail: only KVP's path changes; its FLOPs count the base's extra tail tokens; the manifest says so
+    tail = run_eval(built["pred"], tmp_path / "tail", tail=4, **kw)
+    tailed = json.loads((tail / "report.json").read_text())["results"]
+    assert tailed["tail"] == 4 and read_manifest(tail, "report")["recipe"]["tail"] == 4
+    assert tailed["paths"]["base"]["nll"] == whole["results"]["paths"]["base"]["nll"]
+    assert tailed["paths"]["kvp"]["prefill_flops"] > whole["results"]["paths"]["kvp"]["prefill_flops"]
 
 
 @pytest.mark.parametrize(("kw", "kept"), [

@@ -38,7 +38,8 @@ def error_of(path: Path, overrides=()) -> str:
 
 def test_shipped_recipes_are_valid():
     names = sorted(p.relative_to(ROOT / "recipes").as_posix() for p in (ROOT / "recipes").glob("*/*.yaml"))
-    assert names == ["gemma3-270m/keep-0.50.yaml", "qwen2.5-coder-0.5b/keep-0.50.yaml", "smollm2-135m/keep-0.25.yaml",
+    assert names == ["gemma3-270m/keep-0.50.yaml", "qwen2.5-coder-0.5b/keep-0.50.yaml",
+                     "qwen2.5-coder-0.5b/keep-0.75-trained.yaml", "smollm2-135m/keep-0.25.yaml",
                      "smollm2-135m/keep-0.50.yaml", "smollm2-135m/keep-0.75.yaml", "tiny/ci.yaml"]
     for n in names:
         r = load_recipe(ROOT / "recipes" / n)
@@ -47,6 +48,9 @@ def test_shipped_recipes_are_valid():
     assert r.aux.keep == 0.5 and r.onnx_variants() == ["fp32", "int8", "int4"]
     assert "quality.int4.kvp.delta_nll<=0.9" in r.onnx_gates()
     assert "ttft.int8.1x1024.kvp_speedup>=1.15" in r.onnx_gates()
+    r = load_recipe(ROOT / "recipes/qwen2.5-coder-0.5b/keep-0.75-trained.yaml")
+    assert r.predictor.method == "train" and r.train.kl == 1.0
+    assert r.onnx_gates() == ["parity.*.ok==1", "humaneval.int8.kvp.pass@1>=0.375"]
 
 
 def test_unknown_key_names_line_and_field(tmp_path):

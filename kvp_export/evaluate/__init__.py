@@ -50,7 +50,8 @@ def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None =
     check_context(pipe.base, prompts, extra=max(cont_len, greedy_tokens))
     with clock.step("evaluate"), compute_device(cfg.device) as dev:
         results = evaluate(pipe.base, pipe.aux, pipe.predictor, prompts.to(dev), conts.to(dev),
-                           sink_len=pipe.sink_len, greedy_tokens=greedy_tokens, batch=batch, progress=progress)
+                           sink_len=pipe.sink_len, greedy_tokens=greedy_tokens, batch=batch, tail=cfg.tail,
+                           progress=progress)
     timing = clock.record()
     payload = _payload(pipe, predictor, base, results, corpus.description, timing)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -58,6 +59,7 @@ def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None =
         write_manifest(tmp, "report", inputs={"predictor": payload["predictor"], "heldout": corpus.description},
                        recipe={"n": n, "prompt_len": prompt_len, "cont_len": cont_len,
                                "greedy_tokens": greedy_tokens, "heldout_split": split, "seed": seed,
+                               **({"tail": cfg.tail} if cfg.tail else {}),
                                **({"device": cfg.device} if cfg.device != "cpu" else {})},
                        calib_tokens=0, heldout_tokens=int(prompts.numel() + conts.numel()), **timing)
     return out

@@ -34,13 +34,14 @@ def _nll(logits: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), cont.flatten(), reduction="none").view(cont.shape).sum(1)
 
 
-def _prefill(path: str, base, aux, predictor, prompt, sink_len, sinks):
+def _prefill(path: str, base, aux, predictor, prompt, sink_len, sinks, tail):
     if path == "base":
         return base, prefill_full(base, prompt)
     if path == "aux":
         return aux, prefill_full(aux, prompt)
     source = {"kvp": "predictor", "no_prompt": "none", "mean_kv": "mean"}[path]
-    return base, prefill_kvp(base, aux, predictor, prompt, sink_len=sink_len, sinks=sinks, kv_source=source)
+    return base, prefill_kvp(base, aux, predictor, prompt, sink_len=sink_len, sinks=sinks, kv_source=source,
+                             tail=tail if path == "kvp" else 0)
 
 
 @torch.no_grad()
@@ -62,7 +63,9 @@ def kv_errors(base, aux, predictor, prompt: torch.Tensor, sink_len: int) -> tupl
 
 @torch.no_grad()
 def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *, sink_len: int = 1,
-             greedy_tokens: int = 32, batch: int = 8, progress: bool = True) -> dict:
+             greedy_tokens: int = 32, batch: int = 8, tail: int = 0, progress: bool = True) -> dict:
+    """`tail`: KVP's base reads the prompt's last `tail` + 1 tokens (runtime.kvp.prefill_kvp); the
+    trivial baselines keep their one-token step."""
     n, plen = prompts.shape
     sinks = SinkCache(base)
     nll = {p: torch.zeros(n, dtype=torch.float64) for p in PATHS}
@@ -76,7 +79,7 @@ def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *
         p, c = prompts[sl], conts[sl]
         for path in PATHS:
             t0 = time.perf_counter()
-            model, pre = _prefill(path, base, aux, predictor, p, sink_len, sinks)
+            model, pre = _prefill(path, base, aux, predictor, p, sink_len, sinks, tail)
             seconds[path] += time.perf_counter() - t0
             first[path][sl] = pre.logits.argmax(-1)
             dec = copy.deepcopy(pre)
@@ -89,7 +92,7 @@ def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *
 
     ek, nk, ev, nv = errs
     spec = arch.ArchSpec.of(base)
-    kvp_parts = flops.kvp_flops(base, aux, predictor, plen)
+    kvp_parts = flops.kvp_flops(base, aux, predictor, plen, tail)
     path_flops = {
         "base": flops.prefill_flops(base, plen),
         "aux": flops.prefill_flops(aux, plen),
@@ -120,6 +123,7 @@ def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *
         },
         "data": {"sequences": n, "prompt_len": plen, "cont_len": conts.shape[1], "greedy_tokens": greedy_tokens},
         "sink_len": sink_len,
+        "tail": tail,
         "base_layers": spec.n_layers,
         "aux_layers": arch.ArchSpec.of(aux).n_layers,
     }

@@ -6,7 +6,10 @@ Prompt of N tokens (left-padded batches allowed):
 2. the sink prefix (the first `sink_len` tokens of each prompt) gets the base's exact
    KV instead: the attention-sink position carries huge activations, and an approximate
    KV there wrecks every later attention (docs/method.md, "The attention sink");
-3. the base reads token N-1 alone on top of that cache and emits the first token;
+3. the base reads token N-1 alone on top of that cache and emits the first token; with a
+   `tail` of W it reads the last W+1 tokens instead, so the W tokens nearest the first
+   generated one get exact KV (computed over the predicted cache), at the price of W more
+   base tokens in the prefill;
 4. every later step is ordinary base decoding; aux and predictor are not called again.
 
 `prefill_kvp` does steps 1-3, `prefill_full` is the plain baseline, `decode` is step 4
@@ -136,11 +139,14 @@ def prefill_kvp(
     sink_len: int = 1,
     sinks: SinkCache | None = None,
     kv_source: str = "predictor",
+    tail: int = 0,
 ) -> Prefilled:
     """KVP prefill of left-padded prompts [B, N]: aux + predictor, exact sink, base on the last token.
 
     kv_source "mean" / "none" swap the predictor for the trivial baselines (the calibration
-    mean KV per layer; no prompt KV at all), keeping the same exact sink.
+    mean KV per layer; no prompt KV at all), keeping the same exact sink. `tail` W: the base
+    reads the last W+1 tokens over the predicted KV of the others (at most N-2 of them, so at
+    least one position is predicted); the aux reads only the tokens before them.
     """
     if kv_source not in KV_SOURCES:
         raise KvpError(f"unknown kv source '{kv_source}' (choose from {', '.join(KV_SOURCES)})")
@@ -148,12 +154,15 @@ def prefill_kvp(
         raise KvpError("a predictor is needed for kv source " + kv_source)
     if sink_len < 0:
         raise KvpError(f"sink length must be >= 0, got {sink_len}")
+    if tail < 0:
+        raise KvpError(f"tail must be >= 0, got {tail}")
     mask = torch.ones_like(input_ids) if mask is None else mask
     if input_ids.shape[1] < 2:
         return prefill_full(base, input_ids, mask)  # nothing to predict
     spec = arch.ArchSpec.of(base)
     pos = positions(mask)
-    ctx_ids, ctx_mask, ctx_pos = input_ids[:, :-1], mask[:, :-1], pos[:, :-1]
+    c = input_ids.shape[1] - 1 - min(tail, input_ids.shape[1] - 2)  # predicted columns; the base reads the rest
+    ctx_ids, ctx_mask, ctx_pos = input_ids[:, :c], mask[:, :c], pos[:, :c]
 
     if kv_source == "predictor":
         kv = predict_kv(base, aux, predictor, ctx_ids, ctx_mask, ctx_pos)
@@ -162,24 +171,26 @@ def prefill_kvp(
         if kv_source == "none":
             ctx_mask = ctx_mask * (ctx_pos < sink_len)  # attend to the sink only
 
-    _write_exact_sink(kv, input_ids, mask, sink_len, sinks or SinkCache(base))
+    _write_exact_sink(kv, input_ids[:, : c + 1], mask[:, : c + 1], sink_len, sinks or SinkCache(base))
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
-    full_mask = torch.cat([ctx_mask, mask[:, -1:]], dim=1)
+    full_mask = torch.cat([ctx_mask, mask[:, c:]], dim=1)
     out = base(
-        input_ids=input_ids[:, -1:],
+        input_ids=input_ids[:, c:],
         attention_mask=full_mask,
-        position_ids=pos[:, -1:],
+        position_ids=pos[:, c:],
         past_key_values=cache,
         use_cache=True,
+        logits_to_keep=1,
     )
     return Prefilled(out.logits[:, -1].float(), out.past_key_values, full_mask, pos[:, -1] + 1)
 
 
 def _write_exact_sink(kv, input_ids, mask, sink_len: int, sinks: SinkCache) -> None:
-    """Overwrite the first sink_len positions of each prompt (never its last token) with exact KV."""
+    """Overwrite the first sink_len positions of each prompt (never its last token) with exact KV
+    (`input_ids` [B, S + 1]: the S predicted columns and the next one)."""
     if sink_len == 0:
         return
     lengths = mask.sum(-1).tolist()
