@@ -70,12 +70,6 @@ class Gemma3(Adapter):
         dec = self.decoder(model)
         return {"global": dec.rotary_emb, "local": dec.rotary_emb_local}
 
-    def run_layer(self, layer, h, pos_emb, kind, mask):
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-        out = layer(h, position_embeddings_global=pos_emb["global"], position_embeddings_local=pos_emb["local"],
-                    attention_mask=mask, position_ids=pos)
-        return out[0] if isinstance(out, tuple) else out
-
     def required_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types()) if t == "full_attention"]
 
