@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import KvpError
-from .adapters import ADAPTERS, Adapter, family
+from .adapters import Adapter, family
 
 
 def check_supported(config) -> str:
@@ -97,11 +97,6 @@ def check_sizes(config, weight_bytes: int, what: str) -> None:
 
 def context_length(model_or_config) -> int | None:
     return adapter(model_or_config).context_length()
-
-
-def int8_keep_fp32() -> tuple[str, ...]:
-    """Names of exported MatMuls the int8 quantizer keeps fp32, over every family."""
-    return tuple(dict.fromkeys(n for cls in ADAPTERS.values() for n in cls.int8_keep_fp32))
 
 
 def decoder_layers(model) -> nn.ModuleList:
