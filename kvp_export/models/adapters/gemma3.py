@@ -13,10 +13,9 @@ Refused: logit soft-capping (Gemma 2 checkpoints) and bidirectional attention (E
 
 Layer selection: every global layer is kept in a layer-pruned aux (`required_layers`), so the aux
 keeps long-range attention past the window; the regular pattern or importance picks the
-sliding layers that fill the rest of the keep ratio. Choose them by importance (`--select
-importance`, the Gemma recipes' setting): the first sliding layers build the residual stream's
-massive activations and the 270M cannot lose layers 1 or 3, which the regular pattern drops
-(BENCHMARKS.md, "Gemma 3 270M": the aux alone is then near uniform).
+sliding layers that fill the rest of the keep ratio. The first sliding layers build the residual
+stream's massive activations: the 270M cannot lose layer 1 or 3, which the regular pattern drops
+and importance keeps; healing, not selection alone, still limits the aux (BENCHMARKS.md, "Gemma 3 270M").
 """
 
 from __future__ import annotations
