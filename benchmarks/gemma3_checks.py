@@ -3,7 +3,11 @@
 Writes JSON: the GGUF -> safetensors conversion check (from the model folder's manifest), the
 export modules' logits against transformers over one held-out prompt longer than the window
 (prefill, then greedy decode steps on the module's own cache), and the greedy tokens of both.
+With --layers it writes instead what each layer is worth to a layer-pruned aux: the held-out
+continuation NLL of the base with that one layer removed (no healing), beside ShortGPT's block
+influence (what `--select importance` ranks by).
 Usage: python benchmarks/gemma3_checks.py OUT.json [--prompt-len 640] [--steps 16]
+       python benchmarks/gemma3_checks.py OUT.json --layers [--pairs 8]
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ def main() -> None:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--prompt-len", type=int, default=640)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--layers", action="store_true", help="drop-one-layer NLL and block influence instead")
+    ap.add_argument("--pairs", type=int, default=8)
     a = ap.parse_args()
     folder = resolve(a.model)
     model, tok = load(folder)
+    if a.layers:
+        write(a.out, {"model": a.model, "date": time.strftime("%Y-%m-%d"), **layer_worth(model, tok, a.pairs)})
+        return
     prompts, _ = data.eval_pairs(tok, data.corpus_from_spec(None, "heldout"), 1, a.prompt_len, 1)
     ids = torch.as_tensor(prompts)[:1]
     mask = torch.ones_like(ids)
@@ -72,9 +81,35 @@ def main() -> None:
         "greedy": {"steps": a.steps, "transformers": hf_tokens, "export_modules": tokens,
                    "identical": hf_tokens == tokens},
     }
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write(a.out, result)
     print(json.dumps({k: result[k] for k in ("prefill_logits", "decode_logits")}, indent=1), result["greedy"]["identical"])
+
+
+def layer_worth(model, tok, pairs: int, prompt_len: int = 192, cont_len: int = 64) -> dict:
+    """Held-out NLL of the base without each one of its layers, and each layer's block influence."""
+    import torch.nn.functional as F
+
+    from kvp_export.derive.prune import importance_layers, prune
+
+    prompts, conts = data.eval_pairs(tok, data.corpus_from_spec(None, "heldout"), pairs, prompt_len, cont_len)
+    seq = torch.cat([prompts, conts], 1)
+
+    def nll(m) -> float:
+        with torch.no_grad():
+            logits = m(input_ids=seq, logits_to_keep=cont_len + 1).logits[:, :-1]
+        return float(F.cross_entropy(logits.flatten(0, 1), conts.flatten()))
+
+    n = model.config.num_hidden_layers
+    calib = data.token_sequences(tok, data.corpus_from_spec(None, "calib"), 256, 256 * pairs)
+    kept, influence = importance_layers(model, calib, n_keep=(n + 1) // 2)
+    return {"pairs": pairs, "prompt_len": prompt_len, "cont_len": cont_len, "base_nll": nll(model),
+            "drop_one_nll": [nll(prune(model, [j for j in range(n) if j != i])) for i in range(n)],
+            "block_influence": influence, "importance_keeps_half": kept}
+
+
+def write(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def build(export: Path, scratch: Path) -> None:
     from kvp_export.export.onnx_export import copy_model_files
     from kvp_export.export.quantize import quantize_dynamic_int8, quantize_nbits
     from kvp_export.export.to_onnx import GRAPHS
+    from kvp_export.models.adapters import family
 
     if scratch.exists():
         shutil.rmtree(scratch)
@@ -44,7 +45,7 @@ def build(export: Path, scratch: Path) -> None:
         for g in GRAPHS:
             src, dst = scratch / "fp32" / f"{g}.onnx", scratch / name / f"{g}.onnx"
             if method == "dynamic":
-                quantize_dynamic_int8(src, dst, **opts)
+                quantize_dynamic_int8(src, dst, family(manifest["model"]["model_type"]).int8_keep_fp32, **opts)
             else:
                 quantize_nbits(src, dst, 8, 128, opts["accuracy_level"], "rtn")
         copy_model_files(scratch / "fp32", scratch / "tokenizer", scratch / name)

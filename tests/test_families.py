@@ -37,6 +37,27 @@ def _hf_logits(model, ids, mask=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_layer_runner_matches_hf_layers(tmp_path, family):
+    """The adapter's run_layer, composed from the parts it names, gives each of transformers' own
+    layers' outputs (healing and importance run layers this way), past the sliding window."""
+    from kvp_export.models import arch, load
+
+    model, _ = load(str(tiny_model(tmp_path / "m", family, hidden=32)))
+    ids = torch.randint(3, 100, (2, LONG))
+    want = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: want.append(out[0] if isinstance(out, tuple) else out))
+             for layer in arch.decoder_layers(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+        got = [out for _, _, out in arch.layer_io(model, ids)]
+    for h in hooks:
+        h.remove()
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.allclose(g, w, atol=1e-5), (i, (g - w).abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_module_matches_hf_past_the_window(tmp_path, family):
     """The export module (prefill, then decode steps on its own cache) equals transformers over a
     left-padded batch longer than any tiny sliding window."""

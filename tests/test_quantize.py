@@ -75,8 +75,29 @@ def test_int4_keeps_the_lm_head_at_8_bits(tmp_path):
     graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     src = tmp_path / "fp32.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    info = quantize("int4", src, tmp_path / "int4.onnx", block_size=32, accuracy_level=4)
+    info = quantize("int4", src, tmp_path / "int4.onnx", keep_fp32=(), block_size=32, accuracy_level=4)
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
             for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node if n.op_type == "MatMulNBits"}
     assert bits == {"/layers.0/mlp/up_proj/MatMul_Q4": 4, "/lm_head/MatMul_Q8": 8}
     assert info["lm_head"]["bits"] == 8
+
+
+def test_int8_keeps_only_the_family_list_in_fp32(tmp_path):
+    """Dynamic int8 leaves in fp32 exactly the MatMuls the given family's adapter names."""
+    from kvp_export.export.quantize import quantize
+    from kvp_export.models.adapters import ADAPTERS
+
+    names = ["/layers.0/mlp/down_proj/MatMul", "/layers.0/qkv/MatMul", "/layers.0/mlp/up_proj/MatMul"]
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 32])
+    ws = [numpy_helper.from_array((rng.standard_normal((32, 32)) * 0.1).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", [a, f"w{i}"], [b], name=n)
+             for i, (n, a, b) in enumerate(zip(names, ["x", "h0", "h1"], ["h0", "h1", "y"]))]
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], ws), opset_imports=[helper.make_opsetid("", 17)]),
+              str(src))
+    for family, cls in ADAPTERS.items():
+        info = quantize("int8", src, tmp_path / f"{family}.onnx", keep_fp32=cls.int8_keep_fp32, block_size=32,
+                        accuracy_level=4)
+        assert info["kept_fp32"] == [n for n in names if any(k in n for k in cls.int8_keep_fp32)], family

@@ -85,7 +85,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             save_reference(tmp, build_reference(base, aux, pred, pipe.sink_len, ids, mask, tok.pad_token_id))
             np.savez(tmp / EVAL_PAIRS, prompts=prompts.numpy(), continuations=conts.numpy())
         # every graph's own work (FLOPs, quantization, hashes, optimised copy) in parallel workers
-        qopts = {"block_size": block_size, "accuracy_level": accuracy_level, "int8_method": int8_method,
+        qopts = {"keep_fp32": arch.adapter(base).int8_keep_fp32, "block_size": block_size, "accuracy_level": accuracy_level, "int8_method": int8_method,
                  "int4_method": int4_method}
         jobs = flops_jobs(tmp / "fp32", spec, aux_spec, pipe.sink_len)
         jobs |= {(v, name): (variant_graph, (tmp, v, name, qopts)) for v in variants for name in GRAPHS}

@@ -40,14 +40,10 @@ import onnx
 
 from ..config import OnnxConfig
 from ..errors import KvpError
-from ..models.arch import int8_keep_fp32
 from ..stage import torch_threads
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
 from .zero_points import split_float_zero_points
 
-# MatMuls (by traced module name) whose inputs carry the sink's massive activations (each
-# family's adapter names its own)
-OUTLIER_MATMULS = int8_keep_fp32()
 # int4 keeps the LM head (the tied embedding, not 4-bit in the GGUF sources) at 8 bits: on
 # smollm2-135m it carried nearly all of int4's loss (BENCHMARKS.md, "int4 that pays off")
 LM_HEAD, INT4_LM_HEAD_BITS, LM_HEAD_BLOCK = "lm_head", 8, 32
@@ -77,14 +73,17 @@ def _large(path: Path) -> bool:
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) > EXTERNAL_DATA_BYTES
 
 
-def _outlier_nodes(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in OUTLIER_MATMULS)]
+def _outlier_nodes(model: onnx.ModelProto, keep_fp32: tuple[str, ...]) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in keep_fp32)]
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, reduce_range: bool = True, weight_type: str = "int8") -> list[str]:
+def quantize_dynamic_int8(src: Path, dst: Path, keep_fp32: tuple[str, ...], reduce_range: bool = True,
+                          weight_type: str = "int8") -> list[str]:
+    """Dynamic int8 of every weight MatMul except those whose traced name contains one of
+    `keep_fp32` (the model family's adapter's `int8_keep_fp32`); returns the names kept."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    kept = _outlier_nodes(onnx.load(str(src), load_external_data=False))
+    kept = _outlier_nodes(onnx.load(str(src), load_external_data=False), keep_fp32)
     wtype = QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8
     with _quiet():
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=wtype, per_channel=True,
@@ -127,14 +126,15 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_le
     q.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 
 
-def quantize(variant: str, src: Path, dst: Path, *, block_size: int, accuracy_level: int,
+def quantize(variant: str, src: Path, dst: Path, *, keep_fp32: tuple[str, ...], block_size: int, accuracy_level: int,
              int8_method: str = "dynamic", int4_method: str = "hqq") -> dict:
-    """Write the `variant` of graph `src` to `dst`, check it, and return what was done (for the manifest)."""
+    """Write the `variant` of graph `src` to `dst`, check it, and return what was done (for the
+    manifest). `keep_fp32`: the family's MatMuls that dynamic int8 leaves in fp32 (Adapter.int8_keep_fp32)."""
     if variant == "int8" and int8_method == "dynamic":
         info = {"method": "dynamic", "weights": "int8 per output channel, 7-bit range (reduce_range)",
                 "activations": "uint8 per tensor, computed at run time",
                 "why_reduce_range": "exact on AVX2 without VNNI (no int16 saturation), same on every x86-64 CPU",
-                "kept_fp32": quantize_dynamic_int8(src, dst, reduce_range=True)}
+                "kept_fp32": quantize_dynamic_int8(src, dst, tuple(keep_fp32), reduce_range=True)}
     elif variant == "int8":
         quantize_nbits(src, dst, 8, 128, accuracy_level, "rtn")
         info = {"method": "weight-only", "bits": 8, "block_size": 128, "accuracy_level": accuracy_level}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import KvpError
-from .adapters import ADAPTERS, Adapter, family
+from .adapters import Adapter, family
 
 
 def check_supported(config) -> str:
@@ -97,11 +97,6 @@ def check_sizes(config, weight_bytes: int, what: str) -> None:
 
 def context_length(model_or_config) -> int | None:
     return adapter(model_or_config).context_length()
-
-
-def int8_keep_fp32() -> tuple[str, ...]:
-    """Names of exported MatMuls the int8 quantizer keeps fp32, over every family."""
-    return tuple(dict.fromkeys(n for cls in ADAPTERS.values() for n in cls.int8_keep_fp32))
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -195,22 +190,15 @@ class LayerRunner:
     def run(self, i: int, layer, h: torch.Tensor, ctx=None) -> torch.Tensor:
         """Layer `layer` at index i of this model over h (ctx from `context`, or built here)."""
         ctx = ctx or self.context(h)
-        return self.ad.run_layer(layer, h, ctx[0], self.ad.rope_kind(i), self.mask(ctx, i, h))
+        return self.ad.run_layer(layer, h, ctx[0][self.ad.rope_kind(i)], self.mask(ctx, i, h))
 
     def mlp_parts(self, i: int, layer, h: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, m): the post-attention residual and the MLP's inner activations, so that the layer's
-        output is a + mlp_post_norm(down_proj(m))."""
+        """(a, m): the post-attention residual and the MLP's inner activations (Adapter.mlp_parts)."""
         ctx = ctx or self.context(h)
-        ad = self.ad
-        o = ad.attention_branch(layer, ad.input_norm(layer)(h), ctx[0][ad.rope_kind(i)], self.mask(ctx, i, h))
-        post = ad.attn_post_norm(layer)
-        a = h + (post(o) if post is not None else o)
-        return a, ad.mlp_inner(ad.mlp(layer), ad.mlp_norm(layer)(a))
+        return self.ad.mlp_parts(layer, h, ctx[0][self.ad.rope_kind(i)], self.mask(ctx, i, h))
 
     def mlp_out(self, layer, d: torch.Tensor) -> torch.Tensor:
-        """What the MLP branch adds to the residual, from down_proj's output d."""
-        post = self.ad.mlp_post_norm(layer)
-        return post(d) if post is not None else d
+        return self.ad.mlp_out(layer, d)
 
 
 def embed(model, input_ids: torch.Tensor) -> torch.Tensor:

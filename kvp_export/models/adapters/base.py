@@ -163,16 +163,30 @@ class Adapter:
         """The factor on q.k: transformers' own `scaling` of the layer's attention."""
         return float(self.attention(layer).scaling)
 
-    def run_layer(self, layer, h: torch.Tensor, pos_emb: dict[str, tuple], kind: str, mask) -> torch.Tensor:
-        """Layer `layer` (rope kind `kind`) over full sequences h [B, S, hidden]; `mask` is None
-        (causal) or an additive [1, 1, S, S] mask (sliding window)."""
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pos_emb[kind])
-        return out[0] if isinstance(out, tuple) else out
-
     def attention_branch(self, layer, x: torch.Tensor, pos_emb: tuple, mask) -> torch.Tensor:
         """The attention module over normed input x [B, S, hidden] (before any post norm)."""
         return self.attention(layer)(x, position_embeddings=pos_emb, attention_mask=mask)[0]
+
+    def mlp_parts(self, layer, h: torch.Tensor, pos_emb: tuple, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, m) of layer `layer` over h [B, S, hidden]: the residual after the attention branch
+        and the MLP's inner activations, so that the layer's output is a + mlp_out(down_proj(m))."""
+        o = self.attention_branch(layer, self.input_norm(layer)(h), pos_emb, mask)
+        post = self.attn_post_norm(layer)
+        a = h + (post(o) if post is not None else o)
+        return a, self.mlp_inner(self.mlp(layer), self.mlp_norm(layer)(a))
+
+    def mlp_out(self, layer, d: torch.Tensor) -> torch.Tensor:
+        """What the MLP branch adds to the residual, from down_proj's output d."""
+        post = self.mlp_post_norm(layer)
+        return post(d) if post is not None else d
+
+    def run_layer(self, layer, h: torch.Tensor, pos_emb: tuple, mask) -> torch.Tensor:
+        """Layer `layer` over full sequences h [B, S, hidden], composed from the parts above (so a
+        family states only its parts); `pos_emb` is the layer's (cos, sin), `mask` None (causal)
+        or an additive [1, 1, S, S] mask (sliding window). tests/test_families.py checks it
+        against transformers' own layers."""
+        a, m = self.mlp_parts(layer, h, pos_emb, mask)
+        return a + self.mlp_out(layer, self.down_proj(self.mlp(layer))(m))
 
     # --- config ---
 

@@ -13,7 +13,9 @@ Refused: logit soft-capping (Gemma 2 checkpoints) and bidirectional attention (E
 
 Layer selection: every global layer is kept in a layer-pruned aux (`required_layers`), so the aux
 keeps long-range attention past the window; the regular pattern or importance picks the
-sliding layers that fill the rest of the keep ratio.
+sliding layers that fill the rest of the keep ratio. The first sliding layers build the residual
+stream's massive activations: the 270M cannot lose layer 1 or 3, which the regular pattern drops
+and importance keeps; healing, not selection alone, still limits the aux (BENCHMARKS.md, "Gemma 3 270M").
 """
 
 from __future__ import annotations
@@ -69,12 +71,6 @@ class Gemma3(Adapter):
     def rotaries(self, model):
         dec = self.decoder(model)
         return {"global": dec.rotary_emb, "local": dec.rotary_emb_local}
-
-    def run_layer(self, layer, h, pos_emb, kind, mask):
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-        out = layer(h, position_embeddings_global=pos_emb["global"], position_embeddings_local=pos_emb["local"],
-                    attention_mask=mask, position_ids=pos)
-        return out[0] if isinstance(out, tuple) else out
 
     def required_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types()) if t == "full_attention"]
