@@ -19,6 +19,7 @@ from variant_table import interleaved, repeated  # the shared interleaved timing
 
 from kvp_export.export.modules import attend
 from kvp_export.models import arch
+from kvp_validate.runtime import session_options
 
 H, HKV, D = 9, 3, 64
 P, S = int(sys.argv[1]), int(sys.argv[2])
@@ -100,12 +101,7 @@ onnx.save(
 
 
 def sess(p):
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = 2
-    o.inter_op_num_threads = 1
-    o.log_severity_level = 3
-    o.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(p, o, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(p, session_options(2), providers=["CPUExecutionProvider"])  # the runtime's
 
 
 ours, gqa = sess(f"{tmp}/ours.onnx"), sess(f"{tmp}/gqa.onnx")

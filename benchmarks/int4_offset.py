@@ -13,6 +13,7 @@ from onnx import numpy_helper as nh
 from variant_table import interleaved, repeated  # the shared interleaved timing (this folder)
 
 from kvp_export.export.zero_points import split_float_zero_points
+from kvp_validate.runtime import session_options
 
 M, K, N, BS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), 32
 rng = np.random.default_rng(0)
@@ -31,11 +32,7 @@ def model(nodes, inits):
 
 
 def sess(m):
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = 2
-    o.log_severity_level = 3
-    o.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(m.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"])  # the runtime's
 
 
 q = rng.integers(0, 256, (N, blocks, BS // 2), dtype=np.uint8)

@@ -13,6 +13,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 from variant_table import interleaved, repeated  # the shared interleaved timing (this folder)
 
+from kvp_validate.runtime import session_options
+
 M, K, N = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 
@@ -26,11 +28,7 @@ def sess(nodes, inits, extra_opset=True):
         inits,
     )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = 2
-    o.log_severity_level = 3
-    o.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(m.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"])  # the runtime's
 
 
 W = rng.standard_normal((K, N)).astype(np.float32)
