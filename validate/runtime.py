@@ -241,6 +241,7 @@ class OnnxKVP:
         check_spin(spin)  # refused now, not at the first load
         self.spin = spin
         self.io_binding = io_binding
+        self._bindable = {n: set(io.inputs) for n, io in self.art.manifest.io.items()}  # per graph, once
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.load_seconds: dict[str, float] = {}
         self._tok = None
@@ -388,7 +389,7 @@ class OnnxKVP:
         if not self.io_binding:
             return sess.run(None, {k: as_array(v) for k, v in feeds.items()})
         outputs = self.art.manifest.io[name].outputs
-        if not feeds.keys() <= set(self.art.manifest.io[name].inputs):
+        if not feeds.keys() <= self._bindable[name]:
             # an input with a default (logits_to_keep) cannot be bound; run_with_ort_values reads the
             # inputs where they are and leaves the outputs as OrtValues just the same
             vals = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.asarray(v, order="C"))
