@@ -111,25 +111,23 @@ def export_graph(name: str, path: Path, base, aux, predictor: KVPredictor, sink_
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET,
                           input_names=io.inputs + io.optional, output_names=io.outputs,
                           dynamic_axes=io.dynamic_axes, do_constant_folding=True)
-    if io.optional:
-        add_defaults(path, io.optional)
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        to_external_data(path)
+    finish_graph(path, io.optional, external=weight_bytes > EXTERNAL_DATA_BYTES)
     check_graph(path)
     return io
 
 
-def add_defaults(path: Path, names: list[str]) -> None:
-    """Give inputs `names` their DEFAULTS value: an initializer named like the input."""
+def finish_graph(path: Path, defaults: list[str], external: bool) -> None:
+    """In one load and save of the traced graph: give inputs `defaults` their DEFAULTS value (an
+    initializer named like the input), and move the weights to `<graph>.onnx.data` if `external`."""
+    if not defaults and not external:
+        return
     model = onnx.load(str(path))
-    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(DEFAULTS[n], np.int64), n) for n in names)
-    onnx.save_model(model, str(path))
-
-
-def to_external_data(path: Path) -> None:
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(DEFAULTS[n], np.int64), n) for n in defaults)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
 
 
 def check_graph(path: Path) -> None:
