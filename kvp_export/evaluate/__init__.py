@@ -57,10 +57,12 @@ def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None =
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_report(tmp, payload, markdown(payload))
         write_manifest(tmp, "report", inputs={"predictor": payload["predictor"], "heldout": corpus.description},
+                       # the pairs' shape always, then every other option that differs from its default
+                       # (a new EvalConfig field is recorded with no edit here, as fit does)
                        recipe={"n": n, "prompt_len": prompt_len, "cont_len": cont_len,
                                "greedy_tokens": greedy_tokens, "heldout_split": split, "seed": seed,
-                               **({"tail": cfg.tail} if cfg.tail else {}),
-                               **({"device": cfg.device} if cfg.device != "cpu" else {})},
+                               **cfg.model_dump(exclude={"n", "prompt_len", "cont_len", "greedy_tokens",
+                                                         "heldout_split", "batch"}, exclude_defaults=True)},
                        calib_tokens=0, heldout_tokens=int(prompts.numel() + conts.numel()), **timing)
     return out
 
