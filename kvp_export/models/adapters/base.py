@@ -26,6 +26,7 @@ class Adapter:
 
     model_type: str = ""  # transformers' model_type, the registry key
     gguf_arch: str | None = None  # general.architecture in GGUF files, when it is not model_type
+    qk_norm: bool = False  # per-head q_norm / k_norm on the attention module before RoPE
     # Exported MatMuls (by name in the traced graph) whose inputs carry the attention sink's
     # massive activations: one per-tensor int8 activation scale would crush every other token
     # (export/quantize.py). The names are export/modules.py's: "qkv" (q/k/v fused with the
@@ -81,12 +82,12 @@ class Adapter:
         return a.q_proj, a.k_proj, a.v_proj, a.o_proj
 
     def query_norm(self, layer) -> nn.Module | None:
-        """Per-head norm on queries before RoPE (qk-norm families), else None."""
-        return None
+        """Per-head norm on queries before RoPE (`q_norm` in families with `qk_norm`), else None."""
+        return self.attention(layer).q_norm if self.qk_norm else None
 
     def key_norm(self, layer) -> nn.Module | None:
-        """Per-head norm on keys before RoPE (qk-norm families), else None."""
-        return None
+        """Per-head norm on keys before RoPE (`k_norm` in families with `qk_norm`), else None."""
+        return self.attention(layer).k_norm if self.qk_norm else None
 
     def key_output(self, layer) -> nn.Module:
         """The module whose output is the layer's pre-RoPE key in the predictor's space."""

@@ -28,6 +28,7 @@ from .base import Adapter
 class Gemma3(Adapter):
     model_type = "gemma3_text"
     gguf_arch = "gemma3"
+    qk_norm = True
 
     @classmethod
     def check(cls, config) -> None:
@@ -36,12 +37,6 @@ class Gemma3(Adapter):
                 cls.refuse(f"{field} is set (logit soft-capping is not implemented)")
         if getattr(config, "use_bidirectional_attention", False):
             cls.refuse("use_bidirectional_attention (an embedding model, not a causal LM)")
-
-    def query_norm(self, layer):
-        return self.attention(layer).q_norm
-
-    def key_norm(self, layer):
-        return self.attention(layer).k_norm
 
     def attn_post_norm(self, layer):
         return layer.post_attention_layernorm

@@ -6,9 +6,4 @@ from .base import Adapter
 
 class Qwen3(Adapter):
     model_type = "qwen3"
-
-    def query_norm(self, layer):
-        return self.attention(layer).q_norm
-
-    def key_norm(self, layer):
-        return self.attention(layer).k_norm
+    qk_norm = True
