@@ -14,7 +14,9 @@ rest with the calibration mean per layer. A predictor that loses to them is usel
 from __future__ import annotations
 
 import copy
+import functools
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ def _nll(logits: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), cont.flatten(), reduction="none").view(cont.shape).sum(1)
 
 
-def _prefill(path: str, base, aux, predictor, prompt, sink_len, sinks, tail):
+def _prefill(path: str, base, aux, predictor, prompt, *, sink_len, sinks, tail):
     if path == "base":
         return base, prefill_full(base, prompt)
     if path == "aux":
@@ -61,6 +63,57 @@ def kv_errors(base, aux, predictor, prompt: torch.Tensor, sink_len: int) -> tupl
     return ek, nk, ev, nv
 
 
+@dataclass
+class PathRuns:
+    """Per path and pair: summed continuation NLL, the first token, the greedy tokens; prefill seconds."""
+
+    nll: dict[str, torch.Tensor]
+    first: dict[str, torch.Tensor]
+    gen: dict[str, torch.Tensor]
+    seconds: dict[str, float]
+
+    def summary(self, path: str, done: int, cont_len: int, ref: str = "base") -> dict:
+        """The path's metrics on the first `done` pairs, agreement measured against `ref`."""
+        match = (self.gen[path][:done] == self.gen[ref][:done]).double()
+        g = self.gen[path].shape[1]
+        return {
+            "nll": float(self.nll[path][:done].sum() / (done * cont_len)),
+            "first_token_agreement": float((self.first[path][:done] == self.first[ref][:done]).double().mean()),
+            f"greedy{g}_agreement": float(match.mean()),
+            f"greedy{g}_exact": float(match.all(dim=1).double().mean()),
+            "prefill_seconds_total": self.seconds[path],  # includes the first batch's warm-up
+        }
+
+
+@torch.no_grad()
+def run_paths(prefills: dict, prompts: torch.Tensor, conts: torch.Tensor, *, greedy_tokens: int, batch: int,
+              progress: bool = True, after_batch=None) -> PathRuns:
+    """Runs every path on the pairs, batch by batch. `prefills[path](prompt)` returns (the model that
+    scores and decodes after it, its Prefilled); `after_batch(slice, prompt, runs)` sees each batch."""
+    n, dev = prompts.shape[0], prompts.device
+    runs = PathRuns({k: torch.zeros(n, dtype=torch.float64, device=dev) for k in prefills},
+                    {k: torch.zeros(n, dtype=torch.long, device=dev) for k in prefills},
+                    {k: torch.zeros(n, greedy_tokens, dtype=torch.long, device=dev) for k in prefills},
+                    dict.fromkeys(prefills, 0.0))
+    bar = tqdm(total=n, desc="eval", unit="seq", disable=not progress)
+    for s in range(0, n, batch):
+        sl = slice(s, s + batch)
+        p, c = prompts[sl], conts[sl]
+        for path, prefill in prefills.items():
+            t0 = time.perf_counter()
+            model, pre = prefill(p)
+            runs.seconds[path] += time.perf_counter() - t0
+            runs.first[path][sl] = pre.logits.argmax(-1)
+            dec = copy.deepcopy(pre)
+            runs.nll[path][sl] = _nll(score_continuation(model, pre, c), c).double()
+            runs.gen[path][sl] = _pad(decode(model, dec, greedy_tokens), greedy_tokens)
+        if after_batch is not None:
+            after_batch(sl, p, runs)
+        bar.update(p.shape[0])
+    bar.close()
+    return runs
+
+
 @torch.no_grad()
 def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *, sink_len: int = 1,
              greedy_tokens: int = 32, batch: int = 8, tail: int = 0, progress: bool = True) -> dict:
@@ -68,27 +121,17 @@ def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *
     trivial baselines keep their one-token step."""
     n, plen = prompts.shape
     sinks = SinkCache(base)
-    nll = {p: torch.zeros(n, dtype=torch.float64) for p in PATHS}
-    first = {p: torch.zeros(n, dtype=torch.long) for p in PATHS}
-    gen = {p: torch.zeros(n, greedy_tokens, dtype=torch.long) for p in PATHS}
-    seconds = dict.fromkeys(PATHS, 0.0)
-    errs = None
-    bar = tqdm(total=n, desc="eval", unit="seq", disable=not progress)
-    for s in range(0, n, batch):
-        sl = slice(s, s + batch)
-        p, c = prompts[sl], conts[sl]
-        for path in PATHS:
-            t0 = time.perf_counter()
-            model, pre = _prefill(path, base, aux, predictor, p, sink_len, sinks, tail)
-            seconds[path] += time.perf_counter() - t0
-            first[path][sl] = pre.logits.argmax(-1)
-            dec = copy.deepcopy(pre)
-            nll[path][sl] = _nll(score_continuation(model, pre, c), c).double()
-            gen[path][sl] = _pad(decode(model, dec, greedy_tokens), greedy_tokens)
+    errs = []
+
+    def kv_batch(sl, p, runs):
         e = kv_errors(base, aux, predictor, p, sink_len)
-        errs = e if errs is None else tuple(a + b for a, b in zip(errs, e))
-        bar.update(p.shape[0])
-    bar.close()
+        errs[:] = [e] if not errs else [tuple(a + b for a, b in zip(errs[0], e))]
+
+    prefills = {path: functools.partial(_prefill, path, base, aux, predictor, sink_len=sink_len, sinks=sinks,
+                                        tail=tail) for path in PATHS}
+    runs = run_paths(prefills, prompts, conts, greedy_tokens=greedy_tokens, batch=batch, progress=progress,
+                     after_batch=kv_batch)
+    errs = errs[0]
 
     ek, nk, ev, nv = errs
     spec = arch.ArchSpec.of(base)
@@ -102,16 +145,8 @@ def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *
     }
     results = {}
     for path in PATHS:
-        match = (gen[path] == gen["base"]).double()
-        results[path] = {
-            "nll": float(nll[path].sum() / conts.numel()),
-            "first_token_agreement": float((first[path] == first["base"]).double().mean()),
-            f"greedy{greedy_tokens}_agreement": float(match.mean()),
-            f"greedy{greedy_tokens}_exact": float(match.all(dim=1).double().mean()),
-            "prefill_flops": path_flops[path],
-            "flops_ratio_vs_base": path_flops["base"] / path_flops[path],
-            "prefill_seconds_total": seconds[path],
-        }
+        results[path] = runs.summary(path, n, conts.shape[1])
+        results[path].update(prefill_flops=path_flops[path], flops_ratio_vs_base=path_flops["base"] / path_flops[path])
     return {
         "paths": results,
         "kvp_flops_parts": kvp_parts,
