@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _bench import write_result
+
 SHORT = "The capital of France is"
 
 
@@ -56,8 +58,7 @@ def main() -> None:
         load = r["load_ms"].get("wall", sum(r["load_ms"].values()))
         print(f"| {r['runtime']} | {r['tokens']} | {r['mode']} | {r['path']} | {load:.0f} | "
               f"{r['ttft_first_call_ms']:.1f} | {r['ttft_warm_ms']:.1f} |")
-    if a.out:
-        a.out.write_text(json.dumps(rows, indent=1))
+    write_result(a.out, {"rows": rows})
 
 
 if __name__ == "__main__":

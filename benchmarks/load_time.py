@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from _bench import load_average, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -51,10 +52,8 @@ def main() -> None:
     ap.add_argument("--variants", default="fp32,int8,int4")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    from kvp_validate.machine import machine
-
     rows = []
-    load_start = os.getloadavg()[0]
+    load_start = load_average()
     points = [(v, f"graph:{g}:{how}") for v in a.variants.split(",") for g in ("kvp_prefill", "base_decode")
               for how in ("source", "optimized")]
     points += [(v, w) for v in a.variants.split(",") for w in ("kvp:sequential", "kvp:concurrent")]
@@ -63,11 +62,7 @@ def main() -> None:
         times = [child(a.export, v, what, a.threads) for _ in range(a.repeats)]
         rows.append({"variant": v, "what": what, "median_s": statistics.median(times), "all_s": times})
         print(json.dumps(rows[-1]), flush=True)
-    # the 1-minute load average before and after: other jobs on the machine inflate these figures
-    res = {"machine": machine(), "threads": a.threads, "repeats": a.repeats, "rows": rows,
-           "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=1))
+    write_result(a.out, {"threads": a.threads, "repeats": a.repeats, "rows": rows}, load_start=load_start)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ The machine's CPU and ISA flags are recorded beside the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from kvp_validate.machine import machine
 from kvp_validate.runtime import session_options
+
+from _bench import write_result
 
 GRAPHS = ("base_decode", "base_prefill")
 
@@ -77,10 +77,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     export(a.model, a.work)
-    res = {"model": a.model, "rounds": a.rounds, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "points": time_lengths(a.work, [int(x) for x in a.lengths.split(",")], a.rounds)}
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=1))
+    write_result(a.out, {"model": a.model, "rounds": a.rounds,
+                         "points": time_lengths(a.work, [int(x) for x in a.lengths.split(",")], a.rounds)})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _bench import write_result
+
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -63,7 +65,6 @@ def run_child(folder: Path, variant: str, spin: str, lengths: str, rounds: int) 
 
 
 def main() -> None:
-    from kvp_validate.machine import machine
     from kvp_validate.runtime import SPIN_POLICIES
 
     ap = argparse.ArgumentParser()
@@ -77,7 +78,7 @@ def main() -> None:
     a = ap.parse_args()
     policies = a.policies.split(",")
     load = [os.getloadavg()[0]]
-    result = {"machine": machine(), "command": " ".join(sys.argv), "policies": {}}
+    result = {"policies": {}}
     for variant in a.variants.split(","):
         times: dict[str, dict[str, dict[str, list[float]]]] = {p: {} for p in policies}
         for i in range(a.processes):
@@ -108,9 +109,7 @@ def main() -> None:
             print(f"  {point}: " + " | ".join(cells))
     result["loadavg_1min"] = {"min": min(load), "max": max(load)}
     print(f"\nload average (1 min) during the run: {min(load):.2f}-{max(load):.2f}")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(a.out, result)
 
 
 if __name__ == "__main__":

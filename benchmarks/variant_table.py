@@ -17,7 +17,6 @@ Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import onnxruntime as ort
 from kvp_validate.artifact import OnnxArtifact
 from kvp_validate.report import md_table
 from kvp_validate.runtime import OnnxKVP, session_options
+
+from _bench import write_result
 
 GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_prefill")
 
@@ -131,8 +132,7 @@ def main() -> None:
         result["step"] += [{"export": k[0], "variant": k[1], "past": p, "ms": ms}
                            for k, ms in interleaved(jobs, args.rounds).items()]
     render(result)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 def _cpu() -> str:

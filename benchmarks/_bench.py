@@ -1,0 +1,45 @@
+"""What the benchmark scripts share: options taken from a stage's config, and result files that
+record the machine beside the figures.
+
+Scripts run as `python benchmarks/NAME.py`, so this folder is on sys.path and this module
+imports as `_bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from kvp_export.artifacts import write_json
+from kvp_export.config import Config, flag_of
+from kvp_validate.machine import machine
+
+
+def config_args(p: argparse.ArgumentParser, config: type[Config], *names: str, **defaults) -> None:
+    """Adds `--name` for each of the config's fields named: the CLI's help and default (unless
+    `defaults` gives the benchmark's own), so a benchmark measures what the product runs."""
+    for name in names:
+        field = config.model_fields[name]
+        default = defaults.get(name, field.default)
+        kind = field.annotation if field.annotation in (int, float, str) else str
+        p.add_argument(flag_of(name), type=kind, default=default, help=f"{field.description} (default {default})")
+
+
+def load_average() -> float:
+    """The 1-minute load average: other jobs on the machine inflate timings, so results record it."""
+    return os.getloadavg()[0]
+
+
+def write_result(out: Path | None, payload: dict, *, load_start: float | None = None) -> dict:
+    """The payload stamped with the machine (CPU model, ISA flags), the UTC date, the command line
+    and, given `load_start`, the load average at the start and now; written atomically to `out`."""
+    stamped = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join(sys.argv), **payload}
+    if load_start is not None:
+        stamped["load_average"] = {"start": load_start, "end": load_average()}
+    if out is not None:
+        write_json(out, stamped)
+    return stamped
