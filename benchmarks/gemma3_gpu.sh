@@ -19,30 +19,19 @@
 # Every stage skips an output that exists, so the script resumes. Logs: WORK/logs/<stage>.log, one
 # line per stage on stderr. Env: KVP_PY, M (gemma3-270m), HEAL (bridge), BATCH (16), SEQ (512), LR
 # (1e-4), KL (KVP's --kl weight; none by default), EVAL_EVERY (200), EVAL_TOKENS (65536), PATIENCE
-# (4), N (128), CORPUS (pypi-code; a text folder for a smoke test), DEADLINE, RESERVE (0), DEVICE (cuda; cpu for a smoke test).
+# (4), N (128), DEADLINE, RESERVE (0), DEVICE (cuda), CORPUS (pypi-code; for a CPU smoke test, DEVICE=cpu
+# and a folder of text, which skips `kvp data build`).
 set -u
 W=$1 KEEP=$2 TOKENS=$3 CALIB=${4:-200000}
 PY=${KVP_PY:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
 M=${M:-gemma3-270m} HEAL=${HEAL:-bridge}
 BATCH=${BATCH:-16} SEQ=${SEQ:-512} LR=${LR:-1e-4} EVAL_EVERY=${EVAL_EVERY:-200} EVAL_TOKENS=${EVAL_TOKENS:-65536}
 PATIENCE=${PATIENCE:-4} RESERVE=${RESERVE:-0} DEVICE=${DEVICE:-cuda} N=${N:-128} CORPUS=${CORPUS:-pypi-code}
 mkdir -p "$W/logs"
 
-kvp() { "$PY" -m kvp_export.cli "$@"; }
-log() { echo "[gemma3 $(date +%H:%M:%S)] $*" >&2; }
-stage() {  # stage NAME OUTPUT COMMAND...: run unless OUTPUT exists; the command's output to logs/NAME.log
-  local name=$1 out=$2 t0=$SECONDS rc
-  shift 2
-  if [ -e "$out" ]; then log "$name: exists"; return 0; fi
-  log "$name: start"
-  "$@" >"$W/logs/$name.log" 2>&1
-  rc=$?
-  log "$name: rc $rc after $((SECONDS - t0)) s"
-  return $rc
-}
-finish() {  # the --finish-after minutes left until RESERVE minutes before DEADLINE (nothing without one)
-  [ -n "${DEADLINE:-}" ] && echo "--finish-after $(( (DEADLINE - RESERVE * 60 - $(date +%s)) / 6 ))e-1"
-}
+TAG=gemma3
+source "$HERE/gpu_stages.sh"
 EV=(--heldout "$CORPUS" --n "$N" --prompt-len 192 --cont-len 64 --greedy-tokens 8 --device "$DEVICE")
 SEL=(--base "$M" -k "$KEEP" --select importance --calib "$CORPUS" --calib-tokens "$CALIB" --device "$DEVICE")
 
