@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Prepare a bare GPU machine that reaches no network for benchmarks/issue11_gpu.sh or gemma3_gpu.sh, from a bundle
-# copied there in parts (the device tool moves at most 64 MiB a call; BENCHMARKS.md, "Issue 11 on a GPU").
+# Prepare a bare GPU machine that reaches no network for benchmarks/issue11_gpu.sh or gemma3_gpu.sh,
+# from a bundle copied there in parts (the device tool moves at most 64 MiB a call; BENCHMARKS.md, "Issue 11 on a GPU").
 #
 #   benchmarks/gpu_setup.sh PARTS_DIR BUNDLE_SHA256 SITE
 #
 # PARTS_DIR holds bundle.tar split into part.NN; the bundle holds
-#   MODEL.gguf                    the zoo's GGUF of the model (its pinned SHA-256 is checked again by `kvp models pull`)
+#   MODEL.gguf                    the model's zoo GGUF (its pinned SHA-256 is checked again by
+#                                 `kvp models pull`)
 #   corpus.tar.xz                 the built pypi-code corpus text (calib/heldout JSONL, corpus.json, ...)
 #   SHA256SUMS                    of those JSONL files, checked after unpacking
 #   whl/*.whl                     the pinned transformers, tokenizers, huggingface_hub, gguf, pydantic
