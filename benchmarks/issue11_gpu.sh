@@ -44,24 +44,11 @@ PATIENCE=${PATIENCE:-4} RESERVE=${RESERVE:-0} VAL_THREADS=${VAL_THREADS:-12} DEV
 ONNX_PATHS=${ONNX_PATHS:-ridge kvp} BASELINE=${BASELINE:-1} TAIL=${TAIL:-}
 mkdir -p "$W/logs"
 
-kvp() { "$PY" -m kvp_export.cli "$@"; }
-log() { echo "[issue11 $(date +%H:%M:%S)] $*" >&2; }
-stage() {  # stage NAME OUTPUT COMMAND...: run unless OUTPUT exists; the command's output to logs/NAME.log
-  local name=$1 out=$2 t0=$SECONDS rc
-  shift 2
-  if [ -e "$out" ]; then log "$name: exists"; return 0; fi
-  log "$name: start"
-  "$@" >"$W/logs/$name.log" 2>&1
-  rc=$?
-  log "$name: rc $rc after $((SECONDS - t0)) s"
-  return $rc
-}
+TAG=issue11
+source "$HERE/gpu_stages.sh"
 he() {  # he NAME=KIND[:FOLDER]...: HumanEval of these paths into WORK/humaneval
   "$PY" "$HERE/humaneval_gpu.py" --base "$M" --out "$W/humaneval" --batch 32 ${HE_FLAGS:-} $UNSAFE \
     $(for r in "$@"; do printf -- '--run %s ' "$r"; done)
-}
-finish() {  # the --finish-after minutes left until RESERVE minutes before DEADLINE (nothing without one)
-  [ -n "${DEADLINE:-}" ] && echo "--finish-after $(( (DEADLINE - RESERVE * 60 - $(date +%s)) / 6 ))e-1"
 }
 onnx() {  # onnx NAME PREDICTOR: export (fp32 + int8), then validate int8 (parity, HumanEval first ONNX_HE)
   local name=$1 pred=$2
