@@ -337,7 +337,7 @@ class OnnxKVP:
         if path == "kvp":
             return self._prefill_kvp(ids, mask)
         if path == "base_via_decoder":
-            return self._prefill_with_decoder(ids, mask)
+            return self.prefill_with_decoder(ids, mask)
         model = "aux" if mode == "aux" else "base"
         pos = positions(mask)
         t0 = time.perf_counter()
@@ -345,10 +345,11 @@ class OnnxKVP:
         dt = time.perf_counter() - t0
         return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, model, {f"{model}_prefill": dt, "total": dt})
 
-    def _prefill_with_decoder(self, ids: np.ndarray, mask: np.ndarray) -> State:
+    def prefill_with_decoder(self, ids: np.ndarray, mask: np.ndarray) -> State:
         """The base prompt through base_decode with an empty cache: the same computation as
         base_prefill (the last position's logits only, where the graph takes `logits_to_keep`),
-        without loading a third graph."""
+        without loading a third graph. The default mode's path below the crossover; public so that
+        the TTFT timer (ttft.prefill_timer) times exactly it. `ids`, `mask`: int64 [B, N]."""
         m = self.model
         empty = np.zeros((ids.shape[0], m["kv_heads"], 0, m["head_dim"]), np.float32)
         pos = positions(mask)
