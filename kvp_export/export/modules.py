@@ -222,7 +222,7 @@ class Decoder(nn.Module):
         self.with_past, self.last_only, self.keep_input = with_past, last_only, keep_input
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        past, keep = (past[:-1], past[-1]) if self.keep_input else (past, None)
+        past, logits_to_keep = (past[:-1], past[-1]) if self.keep_input else (past, None)
         h = self.embed(input_ids)
         past_len = past[0].shape[2] if self.with_past else 0
         ropes = self.plan.rope(h, position_ids)
@@ -234,8 +234,8 @@ class Decoder(nn.Module):
             present += [k, v]
         if self.last_only:
             h = h[:, -1:]
-        elif keep is not None:
-            h = h[:, -keep:]  # -0 = 0: every position
+        elif logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]  # -0 = 0: every position
         return (self.lm_head(self.norm(h)), *present)
 
 
