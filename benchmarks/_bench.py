@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: options taken from a stage's config, and result files that
-record the machine beside the figures.
+"""What the benchmark scripts share: their parser, options taken from a stage's config, and
+result files that record the machine beside the figures.
 
 Scripts run as `python benchmarks/NAME.py`, so this folder is on sys.path and this module
 imports as `_bench`.
@@ -16,6 +16,14 @@ from pathlib import Path
 from kvp_export.artifacts import write_json
 from kvp_export.config import Config, flag_of
 from kvp_validate.machine import machine
+
+
+def parser(doc: str | None, *, out_required: bool = False) -> argparse.ArgumentParser:
+    """The script's parser: its docstring's first paragraph as the description, and -o/--out, the
+    JSON file `write_result` writes."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("-o", "--out", type=Path, required=out_required, help="Write the result here as JSON.")
+    return p
 
 
 def config_args(p: argparse.ArgumentParser, config: type[Config], *names: str, **defaults) -> None:

@@ -9,13 +9,12 @@ PyTorch runtime in modes kvp / base. It prints a Markdown table and writes the r
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from _bench import write_result
+from _bench import parser, write_result
 
 SHORT = "The capital of France is"
 
@@ -34,11 +33,10 @@ def run(args: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--onnx", type=Path, required=True)
     ap.add_argument("--predictor", type=Path, required=True)
     ap.add_argument("--variants", default="fp32,int8,int4")
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     rows = []
     prompts = {"short": SHORT, "512": long_prompt()}

@@ -12,14 +12,13 @@ of KVP (kvp_prefill + base_decode) loaded one after the other and concurrently. 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _bench import load_average, write_result
+from _bench import load_average, parser, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -45,12 +44,11 @@ def child(folder: Path, variant: str, what: str, threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("export", type=Path)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="fp32,int8,int4")
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     rows = []
     load_start = load_average()

@@ -14,7 +14,6 @@ The machine's CPU and ISA flags are recorded beside the figures.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import onnxruntime as ort
 
 from kvp_validate.runtime import session_options
 
-from _bench import write_result
+from _bench import parser, write_result
 
 GRAPHS = ("base_decode", "base_prefill")
 
@@ -69,12 +68,11 @@ def time_lengths(work: Path, lengths: list[int], rounds: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("model")
     ap.add_argument("work", type=Path)
     ap.add_argument("--lengths", default="5,16,32,64,128")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     export(a.model, a.work)
     write_result(a.out, {"model": a.model, "rounds": a.rounds,

@@ -14,6 +14,12 @@ from kvp_validate.report import md_table
 from kvp_validate.ttft import poly
 
 
+def table(title: str, headers: list[str], rows: list[list], digits: int = 3, end: str = "\n") -> None:
+    """One section of the output: its title, then its rows as a Markdown table."""
+    print(title + "\n")
+    print(md_table(headers, rows, digits) + end)
+
+
 def main(root: Path) -> None:
     reports = {d.name: json.loads((d / "validate" / REPORT_JSON).read_text()) for d in sorted(root.glob("keep-*"))
                if (d / "validate" / REPORT_JSON).is_file()}
@@ -22,16 +28,14 @@ def main(root: Path) -> None:
     print(f"Machine: {first['machine']['cpu']}, {first['machine']['cores']} cores; onnxruntime "
           f"{first['machine']['onnxruntime']}; {first['created'][:10]}.\n")
 
-    print("Export (graph sizes in MB; export wall time):\n")
     rows = []
     for k, m in manifests.items():
         for v, graphs in m["variants"].items():
             rows.append([k, v, *[graphs[g]["bytes"] / 1e6 for g in ("kvp_prefill", "base_decode", "base_prefill",
                                                                       "aux_prefill")], m["wall_seconds"]])
-    print(md_table(["aux", "variant", "kvp_prefill", "base_decode", "base_prefill", "aux_prefill", "export s"],
-                   rows, 1) + "\n")
+    table("Export (graph sizes in MB; export wall time):",
+          ["aux", "variant", "kvp_prefill", "base_decode", "base_prefill", "aux_prefill", "export s"], rows, 1)
 
-    print("FLOPs per sequence counted on the exported graphs (GFLOP; KVP = kvp_prefill + the base's first step):\n")
     rows = []
     for k, m in manifests.items():
         f = m["flops"]
@@ -40,10 +44,10 @@ def main(root: Path) -> None:
             kvp = poly(f["kvp_prefill"]["coef"], n) + poly(f["base_decode"]["first_step"], n - 1)
             rows.append([k, n, base / 1e9, aux / 1e9, poly(f["kvp_prefill"]["coef"], n) / 1e9,
                          poly(f["base_decode"]["first_step"], n - 1) / 1e9, kvp / 1e9, base / kvp, kvp / aux])
-    print(md_table(["aux", "N", "base_prefill", "aux_prefill", "kvp_prefill", "first step", "KVP", "base / KVP",
-                    "KVP / aux"], rows, 3) + "\n")
+    table("FLOPs per sequence counted on the exported graphs (GFLOP; KVP = kvp_prefill + the base's first step):",
+          ["aux", "N", "base_prefill", "aux_prefill", "kvp_prefill", "first step", "KVP", "base / KVP", "KVP / aux"],
+          rows, 3)
 
-    print("Parity with the PyTorch reference (worst-row logits relative error; greedy-8 agreement):\n")
     rows = []
     for k, r in reports.items():
         rerun = root / k / "parity" / REPORT_JSON  # a parity-only re-run, when there is one
@@ -54,10 +58,9 @@ def main(root: Path) -> None:
             rows.append([k, v, c[("base_prefill", "logits_rel")], c[("kvp_prefill + base_decode", "logits_rel")],
                          c[("kvp_prefill", "kv_rel")], c[("base_decode (first step)", "greedy8_agreement")],
                          "pass" if p["ok"] else "FAIL"])
-    print(md_table(["aux", "variant", "base logits", "KVP logits", "KVP cache", "KVP greedy-8", "within tolerance"],
-                   rows, 4) + "\n")
+    table("Parity with the PyTorch reference (worst-row logits relative error; greedy-8 agreement):",
+          ["aux", "variant", "base logits", "KVP logits", "KVP cache", "KVP greedy-8", "within tolerance"], rows, 4)
 
-    print("Accuracy through onnxruntime (held-out pairs; NLL / first-token agreement / greedy-16 agreement):\n")
     rows = []
     for k, r in reports.items():
         for v, q in r["results"]["quality"].items():
@@ -65,10 +68,10 @@ def main(root: Path) -> None:
             g = f"greedy{q['greedy_tokens']}_agreement"
             rows.append([k, v, p["base"]["nll"], p["kvp"]["nll"], p["kvp"]["first_token_agreement"], p["kvp"][g],
                          p["aux"]["nll"], p["aux"]["first_token_agreement"]])
-    print(md_table(["aux", "variant", "base NLL", "KVP NLL", "KVP first-token", "KVP greedy-16", "aux NLL",
-                    "aux first-token"], rows) + "\n")
+    table("Accuracy through onnxruntime (held-out pairs; NLL / first-token agreement / greedy-16 agreement):",
+          ["aux", "variant", "base NLL", "KVP NLL", "KVP first-token", "KVP greedy-16", "aux NLL", "aux first-token"],
+          rows)
 
-    print("TTFT (ms, medians; ratios from the same run):\n")
     rows = []
     for k, r in reports.items():
         for v, t in r["results"]["ttft"].items():
@@ -77,17 +80,18 @@ def main(root: Path) -> None:
                 rows.append([k, v, f"{p['batch']}x{p['prompt_len']}", ms["base"], ms["kvp"], ms["kvp_prefill"],
                              ms["base_first_step"], ms["aux"], p["kvp_speedup"], p["kvp_flops_ratio"],
                              p["kvp_efficiency"], p["kvp_over_aux"], ms["base_step"]])
-    print(md_table(["aux", "variant", "BxN", "base", "KVP", "kvp_prefill", "first step", "aux alone", "speedup",
-                    "FLOPs ratio", "efficiency", "KVP/aux", "decode step"], rows, 2) + "\n")
+    table("TTFT (ms, medians; ratios from the same run):",
+          ["aux", "variant", "BxN", "base", "KVP", "kvp_prefill", "first step", "aux alone", "speedup", "FLOPs ratio",
+           "efficiency", "KVP/aux", "decode step"], rows, 2)
 
     opt = root / "optimum" / "optimum_reference.json"
     if opt.is_file():
         o = json.loads(opt.read_text())
-        print(f"optimum's export of the base vs ours (fp32, {o['threads']} threads, ms):\n")
         rows = [[p["prompt_len"], p["ms"]["prefill_optimum"], p["ms"]["prefill_ours"], p["prefill_ours_over_optimum"],
                  p["ms"]["decode_optimum"], p["ms"]["decode_ours"], p["decode_ours_over_optimum"]] for p in o["points"]]
-        print(md_table(["N", "optimum prefill", "our base_prefill", "ratio", "optimum decode step",
-                        "our decode step", "ratio"], rows, 2))
+        table(f"optimum's export of the base vs ours (fp32, {o['threads']} threads, ms):",
+              ["N", "optimum prefill", "our base_prefill", "ratio", "optimum decode step", "our decode step", "ratio"],
+              rows, 2, end="")
 
 
 if __name__ == "__main__":

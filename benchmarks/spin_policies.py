@@ -15,7 +15,6 @@ The machine's CPU and ISA flags and the load average are recorded beside them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import write_result
+from _bench import parser, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -67,14 +66,13 @@ def run_child(folder: Path, variant: str, spin: str, lengths: str, rounds: int) 
 def main() -> None:
     from kvp_validate.runtime import SPIN_POLICIES
 
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("export", type=Path)
     ap.add_argument("--variants", default="int8")
     ap.add_argument("--lengths", default="5,16,32,64,128,512")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--policies", default=",".join(SPIN_POLICIES))
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     policies = a.policies.split(",")
     load = [os.getloadavg()[0]]

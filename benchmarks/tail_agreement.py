@@ -11,7 +11,6 @@ prefill FLOPs relative to the base's (the cost of the tail: W more base tokens).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -23,18 +22,17 @@ from kvp_export.evaluate.quality import PathRuns, run_paths
 from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp
 from kvp_export.runtime.pipeline import KVPPipeline
 
-from _bench import config_args, write_result
+from _bench import config_args, parser, write_result
 
 
 @torch.no_grad()
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, out_required=True)
     p.add_argument("predictor", type=Path)
     p.add_argument("--tails", type=int, nargs="+", default=[0, 8, 32])
     p.add_argument("--heldout", default="pypi-code")
     config_args(p, EvalConfig, "n", "prompt_len", "cont_len", "greedy_tokens", "batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda (float32 on either, as kvp eval)")
-    p.add_argument("-o", "--out", type=Path, required=True)
     a = p.parse_args()
     torch.manual_seed(0)
     pipe = KVPPipeline.from_predictor(a.predictor, device=a.device)

@@ -16,7 +16,6 @@ Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from kvp_validate.artifact import OnnxArtifact
 from kvp_validate.report import md_table
 from kvp_validate.runtime import OnnxKVP, session_options
 
-from _bench import write_result
+from _bench import parser, write_result
 
 GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_prefill")
 
@@ -88,7 +87,7 @@ def interleaved(jobs: dict, rounds: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("exports", nargs="+", help="LABEL=EXPORT_DIR")
     ap.add_argument("--variants", default="fp32,int8,int4")
     ap.add_argument("--lengths", default="128,512,1024")
@@ -97,7 +96,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optimum", type=Path, default=None, help="folder with optimum-cli's model.onnx of the base")
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     exports = dict(e.split("=", 1) for e in args.exports)
     rng = np.random.default_rng(0)

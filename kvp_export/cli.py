@@ -8,6 +8,7 @@ stderr.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -373,24 +374,26 @@ def export():
     """Export base + aux + predictor as deployable graphs."""
 
 
-@export.command("onnx")
-@predictor_option
-@stage_options(OnnxConfig, data=("heldout",))
-def export_onnx_cmd(predictor, out, overwrite, **kw):
-    """Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4)."""
-    from .export.onnx_stage import export
+def _export_verb(name: str, cls: type[Config], stage: str, doc: str):
+    """`kvp export NAME`: the stage function `stage` ("module:function" in this package, imported
+    when the verb runs) over a predictor folder, with its config's options."""
 
-    click.echo(export(predictor, out, overwrite=overwrite, progress=_progress(), **kw))
+    @export.command(name, help=doc)
+    @predictor_option
+    @stage_options(cls, data=("heldout",))
+    def verb(predictor, out, overwrite, **kw):
+        module, fn = stage.split(":")
+        run = getattr(importlib.import_module(module, __package__), fn)
+        click.echo(run(predictor, out, overwrite=overwrite, progress=_progress(), **kw))
+
+    return verb
 
 
-@export.command("coreml")
-@predictor_option
-@stage_options(CoremlConfig, data=("heldout",))
-def export_coreml_cmd(predictor, out, overwrite, **kw):
-    """Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed variants)."""
-    from .export.coreml.export import export_coreml
-
-    click.echo(export_coreml(predictor, out, overwrite=overwrite, progress=_progress(), **kw))
+export_onnx_cmd = _export_verb("onnx", OnnxConfig, ".export.onnx_stage:export",
+                               "Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4).")
+export_coreml_cmd = _export_verb("coreml", CoremlConfig, ".export.coreml.export:export_coreml",
+                                 "Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed "
+                                 "variants).")
 
 
 @export.command("genai-kvp")

@@ -121,8 +121,8 @@ class Validate(_Measurements):
     gates: Gates = Field(default_factory=Gates)
 
 
-class Recipe(Strict):
-    """The whole run: the stage configs (config.py) composed. `base` is required: a zoo name, a
+class RunConfig(Strict):
+    """The whole run, as a recipe file describes it: the stage configs (config.py) composed. `base` is required: a zoo name, a
     GGUF file or a Hugging Face folder."""
 
     name: str | None = None
@@ -147,7 +147,7 @@ class Recipe(Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross(self) -> Recipe:
+    def _cross(self) -> RunConfig:
         v, onnx = self.validate_, self.export.onnx
         if v.enabled and not (onnx.enabled or self.export.coreml.enabled):
             raise ValueError("validate.enabled: validate is enabled but no export is (enable export.onnx or export.coreml, "
@@ -318,7 +318,7 @@ def _format(e: ValidationError, where: str, lines: dict[tuple, int], overrides: 
     return "invalid recipe: " + "; ".join(parts)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a recipe; a KvpError with one line naming file:line and field."""
     path = Path(path)
     if not path.is_file():
@@ -344,7 +344,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(tree, key, value, o)
         origins[key] = o
     try:
-        recipe = Recipe.model_validate(tree)
+        recipe = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise KvpError(_format(e, str(path), lines, origins)) from None
     check_tree(recipe.dump(), str(path))  # absurd numbers (limits.py), before any work

@@ -36,7 +36,7 @@ from .artifacts import check_folder, sha256_file, write_json
 from .config import DataConfig
 from .errors import KvpError
 from .log import get_logger
-from .recipe import Gates, Recipe, section_hash
+from .recipe import Gates, RunConfig, section_hash
 
 log = get_logger("run")
 
@@ -136,19 +136,19 @@ class Stage:
 
     name: str  # the stage folder's prefix and its name in run.json
     inputs: dict[str, str]  # the function's parameter -> the output of an earlier stage it reads
-    section: Callable[[Recipe], Any]  # the config it receives: a recipe section, unchanged
+    section: Callable[[RunConfig], Any]  # the config it receives: a recipe section, unchanged
     function: str  # "module:function", imported when the stage runs (torch stays unloaded until then)
     output: str  # what later stages call its folder
-    args: Callable[[Recipe], dict] = lambda r: {}
+    args: Callable[[RunConfig], dict] = lambda r: {}
     paths: tuple[str, ...] = ()  # dotted keys of args / "config." whose strings name files or corpora
-    when: Callable[[Recipe], bool] = lambda r: True
+    when: Callable[[RunConfig], bool] = lambda r: True
     expect: str | None = None  # the manifest's stage, for a complete folder
     marker: str = MANIFEST
     extra: Callable[[Runner], dict] = lambda runner: {}
     after: Callable[[], None] | None = None
 
 
-def _calib(r: Recipe) -> DataConfig:
+def _calib(r: RunConfig) -> DataConfig:
     return DataConfig(calib=r.data.calib, calib_tokens=r.data.calib_tokens)
 
 
@@ -197,7 +197,7 @@ def _key_parts(stage: Stage, inputs: dict[str, Path], config: Any, args: dict) -
 
 
 class Runner:
-    def __init__(self, recipe: Recipe, run_dir: Path, *, progress: bool = False, force: bool = False,
+    def __init__(self, recipe: RunConfig, run_dir: Path, *, progress: bool = False, force: bool = False,
                  allow_unsafe_execution: bool = False):
         self.r = recipe
         self.allow_unsafe_execution = allow_unsafe_execution
@@ -313,7 +313,7 @@ class Runner:
         return "\n".join(lines)
 
 
-def default_run_dir(recipe: Recipe, path: Path) -> Path:
+def default_run_dir(recipe: RunConfig, path: Path) -> Path:
     return Path("runs") / recipe.label(path)
 
 
@@ -333,7 +333,7 @@ def junit_suites(result: RunResult, run_dir: Path) -> list:
     return suites
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, *, progress: bool = False, force: bool = False,
+def run_recipe(recipe: RunConfig, run_dir: Path, *, progress: bool = False, force: bool = False,
                junit: Path | None = None, allow_unsafe_execution: bool = False) -> RunResult:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():

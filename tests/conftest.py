@@ -50,6 +50,13 @@ def tiny_model(path: Path, family: str = "llama", *, layers: int = 4, hidden: in
     return path
 
 
+def assert_one_line_error(result, needle: str) -> None:
+    """A click result that failed with exit 1 and one `error: ` line holding `needle` last."""
+    assert result.exit_code == 1, result.output
+    err = result.output.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], result.output
+
+
 def pseudo_text(n_words: int, seed: int) -> str:
     """Word salad with some repetition, so the tiny models see recurring contexts."""
     rng = random.Random(seed)

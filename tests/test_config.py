@@ -46,9 +46,9 @@ def test_every_field_is_an_option_with_its_default(path, cls):
 
 
 def test_recipe_sections_are_the_stage_configs():
-    from kvp_export.recipe import Export, Recipe
+    from kvp_export.recipe import Export, RunConfig
 
-    f = Recipe.model_fields
+    f = RunConfig.model_fields
     assert (f["aux"].annotation, f["fit"].annotation, f["train"].annotation, f["data"].annotation) == (
         C.DeriveConfig, C.FitConfig, C.TrainConfig, C.DataConfig)
     assert (Export.model_fields["onnx"].annotation, Export.model_fields["coreml"].annotation) == (

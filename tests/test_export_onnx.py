@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 
 from kvp_export.cli import main
 from kvp_export.errors import KvpError
@@ -336,12 +337,6 @@ def test_validator_imports_no_torch(exported, tmp_path):
 def _validate(folder, tmp_path, *extra):
     return CliRunner().invoke(main, ["validate", str(folder), "-o", str(tmp_path / "rep"), "--check", "parity",
                                      "--variant", "fp32", "--threads", "1", *extra])
-
-
-def assert_one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    err = result.output.strip().splitlines()
-    assert err[-1].startswith("error: ") and needle in err[-1], result.output
 
 
 def test_missing_graph_or_manifest(exported, tmp_path):

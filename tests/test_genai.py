@@ -11,6 +11,8 @@ import pytest
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before onnxruntime_genai is imported anywhere
 og = pytest.importorskip("onnxruntime_genai")
 
+from conftest import assert_one_line_error  # noqa: E402
+
 from kvp_export.errors import KvpError  # noqa: E402
 
 
@@ -164,6 +166,7 @@ def test_kvp_through_a_genai_decoder_pipeline_equals_our_kvp(exported, variant):
     step), the token stage base_decode; first token and greedy continuation equal our runtime's
     KVP path (and differ from the base's, so the prompt stage really ran)."""
     from kvp_export.export.genai_kvp import write_genai_kvp
+    from kvp_validate.genai_check import greedy
     from kvp_validate.runtime import OnnxKVP
 
     folder = write_genai_kvp(exported, variant)
@@ -180,10 +183,7 @@ def test_kvp_through_a_genai_decoder_pipeline_equals_our_kvp(exported, variant):
         params.set_search_options(do_sample=False, max_length=len(ids) + n)
         gen = og.Generator(model, params)
         gen.append_tokens(np.array([ids], np.int32))
-        got = []
-        while not gen.is_done() and len(got) < n:
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
+        got = greedy(gen, n)
         assert got == want[: len(got)] and (len(got) == n or got[-1] in (2,)), (ids, got, want)
         base = rt.decode(rt.prefill(np.array([ids]), None, "base"), n)[0].tolist()
         differs += base != want
@@ -211,7 +211,7 @@ def test_generate_cli_with_the_genai_runtime(exported, tmp_path):
     for mode in ("base", "kvp"):
         if mode == "kvp":
             bad = gen("--runtime", "genai", "--mode", "kvp")
-            one_line_error(bad, "no genai-kvp/ in")
+            assert_one_line_error(bad, "no genai-kvp/ in")
             r = CliRunner().invoke(main, ["export", "genai-kvp", str(d), "--variant", "fp32"])
             assert r.exit_code == 0, r.output
         ours = json.loads(gen("--mode", mode).output)
@@ -225,23 +225,17 @@ def test_generate_cli_with_the_genai_runtime(exported, tmp_path):
         ours = json.loads(gen("--crossover", str(cross)).output)
         assert got["timing"]["path"] == path and got["token_ids"] == ours["token_ids"]
     (d / "fp32" / "genai_config.json").unlink()
-    one_line_error(gen("--runtime", "genai", "--mode", "base"), "missing file")  # the manifest lists it
+    assert_one_line_error(gen("--runtime", "genai", "--mode", "base"), "missing file")  # the manifest lists it
     reseal(d)  # as if exported without it: genai's own check
     r = gen("--runtime", "genai", "--mode", "base")
-    one_line_error(r, "no genai_config.json in")
-    one_line_error(gen("--runtime", "genai", "--mode", "aux"), "not the aux")
+    assert_one_line_error(r, "no genai_config.json in")
+    assert_one_line_error(gen("--runtime", "genai", "--mode", "aux"), "not the aux")
 
 
 def reseal(folder):
     from conftest import reseal as _reseal
 
     return _reseal(folder)
-
-
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    err = result.output.strip().splitlines()
-    assert err[-1].startswith("error: ") and needle in err[-1], result.output
 
 
 @pytest.fixture(scope="module")
@@ -321,25 +315,25 @@ def test_validate_genai_bad_input_is_one_line_before_any_work(genai_export, expo
 
     d = tmp_path / "export"
     shutil.copytree(exported, d, ignore=shutil.ignore_patterns("genai-kvp"))
-    one_line_error(run(d), "no genai-kvp/ in")
+    assert_one_line_error(run(d), "no genai-kvp/ in")
     shutil.copytree(genai_export / "int8" / "genai-kvp", d / "fp32" / "genai-kvp")  # another variant's
-    one_line_error(run(d), "was not built from this export's fp32 kvp_prefill (a stale genai-kvp/?")
+    assert_one_line_error(run(d), "was not built from this export's fp32 kvp_prefill (a stale genai-kvp/?")
     manifest = d / "fp32" / "genai-kvp" / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "inputs": {"export": str(d)}}))
-    one_line_error(run(d), "breaks the 'genai-kvp' contract at 'inputs.variant': field required")  # the typed GenaiKvpManifest
+    assert_one_line_error(run(d), "breaks the 'genai-kvp' contract at 'inputs.variant': field required")  # the typed GenaiKvpManifest
     shutil.rmtree(d / "fp32" / "genai-kvp")
     shutil.copytree(genai_export / "fp32" / "genai-kvp", d / "fp32" / "genai-kvp")
     (d / "fp32" / "genai-kvp" / "base_decode.onnx").unlink()
     shutil.copy(d / "fp32" / "aux_decode.onnx", d / "fp32" / "genai-kvp" / "base_decode.onnx")
-    one_line_error(run(d), "genai-kvp/base_decode.onnx is ")  # its size differs from genai-kvp/manifest.json's
+    assert_one_line_error(run(d), "genai-kvp/base_decode.onnx is ")  # its size differs from genai-kvp/manifest.json's
     shutil.copy(genai_export / "fp32" / "genai-kvp" / "base_decode.onnx", d / "fp32" / "genai-kvp" / "base_decode.onnx")
     flip = d / "fp32" / "genai-kvp" / "kvp_prompt.onnx"
     flip.write_bytes(flip.read_bytes()[:-1] + bytes([flip.read_bytes()[-1] ^ 0xFF]))
-    one_line_error(run(d), "genai-kvp/kvp_prompt.onnx does not match the SHA-256")
-    one_line_error(run(genai_export, "--genai-lengths", "3"), "too short for KVP")
-    one_line_error(run(genai_export, "--genai-lengths", "4096"), "longer than the exported context")
+    assert_one_line_error(run(d), "genai-kvp/kvp_prompt.onnx does not match the SHA-256")
+    assert_one_line_error(run(genai_export, "--genai-lengths", "3"), "too short for KVP")
+    assert_one_line_error(run(genai_export, "--genai-lengths", "4096"), "longer than the exported context")
     bad = run(genai_export, "--genai-pairs", "-1")  # the options table's bound: click's usage error
     assert bad.exit_code == 2 and "--genai-pairs" in bad.output and "x>=0" in bad.output
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as where the [genai] extra is not installed
-    one_line_error(run(genai_export), "onnxruntime-genai is not installed")
+    assert_one_line_error(run(genai_export), "onnxruntime-genai is not installed")
     assert not (tmp_path / "r").exists()

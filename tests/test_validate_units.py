@@ -65,3 +65,33 @@ def test_spin_policies_map_to_onnxruntime_config_entries():
         always.get_session_config_entry("session.force_spinning_stop")
     with pytest.raises(KvpError, match="unknown spin policy 'busy'"):
         session_options(2, spin="busy")
+
+
+def test_first_step_layout_gives_the_base_prefills_logits(tmp_path):
+    """protocol.first_step: with the base's exact KV in the context, base_decode's module fed the
+    first step (the sink re-fed at positions 0..s-1 with the context's sink slots masked, then the
+    last token) gives the base's own next-token logits, for left-padded prompts; numpy and torch
+    lay it out alike."""
+    import torch
+    from conftest import tiny_model
+
+    from kvp_export.export.modules import Decoder
+    from kvp_export.models import load
+    from kvp_validate.protocol import first_step, positions
+
+    base, _ = load(str(tiny_model(tmp_path / "m", layers=2, hidden=32)))
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pos = positions(mask)
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        ctx = Decoder(base, with_past=False, last_only=False)(ids[:, :-1], mask[:, :-1], pos[:, :-1])[1:]
+        step = Decoder(base, with_past=True, last_only=True)
+        for sink in (0, 1, 2):
+            next_ids, next_pos, next_mask = first_step(ids, mask, sink)
+            for got, np_got in zip((next_ids, next_pos, next_mask), first_step(ids.numpy(), mask.numpy(), sink)):
+                assert (got.numpy() == np_got).all()
+            logits = step(next_ids, next_mask, next_pos, *ctx)[0]
+            assert torch.allclose(logits[:, -1], want, atol=1e-5), (sink, (logits[:, -1] - want).abs().max())
+            assert next_pos[1].tolist() == [*range(sink), 8]  # 9 real tokens: the last sits at 8

@@ -73,6 +73,15 @@ def _after_eos(toks: list[int] | np.ndarray, eos: set[int], n: int) -> np.ndarra
     return out
 
 
+def greedy(gen, n: int) -> list[int]:
+    """Up to n greedy tokens from a genai generator that holds its prompt (fewer where it stops at EOS)."""
+    toks = []
+    while not gen.is_done() and len(toks) < n:
+        gen.generate_next_token()
+        toks.append(int(gen.get_next_tokens()[0]))
+    return toks
+
+
 def genai_pair(g: GenaiBase, prompt: np.ndarray, cont: np.ndarray, greedy_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(teacher-forced logits [T, V] of the continuation, genai's greedy tokens) for one pair."""
     ids = np.asarray(prompt, np.int32)[None]
@@ -84,11 +93,7 @@ def genai_pair(g: GenaiBase, prompt: np.ndarray, cont: np.ndarray, greedy_tokens
         logits.append(np.asarray(gen.get_output("logits"))[0, -1])
     gen = _generator(g, len(prompt) + greedy_tokens)
     gen.append_tokens(ids)
-    toks = []
-    while not gen.is_done() and len(toks) < greedy_tokens:
-        gen.generate_next_token()
-        toks.append(int(gen.get_next_tokens()[0]))
-    return np.stack(logits), np.asarray(toks, np.int64)
+    return np.stack(logits), np.asarray(greedy(gen, greedy_tokens), np.int64)
 
 
 def ours_pair(rt: OnnxKVP, path: str, prompt: np.ndarray, cont: np.ndarray, greedy_tokens: int,

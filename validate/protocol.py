@@ -1,9 +1,11 @@
 """The KVP protocol's shared rules, written once for every runtime (PyTorch, the ONNX export
-modules, the numpy/onnxruntime runtime, Core ML): what a prompt must hold for the KVP path, and
-where its tokens sit. docs/architecture.md, "The KVP protocol and the sink rule".
+modules, the numpy/onnxruntime runtime, Core ML): what a prompt must hold for the KVP path,
+where its tokens sit, and what the base's steps after a prefill are fed.
+docs/architecture.md, "The KVP protocol and the sink rule".
 
-Imports neither numpy nor torch: `positions` uses only methods that numpy arrays and torch
-tensors share, so both runtimes (and the graphs traced from the PyTorch modules) call it.
+Imports neither numpy nor torch: every function takes numpy arrays or torch tensors (the few
+operations the two spell differently go through `_ops`, which imports torch only when given a
+tensor), so both runtimes, and the graphs traced from the PyTorch modules, call the same code.
 """
 
 from __future__ import annotations
@@ -22,3 +24,43 @@ def positions(mask):
     tensor of 0/1): the count of real tokens before it; padding slots get 0. Integer masks give
     int64 positions on both."""
     return (mask.cumsum(-1) - 1).clip(min=0)
+
+
+def first_step(input_ids, mask, sink_len: int):
+    """What the base's first step after KVP prefill is fed, for left-padded prompts [B, N] whose
+    first N - 1 columns got predicted KV -> (ids [B, s+1], positions [B, s+1], mask [B, N+s]):
+    the s sink tokens (each prompt's first s real tokens, at positions 0..s-1) and the last
+    prompt token at its position; the mask is the context's with the predicted sink slots
+    dropped (this step computes the sink's exact KV, appended after the context), then s + 1
+    ones. One read of the base's weights gives the exact sink and the first token's logits.
+    Every prompt must hold at least `min_kvp_len(sink_len)` tokens."""
+    cat, arange, take, ones = _ops(input_ids)
+    n = input_ids.shape[-1]
+    start = n - mask.sum(-1)[:, None]  # left padding: each prompt's first real column [B, 1]
+    cols = cat([start + arange(sink_len), start * 0 + (n - 1)])  # the sink's columns, then the last
+    cmask = mask[:, :-1]
+    kept = cmask * (positions(cmask) >= sink_len)
+    return take(input_ids, cols), take(positions(mask), cols), cat([kept, ones(mask, sink_len + 1)])
+
+
+def continuation(mask, next_pos, t: int):
+    """The mask [B, M + t] and positions [B, t] that feed t more tokens after a prefill whose cache
+    mask is `mask` [B, M] and whose next position is `next_pos` [B] (teacher-forced scoring)."""
+    cat, arange, _take, ones = _ops(mask)
+    return cat([mask, ones(mask, t)]), next_pos[:, None] + arange(t)
+
+
+def _ops(x):
+    """(concatenate along the last axis, arange, gather along the last axis, ones [B, k] like a
+    [B, ...] array) in x's library: torch for a tensor (imported only then: the validator never
+    imports torch), numpy otherwise."""
+    if type(x).__module__.split(".")[0] == "torch":
+        import torch
+
+        return (lambda parts: torch.cat(parts, dim=-1), lambda k: torch.arange(k, device=x.device),
+                lambda a, idx: torch.gather(a, -1, idx),
+                lambda a, k: torch.ones(a.shape[0], k, dtype=a.dtype, device=a.device))
+    import numpy as np
+
+    return (lambda parts: np.concatenate(parts, axis=-1), np.arange, lambda a, idx: np.take_along_axis(a, idx, -1),
+            lambda a, k: np.ones((a.shape[0], k), a.dtype))

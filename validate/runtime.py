@@ -36,7 +36,7 @@ from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR:
 from .crossover import use_kvp
 from .errors import KvpError
 from .integrity import share_verified
-from .protocol import min_kvp_len, positions
+from .protocol import continuation, min_kvp_len, positions
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
@@ -126,7 +126,7 @@ def as_array(v) -> np.ndarray:
 
 def settle_sinks(present: list[np.ndarray], next_mask: np.ndarray, mask: np.ndarray, sink_len: int) -> None:
     """After KVP's first base step, move the sink's exact KV (the step's s re-fed entries, right
-    after the predicted context) into the context's masked sink slots, and mask the re-fed copies
+    after the predicted context: protocol.first_step) into the context's masked sink slots, and mask the re-fed copies
     (in place). The same keys stay visible, so full attention is unchanged; sliding-window layers
     need it: base_decode places the kept past keys at consecutive positions (docs/architecture.md,
     "Sliding-window layers")."""
@@ -337,7 +337,7 @@ class OnnxKVP:
         if path == "kvp":
             return self._prefill_kvp(ids, mask)
         if path == "base_via_decoder":
-            return self._prefill_with_decoder(ids, mask)
+            return self.prefill_with_decoder(ids, mask)
         model = "aux" if mode == "aux" else "base"
         pos = positions(mask)
         t0 = time.perf_counter()
@@ -345,10 +345,11 @@ class OnnxKVP:
         dt = time.perf_counter() - t0
         return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, model, {f"{model}_prefill": dt, "total": dt})
 
-    def _prefill_with_decoder(self, ids: np.ndarray, mask: np.ndarray) -> State:
+    def prefill_with_decoder(self, ids: np.ndarray, mask: np.ndarray) -> State:
         """The base prompt through base_decode with an empty cache: the same computation as
         base_prefill (the last position's logits only, where the graph takes `logits_to_keep`),
-        without loading a third graph."""
+        without loading a third graph. The default mode's path below the crossover; public so that
+        the TTFT timer (ttft.prefill_timer) times exactly it. `ids`, `mask`: int64 [B, N]."""
         m = self.model
         empty = np.zeros((ids.shape[0], m["kv_heads"], 0, m["head_dim"]), np.float32)
         pos = positions(mask)
@@ -441,10 +442,8 @@ class OnnxKVP:
         """Teacher-forced logits [B, T, V] for continuation tokens [B, T] (row 0 = the prefill's)."""
         if cont.shape[1] <= 1:
             return state.logits[:, None]
-        t = cont.shape[1] - 1
         model = "aux" if state.mode == "aux" else "base"
-        mask = np.concatenate([state.mask, np.ones((cont.shape[0], t), np.int64)], axis=1)
-        pos = state.next_pos[:, None] + np.arange(t)
+        mask, pos = continuation(state.mask, state.next_pos, cont.shape[1] - 1)
         res = self.step(model, np.ascontiguousarray(cont[:, :-1], dtype=np.int64), mask, pos, state.past)
         return np.concatenate([state.logits[:, None], res[0]], axis=1)
 

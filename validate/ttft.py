@@ -61,7 +61,7 @@ def prefill_timer(rt: OnnxKVP, batch: int = 1, seed: int = 0):
         ids = rng.integers(0, rt.model["vocab"], size=(batch, n), dtype=np.int64)
         mask = np.ones_like(ids)
         if path == "base_decoder":
-            return _timed(lambda: rt._prefill_with_decoder(ids, mask)) * 1e3
+            return _timed(lambda: rt.prefill_with_decoder(ids, mask)) * 1e3
         return _timed(lambda: rt.prefill(ids, mask, path)) * 1e3
 
     return time_ms

@@ -34,13 +34,13 @@ def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = D
     clock = Clock()
     out = check_output_dir(out, overwrite)
     cfg, data = configure(options, (DeriveConfig, config), (DataConfig, data))
-    keep, heal = cfg.keep_ratio, cfg.healing
+    keep_ratio, heal = cfg.keep_ratio, cfg.healing
     check_paths(data.calib, "calibration")
     seed_all(seed)
     with clock.step("load"):
         base_model, tok, base_ref = load_model(base)
     inputs = {"base": base_ref}
-    recipe = {"keep": keep, "layers": cfg.layers, "select": cfg.select, "heal": heal, "seed": seed}
+    recipe = {"keep": keep_ratio, "layers": cfg.layers, "select": cfg.select, "heal": heal, "seed": seed}
     if heal == "distill":
         recipe.update(distill_epochs=cfg.distill_epochs, distill_lr=cfg.distill_lr)
     if cfg.device != "cpu":
@@ -48,7 +48,7 @@ def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = D
     if cfg.sibling is not None:
         aux, fields = _sibling(base_model, tok, cfg.sibling, inputs, clock)
     else:
-        aux, fields = _layer_pruned(base_model, tok, keep, cfg.layers, cfg.select, data.calib or None,
+        aux, fields = _layer_pruned(base_model, tok, keep_ratio, cfg.layers, cfg.select, data.calib or None,
                                     data.calib_tokens, inputs, clock, progress, heal=heal,
                                     distill_epochs=cfg.distill_epochs, distill_lr=cfg.distill_lr, share=share,
                                     device=cfg.device)
@@ -71,10 +71,10 @@ def _sibling(base_model, tok, sibling: str, inputs: dict, clock: Clock):
     return aux, fields
 
 
-def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, inputs, clock, progress, **heal_args):
+def _layer_pruned(base_model, tok, keep_ratio, layers, select, calib, calib_tokens, inputs, clock, progress, **heal_args):
     """KVP-LP: choose the kept layers, copy them out of the base, heal."""
     n_base = ArchSpec.of(base_model).n_layers
-    kept = check_layers(layers, n_base) if layers is not None else regular_layers(n_base, keep, adapter(base_model).required_layers())
+    kept = check_layers(layers, n_base) if layers is not None else regular_layers(n_base, keep_ratio, adapter(base_model).required_layers())
     seqs, scores = None, None
     if heal_args["heal"] != "none" or select == "importance":
         with clock.step("calibration"):
@@ -84,7 +84,7 @@ def _layer_pruned(base_model, tok, keep, layers, select, calib, calib_tokens, in
         seqs = seqs.to(dev) if seqs is not None else None
         if select == "importance":
             with clock.step("importance"):
-                kept, scores = importance_layers(base_model, seqs, n_keep=max(1, round(keep * n_base)))
+                kept, scores = importance_layers(base_model, seqs, n_keep=max(1, round(keep_ratio * n_base)))
         aux = prune(base_model, kept)
         with clock.step("heal"):
             stats = heal_aux(base_model, aux, kept, seqs, method=heal_args["heal"], progress=progress,

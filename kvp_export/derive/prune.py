@@ -12,16 +12,16 @@ from ..errors import KvpError
 from ..models import arch
 
 
-def regular_layers(n_layers: int, keep: float, required: list[int] | tuple[int, ...] = ()) -> list[int]:
+def regular_layers(n_layers: int, keep_ratio: float, required: list[int] | tuple[int, ...] = ()) -> list[int]:
     """The paper's regular pattern: keep 0.25 keeps 0,4,8,...; 0.5 keeps 0,2,4,...; 0.75 drops 3,7,11,...
 
-    Layer i is dropped when the running count of drops, floor(i * (1 - keep)), steps up at i.
+    Layer i is dropped when the running count of drops, floor(i * (1 - keep_ratio)), steps up at i.
     `required` layers (the family adapter's `required_layers`) are always kept, within the same
     count: the pattern then spreads the remaining slots over the other layers.
     """
-    if not 0.0 < keep <= 1.0:
-        raise KvpError(f"keep ratio must be in (0, 1], got {keep}")
-    drop = 1 - Fraction(keep).limit_denominator(1000)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise KvpError(f"keep ratio must be in (0, 1], got {keep_ratio}")
+    drop = 1 - Fraction(keep_ratio).limit_denominator(1000)
     kept = [i for i in range(n_layers) if (drop * (i + 1)).__floor__() == (drop * i).__floor__()]
     must = sorted(set(required))
     if not must or set(must) <= set(kept):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvp_validate.protocol import positions
+from kvp_validate.protocol import first_step, positions
 
 from ..models import arch
 from ..predictor.module import KVPredictor
@@ -222,7 +222,7 @@ class Decoder(nn.Module):
         self.with_past, self.last_only, self.keep_input = with_past, last_only, keep_input
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        past, keep = (past[:-1], past[-1]) if self.keep_input else (past, None)
+        past, logits_to_keep = (past[:-1], past[-1]) if self.keep_input else (past, None)
         h = self.embed(input_ids)
         past_len = past[0].shape[2] if self.with_past else 0
         ropes = self.plan.rope(h, position_ids)
@@ -234,8 +234,8 @@ class Decoder(nn.Module):
             present += [k, v]
         if self.last_only:
             h = h[:, -1:]
-        elif keep is not None:
-            h = h[:, -keep:]  # -0 = 0: every position
+        elif logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]  # -0 = 0: every position
         return (self.lm_head(self.norm(h)), *present)
 
 
@@ -245,9 +245,9 @@ class KVPPrefill(nn.Module):
     forward(input_ids [B, N], attention_mask [B, N]) for left-padded prompts ->
       present.i.key / present.i.value [B, Hkv_base, N-1, D]: the predicted base cache for
         positions 0..N-2, keys rotated with the base's RoPE at their positions;
-      next_input_ids [B, s+1]: the s sink tokens and the last prompt token;
-      next_position_ids [B, s+1]: 0..s-1 and the last position;
-      next_attention_mask [B, N+s]: the context mask with the predicted sink slots dropped, then ones.
+      next_input_ids [B, s+1], next_position_ids [B, s+1], next_attention_mask [B, N+s]: the
+        base's first step, laid out by kvp_validate.protocol.first_step (the s sink tokens at
+        0..s-1 and the last prompt token; the context mask without the predicted sink slots).
     The three `next_*` outputs and the present cache feed the base decoder as they are: its
     first step computes the sink's exact KV and the first token's logits in one pass.
     Needs every prompt to be at least 2s + 2 tokens long (the runtime checks).
@@ -322,7 +322,6 @@ class KVPPrefill(nn.Module):
         return [(self.pk[i](aux_kv[s[0]][0]), self.pv[i](aux_kv[s[0]][1])) for i, s in enumerate(self.sources)]
 
     def forward(self, input_ids, attention_mask):
-        n = input_ids.shape[1]
         ctx, cmask = input_ids[:, :-1], attention_mask[:, :-1]
         pos = positions(attention_mask)
         cpos = pos[:, :-1]
@@ -341,12 +340,4 @@ class KVPPrefill(nn.Module):
             k = arch.apply_rope(k.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2), bcos, bsin)
             v = v.view(b, s_ctx, bs.n_kv_heads, bs.head_dim).transpose(1, 2)
             present += [k, v]
-
-        s = self.sink_len
-        start = n - attention_mask.long().sum(-1, keepdim=True)  # left padding
-        sink_idx = start + torch.arange(s, device=input_ids.device)[None]
-        next_ids = torch.cat([torch.gather(input_ids, 1, sink_idx), input_ids[:, -1:]], dim=1)
-        next_pos = torch.cat([torch.arange(s, device=input_ids.device)[None].expand(b, s), pos[:, -1:]], dim=1)
-        kept = cmask * (cpos >= s).to(cmask.dtype)
-        next_mask = torch.cat([kept, torch.ones(b, s + 1, dtype=cmask.dtype, device=cmask.device)], dim=1)
-        return (*present, next_ids, next_pos, next_mask)
+        return (*present, *first_step(input_ids, attention_mask, self.sink_len))

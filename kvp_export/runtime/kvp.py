@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from kvp_validate.protocol import positions
+from kvp_validate.protocol import continuation, positions
 
 from ..errors import KvpError
 from ..models import arch
@@ -210,8 +210,6 @@ def score_continuation(model, pre: Prefilled, cont: torch.Tensor) -> torch.Tenso
     """Teacher-forced logits [B, T, V] for `cont` [B, T] after a prefill (the first row is pre.logits)."""
     if cont.shape[1] <= 1:
         return pre.logits[:, None]
-    t = cont.shape[1] - 1
-    pos = pre.next_pos[:, None] + torch.arange(t, device=cont.device)
-    mask = torch.cat([pre.mask, torch.ones(cont.shape[0], t, dtype=pre.mask.dtype, device=cont.device)], dim=1)
+    mask, pos = continuation(pre.mask, pre.next_pos, cont.shape[1] - 1)
     out = model(input_ids=cont[:, :-1], attention_mask=mask, position_ids=pos, past_key_values=pre.cache, use_cache=True)
     return torch.cat([pre.logits[:, None], out.logits.float()], dim=1)
