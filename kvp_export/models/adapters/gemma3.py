@@ -55,6 +55,9 @@ class Gemma3(Adapter):
     def norm_weight(self, norm) -> torch.Tensor:
         return 1.0 + norm.weight
 
+    def set_norm_weight(self, norm, factor: torch.Tensor) -> None:
+        norm.weight.copy_((factor - 1.0).to(norm.weight.dtype))
+
     def down_target(self, layer, branch: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """post_feedforward_layernorm(d) = branch holds for d along branch / (1 + w), at any scale
         (RMSNorm is scale-invariant): keep the scale down_proj's output has now."""
