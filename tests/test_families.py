@@ -126,3 +126,24 @@ def test_family_through_the_toolchain(tmp_path, corpus, family):
     tokens, ref = checks.reference(pipe.base, pipe.aux, pipe.predictor, pipe.sink_len, ids, steps=6)
     r = checks.numeric_check(prefill, decode, True, ids, 48, tokens, ref)
     assert r["float32"]["rel"] < 1e-5 and r["float32"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bridge_healing_never_does_worse_than_not_moving(tmp_path, family):
+    """The bridge lowers each kept layer's output error or leaves the layer as it was; a family with a
+    norm after the MLP (Gemma 3) has that norm's factor refitted too (it sets the branch's size)."""
+    from kvp_export.derive.heal import heal
+    from kvp_export.derive.prune import prune
+    from kvp_export.models import arch, load
+
+    base, _ = load(str(tiny_model(tmp_path / "m", family, hidden=32)))
+    n = arch.ArchSpec.of(base).n_layers
+    kept = [0, n - 1]
+    raw, healed = prune(base, kept), prune(base, kept)
+    stats = heal(base, healed, kept, torch.randint(3, 100, (16, LONG)), "bridge", progress=False)
+    ad = arch.adapter(base)
+    for st, before, after in zip(stats["layers"], ad.layers(raw), ad.layers(healed)):
+        assert st["val_error_ratio"] <= 1 or st.get("reverted"), st
+        post = ad.mlp_post_norm(after)
+        if post is not None and not st.get("reverted"):
+            assert not torch.equal(post.weight, ad.mlp_post_norm(before).weight)
