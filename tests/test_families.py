@@ -147,3 +147,24 @@ def test_bridge_healing_never_does_worse_than_not_moving(tmp_path, family):
         post = ad.mlp_post_norm(after)
         if post is not None and not st.get("reverted"):
             assert not torch.equal(post.weight, ad.mlp_post_norm(before).weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_selection_scores_are_the_loss_of_the_model_without_that_layer(tmp_path, family):
+    """`--select loss` scores layer i by the calibration NLL of the base without it: the same as
+    transformers' own forward of the pruned copy, past the window; required layers are kept."""
+    import torch.nn.functional as F
+
+    from kvp_export.derive.prune import loss_layers, prune
+    from kvp_export.models import arch, load
+
+    base, _ = load(str(tiny_model(tmp_path / "m", family, hidden=32)))
+    n = arch.ArchSpec.of(base).n_layers
+    ids = torch.randint(3, 100, (2, LONG))
+    kept, score = loss_layers(base, ids, n_keep=n - 1)
+    assert len(kept) == n - 1 and 0 in kept and set(arch.adapter(base).required_layers()) <= set(kept)
+    for i in range(n):
+        with torch.no_grad():
+            logits = prune(base, [j for j in range(n) if j != i])(input_ids=ids).logits[:, :-1]
+        want = float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
+        assert abs(score[i] - want) < 1e-4 * max(1.0, want), (i, score[i], want)
