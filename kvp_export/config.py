@@ -28,7 +28,7 @@ HEAL = "bridge"  # healing of a layer-pruned aux when none is given (a sibling i
 TOKENS = 1_000_000  # training budget when neither steps nor tokens is given
 PAIRS, PROMPT_LEN, CONT_LEN = 64, 192, 64  # held-out (prompt, continuation) pairs: eval's, and the export's
 
-Select = Literal["regular", "importance"]
+Select = Literal["regular", "importance", "loss"]
 Heal = Literal["none", "bridge", "distill"]
 InputMode = Literal["hidden", "kv"]
 LayerSources = Literal["two-sided", "paper", "window"]
@@ -166,7 +166,8 @@ class DeriveConfig(OnDevice):
 
     keep: float | None = opt(None, f"Share of base layers to keep, in (0, 1] (default {KEEP}).", short="-k")
     layers: list[int] | None = opt(None, "Base layers to keep, e.g. 0,2,4 (instead of --keep).")
-    select: Select = opt("regular", "How --keep picks layers: the paper's regular pattern, or the most important.")
+    select: Select = opt("regular", "How --keep picks layers: the paper's regular pattern, the most important "
+                         "by block influence, or by the loss without each layer.")
     heal: Heal | None = opt(None, f"Healing of the pruned aux (default {HEAL}; a sibling is not healed).")
     distill_epochs: int = opt(2, "Epochs per layer for --heal distill.", ge=1)
     distill_lr: float = opt(1e-4, "Adam learning rate for --heal distill.", gt=0)

@@ -126,3 +126,45 @@ def test_family_through_the_toolchain(tmp_path, corpus, family):
     tokens, ref = checks.reference(pipe.base, pipe.aux, pipe.predictor, pipe.sink_len, ids, steps=6)
     r = checks.numeric_check(prefill, decode, True, ids, 48, tokens, ref)
     assert r["float32"]["rel"] < 1e-5 and r["float32"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bridge_healing_never_does_worse_than_not_moving(tmp_path, family):
+    """The bridge lowers each kept layer's output error or leaves the layer as it was; a family with a
+    norm after the MLP (Gemma 3) has that norm's factor refitted too (it sets the branch's size)."""
+    from kvp_export.derive.heal import heal
+    from kvp_export.derive.prune import prune
+    from kvp_export.models import arch, load
+
+    base, _ = load(str(tiny_model(tmp_path / "m", family, hidden=32)))
+    n = arch.ArchSpec.of(base).n_layers
+    kept = [0, n - 1]
+    raw, healed = prune(base, kept), prune(base, kept)
+    stats = heal(base, healed, kept, torch.randint(3, 100, (16, LONG)), "bridge", progress=False)
+    ad = arch.adapter(base)
+    for st, before, after in zip(stats["layers"], ad.layers(raw), ad.layers(healed)):
+        assert st["val_error_ratio"] <= 1 or st.get("reverted"), st
+        post = ad.mlp_post_norm(after)
+        if post is not None and not st.get("reverted"):
+            assert not torch.equal(post.weight, ad.mlp_post_norm(before).weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_selection_scores_are_the_loss_of_the_model_without_that_layer(tmp_path, family):
+    """`--select loss` scores layer i by the calibration NLL of the base without it: the same as
+    transformers' own forward of the pruned copy, past the window; required layers are kept."""
+    import torch.nn.functional as F
+
+    from kvp_export.derive.prune import loss_layers, prune
+    from kvp_export.models import arch, load
+
+    base, _ = load(str(tiny_model(tmp_path / "m", family, hidden=32)))
+    n = arch.ArchSpec.of(base).n_layers
+    ids = torch.randint(3, 100, (2, LONG))
+    kept, score = loss_layers(base, ids, n_keep=n - 1)
+    assert len(kept) == n - 1 and 0 in kept and set(arch.adapter(base).required_layers()) <= set(kept)
+    for i in range(n):
+        with torch.no_grad():
+            logits = prune(base, [j for j in range(n) if j != i])(input_ids=ids).logits[:, :-1]
+        want = float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
+        assert abs(score[i] - want) < 1e-4 * max(1.0, want), (i, score[i], want)

@@ -155,12 +155,13 @@ def test_eval_uses_the_text_given_whole_unless_told_to_split(built, assets, tmp_
     ({"keep": 0.5, "heal": "distill"}, [0, 2]),
     ({"layers": [0, 3], "heal": "bridge"}, [0, 3]),
     ({"keep": 0.75, "select": "importance", "heal": "bridge"}, None),
+    ({"keep": 0.75, "select": "loss", "heal": "none"}, None),
 ])
 def test_derive_variants(assets, tmp_path, kw, kept):
     aux = derive(tmp_path / "aux", base=str(assets["llama"]), **kw, **calib_kw(assets))
     m = read_manifest(aux, "aux")
     assert m["healing"]["method"] == kw["heal"]
-    if kept is None:  # importance: 3 of 4 layers, layer 0 always kept, scores recorded
+    if kept is None:  # importance or loss: 3 of 4 layers, layer 0 always kept, scores recorded
         assert len(m["kept_layers"]) == 3 and m["kept_layers"][0] == 0 and len(m["importance"]) == 4
     else:
         assert m["kept_layers"] == kept

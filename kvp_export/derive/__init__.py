@@ -18,7 +18,7 @@ from ..models.arch import ArchSpec, adapter
 from ..predictor.layermap import c_map, lp_map
 from ..stage import Clock, calibration, check_paths, compute_device, load_model, seed_all
 from .heal import heal as heal_aux
-from .prune import check_layers, importance_layers, prune, regular_layers
+from .prune import check_layers, importance_layers, loss_layers, prune, regular_layers
 
 
 def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = DEFAULT_MODEL,
@@ -76,15 +76,16 @@ def _layer_pruned(base_model, tok, keep_ratio, layers, select, calib, calib_toke
     n_base = ArchSpec.of(base_model).n_layers
     kept = check_layers(layers, n_base) if layers is not None else regular_layers(n_base, keep_ratio, adapter(base_model).required_layers())
     seqs, scores = None, None
-    if heal_args["heal"] != "none" or select == "importance":
+    if heal_args["heal"] != "none" or select != "regular":
         with clock.step("calibration"):
             seqs, inputs["calibration"] = calibration(tok, base_model, calib, calib_tokens)
     with compute_device(heal_args["device"]) as dev:  # "cuda": importance and healing on the GPU
         base_model.to(dev)
         seqs = seqs.to(dev) if seqs is not None else None
-        if select == "importance":
+        if select != "regular" and layers is None:
+            rank = importance_layers if select == "importance" else loss_layers
             with clock.step("importance"):
-                kept, scores = importance_layers(base_model, seqs, n_keep=max(1, round(keep_ratio * n_base)))
+                kept, scores = rank(base_model, seqs, n_keep=max(1, round(keep_ratio * n_base)))
         aux = prune(base_model, kept)
         with clock.step("heal"):
             stats = heal_aux(base_model, aux, kept, seqs, method=heal_args["heal"], progress=progress,

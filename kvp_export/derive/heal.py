@@ -78,8 +78,11 @@ def _fit_bridge(run: arch.LayerRunner, j: int, layer, h_all, y_all, batch: int, 
     the family adapter's `down_target` says what down_proj's output should be); alpha is chosen on every
     `val_every`-th sequence. (Refitting o_proj jointly was measured worse: it shifts the MLP's
     input, so the activations the fit held fixed no longer hold; drift rose from ~0.2 to ~0.35.)
+    A norm after down_proj fixes the branch's size per token whatever down_proj does, so its
+    per-channel factor is refitted too (`_fit_post_scale`). The layer keeps its original weights
+    when the bridge does worse on the validation sequences than not moving.
     With `keep`, also returns the layer's new output (from the parts computed here: only
-    down_proj changed, so the layer need not run again).
+    down_proj and the post norm changed, so the layer need not run again).
     """
     down = run.ad.down_proj(run.ad.mlp(layer))
     w0 = down.weight.detach().T.double()  # [inter, hidden]
@@ -90,26 +93,85 @@ def _fit_bridge(run: arch.LayerRunner, j: int, layer, h_all, y_all, batch: int, 
     for s in range(0, len(h_all), batch):
         h, y = h_all[s : s + batch], y_all[s : s + batch]
         a, m = run.mlp_parts(j, layer, h)
-        if keep:
-            parts.append((a, m))
+        parts.append((a, m))
         sw = _weights(y).sqrt()
         d = down(m)
         miss = run.ad.down_target(layer, y - a, d) - d  # what down_proj's output misses
         x, r = (m * sw).flatten(0, 1), (miss * sw).flatten(0, 1)
         for b in range(h.shape[0]):
-            split = "val" if (s + b) % val_every == val_every - 1 else "fit"
+            split = "val" if _is_val(s + b, val_every) else "fit"
             rows = slice(b * h.shape[1], (b + 1) * h.shape[1])
             xb, rb = x[rows], r[rows]
             mom[split][0] += (xb.T @ xb).double()
             mom[split][1] += (xb.T @ rb).double()
             mom[split][2] += float(rb.double().pow(2).sum())
     alpha, val_err = choose_alpha(tuple(mom["fit"]), tuple(mom["val"]), ALPHAS)
+    post = run.ad.mlp_post_norm(layer)
+    before = _val_error(run, layer, parts, y_all, batch, val_every)
+    originals = [down.weight.clone()] + ([post.weight.clone()] if post is not None else [])
     w = w0 + ridge_solve(mom["fit"][0] + mom["val"][0], mom["fit"][1] + mom["val"][1], alpha)
     down.weight.copy_(w.T.to(down.weight.dtype))
     stats = {"alpha": alpha, "val_residual_kept": val_err / max(mom["val"][2], 1e-30)}
+    if post is not None:
+        stats["post_norm_alpha"] = _fit_post_scale(run.ad, post, down, parts, y_all, batch, val_every)
+    after = _val_error(run, layer, parts, y_all, batch, val_every)
+    stats["val_error_ratio"] = after / max(before, 1e-30)  # the layer's output error, bridged / not moved
+    if after > before:
+        for p, p0 in zip([down.weight] + ([post.weight] if post is not None else []), originals):
+            p.copy_(p0)
+        stats["reverted"] = True
     if not keep:
         return stats
     return stats, torch.cat([a + run.mlp_out(layer, down(m)) for a, m in parts])
+
+
+def _is_val(index: int, val_every: int) -> bool:
+    return index % val_every == val_every - 1
+
+
+def _val_error(run: arch.LayerRunner, layer, parts, y_all, batch: int, val_every: int) -> float:
+    """The layer's weighted output error on the validation sequences, from the fit's parts."""
+    down, err = run.ad.down_proj(run.ad.mlp(layer)), 0.0
+    for k, (a, m) in enumerate(parts):
+        y = y_all[k * batch : (k + 1) * batch]
+        val = torch.tensor([_is_val(k * batch + b, val_every) for b in range(len(y))])
+        if val.any():
+            out = a[val] + run.mlp_out(layer, down(m[val]))
+            err += float(((out - y[val]).pow(2).sum(-1, keepdim=True) * _weights(y[val])).double().sum())
+    return err
+
+
+def _fit_post_scale(ad, post, down, parts, y_all, batch: int, val_every: int) -> float:
+    """Refit the per-channel factor g of the RMSNorm after down_proj, in closed form.
+
+    The branch is g * n(d), n the unweighted RMS normalisation of down_proj's output d: its
+    size per token is set by g alone, so when the bridge must add more (or less) than the
+    original branch did (the removed layers' share of the residual), only g can supply it.
+    Weighted least squares per channel, shrunk towards the original g by alpha (relative to
+    the channel's sum of squares), alpha chosen on the validation sequences. Returns alpha.
+    """
+    g0 = ad.norm_weight(post).detach().double()
+    eps = ad.norm_eps(post)
+    mom = {k: [torch.zeros_like(g0), torch.zeros_like(g0)] for k in ("fit", "val")}
+    for k, (a, m) in enumerate(parts):
+        y = y_all[k * batch : (k + 1) * batch]
+        n = torch.nn.functional.rms_norm(down(m).float(), (g0.shape[0],), eps=eps).double()
+        t, w = (y - a).double(), _weights(y).double()
+        for b in range(len(y)):
+            split = "val" if _is_val(k * batch + b, val_every) else "fit"
+            mom[split][0] += (w[b] * n[b] * n[b]).sum(0)
+            mom[split][1] += (w[b] * n[b] * t[b]).sum(0)
+
+    def solve(nn_, nt, alpha):
+        return (nt + alpha * nn_ * g0) / ((1 + alpha) * nn_).clamp(min=1e-30)
+
+    def val_sse(g):  # sum_t w (g n - t)^2 less the constant sum_t w t^2
+        return float((g * g * mom["val"][0] - 2 * g * mom["val"][1]).sum())
+
+    alpha = min((0.0, *ALPHAS), key=lambda al: val_sse(solve(*mom["fit"], al)))
+    g = solve(mom["fit"][0] + mom["val"][0], mom["fit"][1] + mom["val"][1], alpha)
+    ad.set_norm_weight(post, g)
+    return alpha
 
 
 def _distill(run: arch.LayerRunner, j: int, layer, h_all, y_all, batch: int, epochs: int, lr: float) -> float:

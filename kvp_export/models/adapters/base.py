@@ -131,6 +131,10 @@ class Adapter:
         re-implemented norms, e.g. the fp16-safe one of the Core ML export)."""
         return norm.weight
 
+    def set_norm_weight(self, norm: nn.Module, factor: torch.Tensor) -> None:
+        """Store `factor` as the norm's per-channel factor (the inverse of `norm_weight`; healing)."""
+        norm.weight.copy_(factor.to(norm.weight.dtype))
+
     def norm_eps(self, norm: nn.Module) -> float:
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 

@@ -12,10 +12,12 @@
 Refused: logit soft-capping (Gemma 2 checkpoints) and bidirectional attention (EmbeddingGemma).
 
 Layer selection: every global layer is kept in a layer-pruned aux (`required_layers`), so the aux
-keeps long-range attention past the window; the regular pattern or importance picks the
-sliding layers that fill the rest of the keep ratio. The first sliding layers build the residual
-stream's massive activations: the 270M cannot lose layer 1 or 3, which the regular pattern drops
-and importance keeps; healing, not selection alone, still limits the aux (BENCHMARKS.md, "Gemma 3 270M").
+keeps long-range attention past the window; the regular pattern, block influence or the loss
+ranking (`--select loss`) picks the sliding layers that fill the rest of the keep ratio. On the
+270M the loss ranking is the one that keeps a usable aux (layers 1-4 build the residual stream's
+massive activations), and bridge healing lowers each layer's residual error but raises the aux's
+NLL (BENCHMARKS.md, "Gemma 3 270M", session 5). The post-MLP norm sets the MLP branch's size, so
+the bridge refits its factor too (`set_norm_weight`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Gemma3(Adapter):
 
     def norm_weight(self, norm) -> torch.Tensor:
         return 1.0 + norm.weight
+
+    def set_norm_weight(self, norm, factor: torch.Tensor) -> None:
+        norm.weight.copy_((factor - 1.0).to(norm.weight.dtype))
 
     def down_target(self, layer, branch: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """post_feedforward_layernorm(d) = branch holds for d along branch / (1 + w), at any scale
