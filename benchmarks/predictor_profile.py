@@ -2,6 +2,7 @@
 the aux prefill and the base's first step over the predicted cache (issue 12).
 
     python benchmarks/predictor_profile.py EXPORT [--variants fp32,int8] [--lengths 128,512] [--runs 10]
+        [--kvp NAME=KVP_PREFILL.onnx,...] [--no-profile]
 
 EXPORT is an `kvp export onnx` folder. For each variant and prompt length N (batch 1) it times, interleaved
 in one process: aux_prefill over the N prompt tokens (what "aux alone" runs), kvp_prefill over the same
@@ -13,7 +14,9 @@ excess over the same node in aux_prefill is the predictor's first matmuls), the 
 the final norm's predictor columns (`/final/`), and what follows the layers (summing the partial
 predictions, the base RoPE on predicted keys, reshapes and transposes of the cache outputs, the next
 step's inputs). Prints medians (ms, and shares of the aux alone's time); a ratio is publishable only as
-"measured in one process" on a shared machine.
+"measured in one process" on a shared machine. `--kvp` adds other kvp_prefill graphs of the same base and
+aux (e.g. of reduced-rank predictors, `benchmarks/predictor_rank.py --export-kvp`) to the interleaved
+timing: each one's (kvp_prefill + first step) / aux_prefill is printed beside the export's own.
 """
 
 from __future__ import annotations
@@ -56,28 +59,31 @@ def feeds(n: int, sink: int, n_layers: int, kv_heads: int, head_dim: int, seed: 
 
 
 def bound_run(sess: ort.InferenceSession, feed: dict) -> float:
-    """One call with every output left in onnxruntime's memory (IO binding); seconds."""
-    io = sess.io_binding()
-    for k, v in feed.items():
-        io.bind_cpu_input(k, v)
-    for o in sess.get_outputs():
-        io.bind_output(o.name, "cpu")
+    """One call with inputs and outputs as OrtValues (no copy out, as the runtime); seconds."""
+    vals = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+    names = [o.name for o in sess.get_outputs()]
     t = time.perf_counter()
-    sess.run_with_iobinding(io)
+    sess.run_with_ort_values(names, vals)
     return time.perf_counter() - t
 
 
-def node_times(profile_file: str, skip_runs: int) -> dict[str, float]:
-    """Mean microseconds per node name over the profiled runs after the first `skip_runs`."""
+def node_times(profile_file: str, skip_runs: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Per node name, the median over the profiled runs (after the first `skip_runs`) of its microseconds
+    in that run; and each node's operator type."""
     events = json.load(open(profile_file))
-    runs = [e for e in events if e.get("name") == "model_run"]
-    start = runs[skip_runs]["ts"] if len(runs) > skip_runs else 0
-    kept = len(runs) - skip_runs
-    out: dict[str, float] = defaultdict(float)
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip_runs:]
+    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs))
+    ops: dict[str, str] = {}
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            out[e["name"][: -len("_kernel_time")]] += e["dur"] / max(kept, 1)
-    return out
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        ops[name] = e.get("args", {}).get("op_name", "?")
+        for r, (t0, t1) in enumerate(runs):
+            if t0 <= e["ts"] <= t1:
+                per_run[name][r] += e["dur"]
+                break
+    return {k: statistics.median(v) for k, v in per_run.items()}, ops
 
 
 def split_kvp(nodes: dict[str, float]) -> dict[str, float]:
@@ -120,7 +126,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="128,512")
     ap.add_argument("--runs", type=int, default=10, help="interleaved timing rounds (and profiled runs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kvp", default="", help="NAME=PATH,... more kvp_prefill graphs to time (first variant only)")
+    ap.add_argument("--no-profile", action="store_true", help="interleaved timing only")
     a = ap.parse_args()
+    extra = dict(item.split("=", 1) for item in a.kvp.split(",") if item)
     cfg = json.loads((a.export / "fp32" / "config.json").read_text())
     man = json.loads((a.export / "manifest.json").read_text())
     sink = int(man.get("sink_len", 1))
@@ -130,34 +139,36 @@ def main() -> None:
     for variant in a.variants.split(","):
         with tempfile.TemporaryDirectory() as prof:
             names = ("aux_prefill", "kvp_prefill", "base_decode")
-            timed = {g: session(a.export / variant / f"{g}.onnx", a.threads) for g in names}
+            more = extra if variant == a.variants.split(",")[0] else {}
+            timed = {name: session(Path(path), a.threads) for name, path in more.items()}
             for n in map(int, a.lengths.split(",")):
+                # the three graphs profiled in the timed rounds themselves (contention hits all alike)
+                timed.update({g: session(a.export / variant / f"{g}.onnx", a.threads, None if a.no_profile else prof)
+                              for g in names})
                 aux, kvp, step = feeds(n, sink, n_layers, kv_heads, head_dim)
-                fd = {"aux_prefill": aux, "kvp_prefill": kvp, "base_decode": step}
+                fd = {"aux_prefill": aux, "base_decode": step}
+                fd.update({g: kvp for g in timed if g not in fd})
+                order = list(timed)
                 t: dict[str, list[float]] = defaultdict(list)
-                for g in names:
+                for g in order:
                     bound_run(timed[g], fd[g])  # warm-up
                 for r in range(a.runs):
-                    for g in (names if r % 2 == 0 else names[::-1]):
+                    for g in (order if r % 2 == 0 else order[::-1]):
                         t[g].append(bound_run(timed[g], fd[g]))
                 med = {g: statistics.median(v) * 1e3 for g, v in t.items()}
                 point = {"wall_ms": med,
                          "kvp_over_aux": (med["kvp_prefill"] + med["base_decode"]) / med["aux_prefill"],
                          "kvp_prefill_over_aux": med["kvp_prefill"] / med["aux_prefill"],
-                         "first_step_over_aux": med["base_decode"] / med["aux_prefill"]}
+                         "first_step_over_aux": med["base_decode"] / med["aux_prefill"],
+                         **{f"{name}_kvp_over_aux": (med[name] + med["base_decode"]) / med["aux_prefill"]
+                            for name in more}}
+                if a.no_profile:
+                    report[f"{variant} 1x{n}"] = point
+                    print(f"{variant} 1x{n}", json.dumps(point, indent=1), flush=True)
+                    continue
                 prof_nodes = {}
                 for g in names:
-                    s = session(a.export / variant / f"{g}.onnx", a.threads, prof)
-                    for _ in range(a.runs + 1):
-                        s.run(None, fd[g])
-                    path = s.end_profiling()
-                    nodes = node_times(path, 1)
-                    ops = {}
-                    for e in json.load(open(path)):
-                        if e.get("cat") == "Node" and "op_name" in e.get("args", {}):
-                            ops[e["name"].removesuffix("_kernel_time")] = e["args"]["op_name"]
-                    prof_nodes[g] = (nodes, ops)
-                    del s
+                    prof_nodes[g] = node_times(timed[g].end_profiling(), 1)
                 aux_nodes, kvp_nodes = prof_nodes["aux_prefill"][0], prof_nodes["kvp_prefill"][0]
                 aux_total = sum(aux_nodes.values())
                 qkv_excess = sum(kvp_nodes.get(k, 0) - v for k, v in aux_nodes.items() if re.search(r"/qkv/", k))
