@@ -94,7 +94,7 @@ def main() -> None:
                 print(json.dumps({**row, **kvp_quality(base, aux, KVPredictor.load(row["folder"]), prompts, conts,
                                                        man["sink_len"], base_first)}), flush=True)
     if a.export_kvp:
-        for row in rows:
+        for row in rows[1:] if rows[0]["rank"] == "full" else rows:  # full: the export's own kvp_prefill
             print(json.dumps({"rank": row["rank"], **export_kvp(base, aux, Path(row["folder"]), a.out / "onnx" / row["rank"],
                                                                man["sink_len"])}),
                   flush=True)
