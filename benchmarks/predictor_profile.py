@@ -86,29 +86,19 @@ def node_times(profile_file: str, skip_runs: int) -> tuple[dict[str, float], dic
     return {k: statistics.median(v) for k, v in per_run.items()}, ops
 
 
-def split_kvp(nodes: dict[str, float]) -> dict[str, float]:
+def split(nodes: dict[str, float], kvp: bool) -> dict[str, float]:
+    """Node time by part of the graph (kvp: kvp_prefill's names, else aux_prefill's)."""
     parts: dict[str, float] = defaultdict(float)
     for name, us in nodes.items():
         if re.search(r"/layers\.\d+/qkv/", name):
-            parts["aux qkv (+ fused predictor)"] += us
+            parts["aux qkv (+ fused predictor)" if kvp else "aux qkv"] += us
         elif "/layers." in name:
             parts["aux layers, rest"] += us
-        elif name.startswith("/final") or "/final/" in name or "final_norm" in name:
+        elif kvp and (name.startswith("/final") or "final_norm" in name):
             parts["final norm + its predictor columns"] += us
         else:
-            parts["after the layers (sums, RoPE, cache outputs, next inputs)"] += us
-    return parts
-
-
-def split_aux(nodes: dict[str, float]) -> dict[str, float]:
-    parts: dict[str, float] = defaultdict(float)
-    for name, us in nodes.items():
-        if re.search(r"/layers\.\d+/qkv/", name):
-            parts["aux qkv"] += us
-        elif "/layers." in name:
-            parts["aux layers, rest"] += us
-        else:
-            parts["embedding, final norm, LM head (last position)"] += us
+            parts["after the layers (sums, RoPE, cache outputs, next inputs)" if kvp
+                  else "embedding, final norm, LM head (last position)"] += us
     return parts
 
 
@@ -173,8 +163,8 @@ def main() -> None:
                 aux_total = sum(aux_nodes.values())
                 qkv_excess = sum(kvp_nodes.get(k, 0) - v for k, v in aux_nodes.items() if re.search(r"/qkv/", k))
                 point["node_ms"] = {
-                    "aux_prefill": {k: v / 1e3 for k, v in split_aux(aux_nodes).items()},
-                    "kvp_prefill": {k: v / 1e3 for k, v in split_kvp(kvp_nodes).items()},
+                    "aux_prefill": {k: v / 1e3 for k, v in split(aux_nodes, False).items()},
+                    "kvp_prefill": {k: v / 1e3 for k, v in split(kvp_nodes, True).items()},
                     "kvp_prefill_qkv_excess_over_aux": qkv_excess / 1e3,
                     "base_decode_by_op": {k: v / 1e3 for k, v in sorted(
                         by_op(*prof_nodes["base_decode"]).items(), key=lambda kv: -kv[1])[:6]},
@@ -186,7 +176,7 @@ def main() -> None:
                 }
                 point["node_share_of_aux"] = {
                     "predictor qkv columns": qkv_excess / aux_total,
-                    "kvp after the layers + final": (sum(split_kvp(kvp_nodes).values())
+                    "kvp after the layers + final": (sum(split(kvp_nodes, True).values())
                                                      - kvp_nodes_layers(kvp_nodes)) / aux_total,
                     "base first step": sum(prof_nodes["base_decode"][0].values()) / aux_total,
                 }
