@@ -30,7 +30,7 @@ from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp, score_c
 from kvp_export.stage import calibration, load_model, ref_spec
 
 
-def statistics_of(fit_folder: Path, cache: Path | None):
+def statistics_of(fit_folder: Path, cache: Path | None, calib: list[str] | None):
     man = read_manifest(fit_folder, "predictor")
     aux_folder = man["inputs"]["aux"]["path"]
     aux_man = read_contract(aux_folder, "aux")
@@ -41,11 +41,9 @@ def statistics_of(fit_folder: Path, cache: Path | None):
              1 if man["recipe"]["sources"] == "window" else 0)
     if cache and cache.is_file():
         return man, shape, torch.load(cache, weights_only=True)
-    calib = [s["path"] for s in man["inputs"]["calibration"]["corpus"]["sources"] if s["name"] not in
-             ("stdlib", "shakespeare")] or None
     seqs, desc = calibration(tok, base, calib, man["inputs"]["calibration"]["tokens_requested"])
     if desc["tokens_sha256"] != man["inputs"]["calibration"]["tokens_sha256"]:
-        raise SystemExit("the calibration tokens differ from the fit's (another Python's standard library?)")
+        raise SystemExit("the calibration tokens differ from the fit's (its --calib? another Python's stdlib?)")
     stats = collect(base, aux, seqs, new_predictor(*shape), man["sink_len"], progress=True)
     saved = {"xtx": stats.xtx, "xty": stats.xty, "yty": stats.yty, "tokens": stats.tokens}
     if cache:
@@ -59,11 +57,12 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--ranks", default="full,128,96,64,32")
     ap.add_argument("--stats", type=Path, default=None)
+    ap.add_argument("--calib", action="append", help="the fit's --calib, if it had one (default: built-in corpus)")
     ap.add_argument("--eval", type=int, default=0, help="held-out pairs (prompt 192 + continuation 64)")
     ap.add_argument("--export-kvp", action="store_true", help="write each rank's fp32 kvp_prefill.onnx to "
                     "OUT/onnx/RANK and check it against the PyTorch module (for predictor_profile.py --kvp)")
     a = ap.parse_args()
-    man, shape, saved = statistics_of(a.fit_folder, a.stats)
+    man, shape, saved = statistics_of(a.fit_folder, a.stats, a.calib or None)
     rows = []
     for r in a.ranks.split(","):
         rank = None if r == "full" else int(r)
@@ -113,7 +112,7 @@ def export_kvp(base, aux, folder: Path, out: Path, sink_len: int) -> dict:
     path = out / "kvp_prefill.onnx"
     out.mkdir(parents=True, exist_ok=True)
     export_graph("kvp_prefill", path, base, aux, pred, sink_len)
-    ids = torch.randint(10, 5000, (1, 96), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, min(5000, base.config.vocab_size), (1, 96), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         want = KVPPrefill(base, aux, pred, sink_len)(ids, mask)
