@@ -228,6 +228,8 @@ class FitConfig(OnDevice):
                               "(default: chosen per layer and K/V from 1e-7..1e-1 on held-out calibration "
                               "sequences); a larger one for little calibration text.", gt=0,
                               allow_inf_nan=False)
+    rank: int | None = opt(None, "Reduced-rank predictor (hidden input): each base layer's K and V maps share one "
+                           "RANK-wide first factor, fused into the aux's projections (default: full rank).", ge=1)
 
 
 class TrainConfig(Config):

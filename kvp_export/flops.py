@@ -28,8 +28,8 @@ def prefill_flops(model_or_config, n_tokens: int, past: int = 0, lm_head: bool =
 
 
 def predictor_flops(predictor, n_tokens: int) -> int:
-    d = predictor.dims
-    return n_tokens * predictor.n_base_layers * 2 * (d["in_k"] + d["in_v"]) * d["out"]
+    """Every base layer's maps over n_tokens: all their sources, and both factors of a reduced rank."""
+    return n_tokens * predictor.flops_per_token()
 
 
 def kvp_flops(base, aux, predictor, n_tokens: int, tail: int = 0) -> dict[str, int]:

@@ -267,14 +267,25 @@ class KVPPrefill(nn.Module):
         self.plan: list[list[tuple[int, str, int]]] = [[] for _ in range(n_aux + 1)]  # (base layer, k|v, width)
         fused_w: list[list[torch.Tensor]] = [[] for _ in range(n_aux + 1)]
         fused_b: list[list[torch.Tensor]] = [[] for _ in range(n_aux + 1)]
+        self.up = None
         if self.mode == "hidden":
             d = self.aspec.hidden
             for i, src in enumerate(predictor.sources):
-                for kind, lin in (("k", predictor.k[i]), ("v", predictor.v[i])):
+                # reduced rank: the shared first factor is fused ("z"), K and V follow it (self.up)
+                firsts = (("z", predictor.down[i]),) if predictor.down is not None else \
+                    (("k", predictor.k[i]), ("v", predictor.v[i]))
+                for kind, lin in firsts:
+                    bias = lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
                     for part, j in enumerate(src):
                         fused_w[j].append(lin.weight[:, part * d : (part + 1) * d])
-                        fused_b[j].append(lin.bias if part == 0 else torch.zeros_like(lin.bias))
+                        fused_b[j].append(bias if part == 0 else torch.zeros_like(bias))
                         self.plan[j].append((i, kind, lin.out_features))
+            if predictor.down is not None:  # one [r -> K | V] matmul per base layer
+                self.up = nn.ModuleList(nn.Linear(predictor.rank, 2 * predictor.dims["out"]) for _ in predictor.sources)
+                with torch.no_grad():
+                    for up, k, v in zip(self.up, predictor.k, predictor.v):
+                        up.weight.copy_(torch.cat([k.weight, v.weight]))
+                        up.bias.copy_(torch.cat([k.bias, v.bias]))
         else:  # "kv": the predictor reads the aux's own keys (normed, pre-RoPE) and values
             self.pk, self.pv = predictor.k, predictor.v
         layers = []
@@ -317,6 +328,8 @@ class KVPPrefill(nn.Module):
             aux_kv.append((k_pre, v))
         if self.final is not None:
             add(len(self.layers), self.final(self.final_norm(h)))
+        if self.up is not None:
+            return [tuple(up(sums[(i, "z")]).chunk(2, dim=-1)) for i, up in enumerate(self.up)]
         if self.mode == "hidden":
             return [(sums[(i, "k")], sums[(i, "v")]) for i in range(self.bspec.n_layers)]
         return [(self.pk[i](aux_kv[s[0]][0]), self.pv[i](aux_kv[s[0]][1])) for i, s in enumerate(self.sources)]

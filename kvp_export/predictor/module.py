@@ -8,6 +8,11 @@ Sources: base layer i reads aux layer layer_map[i] (the paper). With `two_sided`
 sources (hidden input), a base layer that the aux skipped also reads the next aux
 layer's input (or the aux's final normed state): its depth lies between the two, and
 the pair lets the linear map interpolate, which absorbs much of the aux's drift.
+
+Reduced rank (`rank` r, hidden input): each base layer's map is factorised as
+x -> down (r wide, no bias) -> k / v (with bias), the first factor shared by the layer's K and V.
+The export fuses `down` into the aux's q/k/v projection as the full map is today, so the aux's
+matmul grows by r columns per base layer instead of 2 x the KV width.
 """
 
 from __future__ import annotations
@@ -46,18 +51,24 @@ def window_sources(layer_map: list[int], n_aux: int, radius: int = 1) -> list[li
 
 class KVPredictor(nn.Module):
     def __init__(self, layer_map: list[int], input_mode: str, in_dim_k: int, in_dim_v: int, out_dim: int,
-                 sources: list[list[int]] | None = None):
+                 sources: list[list[int]] | None = None, rank: int | None = None):
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise KvpError(f"unknown predictor input '{input_mode}' (choose from {', '.join(INPUT_MODES)})")
+        if rank is not None and (input_mode != "hidden" or rank < 1):
+            raise KvpError(f"a reduced-rank predictor needs the hidden input and a rank >= 1 (got {input_mode}, {rank})")
         self.layer_map = list(layer_map)
         self.sources = [list(s) for s in sources] if sources else [[j] for j in layer_map]
         if len(self.sources) != len(self.layer_map):
             raise KvpError("predictor sources must list one entry per base layer")
         self.input_mode = input_mode
         self.dims = {"in_k": in_dim_k, "in_v": in_dim_v, "out": out_dim}
-        self.k = nn.ModuleList(nn.Linear(in_dim_k * len(s), out_dim) for s in self.sources)
-        self.v = nn.ModuleList(nn.Linear(in_dim_v * len(s), out_dim) for s in self.sources)
+        self.rank = rank
+        # with a rank: down[i] [in -> r] shared by K and V, then k[i] / v[i] [r -> out]
+        self.down = nn.ModuleList(nn.Linear(in_dim_k * len(s), rank, bias=False) for s in self.sources) if rank \
+            else None
+        self.k = nn.ModuleList(nn.Linear(rank or in_dim_k * len(s), out_dim) for s in self.sources)
+        self.v = nn.ModuleList(nn.Linear(rank or in_dim_v * len(s), out_dim) for s in self.sources)
         # Per-layer mean K and V over calibration tokens: the "mean KV" baseline that
         # every report shows beside KVP (a predictor must beat it to be worth anything).
         self.register_buffer("mean_k", torch.zeros(len(layer_map), out_dim))
@@ -77,7 +88,15 @@ class KVPredictor(nn.Module):
                 concat[key] = gather(xs, src)
             return concat[key]
 
+        if self.down is not None:
+            zs = [self.down[i](inputs(xk, s)) for i, s in enumerate(self.sources)]
+            return [(self.k[i](z), self.v[i](z)) for i, z in enumerate(zs)]
         return [(self.k[i](inputs(xk, s)), self.v[i](inputs(xv, s))) for i, s in enumerate(self.sources)]
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds x 2 of the predictor for one token (every base layer's K and V)."""
+        maps = [*self.k, *self.v, *(self.down or [])]
+        return 2 * sum(lin.in_features * lin.out_features for lin in maps)
 
     @classmethod
     def identity(cls, n_layers: int, dim: int) -> KVPredictor:
@@ -92,7 +111,9 @@ class KVPredictor(nn.Module):
     # --- persistence: safetensors weights + JSON config in the header metadata ---
 
     def config(self) -> dict:
-        return {"layer_map": self.layer_map, "sources": self.sources, "input_mode": self.input_mode, **self.dims}
+        rank = {"rank": self.rank} if self.rank else {}  # absent: full rank (files written before ranks)
+        return {"layer_map": self.layer_map, "sources": self.sources, "input_mode": self.input_mode, **self.dims,
+                **rank}
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / WEIGHTS
@@ -113,7 +134,8 @@ class KVPredictor(nn.Module):
             state = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any corruption is the user's file
             raise KvpError(f"unreadable predictor {path}: {e}") from None
-        p = cls(cfg["layer_map"], cfg["input_mode"], cfg["in_k"], cfg["in_v"], cfg["out"], cfg.get("sources"))
+        p = cls(cfg["layer_map"], cfg["input_mode"], cfg["in_k"], cfg["in_v"], cfg["out"], cfg.get("sources"),
+                cfg.get("rank"))
         try:
             p.load_state_dict(state)
         except RuntimeError as e:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import current
 from ..errors import KvpError
-from ..linalg import choose_alpha, ridge_solve
+from ..linalg import choose_alpha, ridge_solve, sse
 from ..models import arch
 from . import shared
 from .features import predictor_inputs, true_kv
@@ -129,31 +129,73 @@ def collect(base, aux, seqs: torch.Tensor, predictor: KVPredictor, sink_len: int
     return stats
 
 
+def reduce_rank(ws: list[torch.Tensor], xtx: torch.Tensor, rank: int) -> tuple[torch.Tensor, list, list]:
+    """Reduced-rank ridge: the full maps `ws` (per output, [in + 1, out], bias row last) that read one
+    input, restricted to one shared r-dimensional subspace of their fitted values.
+
+    The fitted values X W (centred; each output scaled to unit norm, so K and V count by relative
+    error) are projected onto their top-r principal directions V: W -> W V V^T, the best rank-r map
+    in that metric given the ridge solution; the bias keeps the fitted mean. Returns (down [r, in],
+    per output (weight [out, r], bias [out]), per output the equivalent full map [in + 1, out])."""
+    n = xtx[-1, -1]
+    mu = xtx[:-1, -1] / n
+    cov = xtx[:-1, :-1] / n - torch.outer(mu, mu)
+    w1s = [w[:-1] for w in ws]
+    scales = [float((w1 * (cov @ w1)).sum()) ** 0.5 or 1.0 for w1 in w1s]
+    wc = torch.cat([w1 / s for w1, s in zip(w1s, scales)], dim=1)
+    _, vecs = torch.linalg.eigh(wc.T @ cov @ wc)  # ascending
+    v = vecs[:, -rank:]
+    a = wc @ v  # [in, r]
+    outs, full, off = [], [], 0
+    for w, w1, s in zip(ws, w1s, scales):
+        b = v[off : off + w.shape[1]].T * s  # [r, out]
+        off += w.shape[1]
+        bias = w[-1] + mu @ (w1 - a @ b)
+        outs.append((b.T, bias))
+        full.append(torch.cat([a @ b, bias[None]]))
+    return a.T, outs, full
+
+
 @torch.no_grad()
 def solve(stats: RidgeStats, alphas: tuple[float, ...] = ALPHAS) -> dict:
     """Choose alpha per base layer and K/V among `alphas` on the validation split, then solve on
-    fit+val (in place)."""
+    fit+val (in place). A reduced-rank predictor is the full solution at the chosen alphas reduced
+    by `reduce_rank` (its validation error: reduced from the fit split's solution)."""
     p = stats.p
     if not stats.tokens["val"]:
         raise KvpError("too few calibration sequences to hold some out for choosing the ridge strength")
     report: dict = {"alpha_k": [], "alpha_v": [], "val_rel_err_k": [], "val_rel_err_v": []}
     for i in range(p.n_base_layers):
-        for kind, lin, mean in (("k", p.k[i], p.mean_k[i]), ("v", p.v[i], p.mean_v[i])):
+        kinds = (("k", p.k[i], p.mean_k[i]), ("v", p.v[i], p.mean_v[i]))
+        fits, vals, w_fit, w_all = [], [], [], []
+        for kind, _lin, mean in kinds:
             fit, val = stats.moments("fit", kind, i), stats.moments("val", kind, i)
-            alpha, err = choose_alpha(fit, val, alphas, unpenalized=1)
+            alpha, _err = choose_alpha(fit, val, alphas, unpenalized=1)
             xtx, xty = fit[0] + val[0], fit[1] + val[1]
-            w = ridge_solve(xtx, xty, alpha, unpenalized=1)
-            lin.weight.copy_(w[:-1].T.float())
-            lin.bias.copy_(w[-1].float())
+            w_fit.append(ridge_solve(fit[0], fit[1], alpha, unpenalized=1))
+            w_all.append(ridge_solve(xtx, xty, alpha, unpenalized=1))
             mean.copy_((xty[-1] / xtx[-1, -1]).float())  # bias column: sum(Y) / count
+            fits.append(fit)
+            vals.append(val)
             report[f"alpha_{kind}"].append(alpha)
+        if p.rank:  # K and V read one input here (hidden mode)
+            w_fit = reduce_rank(w_fit, fits[0][0], p.rank)[2]
+            xtx = fits[0][0] + vals[0][0]
+            down, outs, _ = reduce_rank(w_all, xtx, p.rank)
+            p.down[i].weight.copy_(down.float())
+        else:
+            outs = [(w[:-1].T, w[-1]) for w in w_all]
+        for (kind, lin, _mean), (weight, bias), w, val in zip(kinds, outs, w_fit, vals):
+            lin.weight.copy_(weight.float())
+            lin.bias.copy_(bias.float())
+            err = sse(w, *val)
             report[f"val_rel_err_{kind}"].append(math.sqrt(max(err, 0.0) / max(val[2], 1e-30)))
     report["tokens_fit"], report["tokens_val"] = stats.tokens["fit"], stats.tokens["val"]
     return report
 
 
 def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
-                  kept: list[int] | None = None, window: int = 0) -> KVPredictor:
+                  kept: list[int] | None = None, window: int = 0, rank: int | None = None) -> KVPredictor:
     """An unfitted predictor of the right shape. With `kept` (LP aux, hidden input), base layers
     the aux skipped read two aux layers (see module.two_sided_sources); with `window` > 0 every
     base layer reads the aux layers within that distance (module.window_sources)."""
@@ -166,20 +208,21 @@ def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
     elif kept is not None and input_mode == "hidden":
         sources = two_sided_sources(layer_map, [i in kept for i in range(sb.n_layers)], sa.n_layers)
     in_dim = sa.hidden if input_mode == "hidden" else sa.kv_dim
-    return KVPredictor(layer_map, input_mode, in_dim, in_dim, sb.kv_dim, sources)
+    return KVPredictor(layer_map, input_mode, in_dim, in_dim, sb.kv_dim, sources, rank)
 
 
 def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: int = 1, *,
               kept: list[int] | None = None, window: int = 0, alpha: float | None = None,
-              progress: bool = True) -> tuple[KVPredictor, dict]:
+              rank: int | None = None, progress: bool = True) -> tuple[KVPredictor, dict]:
     """Fit a predictor in closed form. Returns (predictor, fit report). `alpha` fixes the ridge
-    strength (the report still gives its validation error); None chooses it among ALPHAS.
+    strength (the report still gives its validation error); None chooses it among ALPHAS. `rank`
+    factorises each base layer's K and V maps through one shared r-dimensional input (reduce_rank).
 
     Activations that derive left for these models and sequences in this process (shared.py) are
     used instead of running the models again."""
     if seqs.shape[1] <= sink_len + 1:
         raise KvpError(f"calibration sequences of {seqs.shape[1]} tokens leave nothing to fit after a sink of {sink_len}")
-    pred = new_predictor(base, aux, layer_map, input_mode, kept, window)
+    pred = new_predictor(base, aux, layer_map, input_mode, kept, window, rank)
     base_kv = aux_inputs = None
     if shared.pending():
         tokens = shared.digest(seqs)
