@@ -239,7 +239,7 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
     mode = "aux" if aux_only else "base" if no_kvp else mode
     if warm_repeats < 0:
         raise KvpError(f"--warm-repeats must be >= 0, got {warm_repeats}")
-    check_limits(threads=threads, warm_repeats=warm_repeats, crossover=crossover)  # absurd numbers (limits.py)
+    check_limits(threads=threads, warm_repeats=warm_repeats, crossover=crossover, tail=tail)  # absurd numbers (limits.py)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if onnx_dir is not None:
         if prefix or aux or base:
