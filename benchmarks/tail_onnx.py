@@ -66,12 +66,17 @@ def quality(rt: OnnxKVP, prompts: np.ndarray, conts: np.ndarray, tails, greedy: 
             nll[k] += float(-np.take_along_axis(lp, c[..., None], -1).sum())
             first[k].append(state.logits.argmax(-1))
             gen[k].append(_pad(rt.decode(state, greedy, eos_ids=set()), greedy))
-        print(f"quality {s + len(p)}/{len(prompts)}", flush=True)
+        done = summary(nll, first, gen, conts[: s + len(p)].size, greedy)
+        print(f"quality {s + len(p)}/{len(prompts)}: {json.dumps(done)}", flush=True)  # so far: a stopped run says it
+    return done
+
+
+def summary(nll: dict, first: dict, gen: dict, n_tokens: int, greedy: int) -> dict:
     first = {k: np.concatenate(v) for k, v in first.items()}
     gen = {k: np.concatenate(v) for k, v in gen.items()}
-    return {k: {"nll": nll[k] / conts.size, "first_token_agreement": float((first[k] == first["base"]).mean()),
+    return {k: {"nll": nll[k] / n_tokens, "first_token_agreement": float((first[k] == first["base"]).mean()),
                 f"greedy{greedy}_agreement": float((gen[k] == gen["base"]).mean()),
-                f"greedy{greedy}_exact": float((gen[k] == gen["base"]).all(1).mean())} for k in paths}
+                f"greedy{greedy}_exact": float((gen[k] == gen["base"]).all(1).mean())} for k in first}
 
 
 def ttft(rt: OnnxKVP, tails, lengths, warmup: int, repeats: int) -> dict:
@@ -117,19 +122,24 @@ def main() -> None:
     prompts, conts = (x.astype(np.int64) for x in art.eval_pairs(a.n))
     out = {"export": str(a.export.resolve()), "variant": a.variant, "threads": a.threads, "tails": a.tails,
            "machine": machine(), "torch_threads": torch.get_num_threads()}
+    def save() -> None:  # after every section: a run stopped early keeps what it measured
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=1) + "\n")
+
     if "parity" not in a.skip:
         pipe = KVPPipeline.from_predictor(art.manifest.inputs["predictor"]["path"])
         out["parity"] = parity(rt, pipe, prompts[: a.parity_n], a.tails)
         print(json.dumps(out["parity"], indent=1), flush=True)
         del pipe
+        save()
     if "ttft" not in a.skip:
         out["ttft"] = {"warmup": a.warmup, "repeats": a.repeats, **ttft(rt, a.tails, a.lengths, a.warmup, a.repeats)}
+        save()
     if "quality" not in a.skip:
         out["quality"] = {"pairs": len(prompts), "prompt_len": int(prompts.shape[1]),
                           "paths": quality(rt, prompts, conts, a.tails, a.greedy_tokens)}
         print(json.dumps(out["quality"], indent=1), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
+        save()
 
 
 if __name__ == "__main__":
