@@ -201,6 +201,9 @@ def optional_model_overrides(f):
                    "only): the aux alone.")
 @click.option("--crossover", type=int, default=None,
               help="With --mode auto: use KVP from this prompt length on, instead of the measured crossover.")
+@click.option("--tail", type=click.IntRange(min=0), default=None,
+              help="KVP's exact tail: the base reads the prompt's last TAIL tokens (and the last one) over the "
+              "predicted cache (default: the ONNX export's `model.tail`; 0 on the PyTorch path).")
 @click.option("--aux-only", is_flag=True, help="Same as --mode aux.")
 @click.option("--no-kvp", is_flag=True, help="Same as --mode base.")
 @click.option("--warm-repeats", default=3, show_default=True,
@@ -216,7 +219,7 @@ def optional_model_overrides(f):
               "KV exactly, once (an extended sink).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("prompt", nargs=-1)
-def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, crossover, aux_only, no_kvp,
+def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, crossover, tail, aux_only, no_kvp,
              warm_repeats, max_new_tokens, temperature, top_k, top_p, seed, prompts_file, prefix, as_json, prompt):
     """Generate from PROMPT(s); print completions, the load time and the time to first token.
 
@@ -237,26 +240,28 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
     mode = "aux" if aux_only else "base" if no_kvp else mode
     if warm_repeats < 0:
         raise KvpError(f"--warm-repeats must be >= 0, got {warm_repeats}")
-    check_limits(threads=threads, warm_repeats=warm_repeats, crossover=crossover)  # absurd numbers (limits.py)
+    check_limits(threads=threads, warm_repeats=warm_repeats, crossover=crossover, tail=tail)  # absurd numbers (limits.py)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if onnx_dir is not None:
         if prefix or aux or base:
             raise KvpError("--prefix, --aux and --base apply to the PyTorch path only")
         if runtime == "genai":
+            if tail:
+                raise KvpError("--runtime genai takes no --tail (onnxruntime-genai's KVP pipeline has no exact tail)")
             _generate_genai(onnx_dir, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, as_json)
             return
         _generate_onnx(onnx_dir, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, warm_repeats,
-                       as_json)
+                       as_json, tail)
         return
     if mode == "aux":
         raise KvpError("--mode aux needs --onnx (the PyTorch path generates with the base)")
     check_sampling(max_new_tokens, sampling)
     t0 = time.perf_counter()
-    pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base)
+    pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, tail=tail or 0)
     load = {"models": time.perf_counter() - t0}
     g = pipe.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, mode=mode, prefix=prefix,
                       warm_repeats=warm_repeats, crossover=-1 if crossover is None else crossover)
-    timing = {"runtime": "PyTorch", "path": "kvp" if g.kvp else "base", "mode": mode, "crossover": g.crossover,
+    timing = {"runtime": "PyTorch", "path": "kvp" if g.kvp else "base", "mode": mode, "tail": pipe.tail, "crossover": g.crossover,
               "load_ms": {k: v * 1e3 for k, v in load.items()}, "ttft_first_call_ms": g.prefill_seconds * 1e3,
               "ttft_warm_ms": None if g.warm_prefill_seconds is None else g.warm_prefill_seconds * 1e3,
               "warm_repeats": warm_repeats,
@@ -304,13 +309,13 @@ def timing_lines(t: dict, batch: int) -> list[str]:
 
 
 def _generate_onnx(folder, variant, threads, mode, crossover, prompts, max_new_tokens, sampling, warm_repeats,
-                   as_json):
+                   as_json, tail=None):
     from kvp_validate.runtime import OnnxKVP
 
-    rt = OnnxKVP(folder, variant, threads, **({"crossover": crossover} if crossover is not None else {}))
+    rt = OnnxKVP(folder, variant, threads, tail=tail, **({"crossover": crossover} if crossover is not None else {}))
     g = rt.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, warm_repeats=warm_repeats,
                     sampling=sampling)  # the PyTorch Sampling is the validator's, plus torch processors
-    timing = {"runtime": f"onnxruntime {variant}, {threads} threads", "path": g.mode, "mode": mode,
+    timing = {"runtime": f"onnxruntime {variant}, {threads} threads", "path": g.mode, "mode": mode, "tail": rt.tail,
               "crossover": g.crossover, "load_ms": {k: v * 1e3 for k, v in g.load_seconds.items()},
               "ttft_first_call_ms": g.ttft_seconds * 1e3,
               "first_call_parts_ms": {k: v * 1e3 for k, v in g.seconds.items()},

@@ -291,6 +291,9 @@ class OnnxConfig(Config):
     eval_n: int = opt(PAIRS, "Held-out pairs stored for the validator.", ge=1)
     prompt_len: int = opt(PROMPT_LEN, "Prompt tokens of each stored pair.", ge=4)
     cont_len: int = opt(CONT_LEN, "Continuation tokens of each stored pair.", ge=1)
+    tail: int = opt(0, "KVP's exact tail, recorded for the runtimes: the base reads the prompt's last TAIL "
+                    "tokens (and the last one) over the predicted cache (the graphs are the same for any TAIL).",
+                    ge=0)
 
     @field_validator("block_size")
     @classmethod

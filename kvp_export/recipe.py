@@ -171,9 +171,9 @@ class RunConfig(Strict):
             b, n = (int(x) for x in p.split("x"))
             if b not in v.batches or n not in v.lengths:
                 raise ValueError(f"validate.gates.speedup_at: point {p} is not measured (validate.batches x validate.lengths)")
-        if onnx.enabled and "ttft" in v.checks and min(v.lengths) < min_kvp_len(self.fit.sink):
+        if onnx.enabled and "ttft" in v.checks and min(v.lengths) < min_kvp_len(self.fit.sink, onnx.tail):
             raise ValueError(f"validate.lengths: TTFT length {min(v.lengths)} is too short for KVP with a {self.fit.sink}-token sink "
-                             f"(at least {min_kvp_len(self.fit.sink)})")
+                             f"and a tail of {onnx.tail} (at least {min_kvp_len(self.fit.sink, onnx.tail)})")
         if self.predictor.method == "fit" and "train" in self.model_fields_set:
             raise ValueError("predictor.method: a train section is given but predictor.method is 'fit' (set it to 'train')")
         return self

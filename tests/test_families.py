@@ -115,6 +115,10 @@ def test_family_through_the_toolchain(tmp_path, corpus, family):
     assert parity["ok"], parity["checks"]
     rt = OnnxKVP(onnx, "fp32", threads=1)
     assert rt.generate(prompts, max_new_tokens=6, mode="kvp").token_ids == want.token_ids
+    pipe.tail = 3  # an exact tail through the same graphs (sliding windows: the sink is settled after it)
+    tailed = OnnxKVP(onnx, "fp32", threads=1, tail=3).generate(prompts, max_new_tokens=6, mode="kvp")
+    assert tailed.mode == "kvp" and tailed.token_ids == pipe.generate(prompts, max_new_tokens=6, mode="kvp").token_ids
+    pipe.tail = 0
     # the exported base decoder against transformers' own greedy generation, past the window
     ids = pipe.tokenizer(words, return_tensors="pt").input_ids[:, :LONG]
     with torch.no_grad():

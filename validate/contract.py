@@ -94,6 +94,7 @@ class ExportModel(_Open):
     eos_token_ids: list[int]
     pad_token_id: int | None = None
     windows: list[int | None] = []  # per base layer, its sliding window (None: full); [] before 0.3.1
+    tail: int = 0  # KVP's exact tail: the base reads the prompt's last tail+1 tokens (0 before 0.3.3)
 
 
 class TokenizerRef(_Open):
@@ -141,7 +142,7 @@ class GraphFlops(_Open):
     variable: str
     coef: list[float] = []  # prefill graphs
     step: list[float] = []  # decoders: one step at a past length
-    first_step: list[float] = []  # base_decode: the first step after a KVP prefill
+    first_step: list[float] = []  # base_decode: the first step after a KVP prefill (sink, model.tail and last tokens)
 
 
 class Crossover(_Open):

@@ -53,6 +53,14 @@ def genai_folder(export: str | Path, variant: str = "fp32") -> Path:
 KVP_FOLDER = "genai-kvp"  # kvp_export.export.genai_kvp.FOLDER: the decoder-pipeline with KVP's prompt stage
 
 
+def refuse_tail(art) -> None:
+    """genai's KVP prompt stage is kvp_prefill + the first step over the sink and the last token:
+    an export with an exact tail (`model.tail` > 0) has no genai KVP pipeline."""
+    if art.manifest.model.tail:
+        raise KvpError(f"onnxruntime-genai's KVP pipeline takes no exact tail (this export's tail is "
+                       f"{art.manifest.model.tail}): use our runtime, or export with tail 0")
+
+
 def kvp_folder(export, variant: str = "fp32") -> Path:
     """`<export>/<variant>/genai-kvp`, checked before genai reads any of it: its manifest was made
     from this export's kvp_prefill and base_decode (else it is stale), and every file it holds has
@@ -63,6 +71,7 @@ def kvp_folder(export, variant: str = "fp32") -> Path:
 
     art = export if isinstance(export, OnnxArtifact) else OnnxArtifact.open(export)
     art.check_variant(variant)
+    refuse_tail(art)
     base = genai_folder(art.folder, variant)
     folder = base / KVP_FOLDER
     rebuild = f"kvp export genai-kvp {art.folder} --variant {variant}"

@@ -21,7 +21,7 @@ REPEAT = 10**4  # epochs, repeats, warm-ups, fresh processes, workers
 LIMITS: dict[str, int] = {
     **dict.fromkeys(("calib_tokens", "tokens", "eval_tokens"), TOKENS),
     **dict.fromkeys(("seq_len", "prompt_len", "cont_len", "context", "sink", "sink_len", "lengths", "prompt_lengths",
-                     "coldstart_lengths", "genai_lengths", "block_size", "group_size", "crossover"), LENGTH),
+                     "coldstart_lengths", "genai_lengths", "block_size", "group_size", "crossover", "tail"), LENGTH),
     **dict.fromkeys(("n", "eval_n", "quality_n", "greedy_tokens", "humaneval_limit", "genai_pairs", "batch", "batches",
                      "accum",
                      "checkpoint_every", "eval_every", "stop_after", "patience", "warmup_steps", "max_new_tokens"),

@@ -10,13 +10,25 @@ tensor), so both runtimes, and the graphs traced from the PyTorch modules, call 
 
 from __future__ import annotations
 
+from .errors import KvpError
 
-def min_kvp_len(sink_len: int) -> int:
+
+def min_kvp_len(sink_len: int, tail: int = 0) -> int:
     """The shortest prompt the KVP path takes: the sink, at least as many predicted tokens (the
-    exported graphs' first step drops the predicted sink slots from its mask), and the last token.
-    A shorter prompt goes through the base; eval, the Core ML export and a recipe's TTFT lengths
-    are checked against it."""
-    return 2 * sink_len + 2
+    exported graphs' first step drops the predicted sink slots from its mask), the last token, and
+    with a `tail` of W the W tokens before it that the base reads exactly (the prediction graph
+    reads the prompt without them). A shorter prompt goes through the base; eval, the Core ML
+    export and a recipe's TTFT lengths are checked against it."""
+    return 2 * sink_len + 2 + tail
+
+
+def check_tail(tail: int, shortest: int | None = None) -> None:
+    """A tail is W >= 0 prompt tokens before the last one, so a prompt must hold more than W
+    tokens (`shortest`: the shortest prompt's real tokens)."""
+    if tail < 0:
+        raise KvpError(f"tail must be >= 0, got {tail}")
+    if shortest is not None and tail >= shortest:
+        raise KvpError(f"tail {tail} needs prompts of more than {tail} tokens (shortest: {shortest})")
 
 
 def positions(mask):

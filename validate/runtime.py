@@ -3,7 +3,11 @@
 Three prefill paths over left-padded prompts, one decoding loop:
 - "kvp":  kvp_prefill (aux + predictor -> the base's cache and the next step's inputs), then
           base_decode on those inputs as they come out (the sink tokens and the last prompt
-          token; see kvp_export/export/modules.py): the first token comes from the base;
+          token; see kvp_export/export/modules.py): the first token comes from the base.
+          With an exact tail of W tokens (the export's `model.tail`, or the `tail` argument),
+          kvp_prefill reads the prompt without its last W tokens and base_decode's first step
+          reads them after its inputs: the base computes the prompt's last W+1 tokens over the
+          predicted cache of the others, as the PyTorch runtime's `prefill_kvp(tail=W)`;
 - "base": base_prefill, the baseline;
 - "aux":  aux_prefill, the aux alone (it also decodes alone, with aux_decode).
 Every later token is an ordinary decode step of base_decode (aux_decode for "aux").
@@ -36,7 +40,7 @@ from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR:
 from .crossover import use_kvp
 from .errors import KvpError
 from .integrity import share_verified
-from .protocol import continuation, min_kvp_len, positions
+from .protocol import check_tail, continuation, min_kvp_len, positions
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
@@ -221,11 +225,11 @@ class OnnxKVP:
 
     def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = 2, *,
                  crossover: int | None = -1, use_optimized: bool = True, spin: str = "run",
-                 io_binding: bool = True):
+                 io_binding: bool = True, tail: int | None = None):
         """`crossover`: the prompt length from which "auto" uses KVP; -1 (default) takes the one
         the export measured for this variant, None means never. `spin`: see SPIN_POLICIES.
         `io_binding`: keep each graph's cache output where onnxruntime wrote it (False: copy every
-        output to numpy)."""
+        output to numpy). `tail`: KVP's exact tail W (None: the export's, 0 before 0.3.3)."""
         self.art = artifact if isinstance(artifact, OnnxArtifact) else OnnxArtifact.open(artifact)
         self.art.check_variant(variant)
         if threads < 1:
@@ -234,6 +238,8 @@ class OnnxKVP:
         self.model = self.art.model
         self.sink_len = int(self.model["sink_len"])
         self.windowed = any(self.model.get("windows") or [])  # a sliding-window layer (Gemma 3)
+        self.tail = int(self.model.get("tail") or 0) if tail is None else tail
+        check_tail(self.tail)
         if crossover == -1:
             crossover = c.prompt_len if (c := self.art.manifest.crossover.get(variant)) else None
         self.crossover = crossover
@@ -313,8 +319,8 @@ class OnnxKVP:
 
     @property
     def min_kvp_len(self) -> int:
-        """KVP needs every prompt to hold the sink, at least as many predicted tokens, and the last."""
-        return min_kvp_len(self.sink_len)
+        """KVP needs every prompt to hold the sink, at least as many predicted tokens, the tail and the last."""
+        return min_kvp_len(self.sink_len, self.tail)
 
     def kvp_applies(self, mask: np.ndarray) -> bool:
         return int(mask.sum(-1).min()) >= self.min_kvp_len
@@ -334,6 +340,8 @@ class OnnxKVP:
         mask = np.ones_like(ids) if mask is None else np.ascontiguousarray(mask, dtype=np.int64)
         self.check_context(ids.shape[1])
         path = self.resolve(mode, ids, mask)
+        if mode == "kvp":  # a tail as long as a prompt is an error, not a silent fall back to the base
+            check_tail(self.tail, int(mask.sum(-1).min()))
         if path == "kvp":
             return self._prefill_kvp(ids, mask)
         if path == "base_via_decoder":
@@ -359,14 +367,19 @@ class OnnxKVP:
         return State(out[0][:, -1], out[1:], mask, pos[:, -1] + 1, "base", {"base_decode": dt, "total": dt})
 
     def _prefill_kvp(self, ids: np.ndarray, mask: np.ndarray) -> State:
+        c = ids.shape[1] - self.tail  # the columns kvp_prefill reads; the base reads the last W after them
         t0 = time.perf_counter()
-        out = self.run("kvp_prefill", {"input_ids": ids, "attention_mask": mask}, NEXT_INPUTS)
+        out = self.run("kvp_prefill", {"input_ids": ids[:, :c], "attention_mask": mask[:, :c]}, NEXT_INPUTS)
         t1 = time.perf_counter()
         past, (next_ids, next_pos, next_mask) = out[:-3], out[-3:]
+        if self.tail:  # left padding: the last W columns are real tokens of every row (min_kvp_len)
+            next_ids = np.concatenate([next_ids, ids[:, c:]], axis=1)
+            next_pos = np.concatenate([next_pos, positions(mask)[:, c:]], axis=1)
+            next_mask = np.concatenate([next_mask, mask[:, c:]], axis=1)
         first = self.step("base", next_ids, next_mask, next_pos, past, last_only=True)  # not the sink's logits
         if self.windowed:  # full attention sees the same keys either way: nothing to move
             first = [first[0], *map(as_array, first[1:])]
-            settle_sinks(first[1:], next_mask, mask, self.sink_len)
+            settle_sinks(first[1:], next_mask, mask[:, :c], self.sink_len)
         t2 = time.perf_counter()  # after the move: the parts add up to what a caller waits for
         return State(first[0][:, -1], first[1:], next_mask, next_pos[:, -1] + 1, "kvp",
                      {"kvp_prefill": t1 - t0, "base_first_step": t2 - t1, "total": t2 - t0})

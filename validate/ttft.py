@@ -8,8 +8,10 @@ through the same IO path (IO binding by default: cache outputs stay where onnxru
 them, only the logits are copied out) and their ratios compare the graphs, not two IO paths:
 - base:  base_prefill over N tokens (last-position logits);
 - kvp:   kvp_prefill over N tokens + the base's first step (sink + last token), and its parts;
+         with the export's exact tail W (`model.tail`), kvp_prefill over N - W tokens and a first
+         step over the sink and the last W + 1 tokens, as the runtime runs it;
 - aux:   aux_prefill over N tokens (the aux alone, what KVP's cost tends to);
-- aux_ctx: aux_prefill over the N-1 context tokens: KVP's aux share, so the predictor's
+- aux_ctx: aux_prefill over the N-1-W context tokens: KVP's aux share, so the predictor's
   share is kvp_prefill - aux_ctx (approximate: the two graphs differ by the aux's last-token
   LM head and by what the fused predictor adds);
 - base_step: one ordinary decode step after N tokens (per-token decode cost), through the
@@ -37,11 +39,13 @@ def poly(coef: list[float], x: float) -> float:
 
 
 def graph_flops(art: OnnxArtifact, batch: int, n: int) -> dict[str, float]:
-    f = art.manifest.flops
+    """Counted FLOPs per path at prompt length n; KVP with the export's tail W (kvp_prefill over
+    n - W tokens, the first step's count includes the W tokens)."""
+    f, w = art.manifest.flops, art.manifest.model.tail
     base = batch * poly(f["base_prefill"].coef, n)
     aux = batch * poly(f["aux_prefill"].coef, n)
-    kvp_prefill = batch * poly(f["kvp_prefill"].coef, n)
-    first = batch * poly(f["base_decode"].first_step, n - 1)
+    kvp_prefill = batch * poly(f["kvp_prefill"].coef, n - w)
+    first = batch * poly(f["base_decode"].first_step, n - w - 1)
     return {"base": base, "aux": aux, "kvp": kvp_prefill + first, "kvp_prefill": kvp_prefill, "base_first_step": first}
 
 
@@ -73,7 +77,8 @@ def measure_point(rt: OnnxKVP, batch: int, n: int, *, warmup: int, repeats: int,
     ids = rng.integers(0, vocab, size=(batch, n), dtype=np.int64)
     mask = np.ones_like(ids)
     pos = positions(mask)
-    ctx = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "position_ids": pos[:, :-1]}
+    c = n - 1 - rt.tail  # the tokens KVP's aux reads
+    ctx = {"input_ids": ids[:, :c], "attention_mask": mask[:, :c], "position_ids": pos[:, :c]}
     rt.session("base_prefill"), rt.session("aux_prefill")  # created here, never inside a timed call
     kvp_first = {}
 
@@ -133,7 +138,8 @@ def check_lengths(rt: OnnxKVP, lengths, what: str = "TTFT") -> None:
     for n in lengths:
         rt.check_context(n, 1)
         if n < rt.min_kvp_len:
-            raise KvpError(f"{what} prompt length {n} is too short for KVP (sink {rt.sink_len}): use >= {rt.min_kvp_len}")
+            raise KvpError(f"{what} prompt length {n} is too short for KVP (sink {rt.sink_len}, tail {rt.tail}): "
+                           f"use >= {rt.min_kvp_len}")
 
 
 def run_ttft(art: OnnxArtifact, variant: str, *, lengths=D["lengths"], batches=D["batches"], threads: int = D["threads"],
@@ -155,7 +161,7 @@ def run_ttft(art: OnnxArtifact, variant: str, *, lengths=D["lengths"], batches=D
             "aux_speedup": ms["base"] / ms["aux"], "aux_flops_ratio": fl["base"] / fl["aux"],
             "kvp_over_aux": ms["kvp"] / ms["aux"], "auto_vs_base": ms["auto"] / ms["base"],
         })
-    out = {"variant": variant, "threads": threads, "warmup": warmup, "repeats": repeats, "points": points}
+    out = {"variant": variant, "threads": threads, "tail": rt.tail, "warmup": warmup, "repeats": repeats, "points": points}
     if sweep:
         sw = run_sweep(rt, tuple(sweep))
         ratios = [p["auto_ms"] / p["base_ms"] for p in sw["points"]]

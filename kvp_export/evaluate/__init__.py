@@ -40,8 +40,9 @@ def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None =
     seed_all(seed)
     with clock.step("load"):
         pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, device=resolve_device(cfg.device))
-    if prompt_len < min_kvp_len(pipe.sink_len):
-        raise KvpError(f"prompt-len must be >= {min_kvp_len(pipe.sink_len)} for KVP with a {pipe.sink_len}-token sink")
+    if prompt_len < min_kvp_len(pipe.sink_len, cfg.tail):
+        raise KvpError(f"prompt-len must be >= {min_kvp_len(pipe.sink_len, cfg.tail)} for KVP with a "
+                       f"{pipe.sink_len}-token sink and a tail of {cfg.tail}")
     with clock.step("data"):
         user_files = bool(heldout) and data.named_corpus(heldout) is None
         split = cfg.heldout_split if user_files else "heldout"

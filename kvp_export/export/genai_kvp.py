@@ -20,7 +20,7 @@ manifest.json (stage "genai-kvp"): every file's size and SHA-256, and the export
 base_decode hashes it was built from, so that a reader (kvp_validate.genai.kvp_folder) refuses a
 changed file or a folder left from another export in one line.
 
-Limits (genai 0.18): batch 1 per generator (genai feeds pad tokens unmasked); prompts of at
+Limits (genai 0.18): no exact tail (an export with `model.tail` > 0 is refused); batch 1 per generator (genai feeds pad tokens unmasked); prompts of at
 least 2 x sink + 2 tokens (shorter ones: use the variant folder itself, the base model); one
 prompt per generator (`rewind_to` is refused for decoder-pipeline models, and a second
 multi-token append would rerun the prompt stage without the past); the prompt stage holds its
@@ -38,6 +38,7 @@ import onnx
 from onnx import TensorProto, compose, helper
 
 from kvp_validate.artifact import OnnxArtifact
+from kvp_validate.genai import refuse_tail
 
 from ..artifacts import atomic_dir, write_manifest
 from ..errors import KvpError
@@ -126,6 +127,7 @@ def write_genai_kvp(export: str | Path, variant: str = "fp32") -> Path:
     """`<export>/<variant>/genai-kvp/`: KVP through onnxruntime-genai (see the module docstring)."""
     art = OnnxArtifact.open(export)  # every file's size; the small files' SHA-256
     art.check_variant(variant)
+    refuse_tail(art)
     variant_dir = art.folder / variant
     if not (variant_dir / GENAI_CONFIG).is_file():
         raise KvpError(f"no {GENAI_CONFIG} in {variant_dir} (an export made before genai support? re-export it)")

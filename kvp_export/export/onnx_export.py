@@ -12,7 +12,10 @@ Layout of the folder (all of it described by manifest.json, which the validator 
   tokenizer/            the tokenizer (tokenizers' tokenizer.json) the validator encodes with;
   reference.npz         PyTorch outputs on fixed inputs (parity);
   eval_pairs.npz        held-out (prompt, continuation) token ids (quality through the runtime).
-The manifest also records, per variant, the crossover: the prompt length from which KVP's first
+The manifest's `model.tail` is KVP's exact tail W (default 0): the runtimes run KVP with it (the
+prediction graph reads the prompt without its last W tokens, base_decode's first step reads them;
+kvp_validate.runtime), the reference and the crossover are computed with it. The graphs do not
+depend on it. The manifest also records, per variant, the crossover: the prompt length from which KVP's first
 token comes sooner than the base's on the exporting machine (kvp_validate.crossover), which the
 runtime's default mode uses.
 """
@@ -27,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kvp_validate.integrity import remember
+from kvp_validate.protocol import check_tail, min_kvp_len
 
 from .. import data
 from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifest
@@ -37,7 +41,7 @@ from ..stage import Clock, check_positive
 from .genai import write_genai_config
 from .graph_jobs import flops_job, run_graph_jobs, variant_graph, worker_count
 from .quantize import check_variants
-from .reference import build_reference, reference_inputs, save_reference
+from .reference import REFERENCE_PAD, build_reference, reference_inputs, reference_length, save_reference
 from .source import load_source, source_inputs
 from .to_onnx import GRAPHS, OPSET, export_graph, kv_names
 
@@ -49,7 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] | tuple[str, ...] = ("fp32", "int8", "int4"),
                 block_size: int = 32, accuracy_level: int = 4, int8_method: str = "dynamic",
                 int4_method: str = "hqq", eval_n: int = 64, prompt_len: int = 192,
-                cont_len: int = 64, heldout: list[str] | None = None, threads: int = 2, crossover: bool = True,
+                cont_len: int = 64, tail: int = 0, heldout: list[str] | None = None, threads: int = 2, crossover: bool = True,
                 workers: int | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
     """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`.
 
@@ -60,12 +64,17 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
     out = check_output_dir(out, overwrite)
     variants = check_variants(variants, block_size, accuracy_level, int8_method, int4_method)
     check_positive(eval_n=eval_n, prompt_len=prompt_len, cont_len=cont_len)
+    check_tail(tail)
     pipe = load_source(predictor, seed, clock)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     spec, aux_spec = ArchSpec.of(base), ArchSpec.of(aux)
     context = arch.context_length(base) or 0
     if prompt_len + cont_len > context > 0:
         raise KvpError(f"evaluation pairs of {prompt_len}+{cont_len} tokens exceed the context ({context})")
+    ref_len = min(reference_length(tail), prompt_len)
+    if tail and ref_len - REFERENCE_PAD < min_kvp_len(pipe.sink_len, tail):  # the padded reference row takes KVP
+        raise KvpError(f"prompt-len {prompt_len} is too short for a tail of {tail}: use >= "
+                       f"{min_kvp_len(pipe.sink_len, tail) + REFERENCE_PAD}")
     with clock.step("data"):
         corpus = data.corpus_from_spec(list(heldout) if heldout else None, "heldout")
         prompts, conts = data.eval_pairs(tok, corpus, eval_n, prompt_len, cont_len)
@@ -81,13 +90,13 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                 bar.update()
         bar.close()
         with clock.step("reference"):
-            ids, mask = reference_inputs(prompts, length=min(32, prompt_len))
-            save_reference(tmp, build_reference(base, aux, pred, pipe.sink_len, ids, mask, tok.pad_token_id))
+            ids, mask = reference_inputs(prompts, length=ref_len)
+            save_reference(tmp, build_reference(base, aux, pred, pipe.sink_len, ids, mask, tok.pad_token_id, tail))
             np.savez(tmp / EVAL_PAIRS, prompts=prompts.numpy(), continuations=conts.numpy())
         # every graph's own work (FLOPs, quantization, hashes, optimised copy) in parallel workers
         qopts = {"keep_fp32": arch.adapter(base).int8_keep_fp32, "block_size": block_size, "accuracy_level": accuracy_level, "int8_method": int8_method,
                  "int4_method": int4_method}
-        jobs = flops_jobs(tmp / "fp32", spec, aux_spec, pipe.sink_len)
+        jobs = flops_jobs(tmp / "fp32", spec, aux_spec, pipe.sink_len, tail)
         jobs |= {(v, name): (variant_graph, (tmp, v, name, qopts)) for v in variants for name in GRAPHS}
         largest = max((tmp / "fp32" / f"{name}.onnx").stat().st_size for name in GRAPHS)
         n_workers = workers or worker_count(largest, len(jobs))
@@ -116,6 +125,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                 # per base layer, its sliding window (None: full attention); runtimes settle the
                 # sink after KVP's first step only where a window is (kvp_validate.runtime.settle_sinks)
                 "windows": [arch.adapter(base).window(i) for i in range(spec.n_layers)],
+                "tail": tail,
             },
             "tokenizer": {"folder": "tokenizer", "sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
                           "vocab_size": len(tok)},
@@ -131,7 +141,7 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
         }
         inputs = source_inputs(pipe, predictor)
         recipe = {"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
-                  "int8_method": int8_method, "int4_method": int4_method, "opset": OPSET, "seed": seed}
+                  "int8_method": int8_method, "int4_method": int4_method, "opset": OPSET, "seed": seed, "tail": tail}
         write_manifest(tmp, "onnx", inputs=inputs, recipe=recipe, **manifest_fields)
         if crossover:  # measured on the graphs as written, through the runtime that will use it
             with clock.step("crossover"):
@@ -197,18 +207,18 @@ def _feeds_decode(spec: ArchSpec, past: int, new: int) -> dict[str, np.ndarray]:
     return feeds | dict.fromkeys(kv_names("past_key_values", spec.n_layers), kv)
 
 
-def flops_jobs(folder: Path, base: ArchSpec, aux: ArchSpec, sink_len: int) -> dict:
+def flops_jobs(folder: Path, base: ArchSpec, aux: ArchSpec, sink_len: int, tail: int = 0) -> dict:
     """graph_jobs jobs that count each fp32 graph's FLOPs per sequence, as polynomial
     coefficients (lowest degree first). Prefill graphs: in the prompt length N. Decoders: in
     the past length P, for one new token ("step") and, for the base, for KVP's first step (the
-    sink tokens + the last one)."""
+    sink tokens + the last one, + the tail's W tokens where the export has a tail)."""
     lengths, pasts = [8, 16, 32], [8, 16]
     jobs = {}
     for name in ("kvp_prefill", "base_prefill", "aux_prefill"):
         series = {"coef": (lengths, [_feeds_prefill(n, name != "kvp_prefill") for n in lengths])}
         jobs[("flops", name)] = (flops_job, (folder / f"{name}.onnx", "prompt_len", series))
     for name, spec in (("base_decode", base), ("aux_decode", aux)):
-        news = {"step": 1, "first_step": sink_len + 1} if name == "base_decode" else {"step": 1}
+        news = {"step": 1, "first_step": sink_len + 1 + tail} if name == "base_decode" else {"step": 1}
         series = {key: (pasts, [_feeds_decode(spec, p, new) for p in pasts]) for key, new in news.items()}
         jobs[("flops", name)] = (flops_job, (folder / f"{name}.onnx", "past_len", series))
     return jobs

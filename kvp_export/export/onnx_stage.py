@@ -20,5 +20,5 @@ def export(predictor: str | Path, out: str | Path, config: OnnxConfig | None = N
     (cfg,) = configure(options, (OnnxConfig, config))
     return export_onnx(predictor, out, variants=cfg.all_variants(), block_size=cfg.block_size,
                        accuracy_level=cfg.accuracy_level, int8_method=cfg.int8_method, int4_method=cfg.int4_method,
-                       eval_n=cfg.eval_n, prompt_len=cfg.prompt_len, cont_len=cfg.cont_len,
+                       eval_n=cfg.eval_n, prompt_len=cfg.prompt_len, cont_len=cfg.cont_len, tail=cfg.tail,
                        heldout=list(heldout or []), overwrite=overwrite, seed=seed, progress=progress)

@@ -20,9 +20,17 @@ from ..runtime.kvp import predict_kv, prefill_full, prefill_kvp
 
 REFERENCE = "reference.npz"
 GREEDY_TOKENS = 8
+LENGTH = 32  # reference prompt tokens without a tail
+REFERENCE_PAD = 5  # left padding of the second reference row
 
 
-def reference_inputs(prompts: torch.Tensor, length: int = 32, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_length(tail: int = 0) -> int:
+    """Reference prompts' length (at most the stored prompts'): LENGTH, and with a tail W, W more
+    (the padded row still takes KVP with its exact tail)."""
+    return LENGTH + tail
+
+
+def reference_inputs(prompts: torch.Tensor, length: int = LENGTH, pad: int = REFERENCE_PAD) -> tuple[torch.Tensor, torch.Tensor]:
     """Two rows of `length` tokens from real prompts; row 1 is left-padded by `pad`."""
     ids = prompts[:2, -length:].clone()
     mask = torch.ones_like(ids)
@@ -31,12 +39,15 @@ def reference_inputs(prompts: torch.Tensor, length: int = 32, pad: int = 5) -> t
 
 
 @torch.no_grad()
-def build_reference(base, aux, predictor, sink_len: int, ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> dict:
+def build_reference(base, aux, predictor, sink_len: int, ids: torch.Tensor, mask: torch.Tensor, pad_id: int,
+                    tail: int = 0) -> dict:
+    """The paths' first-token logits and greedy tokens (KVP with the export's `tail`), and the
+    predicted cache of the whole prompt but its last token (what kvp_prefill outputs for it)."""
     ref: dict[str, np.ndarray] = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     paths = {
         "base": (base, lambda: prefill_full(base, ids, mask)),
         "aux": (aux, lambda: prefill_full(aux, ids, mask)),
-        "kvp": (base, lambda: prefill_kvp(base, aux, predictor, ids, mask, sink_len=sink_len)),
+        "kvp": (base, lambda: prefill_kvp(base, aux, predictor, ids, mask, sink_len=sink_len, tail=tail)),
     }
     for name, (model, run) in paths.items():
         pre = run()  # decode reads pre.logits before it extends the cache

@@ -24,7 +24,7 @@ from kvp_validate.contract import MANIFEST
 from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
-from kvp_validate.protocol import min_kvp_len
+from kvp_validate.protocol import check_tail, min_kvp_len
 
 from ..artifacts import read_manifest, write_json
 from ..cache import cache_dir
@@ -78,8 +78,11 @@ class KVPPipeline:
     """Base + aux + predictor + tokenizer, ready to generate."""
 
     def __init__(self, base, aux, predictor: KVPredictor, tokenizer, *, sink_len: int = 1,
-                 manifest: dict | None = None, aux_dir: Path | None = None):
+                 manifest: dict | None = None, aux_dir: Path | None = None, tail: int = 0):
+        """`tail`: KVP's exact tail W (runtime.kvp.prefill_kvp): the base reads the prompt's last W+1 tokens."""
         check_compatible(base, aux, predictor)
+        check_tail(tail)
+        self.tail = tail
         self.base, self.aux, self.predictor, self.sink_len = base, aux, predictor, sink_len
         self.manifest, self.aux_dir = manifest or {}, aux_dir
         self.tokenizer = tokenizer
@@ -91,7 +94,8 @@ class KVPPipeline:
 
     @classmethod
     def from_predictor(cls, folder: str | Path, *, aux: str | None = None, base: str | None = None,
-                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> KVPPipeline:
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       tail: int = 0) -> KVPPipeline:
         """Load what a `fit` folder names (aux and base may be overridden). On a GPU pass e.g.
         device="cuda", dtype=torch.bfloat16: the models take that dtype, the predictor stays
         float32 (it is small) and casts at its edges."""
@@ -105,7 +109,7 @@ class KVPPipeline:
         base_model, aux_model = base_model.to(device), aux_model.to(device)
         check_same_tokenizer(tok, aux_tok)
         return cls(base_model, aux_model, predictor, tok, sink_len=manifest["sink_len"],
-                   manifest=manifest, aux_dir=Path(aux))
+                   manifest=manifest, aux_dir=Path(aux), tail=tail)
 
     def encode(self, prompts: list[str], extra: int = 0, prefix: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask; refuses empty prompts and prompts that overflow the context.
@@ -133,7 +137,7 @@ class KVPPipeline:
         if not use_kvp:
             return prefill_full(self.base, ids, mask)
         return prefill_kvp(self.base, self.aux, self.predictor, ids, mask, sink_len=sink_len or self.sink_len,
-                           sinks=self.sinks)
+                           sinks=self.sinks, tail=self.tail)
 
     def _timed_prefill(self, ids, mask, kvp: bool, sink: int | None) -> float:
         t0 = time.perf_counter()
@@ -145,12 +149,12 @@ class KVPPipeline:
     def crossover(self) -> tuple[int | None, float]:
         """The prompt length from which KVP beats the base prefill here, and the seconds spent
         measuring it (0 when cached). Measured once with kvp_validate.crossover.find_crossover on
-        random tokens after the sink, and cached by predictor, device, dtype, threads and CPU."""
+        random tokens after the sink, and cached by predictor, tail, device, dtype, threads and CPU."""
         if getattr(self, "_crossover", None) is not None:
             return self._crossover[0], 0.0
         key = {"predictor": self.manifest.get("created"), "aux": str(self.aux_dir), "device": str(self.base.device),
                "dtype": str(self.base.dtype), "threads": torch.get_num_threads(), "cpu": machine()["cpu"],
-               "torch": torch.__version__}
+               "torch": torch.__version__, **({"tail": self.tail} if self.tail else {})}  # tail 0: the old key
         path = cache_dir("crossover") / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
                                          + ".json")
         t0, measured = time.perf_counter(), False
@@ -167,7 +171,7 @@ class KVPPipeline:
                 mask = torch.ones_like(ids)
                 return self._timed_prefill(ids, mask, path == "kvp", None) * 1e3
 
-            found = find_crossover(time_ms, lengths_for(min_kvp_len(self.sink_len), limit))
+            found = find_crossover(time_ms, lengths_for(min_kvp_len(self.sink_len, self.tail), limit))
             write_json(path, {"key": key, "crossover": found})
         self._crossover = (found["prompt_len"], found)
         return found["prompt_len"], (time.perf_counter() - t0) if measured else 0.0
