@@ -50,6 +50,27 @@ def tiny_model(path: Path, family: str = "llama", *, layers: int = 4, hidden: in
     return path
 
 
+def random_ids(n: int = 12, length: int = 32, vocab: int = 100, seed: int = 0) -> torch.Tensor:
+    """[n, length] token ids in [3, vocab), seeded (ids below 3 are the tiny tokenizer's specials)."""
+    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_kvp_module_matches_runtime(pipe, sink_len: int) -> None:
+    """kvp_prefill's outputs fed to the decoder as they are give the PyTorch runtime's KVP logits,
+    on a left-padded batch (the sink included)."""
+    from kvp_export.export.modules import Decoder, KVPPrefill
+    from kvp_export.runtime.kvp import prefill_kvp
+
+    ids = random_ids(2, 14)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = prefill_kvp(pipe.base, pipe.aux, pipe.predictor, ids, mask, sink_len=sink_len).logits
+        out = KVPPrefill(pipe.base, pipe.aux, pipe.predictor, sink_len)(ids, mask)
+        got = Decoder(pipe.base, with_past=True, last_only=False)(out[-3], out[-1], out[-2], *out[:-3])[0][:, -1]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
 def assert_one_line_error(result, needle: str) -> None:
     """A click result that failed with exit 1 and one `error: ` line holding `needle` last."""
     assert result.exit_code == 1, result.output
@@ -147,6 +168,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         "short": tiny_model(root / "short", context=64),
         "corpus": corpus_folder(root / "corpus"),
     }
+
+
+@pytest.fixture(scope="module")
+def base(assets):
+    """The tiny random Llama base, loaded once per test module."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from conftest import random_ids
 
 from kvp_export.derive.heal import heal, targets_depths
 from kvp_export.derive.prune import check_layers, prune, regular_layers
@@ -18,15 +18,7 @@ from kvp_export.predictor.ridge import fit_ridge
 from kvp_export.runtime.decode import decode
 from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp
 
-
-@pytest.fixture(scope="module")
-def base(assets):
-    return AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
-
-
-def seqs(n=12, length=32, vocab=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n, length), generator=g)
+seqs = random_ids
 
 
 def test_required_layers_are_kept_within_the_same_count():
@@ -200,6 +192,8 @@ def test_tail_gives_the_last_tokens_exact_kv(base):
 
 def test_pickle_weights_are_refused(tmp_path, assets):
     """A folder with only pytorch_model.bin (pickle) is refused; weights load from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
     from kvp_export.models import load
 
     model = AutoModelForCausalLM.from_pretrained(assets["llama"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_one_line_error
+from conftest import assert_kvp_module_matches_runtime, assert_one_line_error
 
 from kvp_export.cli import main
 from kvp_export.errors import KvpError
@@ -44,24 +44,14 @@ def copy_export(exported, tmp_path):
 def test_kvp_modules_match_the_pytorch_runtime(assets, tmp_path, input_mode, sink_len):
     """kvp_prefill's outputs fed to the decoder as they are give the PyTorch KVP logits (sink included)."""
     from kvp_export.derive import derive
-    from kvp_export.export.modules import Decoder, KVPPrefill
     from kvp_export.predictor.fit import fit
-    from kvp_export.runtime.kvp import prefill_kvp
     from kvp_export.runtime.pipeline import KVPPipeline
 
     calib = [str(assets["corpus"])]
     aux = derive(tmp_path / "aux", base=str(assets["llama"]), keep=0.5, heal="none", progress=False)
     pred = fit(aux, tmp_path / "pred", input=input_mode, sink=sink_len, calib=calib, calib_tokens=2048,
                progress=False)
-    pipe = KVPPipeline.from_predictor(pred)
-    ids = torch.randint(3, 100, (2, 14))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        want = prefill_kvp(pipe.base, pipe.aux, pipe.predictor, ids, mask, sink_len=sink_len).logits
-        out = KVPPrefill(pipe.base, pipe.aux, pipe.predictor, sink_len)(ids, mask)
-        got = Decoder(pipe.base, with_past=True, last_only=False)(out[-3], out[-1], out[-2], *out[:-3])[0][:, -1]
-    assert torch.allclose(got, want, atol=1e-4)
+    assert_kvp_module_matches_runtime(KVPPipeline.from_predictor(pred), sink_len)
 
 
 # ---------------------------------------------------------------- the export

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from conftest import assert_kvp_module_matches_runtime, random_ids
 
 from kvp_export import flops
 from kvp_export.derive.prune import prune
@@ -17,13 +17,8 @@ from kvp_export.predictor.ridge import fit_ridge, reduce_rank
 KEPT = [0, 2]
 
 
-@pytest.fixture(scope="module")
-def base(assets):
-    return AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
-
-
 def seqs(n=24, length=32, vocab=100, seed=0):
-    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(n, length, vocab, seed)
 
 
 def fit_rank(base, rank):
@@ -87,20 +82,11 @@ def rank_pred(built, assets, tmp_path_factory):
 
 
 def test_kvp_module_with_a_rank_matches_the_pytorch_runtime(rank_pred):
-    from kvp_export.export.modules import Decoder, KVPPrefill
-    from kvp_export.runtime.kvp import prefill_kvp
     from kvp_export.runtime.pipeline import KVPPipeline
 
     pipe = KVPPipeline.from_predictor(rank_pred)
     assert pipe.predictor.rank == 4
-    ids = torch.randint(3, 100, (2, 14))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        want = prefill_kvp(pipe.base, pipe.aux, pipe.predictor, ids, mask, sink_len=1).logits
-        out = KVPPrefill(pipe.base, pipe.aux, pipe.predictor, 1)(ids, mask)
-        got = Decoder(pipe.base, with_past=True, last_only=False)(out[-3], out[-1], out[-2], *out[:-3])[0][:, -1]
-    assert torch.allclose(got, want, atol=1e-4)
+    assert_kvp_module_matches_runtime(pipe, 1)
 
 
 def test_onnx_export_of_a_rank_predictor_passes_fp32_parity(rank_pred, assets, tmp_path):
