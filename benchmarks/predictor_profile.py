@@ -21,7 +21,6 @@ timing: each one's (kvp_prefill + first step) / aux_prefill is printed beside th
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -34,6 +33,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kvp_validate.runtime import session_options
+
+from _bench import load_average, parser, write_result
 
 
 def session(path: Path, threads: int, profile_dir: str | None = None) -> ort.InferenceSession:
@@ -110,7 +111,7 @@ def by_op(nodes: dict[str, float], ops: dict[str, str]) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("export", type=Path)
     ap.add_argument("--variants", default="fp32,int8")
     ap.add_argument("--lengths", default="128,512")
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--kvp", default="", help="NAME=PATH,... more kvp_prefill graphs to time (first variant only)")
     ap.add_argument("--no-profile", action="store_true", help="interleaved timing only")
     a = ap.parse_args()
+    load_start = load_average()
     extra = dict(item.split("=", 1) for item in a.kvp.split(",") if item)
     cfg = json.loads((a.export / "fp32" / "config.json").read_text())
     man = json.loads((a.export / "manifest.json").read_text())
@@ -183,7 +185,8 @@ def main() -> None:
                 report[f"{variant} 1x{n}"] = point
                 print(f"{variant} 1x{n}", json.dumps(point, indent=1), flush=True)
             del timed
-    print(json.dumps(report))
+    print(json.dumps(write_result(a.out, {"threads": a.threads, "runs": a.runs, "points": report},
+                                  load_start=load_start)))
 
 
 def kvp_nodes_layers(nodes: dict[str, float]) -> float:

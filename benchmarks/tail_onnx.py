@@ -15,7 +15,6 @@ not depend on W: the runtime's `tail` is set per call).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -28,10 +27,11 @@ from kvp_export.runtime.decode import decode
 from kvp_export.runtime.kvp import prefill_kvp
 from kvp_export.runtime.pipeline import KVPPipeline
 from kvp_validate.artifact import OnnxArtifact
-from kvp_validate.machine import machine
 from kvp_validate.parity import rel_error
 from kvp_validate.quality import _pad, log_softmax
 from kvp_validate.runtime import OnnxKVP
+
+from _bench import parser, write_result
 
 
 def parity(rt: OnnxKVP, pipe: KVPPipeline, prompts: np.ndarray, tails, greedy: int = 8) -> dict:
@@ -102,7 +102,7 @@ def ttft(rt: OnnxKVP, tails, lengths, warmup: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, out_required=True)
     p.add_argument("export", type=Path)
     p.add_argument("--variant", default="fp32")
     p.add_argument("--tails", type=int, nargs="+", default=[0, 8, 32])
@@ -114,17 +114,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--skip", nargs="*", default=[], choices=["parity", "quality", "ttft"])
-    p.add_argument("-o", "--out", type=Path, required=True)
     a = p.parse_args()
     art = OnnxArtifact.open(a.export)
     rt = OnnxKVP(art, a.variant, a.threads)
     rt.load("kvp"), rt.session("base_prefill")
     prompts, conts = (x.astype(np.int64) for x in art.eval_pairs(a.n))
     out = {"export": str(a.export.resolve()), "variant": a.variant, "threads": a.threads, "tails": a.tails,
-           "machine": machine(), "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads()}
+
     def save() -> None:  # after every section: a run stopped early keeps what it measured
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_result(a.out, out)
 
     if "parity" not in a.skip:
         pipe = KVPPipeline.from_predictor(art.manifest.inputs["predictor"]["path"])
