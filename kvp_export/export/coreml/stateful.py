@@ -50,21 +50,33 @@ MASKED = -1e4  # additive mask: exp underflows to 0 in fp16, and never overflows
 class ScaledRMSNorm(nn.Module):
     """RMSNorm that cannot overflow in float16: x / max|x| is squared, not x (same result).
     The per-channel factor is the adapter's `norm_weight` (w, or 1 + w in families that store
-    the offset)."""
+    the offset), times `out_scale`; `in_scale` is the scale its input carries (the residual
+    stream's, see `fp16_safe`): RMSNorm ignores it but for eps, which is scaled to match."""
 
-    def __init__(self, norm: nn.Module, ad):
+    def __init__(self, norm: nn.Module, ad, *, in_scale: float = 1.0, out_scale: float = 1.0):
         super().__init__()
         w = ad.norm_weight(norm)
-        if isinstance(w, nn.Parameter):
+        if isinstance(w, nn.Parameter) and out_scale == 1.0:
             self.weight = w
         else:
-            self.register_buffer("weight", w.detach().clone(), persistent=False)
-        self.eps = ad.norm_eps(norm)
+            self.register_buffer("weight", w.detach() * out_scale, persistent=False)
+        self.eps = ad.norm_eps(norm) * in_scale**2
 
     def forward(self, x):
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-3)
         y = x / s
         return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / s / s))
+
+
+class Scale(nn.Module):
+    """Multiplies by a constant (a branch's output onto the scaled residual stream)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
 
 
 def mask_bias(visible):
@@ -100,11 +112,30 @@ class RopeTables(nn.Module):
 
 
 def fp16_safe(layer: Layer) -> Layer:
-    for name in ("norm1", "post1", "norm2", "post2", "q_norm", "k_norm"):
+    """The layer with norms that cannot overflow in float16, on a residual stream carried times the
+    family's `fp16_residual_scale` (Gemma 3's outgrows float16's 65504 in fp32): the norms that read
+    the residual are scale-invariant, so only what is added to it (each branch's output) and the
+    embeddings (`scaled_embedding`) are multiplied."""
+    r = layer.ad.fp16_residual_scale
+    for name in ("norm1", "norm2"):
+        setattr(layer, name, ScaledRMSNorm(getattr(layer, name), layer.ad, in_scale=r))
+    for name in ("post1", "post2"):
+        norm = getattr(layer, name)
+        if norm is not None:
+            setattr(layer, name, ScaledRMSNorm(norm, layer.ad, out_scale=r))
+        elif r != 1.0:
+            setattr(layer, name, Scale(r))
+    for name in ("q_norm", "k_norm"):
         norm = getattr(layer, name)
         if norm is not None:
             setattr(layer, name, ScaledRMSNorm(norm, layer.ad))
     return layer
+
+
+def scaled_embedding(embed: nn.Module, ad) -> nn.Module:
+    """The embedding onto the residual stream's float16 scale (`fp16_safe`)."""
+    r = ad.fp16_residual_scale
+    return embed if r == 1.0 else nn.Sequential(embed, Scale(r))
 
 
 class BaseStack(nn.Module):
@@ -113,9 +144,10 @@ class BaseStack(nn.Module):
     def __init__(self, base, context: int):
         super().__init__()
         self.spec, ad = arch.ArchSpec.of(base), arch.adapter(base)
-        self.embed = ad.embedding(base)
+        self.embed = scaled_embedding(ad.embedding(base), ad)
         self.layers = nn.ModuleList(fp16_safe(Layer(layer, ad, self.spec)) for layer in ad.layers(base))
-        self.norm, self.lm_head = ScaledRMSNorm(ad.final_norm(base), ad), ad.lm_head(base)
+        r = ad.fp16_residual_scale
+        self.norm, self.lm_head = ScaledRMSNorm(ad.final_norm(base), ad, in_scale=r), ad.lm_head(base)
         self.ropes = RopeTables(base, context)
         self.register_buffer("slots", torch.arange(context, dtype=torch.int32), persistent=False)
 
@@ -138,7 +170,9 @@ class _Prefill(nn.Module):
         self.kvp = KVPPrefill(base, aux, predictor, sink_len)
         for layer in self.kvp.layers:
             fp16_safe(layer)
-        self.kvp.final_norm = ScaledRMSNorm(self.kvp.final_norm, arch.adapter(aux))
+        ad = arch.adapter(aux)
+        self.kvp.embed = scaled_embedding(self.kvp.embed, ad)
+        self.kvp.final_norm = ScaledRMSNorm(self.kvp.final_norm, ad, in_scale=ad.fp16_residual_scale)
         self.base = BaseStack(base, context)
         self.aux_ropes = RopeTables(aux, context)
         self.sink_len = sink_len

@@ -27,6 +27,8 @@ class Adapter:
     model_type: str = ""  # transformers' model_type, the registry key
     gguf_arch: str | None = None  # general.architecture in GGUF files, when it is not model_type
     qk_norm: bool = False  # per-head q_norm / k_norm on the attention module before RoPE
+    # Core ML computes in float16: the residual stream is carried times this there (export/coreml/stateful.py)
+    fp16_residual_scale: float = 1.0
     # Exported MatMuls (by name in the traced graph) whose inputs carry the attention sink's
     # massive activations: one per-tensor int8 activation scale would crush every other token
     # (export/quantize.py). The names are export/modules.py's: "qkv" (q/k/v fused with the

@@ -31,6 +31,8 @@ class Gemma3(Adapter):
     model_type = "gemma3_text"
     gguf_arch = "gemma3"
     qk_norm = True
+    # 270M's residual stream passes float16's 65504 by layer 8 (BENCHMARKS.md, "Gemma 3 270M", Core ML)
+    fp16_residual_scale = 1 / 32
 
     @classmethod
     def check(cls, config) -> None:
