@@ -50,9 +50,9 @@ def first_step(input_ids, mask, sink_len: int):
     n = input_ids.shape[-1]
     start = n - mask.sum(-1)[:, None]  # left padding: each prompt's first real column [B, 1]
     cols = cat([start + arange(sink_len), start * 0 + (n - 1)])  # the sink's columns, then the last
-    cmask = mask[:, :-1]
-    kept = cmask * (positions(cmask) >= sink_len)
-    return take(input_ids, cols), take(positions(mask), cols), cat([kept, ones(mask, sink_len + 1)])
+    pos = positions(mask)  # the context's positions are its first N - 1: one cumsum serves both
+    kept = mask[:, :-1] * (pos[:, :-1] >= sink_len)
+    return take(input_ids, cols), take(pos, cols), cat([kept, ones(mask, sink_len + 1)])
 
 
 def continuation(mask, next_pos, t: int):
