@@ -121,19 +121,18 @@ def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *
     trivial baselines keep their one-token step."""
     n, plen = prompts.shape
     sinks = SinkCache(base)
-    errs = []
+    n_base = len(predictor.sources)
+    ek, nk, ev, nv = (torch.zeros(n_base, dtype=torch.float64) for _ in range(4))  # summed over batches
 
     def kv_batch(sl, p, runs):
-        e = kv_errors(base, aux, predictor, p, sink_len)
-        errs[:] = [e] if not errs else [tuple(a + b for a, b in zip(errs[0], e))]
+        for total, part in zip((ek, nk, ev, nv), kv_errors(base, aux, predictor, p, sink_len)):
+            total += part
 
     prefills = {path: functools.partial(_prefill, path, base, aux, predictor, sink_len=sink_len, sinks=sinks,
                                         tail=tail) for path in PATHS}
     runs = run_paths(prefills, prompts, conts, greedy_tokens=greedy_tokens, batch=batch, progress=progress,
                      after_batch=kv_batch)
-    errs = errs[0]
 
-    ek, nk, ev, nv = errs
     spec = arch.ArchSpec.of(base)
     kvp_parts = flops.kvp_flops(base, aux, predictor, plen, tail)
     path_flops = {
