@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import one_thread
+from conftest import one_thread, random_ids
 from test_cli import kvp, ok, user_error
 
 from kvp_export.errors import KvpError
@@ -61,6 +61,31 @@ def test_converted_modules_match_the_hf_path(assets, tmp_path, input_mode, sink_
     r = checks.numeric_check(prefill, decode, is_stateful, ids, 16, tokens, ref)
     assert r["float32"]["rel"] < 1e-5 and r["float32"]["top1_agreement"] == 1.0
     assert r["float16"]["ok"] and r["ok"]
+
+
+@pytest.mark.parametrize("sink_len", [0, 1, 2])
+def test_prefill_reads_the_protocols_first_step(base, monkeypatch, sink_len):
+    """The base pass of the Core ML prefill reads kvp_validate.protocol's re-fed first step: the
+    tokens and positions first_step gives for the same prompt (the sink's, then the last token's),
+    of a prompt right-padded into the exported length."""
+    from kvp_export.derive.prune import prune
+    from kvp_export.predictor.module import KVPredictor
+    from kvp_validate.protocol import first_step
+
+    aux = prune(base, [0, 2])
+    pred = KVPredictor([0, 0, 1, 1], "hidden", 64, 64, arch.ArchSpec.of(base).kv_dim)
+    prefill, _ = stateful.build(base, aux, pred, sink_len, 32, False)
+    ids = random_ids(1, 11)
+    x = torch.zeros(1, 16, dtype=torch.int32)
+    x[0, :11] = ids[0]
+    seen = {}
+    prefill.base.embed.register_forward_pre_hook(lambda _m, args: seen.update(ids=args[0]))  # None: args unchanged
+    rope = prefill.base.rope
+    monkeypatch.setattr(prefill.base, "rope", lambda pos: rope(seen.setdefault("pos", pos)))
+    with torch.no_grad():
+        prefill(x, torch.tensor([10], dtype=torch.int32))
+    want_ids, want_pos, _ = first_step(ids, torch.ones_like(ids), sink_len)
+    assert seen["ids"].tolist() == want_ids.tolist() and seen["pos"].tolist() == want_pos[0].tolist()
 
 
 def test_scaled_rmsnorm_is_rmsnorm_and_survives_fp16(built):

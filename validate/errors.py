@@ -13,3 +13,11 @@ class KvpError(Exception):
 
 
 ValidationError = KvpError  # the validator's name for it
+
+
+def check_at_least(minimum: int, **values: int) -> None:
+    """Refuse any of `values` below `minimum`, each named as the CLIs spell it (`max_new_tokens`
+    reads "max-new-tokens")."""
+    for name, v in values.items():
+        if v < minimum:
+            raise KvpError(f"{name.replace('_', '-')} must be >= {minimum}, got {v}")

@@ -10,7 +10,7 @@ tensor), so both runtimes, and the graphs traced from the PyTorch modules, call 
 
 from __future__ import annotations
 
-from .errors import KvpError
+from .errors import KvpError, check_at_least
 
 
 def min_kvp_len(sink_len: int, tail: int = 0) -> int:
@@ -25,8 +25,7 @@ def min_kvp_len(sink_len: int, tail: int = 0) -> int:
 def check_tail(tail: int, shortest: int | None = None) -> None:
     """A tail is W >= 0 prompt tokens before the last one, so a prompt must hold more than W
     tokens (`shortest`: the shortest prompt's real tokens)."""
-    if tail < 0:
-        raise KvpError(f"tail must be >= 0, got {tail}")
+    check_at_least(0, tail=tail)
     if shortest is not None and tail >= shortest:
         raise KvpError(f"tail {tail} needs prompts of more than {tail} tokens (shortest: {shortest})")
 
@@ -38,21 +37,52 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clip(min=0)
 
 
-def first_step(input_ids, mask, sink_len: int):
-    """What the base's first step after KVP prefill is fed, for left-padded prompts [B, N] whose
-    first N - 1 columns got predicted KV -> (ids [B, s+1], positions [B, s+1], mask [B, N+s]):
-    the s sink tokens (each prompt's first s real tokens, at positions 0..s-1) and the last
-    prompt token at its position; the mask is the context's with the predicted sink slots
-    dropped (this step computes the sink's exact KV, appended after the context), then s + 1
-    ones. One read of the base's weights gives the exact sink and the first token's logits.
-    Every prompt must hold at least `min_kvp_len(sink_len)` tokens."""
+def context_len(n: int, tail: int = 0) -> int:
+    """How many of a prompt's N columns get predicted KV: those before the last token and the W
+    tail tokens before it. A prompt of `min_kvp_len` tokens or more keeps W as given (the exported
+    runtime refuses shorter ones); the PyTorch runtime takes any prompt: W is clamped so that one
+    column is predicted, and a 1-token prompt has nothing to predict (0: a plain prefill)."""
+    return max(n - 1 - tail, min(n - 1, 1))
+
+
+def first_real(mask):
+    """Each left-padded prompt's first real column [B] (its first sink token's)."""
+    return mask.shape[-1] - mask.sum(-1)
+
+
+def first_columns(start, last, sink_len: int, tail: int = 0):
+    """The prompt columns the base's first step reads when it re-feeds the sink: the s sink columns
+    from `start` (each prompt's first real column), then the W tail columns and `last` (the last
+    token's column). Left-padded batches pass start [B, 1] and last [B, 1]; Core ML's one
+    right-padded prompt passes start 0 and last = `last_index` [1], its columns being its positions."""
+    cat, arange, _take, _ones = _ops(last)
+    return cat([start + arange(sink_len), last if tail == 0 else last - tail + arange(tail + 1)])
+
+
+def first_step(input_ids, mask, sink_len: int, *, tail: int = 0, refeed: bool = True):
+    """What the base's first step after a KVP prefill is fed, for left-padded prompts [B, N] whose
+    first c = N - 1 - W columns got predicted KV (`tail` W, already clamped by `context_len`)
+    -> (ids [B, k], positions [B, k], mask [B, c + k]): the last token and the W tail tokens
+    before it (columns c..N-1) at their positions, and, by where the sink's exact KV lives:
+    - refeed (the exported graphs; Core ML, whose step is the same but writes that KV into the
+      sink's slots of its fixed cache): first the s sink tokens (each prompt's first s real
+      tokens, at positions 0..s-1); the context mask drops the predicted sink slots (this step
+      computes the sink's exact KV, appended after the context), then k = s + 1 + W ones. One read
+      of the base's weights gives the exact sink and the first token's logits. Every prompt must
+      hold at least `min_kvp_len(sink_len, tail)` tokens.
+    - in place (refeed=False, the PyTorch runtime): the sink's exact KV already replaced the
+      predicted one in its slots, so the step is columns c..N-1 over the prompt's own mask
+      (k = 1 + W); a prompt of any length is taken."""
     cat, arange, take, ones = _ops(input_ids)
     n = input_ids.shape[-1]
-    start = n - mask.sum(-1)[:, None]  # left padding: each prompt's first real column [B, 1]
-    cols = cat([start + arange(sink_len), start * 0 + (n - 1)])  # the sink's columns, then the last
-    pos = positions(mask)  # the context's positions are its first N - 1: one cumsum serves both
-    kept = mask[:, :-1] * (pos[:, :-1] >= sink_len)
-    return take(input_ids, cols), take(pos, cols), cat([kept, ones(mask, sink_len + 1)])
+    c = n - 1 - tail
+    pos = positions(mask)  # the context's positions are its first c: one cumsum serves both
+    if not refeed:
+        return input_ids[:, c:], pos[:, c:], mask
+    start = first_real(mask)[:, None]
+    cols = first_columns(start, start * 0 + (n - 1), sink_len, tail)
+    kept = mask[:, :c] * (pos[:, :c] >= sink_len)
+    return take(input_ids, cols), take(pos, cols), cat([kept, ones(mask, sink_len + 1 + tail)])
 
 
 def continuation(mask, next_pos, t: int):
@@ -69,7 +99,8 @@ def _ops(x):
     if type(x).__module__.split(".")[0] == "torch":
         import torch
 
-        return (lambda parts: torch.cat(parts, dim=-1), lambda k: torch.arange(k, device=x.device),
+        index = torch.int32 if x.dtype == torch.int32 else torch.int64  # Core ML's int32 indices stay int32
+        return (lambda parts: torch.cat(parts, dim=-1), lambda k: torch.arange(k, dtype=index, device=x.device),
                 lambda a, idx: torch.gather(a, -1, idx),
                 lambda a, k: torch.ones(a.shape[0], k, dtype=a.dtype, device=a.device))
     import numpy as np

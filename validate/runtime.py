@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR: the export imports it from here)
 from .crossover import use_kvp
-from .errors import KvpError
+from .errors import KvpError, check_at_least
 from .integrity import share_verified
 from .protocol import check_tail, continuation, min_kvp_len, positions
 
@@ -480,10 +480,8 @@ class OnnxKVP:
 
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  mode: str = "auto", stop_strings: tuple[str, ...] = (), warm_repeats: int = 0) -> Generation:
-        if max_new_tokens < 1:
-            raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        if warm_repeats < 0:
-            raise KvpError(f"warm repeats must be >= 0, got {warm_repeats}")
+        check_at_least(1, max_new_tokens=max_new_tokens)
+        check_at_least(0, warm_repeats=warm_repeats)
         sampling.check()  # the PyTorch pipeline shares these parameters and checks (runtime/decode.py)
         ids, mask = self.encode(prompts, extra=max_new_tokens)
         loaded = self.load(mode) if any(n not in self._sessions for n in GRAPHS_FOR[mode]) else {}

@@ -250,7 +250,7 @@ class KVPPrefill(nn.Module):
         0..s-1 and the last prompt token; the context mask without the predicted sink slots).
     The three `next_*` outputs and the present cache feed the base decoder as they are: its
     first step computes the sink's exact KV and the first token's logits in one pass.
-    Needs every prompt to be at least 2s + 2 tokens long (the runtime checks).
+    Needs every prompt to hold `protocol.min_kvp_len(s)` tokens (the runtime checks).
     """
 
     def __init__(self, base: nn.Module, aux: nn.Module, predictor: KVPredictor, sink_len: int):

@@ -5,12 +5,16 @@ Prompt of N tokens (left-padded batches allowed):
    into the base's keys (pre-RoPE, then rotated with the base's RoPE) and values;
 2. the sink prefix (the first `sink_len` tokens of each prompt) gets the base's exact
    KV instead: the attention-sink position carries huge activations, and an approximate
-   KV there wrecks every later attention (docs/method.md, "The attention sink");
+   KV there wrecks every later attention (docs/method.md, "The attention sink"); it is
+   written into the predicted cache (memoised by `SinkCache`);
 3. the base reads token N-1 alone on top of that cache and emits the first token; with a
    `tail` of W it reads the last W+1 tokens instead, so the W tokens nearest the first
    generated one get exact KV (computed over the predicted cache), at the price of W more
    base tokens in the prefill;
 4. every later step is ordinary base decoding; aux and predictor are not called again.
+
+Steps 1-3 follow the KVP protocol (kvp_validate.protocol: `context_len` splits the prompt,
+`first_step(refeed=False)` lays out step 3, the in-place form of the exported graphs' step).
 
 `prefill_kvp` does steps 1-3, `prefill_full` is the plain baseline, `decode` is step 4
 for either, so every path shares one decoding loop.
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from kvp_validate.protocol import continuation, positions
+from kvp_validate.errors import check_at_least
+from kvp_validate.protocol import context_len, continuation, first_real, first_step, positions
 
 from ..errors import KvpError
 from ..models import arch
@@ -152,54 +157,44 @@ def prefill_kvp(
         raise KvpError(f"unknown kv source '{kv_source}' (choose from {', '.join(KV_SOURCES)})")
     if predictor is None and kv_source != "none":
         raise KvpError("a predictor is needed for kv source " + kv_source)
-    if sink_len < 0:
-        raise KvpError(f"sink length must be >= 0, got {sink_len}")
-    if tail < 0:
-        raise KvpError(f"tail must be >= 0, got {tail}")
+    check_at_least(0, sink=sink_len, tail=tail)
     mask = torch.ones_like(input_ids) if mask is None else mask
-    if input_ids.shape[1] < 2:
+    n = input_ids.shape[1]
+    c = context_len(n, tail)  # the predicted columns; the base reads the rest
+    if c == 0:
         return prefill_full(base, input_ids, mask)  # nothing to predict
-    spec = arch.ArchSpec.of(base)
-    pos = positions(mask)
-    c = input_ids.shape[1] - 1 - min(tail, input_ids.shape[1] - 2)  # predicted columns; the base reads the rest
-    ctx_ids, ctx_mask, ctx_pos = input_ids[:, :c], mask[:, :c], pos[:, :c]
+    step_ids, step_pos, step_mask = first_step(input_ids, mask, sink_len, tail=n - 1 - c, refeed=False)
+    ctx_ids, ctx_mask = input_ids[:, :c], mask[:, :c]
+    ctx_pos = positions(ctx_mask)
 
     if kv_source == "predictor":
         kv = predict_kv(base, aux, predictor, ctx_ids, ctx_mask, ctx_pos)
     else:
-        kv = _constant_kv(predictor, spec, ctx_pos, base, kv_source)
-        if kv_source == "none":
-            ctx_mask = ctx_mask * (ctx_pos < sink_len)  # attend to the sink only
+        kv = _constant_kv(predictor, arch.ArchSpec.of(base), ctx_pos, base, kv_source)
+        if kv_source == "none":  # attend to the sink only
+            step_mask = torch.cat([ctx_mask * (ctx_pos < sink_len), step_mask[:, c:]], dim=1)
 
-    _write_exact_sink(kv, input_ids[:, : c + 1], mask[:, : c + 1], sink_len, sinks or SinkCache(base))
+    _write_exact_sink(kv, ctx_ids, ctx_mask, sink_len, sinks or SinkCache(base))
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
-    full_mask = torch.cat([ctx_mask, mask[:, c:]], dim=1)
-    out = base(
-        input_ids=input_ids[:, c:],
-        attention_mask=full_mask,
-        position_ids=pos[:, c:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return Prefilled(out.logits[:, -1].float(), out.past_key_values, full_mask, pos[:, -1] + 1)
+    out = base(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=cache,
+               use_cache=True, logits_to_keep=1)
+    return Prefilled(out.logits[:, -1].float(), out.past_key_values, step_mask, step_pos[:, -1] + 1)
 
 
-def _write_exact_sink(kv, input_ids, mask, sink_len: int, sinks: SinkCache) -> None:
-    """Overwrite the first sink_len positions of each prompt (never its last token) with exact KV
-    (`input_ids` [B, S + 1]: the S predicted columns and the next one)."""
+def _write_exact_sink(kv, ctx_ids, ctx_mask, sink_len: int, sinks: SinkCache) -> None:
+    """Overwrite each prompt's sink slots in the predicted context [B, S] (its first `sink_len` real
+    tokens, or all of a shorter context's) with their exact KV: the in-place form of the protocol's
+    first step (kvp_validate.protocol.first_step, refeed=False)."""
     if sink_len == 0:
         return
-    lengths = mask.sum(-1).tolist()
-    for b, n in enumerate(lengths):
-        start = input_ids.shape[1] - int(n)  # left padding
-        s = min(sink_len, int(n) - 1)
+    for b, (start, n) in enumerate(zip(first_real(ctx_mask).tolist(), ctx_mask.sum(-1).tolist())):
+        s = min(sink_len, int(n))
         if s <= 0:
             continue
-        exact = sinks.get(tuple(input_ids[b, start : start + s].tolist()))
+        exact = sinks.get(tuple(ctx_ids[b, start : start + s].tolist()))
         for i, (k, v) in enumerate(exact):
             kv[i][0][b, :, start : start + s] = k.to(kv[i][0].dtype)
             kv[i][1][b, :, start : start + s] = v.to(kv[i][1].dtype)

@@ -7,12 +7,14 @@ runs only static or enumerated shapes; the price is that decode attends over all
 
 Prompts are right-padded to the exported length N; `last_index` is the last real
 token's index n-1. Same semantics as KVPPrefill + Decoder (export/modules.py) and the
-PyTorch KVP path (runtime/kvp.py):
+PyTorch KVP path (runtime/kvp.py), the KVP protocol's (kvp_validate.protocol, no tail):
 - prefill: the aux reads the N tokens and the predictor writes the base's keys and values
-  into slots 0..N-1; the base then runs the s sink tokens and the last token in one pass:
-  the sinks see only themselves (their exact KV replaces the predicted one in slots
-  0..s-1), the last token sees slots 0..n-1 (its own KV replaces slot n-1). Slots n..N-1
-  hold predictions for padding: masked, and overwritten by decode before they are seen.
+  into slots 0..N-1; the base then runs the protocol's re-fed first step (`first_columns`:
+  the s sink tokens and the last token) in one pass: the sinks see only themselves (their
+  exact KV replaces the predicted one in slots 0..s-1), the last token sees slots 0..n-1 (its
+  own KV replaces slot n-1). Slots n..N-1 hold predictions for padding: masked, and
+  overwritten by decode before they are seen. The export refuses prompt lengths under
+  `protocol.min_kvp_len` (export.check_shapes).
 - decode: one token at `position` writes its KV into that slot and attends to slots
   0..position (position - W + 1..position on a sliding-window layer of window W; slot =
   position, so the window is exact).
@@ -40,6 +42,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kvp_validate.protocol import first_columns
 
 from ...models import arch
 from ..modules import KVPPrefill, Layer, LayerPlan, attend
@@ -192,8 +196,8 @@ class _Prefill(nn.Module):
         predicted = self.kvp.predict(self.kvp.embed(input_ids), step)
 
         s = self.sink_len
-        pos = torch.cat([idx[:s], last_index])
-        h = self.base.embed(torch.cat([input_ids[:, :s], input_ids.index_select(1, last_index)], dim=1))
+        pos = first_columns(0, last_index, s)  # the sink's, then the last token's: columns are positions here
+        h = self.base.embed(input_ids.index_select(1, pos))
         q_rope, k_rope = self.base.rope(pos), self.base.ropes.per_layer(lambda t: t[:n])
         biases = window_biases(self.base.ropes.windows, pos, idx)
         is_last = (idx == last_index).view(1, 1, n, 1)
