@@ -73,15 +73,14 @@ def first_step(input_ids, mask, sink_len: int, *, tail: int = 0, refeed: bool = 
     - in place (refeed=False, the PyTorch runtime): the sink's exact KV already replaced the
       predicted one in its slots, so the step is columns c..N-1 over the prompt's own mask
       (k = 1 + W); a prompt of any length is taken."""
-    cat, arange, take, ones = _ops(input_ids)
-    n = input_ids.shape[-1]
-    c = n - 1 - tail
+    cat, _arange, take, ones = _ops(input_ids)
+    end = -1 - tail  # the context's end, counted from the right (no size to trace into the graphs)
     pos = positions(mask)  # the context's positions are its first c: one cumsum serves both
     if not refeed:
-        return input_ids[:, c:], pos[:, c:], mask
+        return input_ids[:, end:], pos[:, end:], mask
     start = first_real(mask)[:, None]
-    cols = first_columns(start, start * 0 + (n - 1), sink_len, tail)
-    kept = mask[:, :c] * (pos[:, :c] >= sink_len)
+    cols = first_columns(start, start * 0 + (mask.shape[-1] - 1), sink_len, tail)
+    kept = mask[:, :end] * (pos[:, :end] >= sink_len)
     return take(input_ids, cols), take(pos, cols), cat([kept, ones(mask, sink_len + 1 + tail)])
 
 
