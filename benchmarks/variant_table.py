@@ -9,6 +9,10 @@ export alike (the export order alternates each round; medians; ratios from the s
 - optimum's export of the base (`--optimum DIR` holding optimum-cli's model.onnx, as
   benchmarks/optimum_reference.py makes it): its decode step at the same past lengths (fp32);
 and reports each variant's graph sizes from the manifests.
+Memory: one variant and one path at a time: the sessions of that (variant, path) are opened for every
+export, its whole grid runs, and they are closed before the next (a session keeps its arena at the
+largest shape it ran). So exports stay interleaved with each other, but base, KVP and aux of one point
+run minutes apart: their ratios need a quiet machine. The peak RSS is printed and recorded.
 Usage: python benchmarks/variant_table.py LABEL=EXPORT_DIR [LABEL=EXPORT_DIR ...] [--variants fp32,int8,int4]
        [--lengths 128,512,1024] [--batches 1,4,8] [--past 128,512,1024] [--rounds 5] [--optimum DIR] [--out FILE]
 Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet machine.
@@ -16,6 +20,7 @@ Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet 
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -42,16 +47,29 @@ def timed_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def ttft_jobs(rt: OnnxKVP, batch: int, n: int, rng) -> dict:
+# The graphs each timed path opens (the decode step makes its cache through base_decode too).
+PATH_GRAPHS = {"base": ("base_prefill",), "kvp": ("kvp_prefill", "base_decode"), "aux": ("aux_prefill",),
+               "step": ("base_decode",)}
+
+
+def opened(folder: str, variant: str, path: str, threads: int) -> OnnxKVP:
+    """A runtime of `variant` with only the sessions `path` needs (PATH_GRAPHS) open."""
+    rt = OnnxKVP(folder, variant, threads, crossover=None)
+    for name in PATH_GRAPHS[path]:
+        rt.session(name)
+    return rt
+
+
+def ttft_job(rt: OnnxKVP, path: str, batch: int, n: int, rng):
     ids = rng.integers(0, rt.model["vocab"], size=(batch, n), dtype=np.int64)
     mask = np.ones_like(ids)
-    return {path: (lambda p=path: timed_ms(lambda: rt.prefill(ids, mask, p))) for path in ("base", "kvp", "aux")}
+    return lambda: timed_ms(lambda: rt.prefill(ids, mask, path))
 
 
 def step_job(rt: OnnxKVP, past: int, rng):
-    """One base decode step after `past` tokens (cache from a base prefill of random tokens)."""
+    """One base decode step after `past` tokens (cache from the base's prompt through the decoder)."""
     ids = rng.integers(0, rt.model["vocab"], size=(1, past), dtype=np.int64)
-    state = rt.prefill(ids, np.ones_like(ids), "base")
+    state = rt.prefill_with_decoder(ids, np.ones_like(ids))
     mask = np.ones((1, past + 1), np.int64)
     return repeated(lambda: rt.step("base", ids[:, -1:], mask, state.next_pos[:, None], state.past))
 
@@ -99,36 +117,38 @@ def main() -> None:
     args = ap.parse_args()
     exports = dict(e.split("=", 1) for e in args.exports)
     rng = np.random.default_rng(0)
-    runtimes = {}
-    for label, folder in exports.items():
-        art = OnnxArtifact.open(folder)
-        for v in (v for v in args.variants.split(",") if v in art.variants):  # what each export has
-            rt = OnnxKVP(art, v, args.threads, crossover=None)
-            for mode in ("kvp", "base", "aux"):
-                rt.load(mode)
-            runtimes[(label, v)] = rt
+    arts = {label: OnnxArtifact.open(folder) for label, folder in exports.items()}
+    # (label, variant) pairs, in the order asked for; each export times the variants it has
+    units = [(label, v) for v in args.variants.split(",") for label, art in arts.items() if v in art.variants]
     result = {"exports": exports, "threads": args.threads, "rounds": args.rounds, "cpu": _cpu(),
-              "onnxruntime": ort.__version__, "ttft": [], "step": [], "sizes": {}}
-    for (label, v), rt in runtimes.items():
-        result["sizes"][f"{label}/{v}"] = {g: rt.art.manifest.variants[v][g].bytes for g in GRAPHS}
-    for n in ints(args.lengths):
-        for b in ints(args.batches):
-            jobs = {(label, v, path): fn for (label, v), rt in runtimes.items()
-                    for path, fn in ttft_jobs(rt, b, n, rng).items()}
-            med = interleaved(jobs, args.rounds)
-            result["ttft"] += [{"export": k[0], "variant": k[1], "path": k[2], "batch": b, "prompt_len": n, "ms": ms}
-                               for k, ms in med.items()]
-    opt = None
-    if args.optimum:
-        opt = ort.InferenceSession(str(args.optimum / "model.onnx"), session_options(args.threads),
-                                   providers=["CPUExecutionProvider"])
-    for p in ints(args.past):
-        jobs = {(label, v): step_job(rt, p, rng) for (label, v), rt in runtimes.items()}
-        if opt is not None:
-            m = next(iter(runtimes.values())).model
-            jobs[("optimum", "fp32")] = optimum_job(opt, p, m["kv_heads"], m["head_dim"], rng)
-        result["step"] += [{"export": k[0], "variant": k[1], "past": p, "ms": ms}
-                           for k, ms in interleaved(jobs, args.rounds).items()]
+              "onnxruntime": ort.__version__, "ttft": [], "step": [], "sizes": {},
+              "note": "one (variant, path) loaded at a time: exports interleaved, paths not"}
+    for label, v in units:
+        result["sizes"][f"{label}/{v}"] = {g: arts[label].manifest.variants[v][g].bytes for g in GRAPHS}
+    grid = [(n, b) for n in ints(args.lengths) for b in ints(args.batches)]
+    for v in dict.fromkeys(v for _, v in units):
+        labels = [label for label, uv in units if uv == v]
+        for path in ("base", "kvp", "aux"):
+            rts = {label: opened(exports[label], v, path, args.threads) for label in labels}
+            for n, b in grid:
+                jobs = {label: ttft_job(rt, path, b, n, rng) for label, rt in rts.items()}
+                result["ttft"] += [{"export": label, "variant": v, "path": path, "batch": b, "prompt_len": n, "ms": ms}
+                                   for label, ms in interleaved(jobs, args.rounds).items()]
+            rts = jobs = None  # closes the sessions (and their arenas) before the next path opens its own
+        rts = {label: opened(exports[label], v, "step", args.threads) for label in labels}
+        opt = None
+        if args.optimum and v == "fp32":  # optimum's fp32 step beside the exports' fp32 steps
+            opt = ort.InferenceSession(str(args.optimum / "model.onnx"), session_options(args.threads),
+                                       providers=["CPUExecutionProvider"])
+        for p in ints(args.past):
+            jobs = {(label, v): step_job(rt, p, rng) for label, rt in rts.items()}
+            if opt is not None:
+                m = next(iter(rts.values())).model
+                jobs[("optimum", "fp32")] = optimum_job(opt, p, m["kv_heads"], m["head_dim"], rng)
+            result["step"] += [{"export": k[0], "variant": k[1], "past": p, "ms": ms}
+                               for k, ms in interleaved(jobs, args.rounds).items()]
+        rts = jobs = opt = None
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     render(result)
     write_result(args.out, result)
 
@@ -142,7 +162,7 @@ def _cpu() -> str:
 
 def render(r: dict) -> None:
     print(f"CPU: {r['cpu']}; onnxruntime {r['onnxruntime']}, {r['threads']} threads; medians of {r['rounds']} "
-          "interleaved rounds.\n")
+          f"interleaved rounds ({r['note']}); peak RSS {r['peak_rss_gb']:.2f} GB.\n")
     ttft = {(t["export"], t["variant"], t["batch"], t["prompt_len"], t["path"]): t["ms"] for t in r["ttft"]}
     rows = []
     for (e, v, b, n, path), ms in ttft.items():
