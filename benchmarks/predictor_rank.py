@@ -1,7 +1,7 @@
 """The reduced-rank predictor's quality per FLOP (issue 12): one pass over the calibration data, then a fit
 per rank from the same statistics, each written as a predictor folder that `kvp eval` and `kvp export` read.
 
-    python benchmarks/predictor_rank.py FIT_FOLDER OUT [--ranks full,128,96,64,32] [--stats FILE] [--eval 64]
+    python benchmarks/predictor_rank.py FIT_FOLDER OUT [--ranks full,192,128,96,64,32] [--stats FILE] [--eval 64]
 
 FIT_FOLDER is a `kvp fit` output (hidden input); its aux, base, calibration data, sink and sources are
 reused, so OUT/full is that fit again and OUT/rank-R is what `kvp fit --rank R` writes (same statistics;
@@ -58,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fit_folder", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--ranks", default="full,128,96,64,32")
+    ap.add_argument("--ranks", default="full,192,128,96,64,32")
     ap.add_argument("--stats", type=Path, default=None)
     ap.add_argument("--calib", action="append", help="the fit's --calib, if it had one (default: built-in corpus)")
     ap.add_argument("--eval", type=int, default=0, help="held-out pairs (prompt 192 + continuation 64)")

@@ -180,7 +180,7 @@ def main() -> None:
             openers["optimum"] = optimum_opener(args.optimum, args.threads, m["kv_heads"], m["head_dim"], rng)
         result["step"] += [{"export": label, "variant": "fp32" if label == "optimum" else v, "past": p, "ms": ms}
                            for (label, p), ms in one_at_a_time(openers, list(pasts), args.rounds).items()]
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     render(result)
     write_result(args.out, result)
 
@@ -194,7 +194,7 @@ def _cpu() -> str:
 
 def render(r: dict) -> None:
     print(f"CPU: {r['cpu']}; onnxruntime {r['onnxruntime']}, {r['threads']} threads; medians of {r['rounds']} "
-          f"interleaved rounds ({r['note']}); peak RSS {r['peak_rss_gb']:.2f} GB.\n")
+          f"interleaved rounds ({r['note']}); peak RSS {r['peak_rss_gib']:.2f} GiB.\n")
     ttft = {(t["export"], t["variant"], t["batch"], t["prompt_len"], t["path"]): t["ms"] for t in r["ttft"]}
     rows = []
     for (e, v, b, n, path), ms in ttft.items():
