@@ -151,5 +151,6 @@ def kvp_quality(base, aux, preds: dict, prompts, conts, sink_len, greedy_tokens:
         out[r].pop("prefill_seconds_total")  # a shared machine's
     return out
 
+
 if __name__ == "__main__":
     main()
