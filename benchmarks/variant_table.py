@@ -7,7 +7,7 @@ after a change), times, round by round so that a noisy machine's drift hits ever
   first step) and the aux alone (aux_prefill), through the project's runtime (kvp_validate.runtime);
 - one base decode step after 128 / 512 / 1024 past tokens (the runtime's own step);
 - optimum's export of the base (`--optimum DIR` holding optimum-cli's model.onnx, as
-  benchmarks/optimum_reference.py makes it): its decode step at the same past lengths (fp32);
+  benchmarks/optimum_reference.py makes it): its decode step at the same past lengths, beside fp32's;
 and reports each variant's graph sizes from the manifests.
 Memory: one export's sessions of one variant and one path at a time (a session keeps the arena it grew
 at the largest shape it ran: KVP's two fp32 graphs hold about 3 GB after batch 8 x 1024). Each round
