@@ -1,19 +1,22 @@
 """The reduced-rank predictor's quality per FLOP (issue 12): one pass over the calibration data, then a fit
 per rank from the same statistics, each written as a predictor folder that `kvp eval` and `kvp export` read.
 
-    python benchmarks/predictor_rank.py FIT_FOLDER OUT [--ranks full,128,96,64,32] [--stats FILE] [--eval 64]
+    python benchmarks/predictor_rank.py FIT_FOLDER OUT [--ranks full,192,128,96,64,32] [--stats FILE] [--eval 64]
 
 FIT_FOLDER is a `kvp fit` output (hidden input); its aux, base, calibration data, sink and sources are
 reused, so OUT/full is that fit again and OUT/rank-R is what `kvp fit --rank R` writes (same statistics;
 `--stats` caches them, float64, between runs of this script). Prints per rank the predictor's FLOPs per
 token and its held-out calibration error (mean over base layers of the relative K and V errors). With
 `--eval N`, each is then scored as `kvp eval --n N` scores its KVP path (the same held-out pairs and
-functions; the base and aux are loaded once): continuation NLL and first-token agreement with the base.
+functions; the base and aux are loaded once, the base's own path runs once): continuation NLL, first-token
+and greedy agreement with the base, and the paired difference from the first rank listed (so list `full`
+first: the reference the others are judged against).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -22,11 +25,11 @@ import torch
 
 from kvp_export import data
 from kvp_export.artifacts import atomic_dir, read_contract, read_manifest, write_manifest
-from kvp_export.evaluate.quality import _nll
+from kvp_export.evaluate.quality import run_paths
 from kvp_export.models import load
 from kvp_export.predictor.module import KVPredictor
 from kvp_export.predictor.ridge import RidgeStats, collect, new_predictor, solve
-from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp, score_continuation
+from kvp_export.runtime.kvp import SinkCache, prefill_full, prefill_kvp
 from kvp_export.stage import calibration, load_model, ref_spec
 
 
@@ -55,10 +58,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fit_folder", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--ranks", default="full,128,96,64,32")
+    ap.add_argument("--ranks", default="full,192,128,96,64,32")
     ap.add_argument("--stats", type=Path, default=None)
     ap.add_argument("--calib", action="append", help="the fit's --calib, if it had one (default: built-in corpus)")
     ap.add_argument("--eval", type=int, default=0, help="held-out pairs (prompt 192 + continuation 64)")
+    ap.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared with the base's (kvp eval's)")
     ap.add_argument("--export-kvp", action="store_true", help="write each rank's fp32 kvp_prefill.onnx to "
                     "OUT/onnx/RANK and check it against the PyTorch module (for predictor_profile.py --kvp)")
     a = ap.parse_args()
@@ -86,12 +90,10 @@ def main() -> None:
     if a.eval:
         tok = load_model(ref_spec(man["inputs"]["base"]))[1]
         prompts, conts = data.eval_pairs(tok, data.corpus_from_spec(None, "heldout"), a.eval, 192, 64)
-        with torch.no_grad():
-            base_first = torch.cat([prefill_full(base, prompts[s : s + 8]).logits.argmax(-1)
-                                    for s in range(0, a.eval, 8)])
-            for row in rows:
-                print(json.dumps({**row, **kvp_quality(base, aux, KVPredictor.load(row["folder"]), prompts, conts,
-                                                       man["sink_len"], base_first)}), flush=True)
+        quality = kvp_quality(base, aux, {row["rank"]: KVPredictor.load(row["folder"]) for row in rows}, prompts,
+                              conts, man["sink_len"], a.greedy_tokens)
+        for row in rows:
+            print(json.dumps({**row, **quality[row["rank"]]}), flush=True)
     if a.export_kvp:
         for row in rows[1:] if rows[0]["rank"] == "full" else rows:  # full: the export's own kvp_prefill
             print(json.dumps({"rank": row["rank"], **export_kvp(base, aux, Path(row["folder"]), a.out / "onnx" / row["rank"],
@@ -123,15 +125,31 @@ def export_kvp(base, aux, folder: Path, out: Path, sink_len: int) -> dict:
     return {"graph": str(path), "max_rel_err_vs_pytorch": rel, "outputs": len(names)}
 
 
-def kvp_quality(base, aux, pred, prompts, conts, sink_len, base_first, batch: int = 8) -> dict:
-    """KVP's continuation NLL (nats per token) and first-token agreement with the base, as `kvp eval`."""
-    sinks, nll, first = SinkCache(base), 0.0, []
-    for s in range(0, len(prompts), batch):
-        p, c = prompts[s : s + batch], conts[s : s + batch]
-        pre = prefill_kvp(base, aux, pred, p, sink_len=sink_len, sinks=sinks, kv_source="predictor")
-        first.append(pre.logits.argmax(-1))
-        nll += float(_nll(score_continuation(base, pre, c), c).double().sum())
-    return {"nll": nll / conts.numel(), "first_token_agreement": float((torch.cat(first) == base_first).double().mean())}
+def kvp_quality(base, aux, preds: dict, prompts, conts, sink_len, greedy_tokens: int, batch: int = 8) -> dict:
+    """Per rank, KVP scored as `kvp eval` scores it (evaluate.quality.run_paths: continuation NLL, first-token
+    and greedy agreement with the base, which runs once), and against the first rank (the reference, `full`)
+    on the same pairs: the paired NLL difference with its standard error, and the pairs whose first token
+    only one of the two gets right (so a difference can be judged against the eval's own noise)."""
+    sinks = SinkCache(base)
+
+    def kvp(pred, prompt):
+        return base, prefill_kvp(base, aux, pred, prompt, sink_len=sink_len, sinks=sinks, kv_source="predictor")
+
+    prefills = {"base": lambda prompt: (base, prefill_full(base, prompt)),
+                **{r: functools.partial(kvp, pred) for r, pred in preds.items()}}
+    with torch.no_grad():
+        runs = run_paths(prefills, prompts, conts, greedy_tokens=greedy_tokens, batch=batch)
+    n, ref = len(prompts), next(iter(preds))
+    right = {r: runs.first[r] == runs.first["base"] for r in preds}
+    out = {}
+    for r in preds:
+        d = (runs.nll[r] - runs.nll[ref]) / conts.shape[1]  # per pair, nats per token
+        out[r] = {**runs.summary(r, n, conts.shape[1]), "nll_minus_ref": float(d.mean()),
+                  "nll_minus_ref_se": float(d.std() / n**0.5),
+                  "first_only_ref_right": int((right[ref] & ~right[r]).sum()),
+                  "first_only_this_right": int((right[r] & ~right[ref]).sum())}
+        out[r].pop("prefill_seconds_total")  # a shared machine's
+    return out
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """One BENCHMARKS.md table, before and after, in one process: TTFT and decode step per variant.
 
 Given one or more ONNX export folders (e.g. the same predictor exported by the code before and
-after a change), times, interleaved round by round so that a noisy machine's drift hits every
-export alike (the export order alternates each round; medians; ratios from the same run):
+after a change), times, round by round so that a noisy machine's drift hits every export alike
+(the export order alternates each round; medians; ratios from the same run):
 - TTFT at each prompt length x batch, for the base (base_prefill), KVP (kvp_prefill + the base's
   first step) and the aux alone (aux_prefill), through the project's runtime (kvp_validate.runtime);
 - one base decode step after 128 / 512 / 1024 past tokens (the runtime's own step);
 - optimum's export of the base (`--optimum DIR` holding optimum-cli's model.onnx, as
-  benchmarks/optimum_reference.py makes it): its decode step at the same past lengths (fp32);
+  benchmarks/optimum_reference.py makes it): its decode step at the same past lengths, beside fp32's;
 and reports each variant's graph sizes from the manifests.
+Memory: one export's sessions of one variant and one path at a time (a session keeps the arena it grew
+at the largest shape it ran: KVP's two fp32 graphs hold about 3 GB after batch 8 x 1024). Each round
+opens each export's (variant, path) in turn, runs its grid (a warm-up call, then a timed one, per
+point) and closes it before the next export; the order alternates from round to round. So exports
+are compared round by round, but base, KVP and aux of one point run minutes apart: their ratios
+need a quiet machine. The peak RSS is printed and recorded.
 Usage: python benchmarks/variant_table.py LABEL=EXPORT_DIR [LABEL=EXPORT_DIR ...] [--variants fp32,int8,int4]
        [--lengths 128,512,1024] [--batches 1,4,8] [--past 128,512,1024] [--rounds 5] [--optimum DIR] [--out FILE]
 Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet machine.
@@ -16,6 +22,7 @@ Prints markdown tables; --out writes the raw medians as JSON. Run it on a quiet 
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -42,17 +49,28 @@ def timed_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def ttft_jobs(rt: OnnxKVP, batch: int, n: int, rng) -> dict:
-    ids = rng.integers(0, rt.model["vocab"], size=(batch, n), dtype=np.int64)
+# The graphs each timed path opens (the decode step makes its cache through base_decode too).
+PATH_GRAPHS = {"base": ("base_prefill",), "kvp": ("kvp_prefill", "base_decode"), "aux": ("aux_prefill",),
+               "step": ("base_decode",)}
+
+
+def opened(art: OnnxArtifact, variant: str, path: str, threads: int) -> OnnxKVP:
+    """A runtime of `variant` with only the sessions `path` needs (PATH_GRAPHS) open."""
+    rt = OnnxKVP(art, variant, threads, crossover=None)
+    for name in PATH_GRAPHS[path]:
+        rt.session(name)
+    return rt
+
+
+def ttft_job(rt: OnnxKVP, path: str, ids: np.ndarray):
     mask = np.ones_like(ids)
-    return {path: (lambda p=path: timed_ms(lambda: rt.prefill(ids, mask, p))) for path in ("base", "kvp", "aux")}
+    return lambda: timed_ms(lambda: rt.prefill(ids, mask, path))
 
 
-def step_job(rt: OnnxKVP, past: int, rng):
-    """One base decode step after `past` tokens (cache from a base prefill of random tokens)."""
-    ids = rng.integers(0, rt.model["vocab"], size=(1, past), dtype=np.int64)
-    state = rt.prefill(ids, np.ones_like(ids), "base")
-    mask = np.ones((1, past + 1), np.int64)
+def step_job(rt: OnnxKVP, ids: np.ndarray):
+    """One base decode step after ids' tokens (cache from the base's prompt through the decoder)."""
+    state = rt.prefill_with_decoder(ids, np.ones_like(ids))
+    mask = np.ones((1, ids.shape[1] + 1), np.int64)
     return repeated(lambda: rt.step("base", ids[:, -1:], mask, state.next_pos[:, None], state.past))
 
 
@@ -86,6 +104,46 @@ def interleaved(jobs: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def one_at_a_time(openers: dict, points: list, rounds: int) -> dict:
+    """Median ms per (label, point), with one label's sessions in memory at a time: each round opens
+    each label in turn (`openers[label]()` returns point -> job, a function returning the ms it
+    measured), runs every point once after a warm-up call (a fresh session's first call at a shape
+    allocates its memory) and drops them before the next label; the label order alternates from
+    round to round, so a noisy machine's drift hits every label alike."""
+    labels, times = list(openers), {}
+    for r in range(rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            job_of = openers[label]()
+            for point in points:
+                job = job_of(point)
+                job()
+                times.setdefault((label, point), []).append(job())
+            job_of = job = None  # closes the sessions (and the arenas they grew) before the next label
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ttft_opener(art: OnnxArtifact, variant: str, path: str, threads: int, prompts: dict):
+    def open_sessions():
+        rt = opened(art, variant, path, threads)
+        return lambda point: ttft_job(rt, path, prompts[point])
+    return open_sessions
+
+
+def step_opener(art: OnnxArtifact, variant: str, threads: int, pasts: dict):
+    def open_sessions():
+        rt = opened(art, variant, "step", threads)
+        return lambda past: step_job(rt, pasts[past])
+    return open_sessions
+
+
+def optimum_opener(folder: Path, threads: int, kv_heads: int, head_dim: int, rng):
+    def open_sessions():
+        sess = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+        return lambda past: optimum_job(sess, past, kv_heads, head_dim, rng)
+    return open_sessions
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("exports", nargs="+", help="LABEL=EXPORT_DIR")
@@ -99,36 +157,30 @@ def main() -> None:
     args = ap.parse_args()
     exports = dict(e.split("=", 1) for e in args.exports)
     rng = np.random.default_rng(0)
-    runtimes = {}
-    for label, folder in exports.items():
-        art = OnnxArtifact.open(folder)
-        for v in (v for v in args.variants.split(",") if v in art.variants):  # what each export has
-            rt = OnnxKVP(art, v, args.threads, crossover=None)
-            for mode in ("kvp", "base", "aux"):
-                rt.load(mode)
-            runtimes[(label, v)] = rt
+    arts = {label: OnnxArtifact.open(folder) for label, folder in exports.items()}
+    # (label, variant) pairs, in the order asked for; each export times the variants it has
+    units = [(label, v) for v in args.variants.split(",") for label, art in arts.items() if v in art.variants]
     result = {"exports": exports, "threads": args.threads, "rounds": args.rounds, "cpu": _cpu(),
-              "onnxruntime": ort.__version__, "ttft": [], "step": [], "sizes": {}}
-    for (label, v), rt in runtimes.items():
-        result["sizes"][f"{label}/{v}"] = {g: rt.art.manifest.variants[v][g].bytes for g in GRAPHS}
-    for n in ints(args.lengths):
-        for b in ints(args.batches):
-            jobs = {(label, v, path): fn for (label, v), rt in runtimes.items()
-                    for path, fn in ttft_jobs(rt, b, n, rng).items()}
-            med = interleaved(jobs, args.rounds)
-            result["ttft"] += [{"export": k[0], "variant": k[1], "path": k[2], "batch": b, "prompt_len": n, "ms": ms}
-                               for k, ms in med.items()]
-    opt = None
-    if args.optimum:
-        opt = ort.InferenceSession(str(args.optimum / "model.onnx"), session_options(args.threads),
-                                   providers=["CPUExecutionProvider"])
-    for p in ints(args.past):
-        jobs = {(label, v): step_job(rt, p, rng) for (label, v), rt in runtimes.items()}
-        if opt is not None:
-            m = next(iter(runtimes.values())).model
-            jobs[("optimum", "fp32")] = optimum_job(opt, p, m["kv_heads"], m["head_dim"], rng)
-        result["step"] += [{"export": k[0], "variant": k[1], "past": p, "ms": ms}
-                           for k, ms in interleaved(jobs, args.rounds).items()]
+              "onnxruntime": ort.__version__, "ttft": [], "step": [], "sizes": {},
+              "note": "one export's (variant, path) in memory at a time; exports alternate round by round, paths do not"}
+    for label, v in units:
+        result["sizes"][f"{label}/{v}"] = {g: arts[label].manifest.variants[v][g].bytes for g in GRAPHS}
+    grid = [(n, b) for n in ints(args.lengths) for b in ints(args.batches)]
+    prompts = {(n, b): rng.integers(0, 1000, size=(b, n), dtype=np.int64) for n, b in grid}  # the same each round
+    pasts = {p: rng.integers(0, 1000, size=(1, p), dtype=np.int64) for p in ints(args.past)}
+    for v in dict.fromkeys(v for _, v in units):
+        labels = [label for label, uv in units if uv == v]
+        for path in ("base", "kvp", "aux"):
+            openers = {label: ttft_opener(arts[label], v, path, args.threads, prompts) for label in labels}
+            result["ttft"] += [{"export": label, "variant": v, "path": path, "batch": b, "prompt_len": n, "ms": ms}
+                               for (label, (n, b)), ms in one_at_a_time(openers, grid, args.rounds).items()]
+        openers = {label: step_opener(arts[label], v, args.threads, pasts) for label in labels}
+        if args.optimum and v == "fp32":  # optimum's fp32 step beside the exports' fp32 steps
+            m = arts[labels[0]].model
+            openers["optimum"] = optimum_opener(args.optimum, args.threads, m["kv_heads"], m["head_dim"], rng)
+        result["step"] += [{"export": label, "variant": "fp32" if label == "optimum" else v, "past": p, "ms": ms}
+                           for (label, p), ms in one_at_a_time(openers, list(pasts), args.rounds).items()]
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     render(result)
     write_result(args.out, result)
 
@@ -142,7 +194,7 @@ def _cpu() -> str:
 
 def render(r: dict) -> None:
     print(f"CPU: {r['cpu']}; onnxruntime {r['onnxruntime']}, {r['threads']} threads; medians of {r['rounds']} "
-          "interleaved rounds.\n")
+          f"interleaved rounds ({r['note']}); peak RSS {r['peak_rss_gib']:.2f} GiB.\n")
     ttft = {(t["export"], t["variant"], t["batch"], t["prompt_len"], t["path"]): t["ms"] for t in r["ttft"]}
     rows = []
     for (e, v, b, n, path), ms in ttft.items():
