@@ -37,7 +37,8 @@
 # SEQ (256), LR (1e-4), KL (KVP's --kl weight; none by default), EVAL_EVERY (200), EVAL_TOKENS
 # (65536), PATIENCE (4), DEADLINE, RESERVE (0), TOKENIZER, HE_AUX, TAIL, TAILS, ONNX_HE, ONNX_PATHS
 # ("ridge kvp"), VAL_THREADS (12), BASELINE (1; 0 skips the OE-LP baseline), DEVICE (cuda; cpu for
-# a smoke test), SELECT (regular), HEAL (bridge), NPROC (1), PROBE (100), EVAL_N (64: held-out pairs).
+# a smoke test), SELECT (regular), HEAL (bridge), NPROC (1), PROBE (100), EVAL_N (64: held-out pairs),
+# HEALS (with NPROC > 1, e.g. "bridge none": candidates, the better closed form is trained).
 set -u
 W=$1 KEEP=$2 TOKENS=$3 CALIB=${4:-200000}
 PY=${KVP_PY:-python3}
@@ -81,6 +82,38 @@ summary() {  # one summary over every path (all exist now: nothing is generated 
     "kvp_ridge=kvp:$W/ridge" $([ "$NPROC" = 1 ] && echo ${TAIL:+"kvp_ridge_tail$TAIL=kvp:$W/ridge"}) \
     "kvp_trained=kvp:$W/kvp" ${TAIL:+"kvp_trained_tail$TAIL=kvp:$W/kvp"} >"$W/logs/he-summary.log" 2>&1
   log "done"
+}
+candidates() {  # candidates HEAL...: one aux per healing, derived, fitted and evaluated (EV) on GPU 0 and 1
+  # in turn, at once; WORK/aux, ridge and eval-ridge then link the one whose closed form agrees best with
+  # the base (greedy-32 agreement, then first-token agreement, then NLL), and HEAL is its healing
+  local h g pids=() n=0
+  for h in "$@"; do
+    g=$([ $((n % 2)) = 0 ] && echo "$G0" || echo "$G1")
+    n=$((n + 1))
+    (
+      c=$W/cand-$h
+      stage "derive-$h" "$c/aux" on "$g" kvp derive --base "$M" -k "$KEEP" --select "$SELECT" --heal "$h" \
+          --calib pypi-code --calib-tokens "$CALIB" --device "$DEVICE" -o "$c/aux" \
+        && stage "fit-$h" "$c/ridge" on "$g" kvp fit --aux "$c/aux" --calib pypi-code --calib-tokens "$CALIB" \
+          --device "$DEVICE" -o "$c/ridge" \
+        && stage "eval-$h" "$c/eval" on "$g" kvp eval --predictor "$c/ridge" "${EV[@]}" -o "$c/eval"
+    ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  HEAL=$("$PY" - "$W" "$@" <<'EOF'
+import json, sys
+from pathlib import Path
+w, heals = Path(sys.argv[1]), sys.argv[2:]
+def score(h):
+    k = json.loads((w / f"cand-{h}" / "eval" / "report.json").read_text())["results"]["paths"]["kvp"]
+    return k["greedy32_agreement"], k["first_token_agreement"], -k["nll"]
+print(max((h for h in heals if (w / f"cand-{h}" / "eval" / "report.json").exists()), key=score))
+EOF
+  ) || exit 1
+  ln -sfn "cand-$HEAL/aux" "$W/aux" && ln -sfn "cand-$HEAL/ridge" "$W/ridge" && ln -sfn "cand-$HEAL/eval" "$W/eval-ridge"
+  AUX_RUN=aux_$([ "$HEAL" = none ] && echo unhealed || echo healed)
+  log "candidates $*: heal $HEAL goes on"
 }
 two_gpus() {  # step 3 with NPROC GPUs (header); the fit is done
   local tr=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m kvp_export.cli train)
@@ -138,6 +171,7 @@ stage he-base "$W/humaneval/base.json" on "$G1" he base=base &
 [ -n "$EARLY" ] && wait "$EARLY"
 stage data-build "$W/logs/data-build.done" sh -c "\"$PY\" -m kvp_export.cli data build --tokenizer $M \
     && touch \"$W/logs/data-build.done\"" || exit 1
+[ "$NPROC" -gt 1 ] && [ -n "${HEALS:-}" ] && candidates $HEALS
 SEL=(--base "$M" -k "$KEEP" --select "$SELECT" --heal "$HEAL" --calib pypi-code)
 stage derive "$W/aux" on "$G0" kvp derive "${SEL[@]}" --calib-tokens "$CALIB" --device "$DEVICE" -o "$W/aux" \
   || stage derive-cpu "$W/aux" kvp derive "${SEL[@]}" \
