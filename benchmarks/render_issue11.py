@@ -140,7 +140,7 @@ def summarise(work: Path, machine: str, date: str) -> dict:
         "model": "qwen2.5-coder-0.5b", "keep": man["aux"]["recipe"]["keep"], "date": date, "machine": machine,
         "versions": man["kvp"]["versions"],
         "corpus": {"name": "pypi-code", "sha256": man["kvp"]["inputs"]["data"]["corpus"]["sha256"],
-                   "tokens_qwen": man["aux"]["inputs"]["calibration"]["corpus"]["tokens"]},
+                   "tokens_qwen": man["ridge"]["inputs"]["calibration"]["corpus"]["tokens"]},
         "tokens": {"calibration": man["ridge"]["calib_tokens"],
                    **{f"train_{k}": t["tokens"] for k, t in training.items()}},
         "minutes": {"derive_gpu": round(man["aux"]["wall_seconds"] / 60, 2),
