@@ -116,12 +116,13 @@ EOF
   log "candidates $*: heal $HEAL goes on"
 }
 two_gpus() {  # step 3 with NPROC GPUs (header); the fit is done
-  local tr=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m kvp_export.cli train)
+  local tr=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m kvp_export.cli train) jobs=()
   (
     stage he-ridge "$W/humaneval/kvp_ridge.json" on "$G1" he "kvp_ridge=kvp:$W/ridge"
     [ -n "${HE_AUX:-}" ] && stage he-aux "$W/humaneval/$AUX_RUN.json" on "$G1" he "$AUX_RUN=aux:$W/aux"
     stage eval-ridge "$W/eval-ridge" on "$G1" kvp eval --predictor "$W/ridge" "${EV[@]}" -o "$W/eval-ridge"
   ) &
+  jobs+=($!)
   stage train-probe "$W/kvp-1gpu" on "$G0" kvp train --predictor "$W/ridge" --data pypi-code --batch "$BATCH" \
     --accum "$NPROC" --seq-len "$SEQ" --lr "$LR" --device "$DEVICE" --tokens $((PROBE * BATCH * NPROC * SEQ)) \
     --eval-every 0 --checkpoint-every 1000000 ${KL:+--kl "$KL"} -o "$W/kvp-1gpu"
@@ -133,15 +134,19 @@ two_gpus() {  # step 3 with NPROC GPUs (header); the fit is done
       stage eval-baseline "$W/eval-baseline" on "$G1" kvp eval --predictor "$W/ridge" --aux "$W/baseline" \
         "${EV[@]}" -o "$W/eval-baseline"
     ) &
+    jobs+=($!)
   fi
   stage train-kvp "$W/kvp" "${tr[@]}" --predictor "$W/ridge" "${TRAIN[@]}" ${KL:+--kl "$KL"} $(finish) -o "$W/kvp" \
     || exit 1
   onnx kvp "$W/kvp" &
   on "$G0" with_tail kvp kvp_trained &
+  jobs+=($!)
   stage he-kvp "$W/humaneval/kvp_trained.json" on "$G1" he "kvp_trained=kvp:$W/kvp"
   stage eval-kvp "$W/eval-kvp" on "$G1" kvp eval --predictor "$W/kvp" "${EV[@]}" -o "$W/eval-kvp"
+  wait "$HE_BASE" "${jobs[@]}"
+  summary  # "done" when every GPU path is measured; the CPU's ONNX export and validation may still run
   wait
-  summary
+  log "onnx: done"
 }
 EV=(--heldout pypi-code --n "${EVAL_N:-64}" --prompt-len 192 --cont-len 64 --greedy-tokens 32 --device "$DEVICE")
 with_tail() {  # with_tail NAME HE_PATH: with TAIL, HumanEval and eval of WORK/NAME with --tail TAIL; TAILS
@@ -168,6 +173,7 @@ why=$("$PY" -c "from kvp_validate.sandbox import os_sandbox_error as e; print(e(
 UNSAFE=${why:+--allow-unsafe-execution}
 log "HumanEval sandbox: ${why:-bubblewrap layers available}${why:+; running with --allow-unsafe-execution}"
 stage he-base "$W/humaneval/base.json" on "$G1" he base=base &
+HE_BASE=$!
 [ -n "$EARLY" ] && wait "$EARLY"
 stage data-build "$W/logs/data-build.done" sh -c "\"$PY\" -m kvp_export.cli data build --tokenizer $M \
     && touch \"$W/logs/data-build.done\"" || exit 1
