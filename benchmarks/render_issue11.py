@@ -52,6 +52,18 @@ def train_curve(log: Path, metric: str, window: int = 100) -> list[dict]:
     return out
 
 
+def he_summary(folder: Path) -> dict:
+    """Every HumanEval path's run record, relative to the base's pass@1 (what humaneval_gpu.py's
+    summary.json holds once every path ran; built here from the per-path files, which a run cut
+    short also leaves), the base first."""
+    runs = {f.stem: read(f)["run"] for f in sorted(folder.glob("*.json")) if f.name != "summary.json"}
+    runs = dict(sorted(runs.items(), key=lambda kv: kv[0] != "base"))
+    base = runs.get("base", {}).get("pass_at_1")
+    for r in runs.values():
+        r["relative_to_base"] = r["pass_at_1"] / base if base else None
+    return runs
+
+
 def step_rates(log: Path) -> list[float]:
     """tokens/s of the steps a `kvp train` log line reports (one every twentieth of the run)."""
     if not log.exists():
@@ -92,7 +104,7 @@ def candidates(work: Path) -> dict:
 
 
 def summarise(work: Path, machine: str, date: str) -> dict:
-    he = read(work / "humaneval" / "summary.json")
+    he = he_summary(work / "humaneval")
     # the OE-LP baseline is optional (BASELINE=0), and so are the tailed evals (TAIL)
     man = {k: read(work / k / MANIFEST) for k in ("aux", "ridge", "kvp", "baseline") if (work / k / MANIFEST).exists()}
     evals = {d.name.removeprefix("eval-"): read(d / REPORT_JSON)["results"] for d in sorted(work.glob("eval-*"))
