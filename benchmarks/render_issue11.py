@@ -16,8 +16,8 @@ from pathlib import Path
 
 from kvp_validate.contract import MANIFEST, REPORT_JSON
 
-HE_PATHS = {"base": "base", "aux_healed": "aux alone, healed", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
-            "kvp_ridge": "KVP closed form (healed aux + ridge)", "kvp_trained": "KVP trained"}
+HE_PATHS = {"base": "base", "aux_healed": "aux alone, healed", "aux_unhealed": "aux alone, unhealed", "aux_baseline": "aux alone, OE-LP baseline (CE fine-tuned)",
+            "kvp_ridge": "KVP closed form (aux + ridge)", "kvp_trained": "KVP trained"}
 ONNX = {"ridge": "kvp_ridge", "kvp": "kvp_trained"}  # export name -> the GPU HumanEval path it exports
 EVALS = {"ridge": "kvp_ridge", "kvp": "kvp_trained"}  # eval folder name -> its KVP path
 
@@ -26,6 +26,11 @@ def he_label(path: str) -> str:
     """A HumanEval path's label; `<kvp path>_tail<W>` is that path with `--tail W`."""
     head, _, w = path.partition("_tail")
     return f"{HE_PATHS[head]}, tail {w}" if w else HE_PATHS.get(path, path)
+
+
+def aux_run(manifest: dict) -> str:
+    """The aux alone's path name: healed or not (`kvp derive --heal`)."""
+    return "aux_unhealed" if manifest["recipe"]["heal"] == "none" else "aux_healed"
 
 
 def read(path: Path) -> dict:
@@ -47,8 +52,59 @@ def train_curve(log: Path, metric: str, window: int = 100) -> list[dict]:
     return out
 
 
+def he_summary(folder: Path) -> dict:
+    """Every HumanEval path's run record, relative to the base's pass@1 (what humaneval_gpu.py's
+    summary.json holds once every path ran; built here from the per-path files, which a run cut
+    short also leaves), the base first."""
+    runs = {f.stem: read(f)["run"] for f in sorted(folder.glob("*.json")) if f.name != "summary.json"}
+    runs = dict(sorted(runs.items(), key=lambda kv: kv[0] != "base"))
+    base = runs.get("base", {}).get("pass_at_1")
+    for r in runs.values():
+        r["relative_to_base"] = r["pass_at_1"] / base if base else None
+    return runs
+
+
+def step_rates(log: Path) -> list[float]:
+    """tokens/s of the steps a `kvp train` log line reports (one every twentieth of the run)."""
+    if not log.exists():
+        return []
+    return [float(line.rsplit("|", 1)[1].split()[0].replace(",", "")) for line in log.read_text().splitlines()
+            if "train step" in line and "tok/s" in line]
+
+
+def throughput(work: Path) -> dict:
+    """Training tokens/s per run (NPROC > 1: the one-GPU probe `kvp-1gpu` beside the DDP runs): the
+    average over the run (train_seconds, loading excluded) and the sampled steps' median."""
+    out = {}
+    for name in ("kvp-1gpu", "kvp", "baseline"):
+        m = work / name / MANIFEST
+        if not m.exists():
+            continue
+        t = read(m)["training"]
+        rates = sorted(step_rates(work / "logs" / f"train-{name.replace('kvp-1gpu', 'probe')}.log"))
+        out[name] = {"world_size": t.get("world_size"), "strategy": t.get("strategy"), "steps": t["steps"],
+                     "tokens": t["tokens"], "train_seconds": t["train_seconds"],
+                     "tokens_per_second": round(t["tokens"] / t["train_seconds"]),
+                     "sampled_steps_tokens_per_second": rates,
+                     "sampled_median": rates[len(rates) // 2] if rates else None}
+    return out
+
+
+def candidates(work: Path) -> dict:
+    """The auxes tried before training (HEALS): kept layers, healing, and their closed form's eval."""
+    out = {}
+    for c in sorted(work.glob("cand-*")):
+        if not (c / "eval" / REPORT_JSON).exists():
+            continue
+        am, r = read(c / "aux" / MANIFEST), read(c / "eval" / REPORT_JSON)["results"]
+        out[c.name.removeprefix("cand-")] = {"kept_layers": am["kept_layers"], "select": am["recipe"].get("select"),
+                                             "aux": r["paths"]["aux"], "kvp": r["paths"]["kvp"],
+                                             "kv_rel_error": {k: r["kv_rel_error"][k] for k in ("k_mean", "v_mean")}}
+    return out
+
+
 def summarise(work: Path, machine: str, date: str) -> dict:
-    he = read(work / "humaneval" / "summary.json")
+    he = he_summary(work / "humaneval")
     # the OE-LP baseline is optional (BASELINE=0), and so are the tailed evals (TAIL)
     man = {k: read(work / k / MANIFEST) for k in ("aux", "ridge", "kvp", "baseline") if (work / k / MANIFEST).exists()}
     evals = {d.name.removeprefix("eval-"): read(d / REPORT_JSON)["results"] for d in sorted(work.glob("eval-*"))
@@ -58,7 +114,7 @@ def summarise(work: Path, machine: str, date: str) -> dict:
         "base": evals["ridge"]["paths"]["base"],
         "no_prompt": evals["ridge"]["paths"]["no_prompt"],
         "mean_kv": evals["ridge"]["paths"]["mean_kv"],
-        "aux_healed": evals["ridge"]["paths"]["aux"],
+        aux_run(man["aux"]): evals["ridge"]["paths"]["aux"],
         **({"aux_baseline_oe_lp": evals["baseline"]["paths"]["aux"]} if "baseline" in evals else {}),
         "kvp_ridge": evals["ridge"]["paths"]["kvp"],
         "aux_after_kvp_training": evals["kvp"]["paths"]["aux"],
@@ -87,7 +143,8 @@ def summarise(work: Path, machine: str, date: str) -> dict:
             "at_kept_step": {"step": best["step"], "heldout": best["heldout"][metric],
                              "train_mean_last_100_steps": best[f"train_{metric}_mean_last_100"]},
             "curve": curve,
-            "recipe": {k: man[name]["recipe"].get(k) for k in ("batch", "seq_len", "lr", "warmup_steps",
+            "recipe": {k: man[name]["recipe"].get(k) for k in ("batch", "accum", "world_size", "seq_len", "lr",
+                                                               "warmup_steps",
                                                                "min_lr_ratio", "lambda_c", "kl", "precision",
                                                                "eval_every", "eval_tokens", "patience")},
         }
@@ -95,7 +152,7 @@ def summarise(work: Path, machine: str, date: str) -> dict:
         "model": "qwen2.5-coder-0.5b", "keep": man["aux"]["recipe"]["keep"], "date": date, "machine": machine,
         "versions": man["kvp"]["versions"],
         "corpus": {"name": "pypi-code", "sha256": man["kvp"]["inputs"]["data"]["corpus"]["sha256"],
-                   "tokens_qwen": man["aux"]["inputs"]["calibration"]["corpus"]["tokens"]},
+                   "tokens_qwen": man["ridge"]["inputs"]["calibration"]["corpus"]["tokens"]},
         "tokens": {"calibration": man["ridge"]["calib_tokens"],
                    **{f"train_{k}": t["tokens"] for k, t in training.items()}},
         "minutes": {"derive_gpu": round(man["aux"]["wall_seconds"] / 60, 2),
@@ -103,7 +160,9 @@ def summarise(work: Path, machine: str, date: str) -> dict:
                     **{f"train_{k}": t["train_minutes"] for k, t in training.items()},
                     **{f"humaneval_{k}": round(v["seconds"]["total_with_load"] / 60, 2) for k, v in he.items()},
                     **{f"eval_{k}": v for k, v in emin.items()}},
-        "healing_rel_drift": [round(x["rel_drift"], 3) for x in man["aux"]["healing"]["layers"]],
+        "aux": {k: man["aux"]["recipe"].get(k) for k in ("select", "heal")} | {"kept_layers": man["aux"]["kept_layers"]},
+        "healing_rel_drift": [round(x["rel_drift"], 3) for x in man["aux"]["healing"].get("layers", [])],
+        "candidates": candidates(work), "throughput": throughput(work),
         "humaneval": he, "quality": quality, "kv_rel_error": kv_error, "training": training,
         "onnx": {name: o for name, path in ONNX.items() if (o := onnx_summary(work, name, path))},
         # benchmarks/tail_agreement.py (TAILS): KVP at several tails on the held-out pairs
@@ -197,6 +256,23 @@ def markdown(s: dict) -> str:
                          f"{'-' if h['gpu_bf16_same_problems'] is None else h['gpu_bf16_same_problems']} |")
         lines += ["", "| graph | metric | value | limit | ok |", "|---|---|---|---|---|"]
         lines += [f"| {c['graph']} | {c['metric']} | {c['value']:.4g} | {c['limit']} | {c['ok']} |" for c in o["parity"]]
+    if s.get("candidates"):
+        lines += ["", "### The auxes tried (closed form on the same 64 pairs; the best greedy-32 agreement trained)", "",
+                  "| heal | kept layers | aux alone NLL | aux first-token | KVP NLL | KVP first-token | KVP greedy-32 | "
+                  "K / V rel. error |", "|---|---|---|---|---|---|---|---|"]
+        for h, c in s["candidates"].items():
+            lines.append(f"| {h} | {','.join(map(str, c['kept_layers']))} | {f(c['aux']['nll'])} | "
+                         f"{f(c['aux']['first_token_agreement'])} | {f(c['kvp']['nll'])} | "
+                         f"{f(c['kvp']['first_token_agreement'])} | {f(c['kvp']['greedy32_agreement'])} | "
+                         f"{f(c['kv_rel_error']['k_mean'])} / {f(c['kv_rel_error']['v_mean'])} |")
+    if s.get("throughput"):
+        lines += ["", "### Training throughput (tokens/s)", "",
+                  "| run | processes | steps | tokens | average (train seconds) | median of the sampled steps |",
+                  "|---|---|---|---|---|---|"]
+        for name, t in s["throughput"].items():
+            median = "-" if t["sampled_median"] is None else f"{t['sampled_median']:,.0f}"
+            lines.append(f"| {name} | {t['world_size']} | {t['steps']} | {t['tokens']:,} | {t['tokens_per_second']:,} "
+                         f"({t['train_seconds']:.0f} s) | {median} |")
     lines += ["", "Minutes: " + ", ".join(f"{k} {v}" for k, v in s["minutes"].items()), ""]
     return "\n".join(lines)
 
