@@ -41,14 +41,11 @@ log "model: $(kvp models pull "$M" 2>"$W/logs/pull.log")"
     && touch \"$W/logs/data-build.done\"" || exit 1
 stage derive "$W/aux" kvp derive "${SEL[@]}" --heal "$HEAL" -o "$W/aux" || exit 1
 
-TRAIN=(--data "$CORPUS" --tokens "$TOKENS" --batch "$BATCH" --seq-len "$SEQ" --lr "$LR" --device "$DEVICE"
-       --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" --patience "$PATIENCE" --checkpoint-every 1000000)
+train_args "$CORPUS"
 (
   stage train-baseline "$W/baseline" kvp train --baseline --aux "$W/aux" "${TRAIN[@]}" $(finish) -o "$W/baseline" \
     || exit 1
-  for _ in $(seq 240); do [ -e "$W/ridge" ] && break; sleep 5; done  # its eval reads the ridge predictor
-  stage eval-baseline "$W/eval-baseline" kvp eval --predictor "$W/ridge" --aux "$W/baseline" "${EV[@]}" \
-    -o "$W/eval-baseline"
+  eval_baseline
 ) &
 stage fit "$W/ridge" kvp fit --aux "$W/aux" --calib "$CORPUS" --calib-tokens "$CALIB" --device "$DEVICE" -o "$W/ridge" \
   || exit 1

@@ -131,8 +131,7 @@ two_gpus() {  # step 3 with NPROC GPUs (header); the fit is done
     stage train-baseline "$W/baseline" "${tr[@]}" --baseline --aux "$W/aux" "${TRAIN[@]}" -o "$W/baseline" || exit 1
     (
       stage he-baseline "$W/humaneval/aux_baseline.json" on "$G1" he "aux_baseline=aux:$W/baseline"
-      stage eval-baseline "$W/eval-baseline" on "$G1" kvp eval --predictor "$W/ridge" --aux "$W/baseline" \
-        "${EV[@]}" -o "$W/eval-baseline"
+      eval_baseline on "$G1"
     ) &
     jobs+=($!)
   fi
@@ -183,15 +182,12 @@ stage derive "$W/aux" on "$G0" kvp derive "${SEL[@]}" --calib-tokens "$CALIB" --
   || stage derive-cpu "$W/aux" kvp derive "${SEL[@]}" \
     --calib-tokens $((CALIB < 100000 ? CALIB : 100000)) -o "$W/aux" || exit 1
 
-TRAIN=(--data pypi-code --tokens "$TOKENS" --batch "$BATCH" --seq-len "$SEQ" --lr "$LR" --device "$DEVICE"
-       --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" --patience "$PATIENCE" --checkpoint-every 1000000)
+train_args pypi-code
 [ "$NPROC" = 1 ] && [ "$BASELINE" = 1 ] && (
   stage train-baseline "$W/baseline" kvp train --baseline --aux "$W/aux" "${TRAIN[@]}" $(finish) -o "$W/baseline" \
     || exit 1
   stage he-baseline "$W/humaneval/aux_baseline.json" he "aux_baseline=aux:$W/baseline"
-  for _ in $(seq 240); do [ -e "$W/ridge" ] && break; sleep 5; done  # its eval reads the ridge predictor
-  stage eval-baseline "$W/eval-baseline" kvp eval --predictor "$W/ridge" --aux "$W/baseline" "${EV[@]}" \
-    -o "$W/eval-baseline"
+  eval_baseline
 ) &
 stage fit "$W/ridge" on "$G0" kvp fit --aux "$W/aux" --calib pypi-code --calib-tokens "$CALIB" --device "$DEVICE" -o "$W/ridge" \
   || stage fit-cpu "$W/ridge" kvp fit --aux "$W/aux" --calib pypi-code \
