@@ -30,7 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from kvp_export.config import DataConfig, EvalConfig, TrainConfig
 from kvp_validate.contract import MANIFEST, REPORT_JSON
+
+from _bench import config_args
 
 INCOMPLETE = 3
 
@@ -99,25 +102,18 @@ def main() -> int:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--tokens", type=int, default=5_000_000, help="training budget, each of KVP and baseline")
     p.add_argument("--out", type=Path, default=Path("runs/train-gpu"))
-    p.add_argument("--device", default="auto")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for training, under torchrun")
-    p.add_argument("--strategy", default="ddp")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
+    # the product's own options, help and defaults (kvp_export.config), so the benchmark runs what `kvp train` runs
+    config_args(p, TrainConfig, "device", "strategy", "batch", "accum", "seq_len", "lr", "mix", "checkpoint_every",
+                checkpoint_every=200)
     p.add_argument("--predictor-lr", type=float)
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--mix", default="default")
     p.add_argument("--data", action="append", default=[])
     p.add_argument("--calib", action="append", default=[])
     p.add_argument("--heldout", action="append", default=[])
-    p.add_argument("--calib-tokens", type=int, default=100_000)
+    config_args(p, DataConfig, "calib_tokens")
     p.add_argument("--eval-n", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=192)
-    p.add_argument("--cont-len", type=int, default=64)
-    p.add_argument("--greedy-tokens", type=int, default=32)
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    config_args(p, EvalConfig, "prompt_len", "cont_len", "greedy_tokens")
     p.add_argument("--max-minutes", type=float, help="stop training in time to return within this call's limit")
     p.add_argument("--no-eval", action="store_true", help="skip the NLL / agreement evals (e.g. when HumanEval "
                    "is the measure: benchmarks/humaneval_gpu.py)")
