@@ -27,6 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from kvp_export.config import DataConfig, TrainConfig
+
+from _bench import config_args
+
 HERE = Path(__file__).resolve().parent
 INCOMPLETE = 3
 
@@ -61,9 +65,8 @@ def main() -> int:
     p.add_argument("--model", required=True, help="zoo name (or any base spec)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--tokens", type=int, default=2_000_000)
-    p.add_argument("--calib-tokens", type=int, default=100_000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--mix", default="default")
+    config_args(p, DataConfig, "calib_tokens")
+    config_args(p, TrainConfig, "batch", "mix", batch=32)  # kvp train's help; the GPU runs' own batch
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--humaneval", action="store_true")
