@@ -36,6 +36,18 @@ def config_args(p: argparse.ArgumentParser, config: type[Config], *names: str, *
         p.add_argument(flag_of(name), type=kind, default=default, help=f"{field.description} (default {default})")
 
 
+def grid_args(p: argparse.ArgumentParser, *, variants: str, lengths: str, rounds: int | None = None,
+              threads: int | None = None) -> None:
+    """The timing grid's options the export benchmarks share: --variants and --lengths (comma lists, kept as
+    the strings given), and --rounds / --threads where the benchmark has them."""
+    p.add_argument("--variants", default=variants, help=f"ONNX variants, comma-separated (default {variants})")
+    p.add_argument("--lengths", default=lengths, help=f"prompt lengths, comma-separated (default {lengths})")
+    if rounds is not None:
+        p.add_argument("--rounds", type=int, default=rounds, help=f"interleaved timing rounds (default {rounds})")
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=threads, help=f"onnxruntime threads (default {threads})")
+
+
 def load_average() -> float:
     """The 1-minute load average: other jobs on the machine inflate timings, so results record it."""
     return os.getloadavg()[0]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import parser, write_result
+from _bench import grid_args, parser, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -68,9 +68,7 @@ def main() -> None:
 
     ap = parser(__doc__)
     ap.add_argument("export", type=Path)
-    ap.add_argument("--variants", default="int8")
-    ap.add_argument("--lengths", default="5,16,32,64,128,512")
-    ap.add_argument("--rounds", type=int, default=9)
+    grid_args(ap, variants="int8", lengths="5,16,32,64,128,512", rounds=9)
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--policies", default=",".join(SPIN_POLICIES))
     a = ap.parse_args()

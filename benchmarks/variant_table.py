@@ -34,7 +34,7 @@ from kvp_validate.artifact import OnnxArtifact
 from kvp_validate.report import md_table
 from kvp_validate.runtime import OnnxKVP, session_options
 
-from _bench import parser, write_result
+from _bench import grid_args, parser, write_result
 
 GRAPHS = ("kvp_prefill", "base_decode", "base_prefill", "aux_prefill")
 
@@ -147,12 +147,9 @@ def optimum_opener(folder: Path, threads: int, kv_heads: int, head_dim: int, rng
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("exports", nargs="+", help="LABEL=EXPORT_DIR")
-    ap.add_argument("--variants", default="fp32,int8,int4")
-    ap.add_argument("--lengths", default="128,512,1024")
+    grid_args(ap, variants="fp32,int8,int4", lengths="128,512,1024", rounds=5, threads=2)
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--past", default="128,512,1024")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optimum", type=Path, default=None, help="folder with optimum-cli's model.onnx of the base")
     args = ap.parse_args()
     exports = dict(e.split("=", 1) for e in args.exports)
