@@ -18,11 +18,12 @@ from kvp_export.config import Config, flag_of
 from kvp_validate.machine import machine
 
 
-def parser(doc: str | None, *, out_required: bool = False) -> argparse.ArgumentParser:
-    """The script's parser: its docstring's first paragraph as the description, and -o/--out, the
-    JSON file `write_result` writes."""
+def parser(doc: str | None, *, out_required: bool = False,
+           out_help: str = "Write the result here as JSON.") -> argparse.ArgumentParser:
+    """The script's parser: its docstring's first paragraph as the description, and -o/--out (by
+    default the JSON file `write_result` writes; `out_help` says what it is where it is a folder)."""
     p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    p.add_argument("-o", "--out", type=Path, required=out_required, help="Write the result here as JSON.")
+    p.add_argument("-o", "--out", type=Path, required=out_required, help=out_help)
     return p
 
 

@@ -20,11 +20,9 @@ Prompts are sorted by length and generated in batches (left padding), greedy, up
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -38,6 +36,8 @@ from kvp_export.stage import ref_spec
 from kvp_validate.errors import KvpError
 from kvp_validate.humaneval import _TOP_LEVEL, run_humaneval
 from kvp_validate.sandbox import layers
+
+from _bench import parser
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -80,10 +80,9 @@ def batched_generate(tok, decode_model, prefill, *, batch: int, max_new: int, eo
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, out_required=True, out_help="folder: one JSON per path, then summary.json")
     p.add_argument("--base", help="base model spec (default: the one the first kvp folder names)")
     p.add_argument("--run", action="append", required=True, metavar="NAME=KIND[:FOLDER]")
-    p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--batch", type=int, default=32)

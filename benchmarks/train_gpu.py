@@ -22,7 +22,6 @@ the Shakespeare corpus must already be in KVP_CACHE_DIR.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 from kvp_export.config import DataConfig, EvalConfig, TrainConfig
 from kvp_validate.contract import MANIFEST, REPORT_JSON
 
-from _bench import config_args
+from _bench import config_args, parser
 
 INCOMPLETE = 3
 
@@ -97,11 +96,11 @@ def summary(a, out: Path) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, out_help="work folder: each stage's output, then the summary (default runs/train-gpu)")
+    p.set_defaults(out=Path("runs/train-gpu"))
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--tokens", type=int, default=5_000_000, help="training budget, each of KVP and baseline")
-    p.add_argument("--out", type=Path, default=Path("runs/train-gpu"))
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for training, under torchrun")
     # the product's own options, help and defaults (kvp_export.config), so the benchmark runs what `kvp train` runs
     config_args(p, TrainConfig, "device", "strategy", "batch", "accum", "seq_len", "lr", "mix", "checkpoint_every",
