@@ -49,6 +49,14 @@ def grid_args(p: argparse.ArgumentParser, *, variants: str, lengths: str, rounds
         p.add_argument("--threads", type=int, default=threads, help=f"onnxruntime threads (default {threads})")
 
 
+def export_parser(doc: str | None, **grid) -> argparse.ArgumentParser:
+    """`parser`, the ONNX export folder the benchmark times, and its grid (`grid_args`)."""
+    p = parser(doc)
+    p.add_argument("export", type=Path, help="an ONNX export folder (kvp export onnx)")
+    grid_args(p, **grid)
+    return p
+
+
 def load_average() -> float:
     """The 1-minute load average: other jobs on the machine inflate timings, so results record it."""
     return os.getloadavg()[0]

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from kvp_validate.runtime import session_options
 
-from _bench import grid_args, load_average, parser, write_result
+from _bench import export_parser, load_average, write_result
 
 
 def session(path: Path, threads: int, profile_dir: str | None = None) -> ort.InferenceSession:
@@ -111,9 +111,7 @@ def by_op(nodes: dict[str, float], ops: dict[str, str]) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("export", type=Path)
-    grid_args(ap, variants="fp32,int8", lengths="128,512", threads=2)
+    ap = export_parser(__doc__, variants="fp32,int8", lengths="128,512", threads=2)
     ap.add_argument("--runs", type=int, default=10, help="interleaved timing rounds (and profiled runs)")
     ap.add_argument("--kvp", default="", help="NAME=PATH,... more kvp_prefill graphs to time (first variant only)")
     ap.add_argument("--no-profile", action="store_true", help="interleaved timing only")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import grid_args, parser, write_result
+from _bench import export_parser, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -66,9 +66,7 @@ def run_child(folder: Path, variant: str, spin: str, lengths: str, rounds: int) 
 def main() -> None:
     from kvp_validate.runtime import SPIN_POLICIES
 
-    ap = parser(__doc__)
-    ap.add_argument("export", type=Path)
-    grid_args(ap, variants="int8", lengths="5,16,32,64,128,512", rounds=9)
+    ap = export_parser(__doc__, variants="int8", lengths="5,16,32,64,128,512", rounds=9)
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--policies", default=",".join(SPIN_POLICIES))
     a = ap.parse_args()
