@@ -40,7 +40,7 @@ from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR:
 from .crossover import use_kvp
 from .errors import KvpError, check_at_least
 from .integrity import share_verified
-from .protocol import check_tail, continuation, min_kvp_len, positions
+from .protocol import check_tail, continuation, first_real, first_step, min_kvp_len, positions
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
@@ -137,7 +137,7 @@ def settle_sinks(present: list[np.ndarray], next_mask: np.ndarray, mask: np.ndar
     if sink_len == 0:
         return
     n_ctx = mask.shape[1] - 1
-    starts = mask.shape[1] - mask.sum(-1)  # left padding
+    starts = first_real(mask)
     for b, start in enumerate(starts.tolist()):
         src, dst = slice(n_ctx, n_ctx + sink_len), slice(start, start + sink_len)
         for kv in present:
@@ -372,10 +372,8 @@ class OnnxKVP:
         out = self.run("kvp_prefill", {"input_ids": ids[:, :c], "attention_mask": mask[:, :c]}, NEXT_INPUTS)
         t1 = time.perf_counter()
         past, (next_ids, next_pos, next_mask) = out[:-3], out[-3:]
-        if self.tail:  # left padding: the last W columns are real tokens of every row (min_kvp_len)
-            next_ids = np.concatenate([next_ids, ids[:, c:]], axis=1)
-            next_pos = np.concatenate([next_pos, positions(mask)[:, c:]], axis=1)
-            next_mask = np.concatenate([next_mask, mask[:, c:]], axis=1)
+        if self.tail:  # the graph laid out a step for its c columns; the base reads the last W after them too
+            next_ids, next_pos, next_mask = first_step(ids, mask, self.sink_len, tail=self.tail)
         first = self.step("base", next_ids, next_mask, next_pos, past, last_only=True)  # not the sink's logits
         if self.windowed:  # full attention sees the same keys either way: nothing to move
             first = [first[0], *map(as_array, first[1:])]
