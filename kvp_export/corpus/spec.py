@@ -19,7 +19,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import KvpError
+from ..errors import KvpError, check_choice
+from ..pins import Pin
 
 SPLITS = ("calib", "heldout")
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
@@ -28,16 +29,11 @@ _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
-class Project:
-    name: str
-    version: str
-    sha256: str
+class Project(Pin):
+    """A project of the corpus: its pinned sdist, its split and (when the pin states it) its license."""
+
     split: str = "calib"
     license: str | None = None  # stated in the pin; else read from the sdist's PKG-INFO
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.name}=={self.version}"
 
     @property
     def filename_stem(self) -> str:
@@ -121,7 +117,5 @@ PYPI_CODE = register(CorpusSpec("pypi-code", parse_pins(PYPI_CODE_PINS, "pypi-co
 
 def corpus_spec(name: str) -> CorpusSpec:
     """The named corpus `name`; an unknown name is refused in one line."""
-    try:
-        return CORPORA[name]
-    except KeyError:
-        raise KvpError(f"unknown corpus '{name}' (known: {', '.join(CORPORA)})") from None
+    check_choice("corpus", name, CORPORA)
+    return CORPORA[name]
