@@ -37,17 +37,8 @@ for bits, bs, lvl in [(4, 32, 4), (4, 32, 0), (4, 128, 4), (8, 32, 4), (8, 32, 0
     blocks = -(-K // bs)
     q = rng.integers(0, 256, (N, blocks, bs * bits // 8), dtype=np.uint8)
     s = (rng.random((N * blocks,)) * 0.01).astype(np.float32)
-    node = h.make_node(
-        "MatMulNBits",
-        ["x", "q", "s"],
-        ["y"],
-        domain="com.microsoft",
-        K=K,
-        N=N,
-        bits=bits,
-        block_size=bs,
-        accuracy_level=lvl,
-    )
+    node = h.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                       block_size=bs, accuracy_level=lvl)
     cases[f"nbits{bits} b{bs} l{lvl}"] = sess([node], [nh.from_array(q, "q"), nh.from_array(s, "s")])
 x = rng.standard_normal((M, K)).astype(np.float32)
 ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 15

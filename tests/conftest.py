@@ -7,6 +7,7 @@ over the same words.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -193,13 +194,34 @@ def built(assets, tmp_path_factory) -> dict[str, Path]:
     return {"aux": aux, "pred": pred}
 
 
+TINY_PAIRS = {"eval_n": 8, "prompt_len": 24, "cont_len": 8}  # the held-out pairs a tiny ONNX export stores
+
+
+def tiny_export(kind: str, built, assets, tmp_path_factory, *, single_thread: bool = True, **options) -> Path:
+    """An export (kind "onnx" or "coreml") of `built` into a fresh folder, the tiny corpus held
+    out, no progress bar: what the export fixtures of several modules share. `options`: the
+    export's config fields (and export_onnx's crossover=False)."""
+    if kind == "onnx":
+        from kvp_export.export.onnx_export import export_onnx as make
+    else:
+        from kvp_export.export.coreml.export import export_coreml as make
+    out = tmp_path_factory.mktemp(kind) / "export"
+    with one_thread() if single_thread else contextlib.nullcontext():
+        return make(built["pred"], out, heldout=[str(assets["corpus"])], progress=False, **options)
+
+
+def assert_parity(folder: Path, variant: str = "fp32") -> dict:
+    """The validator's parity check of an ONNX export's variant, which must pass; its result."""
+    from kvp_validate.artifact import OnnxArtifact
+    from kvp_validate.parity import run_parity
+
+    r = run_parity(OnnxArtifact.open(folder), variant, threads=1)
+    assert r["ok"], r["checks"]
+    return r
+
+
 @pytest.fixture(scope="session")
 def fp32_export(built, assets, tmp_path_factory):
     """An fp32-only ONNX export of `built` (no crossover measurement): for tests of what
     consumes an export (the standalone validator, the CI examples)."""
-    from kvp_export.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx-fp32") / "export"
-    with one_thread():
-        return export_onnx(built["pred"], out, variants=("fp32",), heldout=[str(assets["corpus"])], eval_n=8,
-                           prompt_len=24, cont_len=8, crossover=False, progress=False)
+    return tiny_export("onnx", built, assets, tmp_path_factory, variants=["fp32"], crossover=False, **TINY_PAIRS)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import one_thread, random_ids
+from conftest import one_thread, random_ids, tiny_export
 from test_cli import kvp, ok, user_error
 
 from kvp_export.errors import KvpError
@@ -31,10 +31,8 @@ from kvp_validate import mlpackage
 @pytest.fixture(scope="module")
 def exported(built, assets, tmp_path_factory):
     """Both targets, fp16 and int8 (module-scoped: conversion takes seconds per package)."""
-    out = tmp_path_factory.mktemp("coreml") / "export"
-    with one_thread():
-        return export_coreml(built["pred"], out, context=64, prompt_lengths=(8, 16), targets=("ios18", "ios17"),
-                             compress=("fp16", "int8"), heldout=[str(assets["corpus"])], progress=False)
+    return tiny_export("coreml", built, assets, tmp_path_factory, context=64, prompt_lengths=[8, 16],
+                       targets=["ios18", "ios17"], compress=["fp16", "int8"])
 
 
 def manifest(folder) -> dict:

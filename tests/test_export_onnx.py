@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_kvp_module_matches_runtime, assert_one_line_error
+from conftest import TINY_PAIRS, assert_kvp_module_matches_runtime, assert_one_line_error, assert_parity, tiny_export
 
 from kvp_export.cli import main
 from kvp_export.errors import KvpError
@@ -21,11 +21,8 @@ DEFAULT_THREADS = torch.get_num_threads()  # what module-scoped fixtures run wit
 
 @pytest.fixture(scope="module")
 def exported(built, assets, tmp_path_factory):
-    from kvp_export.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "export"
-    return export_onnx(built["pred"], out, heldout=[str(assets["corpus"])], eval_n=8, prompt_len=24, cont_len=8,
-                       progress=False)
+    """Every variant, with the crossover measured at the default thread count."""
+    return tiny_export("onnx", built, assets, tmp_path_factory, single_thread=False, **TINY_PAIRS)
 
 
 def copy_export(exported, tmp_path):
@@ -130,9 +127,8 @@ def test_parity_fp32_and_quantized_within_tolerance(exported):
     from kvp_validate.artifact import OnnxArtifact
     from kvp_validate.parity import run_parity
 
+    assert_parity(exported)
     art = OnnxArtifact.open(exported)
-    fp32 = run_parity(art, "fp32", threads=1)
-    assert fp32["ok"], fp32["checks"]
     # the quantized variants against fp32 on the same pairs (a broken graph is off by a nat or more):
     # int8 within every limit; int4's top-1 on the random model's flat logits sits near its limit
     # (near ties flip with the CPU's int8 kernels), so its KL, NLL and cache limits are the check

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import one_thread
+from conftest import assert_parity, tiny_export
 
 from kvp_export.cli import main
 from kvp_export.errors import KvpError
@@ -20,12 +20,8 @@ PROMPTS = ["w1 w2 w3 w4 w5 w6 the fox def w7 w8 w9 w10", "w9 w8 ( ) : = w10 w11 
 @pytest.fixture(scope="module")
 def tailed(built, assets, tmp_path_factory):
     """An fp32 export with tail TAIL (the same graphs as without one)."""
-    from kvp_export.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx-tail") / "export"
-    with one_thread():
-        return export_onnx(built["pred"], out, variants=("fp32",), heldout=[str(assets["corpus"])], eval_n=8,
-                           prompt_len=40, cont_len=8, tail=TAIL, crossover=False, progress=False)
+    return tiny_export("onnx", built, assets, tmp_path_factory, variants=["fp32"], eval_n=8, prompt_len=40,
+                       cont_len=8, tail=TAIL, crossover=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +76,10 @@ def test_onnx_tail_greedy_tokens_equal_pytorch(tailed, built):
 def test_the_validator_runs_parity_and_ttft_with_the_tail(tailed):
     """Parity's reference is PyTorch with the export's tail; TTFT times the tailed path."""
     from kvp_validate.artifact import OnnxArtifact
-    from kvp_validate.parity import run_parity
     from kvp_validate.ttft import run_ttft
 
+    assert_parity(tailed)
     art = OnnxArtifact.open(tailed)
-    fp32 = run_parity(art, "fp32", threads=1)
-    assert fp32["ok"], fp32["checks"]
     r = run_ttft(art, "fp32", lengths=(16,), batches=(1,), threads=1, warmup=0, repeats=1, sweep=())
     assert r["tail"] == TAIL and r["points"][0]["ms"]["kvp"] > 0
     with pytest.raises(KvpError, match="tail 4"):  # 2s + 2 + W

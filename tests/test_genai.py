@@ -11,18 +11,15 @@ import pytest
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before onnxruntime_genai is imported anywhere
 og = pytest.importorskip("onnxruntime_genai")
 
-from conftest import assert_one_line_error  # noqa: E402
+from conftest import TINY_PAIRS, assert_one_line_error, tiny_export  # noqa: E402
 
 from kvp_export.errors import KvpError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(built, assets, tmp_path_factory):
-    from kvp_export.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "export"
-    return export_onnx(built["pred"], out, variants=("fp32", "int8"), heldout=[str(assets["corpus"])], eval_n=8,
-                       prompt_len=24, cont_len=8, crossover=False, progress=False)
+    return tiny_export("onnx", built, assets, tmp_path_factory, single_thread=False, variants=["fp32", "int8"],
+                       crossover=False, **TINY_PAIRS)
 
 
 PROMPTS = ["w1 w2 w3 the fox def w4", "w9 w8 ( ) : = w10 w11 w12 w13 w14 w15 w16", "return w5"]
