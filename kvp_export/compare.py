@@ -31,7 +31,7 @@ from kvp_validate.metrics import DELTA_NLL, FIRST_TOKEN_AGREEMENT, NLL
 from kvp_validate.report import atomic_write_text, md_table
 
 from .artifacts import read_contract
-from .errors import KvpError
+from .errors import KvpError, check_choice
 
 METRICS = {FIRST_TOKEN_AGREEMENT: ("first-token agreement with the base", True),
            NLL: ("KVP NLL (nats/token)", False),
@@ -261,8 +261,7 @@ def render(rows: list[dict], out: Path, *, at: str | None = None, metric: str = 
            title: str = "KVP variants compared", stem: str = "compare", extra_md: str = "",
            md_name: str | None = None) -> dict:
     """Write <stem>.md (or md_name), <stem>.json and pareto.png into `out`; return the JSON payload."""
-    if metric not in METRICS:
-        raise KvpError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
+    check_choice("metric", metric, METRICS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pts = points(rows)

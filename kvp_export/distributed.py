@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Device, choices
-from .errors import KvpError
+from .errors import KvpError, check_choice
 
 DEVICES = choices(Device)
 
@@ -26,8 +26,7 @@ def resolve_device(name: str) -> torch.device:
     """cpu, cuda (refused where there is none) or auto (cuda if present, else cpu).
 
     Under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if name not in DEVICES:
-        raise KvpError(f"unknown device '{name}' (choose from {', '.join(DEVICES)})")
+    check_choice("device", name, DEVICES)
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():

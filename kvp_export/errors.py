@@ -5,9 +5,9 @@ Every failure a user can cause (bad path, hash mismatch, invalid option...) rais
 Anything else is a bug and keeps its traceback.
 """
 
-from kvp_validate.errors import KvpError
+from kvp_validate.errors import KvpError, check_choice
 
-__all__ = ["HashMismatch", "KvpError", "TokenizerMismatch", "UnsupportedArchitecture"]
+__all__ = ["HashMismatch", "KvpError", "TokenizerMismatch", "UnsupportedArchitecture", "check_choice"]
 
 
 class HashMismatch(KvpError):

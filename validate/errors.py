@@ -21,3 +21,10 @@ def check_at_least(minimum: int, **values: int) -> None:
     for name, v in values.items():
         if v < minimum:
             raise KvpError(f"{name.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+def check_choice(what: str, value, choices) -> None:
+    """Refuse `value` unless it is one of `choices` (any container of names), in one line that
+    lists them: the one wording for an unknown name across both packages."""
+    if value not in choices:
+        raise KvpError(f"unknown {what} '{value}' (choose from {', '.join(map(str, choices))})")

@@ -13,7 +13,7 @@ from pathlib import Path
 from .artifact import OnnxArtifact
 from .coldstart import run_coldstart
 from .contract import now
-from .errors import KvpError
+from .errors import KvpError, check_choice
 from .gates import Gate, evaluate
 from .machine import describe, machine
 from .metrics import report_metrics
@@ -45,9 +45,8 @@ def validate_onnx(folder: str | Path, out: str | Path, *, variants: list[str] | 
     HumanEval executes generated code: refused before anything runs where the host has no OS
     sandbox, unless allow_unsafe_execution (sandbox.py)."""
     parsed = [Gate.parse(g) for g in gates or []]
-    bad = [c for c in checks if c not in CHECKS]
-    if bad:
-        raise KvpError(f"unknown check '{bad[0]}' (choose from {', '.join(CHECKS)})")
+    for c in checks:
+        check_choice("check", c, CHECKS)
     if "humaneval" in checks:
         from .sandbox import layers
 

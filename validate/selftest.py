@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .artifact import MANIFEST, sha256_file
-from .errors import KvpError
+from .errors import KvpError, check_choice
 from .integrity import file_records
 from .runtime import OPTIMIZED_DIR
 
@@ -95,8 +95,7 @@ def rope_base(model: onnx.ModelProto) -> int:
 
 def break_export(src: str | Path, dst: str | Path, variant: str, fault: str) -> Path:
     """Copy export `src` to `dst` with `fault` in `variant`'s graphs; return `dst`."""
-    if fault not in FAULTS:
-        raise KvpError(f"unknown fault '{fault}' (choose from {', '.join(FAULTS)})")
+    check_choice("fault", fault, FAULTS)
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
     manifest = json.loads((dst / MANIFEST).read_text())

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import InputMode, choices
-from ..errors import KvpError
+from ..errors import KvpError, check_choice
 
 INPUT_MODES = choices(InputMode)
 WEIGHTS = "predictor.safetensors"
@@ -53,8 +53,7 @@ class KVPredictor(nn.Module):
     def __init__(self, layer_map: list[int], input_mode: str, in_dim_k: int, in_dim_v: int, out_dim: int,
                  sources: list[list[int]] | None = None, rank: int | None = None):
         super().__init__()
-        if input_mode not in INPUT_MODES:
-            raise KvpError(f"unknown predictor input '{input_mode}' (choose from {', '.join(INPUT_MODES)})")
+        check_choice("predictor input", input_mode, INPUT_MODES)
         if rank is not None and (input_mode != "hidden" or rank < 1):
             raise KvpError(f"a reduced-rank predictor needs the hidden input and a rank >= 1 (got {input_mode}, {rank})")
         self.layer_map = list(layer_map)

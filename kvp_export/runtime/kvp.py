@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from kvp_validate.errors import check_at_least
 from kvp_validate.protocol import context_len, continuation, first_real, first_step, positions
 
-from ..errors import KvpError
+from ..errors import KvpError, check_choice
 from ..models import arch
 from ..predictor.features import predictor_inputs
 from ..predictor.module import KVPredictor
@@ -153,8 +153,7 @@ def prefill_kvp(
     reads the last W+1 tokens over the predicted KV of the others (at most N-2 of them, so at
     least one position is predicted); the aux reads only the tokens before them.
     """
-    if kv_source not in KV_SOURCES:
-        raise KvpError(f"unknown kv source '{kv_source}' (choose from {', '.join(KV_SOURCES)})")
+    check_choice("kv source", kv_source, KV_SOURCES)
     if predictor is None and kv_source != "none":
         raise KvpError("a predictor is needed for kv source " + kv_source)
     check_at_least(0, sink=sink_len, tail=tail)
