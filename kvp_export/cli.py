@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 
 from kvp_validate.contract import REPORT_MD
+from kvp_validate.options import DEFAULTS as VALIDATE_DEFAULTS
+from kvp_validate.sampling import MAX_NEW_TOKENS, Sampling
 
 from . import __version__
 from .cliopts import options
@@ -186,12 +188,22 @@ def optional_model_overrides(f):
     return model_overrides(f, required=False)
 
 
+def sampling_options(f):
+    """--temperature, --top-k, --top-p and --seed: the fields of the runtimes' Sampling, with its
+    defaults and help."""
+    for fld in reversed(dataclasses.fields(Sampling)):
+        f = click.option("--" + fld.name.replace("_", "-"), default=fld.default, show_default=True,
+                         help=fld.metadata["help"])(f)
+    return f
+
+
 @main.command()
 @optional_model_overrides
 @click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path),
               help="Generate with an ONNX export folder on onnxruntime instead of PyTorch.")
 @click.option("--variant", default="fp32", show_default=True, help="With --onnx: fp32, int8 or int4.")
-@click.option("--threads", default=2, show_default=True, help="With --onnx: onnxruntime intra-op threads.")
+@click.option("--threads", default=VALIDATE_DEFAULTS["threads"], show_default=True,
+              help="With --onnx: onnxruntime intra-op threads.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "genai"]), default="onnxruntime", show_default=True,
               help="With --onnx: our onnxruntime loop, or onnxruntime-genai (greedy; --mode base: the variant "
                    "folder's genai_config.json; kvp/auto: its genai-kvp/ pipeline, from `kvp export genai-kvp`).")
@@ -208,11 +220,8 @@ def optional_model_overrides(f):
 @click.option("--no-kvp", is_flag=True, help="Same as --mode base.")
 @click.option("--warm-repeats", default=3, show_default=True,
               help="Prefill the batch this many more times and report the median as the warm TTFT (0: skip).")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", default=0, show_default=True, help="0 is off.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--max-new-tokens", default=MAX_NEW_TOKENS, show_default=True, help="Tokens to generate at most.")
+@sampling_options
 @click.option("--prompts-file", type=click.Path(path_type=Path),
               help="Prompts, one per line, or JSONL (a string or {\"prompt\": ...} per line).")
 @click.option("--prefix", help="A fixed system/template text put before every prompt; the base computes its "
@@ -226,7 +235,7 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
     Loading (models or onnxruntime sessions) is timed apart from TTFT; TTFT is given for this
     first call after loading and warm (the median of --warm-repeats more prefills)."""
     from .runtime.decode import Sampling
-    from .runtime.pipeline import KVPPipeline, check_sampling, read_prompts
+    from .runtime.pipeline import KVPPipeline, read_prompts
 
     prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
     if not prompts:
@@ -238,10 +247,9 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
     if aux_only and no_kvp:
         raise KvpError("pass at most one of --aux-only and --no-kvp")
     mode = "aux" if aux_only else "base" if no_kvp else mode
-    if warm_repeats < 0:
-        raise KvpError(f"--warm-repeats must be >= 0, got {warm_repeats}")
-    check_limits(threads=threads, warm_repeats=warm_repeats, crossover=crossover, tail=tail)  # absurd numbers (limits.py)
+    check_limits(threads=threads, crossover=crossover, tail=tail)  # absurd numbers (limits.py)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling.check_call(max_new_tokens, warm_repeats)  # before loading anything
     if onnx_dir is not None:
         if prefix or aux or base:
             raise KvpError("--prefix, --aux and --base apply to the PyTorch path only")
@@ -255,7 +263,6 @@ def generate(predictor, aux, base, onnx_dir, variant, threads, runtime, mode, cr
         return
     if mode == "aux":
         raise KvpError("--mode aux needs --onnx (the PyTorch path generates with the base)")
-    check_sampling(max_new_tokens, sampling)
     t0 = time.perf_counter()
     pipe = KVPPipeline.from_predictor(predictor, aux=aux, base=base, tail=tail or 0)
     load = {"models": time.perf_counter() - t0}
@@ -394,7 +401,7 @@ def _export_verb(name: str, cls: type[Config], stage: str, doc: str):
     return verb
 
 
-export_onnx_cmd = _export_verb("onnx", OnnxConfig, ".export.onnx_stage:export",
+export_onnx_cmd = _export_verb("onnx", OnnxConfig, ".export.onnx_export:export_onnx",
                                "Export kvp_prefill, base_decode, base_prefill and the aux graphs to OUT (fp32, int8, int4).")
 export_coreml_cmd = _export_verb("coreml", CoremlConfig, ".export.coreml.export:export_coreml",
                                  "Convert base + aux + predictor into Core ML packages in OUT (float16 and compressed "

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import KvpError
+from .errors import KvpError, check_choice
 from .limits import check_limits
 
 CALIB_TOKENS = 100_000  # 30k -> 90k tokens moved KVP NLL 2.90 -> 2.71 here (keep 0.5; BENCHMARKS.md)
@@ -26,6 +26,7 @@ SEQ_LEN = 256
 KEEP = 0.5  # the share of base layers a layer-pruned aux keeps when neither keep nor layers is given
 HEAL = "bridge"  # healing of a layer-pruned aux when none is given (a sibling is never healed)
 TOKENS = 1_000_000  # training budget when neither steps nor tokens is given
+SEED = 0  # every stage is deterministic given its inputs and seed
 PAIRS, PROMPT_LEN, CONT_LEN = 64, 192, 64  # held-out (prompt, continuation) pairs: eval's, and the export's
 
 Select = Literal["regular", "importance", "loss"]
@@ -42,6 +43,7 @@ CoremlCompression = Literal["fp16", "int8", "int4", "palettize4"]
 HeldoutSplit = Literal["whole", "heldout"]
 
 # The built-in corpora (data.py): "code" feeds code models only code (calibration split of each).
+MIX = "default"  # the built-in corpus used when no text is given
 MIXES = {"default": "stdlib + Shakespeare", "code": "stdlib"}
 COREML_NEEDS_IOS18 = {"int4": "per-block int4 quantization", "palettize4": "grouped-channel palettization"}
 
@@ -60,6 +62,31 @@ def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: 
     cli = {k: v for k, v in (("flag", flag), ("short", short), ("metavar", metavar)) if v is not None}
     kw = {"default_factory": default} if callable(default) else {"default": default}
     return Field(**kw, description=help, json_schema_extra={"cli": cli} if cli else None, **constraints)
+
+
+def keep_problem(keep: float) -> str | None:
+    """What is wrong with a keep ratio (the share of base layers a pruned aux keeps), or None."""
+    return None if 0 < keep <= 1 else f"keep ratio must be in (0, 1], got {keep}"  # nan fails too
+
+
+def layers_problem(layers: list[int], n_layers: int | None = None) -> str | None:
+    """What is wrong with an explicit list of kept layers, or None; the range's upper end is
+    checked once the base (its `n_layers`) is known."""
+    if not layers:
+        return "the layer list is empty"
+    bad = [i for i in layers if i < 0 or (n_layers is not None and i >= n_layers)]
+    if bad:
+        return f"layer(s) {bad} out of range: " + (f"the base has layers 0..{n_layers - 1}" if n_layers is not None
+                                                  else "layers are indices >= 0")
+    if len(set(layers)) != len(layers):
+        return f"the layer list repeats a layer: {layers}"
+    return None
+
+
+def default_of(cls: type[BaseModel], name: str) -> Any:
+    """A config field's default, for a function below the stage that takes the field as a
+    keyword argument (so the default stays written once, here)."""
+    return cls.model_fields[name].get_default(call_default_factory=True)
 
 
 def flag_of(name: str) -> str:
@@ -140,7 +167,7 @@ def configure(options: dict[str, Any], *configs: tuple[type[Config], Config | No
 
 
 class Seed(Config):
-    seed: int = opt(0, "Seed for torch (every stage is deterministic given its inputs and seed).")
+    seed: int = opt(SEED, "Seed for torch (every stage is deterministic given its inputs and seed).")
 
 
 class DataConfig(Config):
@@ -173,24 +200,12 @@ class DeriveConfig(OnDevice):
     distill_lr: float = opt(1e-4, "Adam learning rate for --heal distill.", gt=0)
     sibling: str | None = opt(None, "Use this smaller model (same tokenizer) as the aux instead of pruning.")
 
-    @field_validator("keep")
+    @field_validator("keep", "layers")
     @classmethod
-    def _keep(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:  # also refuses nan
-            raise ValueError(f"keep ratio must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("the layer list is empty")
-        if min(v) < 0:
-            raise ValueError(f"layer(s) {[i for i in v if i < 0]} out of range: layers are indices >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError(f"the layer list repeats a layer: {v}")
+    def _kept(cls, v, info):
+        why = None if v is None else keep_problem(v) if info.field_name == "keep" else layers_problem(v)
+        if why is not None:
+            raise ValueError(why)
         return v
 
     @model_validator(mode="after")
@@ -251,7 +266,7 @@ class TrainConfig(Config):
                                  "the paper's better setting).", ge=0)
     z_loss: float = opt(0.0, "Weight of a z-loss on the aux's logits.", ge=0)
     kl: float | None = opt(None, "Weight of KL(base with true KV || base with predicted KV) (default 0).", ge=0)
-    mix: Mix = opt("default", "Built-in corpus: 'code' is the standard library alone (for code models).")
+    mix: Mix = opt(MIX, "Built-in corpus: 'code' is the standard library alone (for code models).")
     device: Device = opt("auto", "cuda is refused where there is none; auto falls back to the CPU.")
     precision: Precision = opt("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU.")
     activation_checkpointing: bool = opt(False, "Recompute activations in backward (less memory).")
@@ -358,9 +373,8 @@ class EvalConfig(OnDevice):
 
 def check_mix(spec: list[str] | tuple[str, ...] | None, mix: str) -> None:
     """A data mix chooses among the built-in corpora: refused with text or a named corpus given."""
-    if mix not in MIXES:
-        raise KvpError(f"unknown data mix '{mix}' (choose from {', '.join(MIXES)})")
-    if spec and mix != "default":
+    check_choice("data mix", mix, MIXES)
+    if spec and mix != MIX:
         raise KvpError(f"the data mix '{mix}' chooses among the built-in corpora; it does not apply to "
                        f"{'files given' if len(spec) > 1 or spec[0] not in _named() else repr(spec[0])}")
 

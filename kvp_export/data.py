@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .artifacts import atomic_dir, sha256_file
 from .cache import cache_dir
-from .config import check_mix
+from .config import MIX, check_mix
 from .errors import HashMismatch, KvpError
 
 SPLITS = ("calib", "heldout")
@@ -248,7 +248,7 @@ def named_corpus(spec: list[str] | tuple[str, ...] | None) -> str | None:
     return named[0] if named else None
 
 
-def corpus_from_spec(spec: list[str] | None, split: str, mix: str = "default") -> Corpus:
+def corpus_from_spec(spec: list[str] | None, split: str, mix: str = MIX) -> Corpus:
     """The corpus a stage uses: the default one (of `mix`), a named one (`pypi-code`), or the
     user's files split by the same rule, or (split "whole", user files only) all of them.
 
@@ -363,11 +363,11 @@ def _interleave(sources: list[list[Document]]) -> list[Document]:
     return [d for *_, d in sorted(keyed, key=lambda k: k[:3])]
 
 
-def default_corpus(split: str, mix: str = "default") -> Corpus:
+def default_corpus(split: str, mix: str = MIX) -> Corpus:
     """Standard library code plus Shakespeare, one split of it, interleaved by size; mix
     "code" is the standard library alone (for code models)."""
     _check_split(split)
-    parts = [_stdlib_documents()] + ([_shakespeare_documents()] if mix == "default" else [])
+    parts = [_stdlib_documents()] + ([_shakespeare_documents()] if mix == MIX else [])
     sources, merged = [], []
     for docs, source in parts:
         kept = _split(docs, split, _work_key)

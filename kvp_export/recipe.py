@@ -101,9 +101,9 @@ def _measurement_field(o: VO.Option) -> tuple[Any, Any]:
 
 
 def _items_at_least(cls, v: list[int], info) -> list[int]:
-    minimum = {o.name: o.minimum for o in VO.OPTIONS}[info.field_name]
-    if not v or min(v) < minimum:
-        raise ValueError(f"expected a non-empty list of integers >= {minimum}, got {v}")
+    why = VO.problem(info.field_name, v)
+    if why is not None:
+        raise ValueError(why)
     return v
 
 

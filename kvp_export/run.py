@@ -162,7 +162,7 @@ STAGES = (
     Stage("train", {"predictor": "predictor"}, lambda r: r.train, "kvp_export.train:train", "predictor",
           args=lambda r: {"data": list(r.data.calib), "seed": r.seed}, paths=("data",),
           when=lambda r: r.predictor.method == "train", expect="predictor", extra=lambda runner: {"resume": True}),
-    Stage("onnx", {"predictor": "predictor"}, lambda r: r.export.onnx, "kvp_export.export.onnx_stage:export", "onnx",
+    Stage("onnx", {"predictor": "predictor"}, lambda r: r.export.onnx, "kvp_export.export.onnx_export:export_onnx", "onnx",
           args=lambda r: {"heldout": list(r.data.heldout), "seed": r.seed}, paths=("heldout",),
           when=lambda r: r.export.onnx.enabled, expect="onnx"),
     Stage("coreml", {"predictor": "predictor"}, lambda r: r.export.coreml, "kvp_export.export.coreml.export:export_coreml",

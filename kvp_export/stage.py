@@ -16,9 +16,8 @@ import torch
 
 from . import data
 from .artifacts import sha256_bytes, sha256_dir, sha256_file
-from .config import SEQ_LEN, check_mix
+from .config import MIX, SEQ_LEN, check_mix
 from .errors import KvpError
-from .limits import check_limits
 from .models import ZOO, load, resolve
 from .models.arch import context_length
 
@@ -84,14 +83,6 @@ def check_paths(paths: list[str] | tuple[str, ...] | None, what: str) -> None:
             raise KvpError(f"no such {what} file or folder: {p}")
 
 
-def check_positive(**values: int) -> None:
-    """>= 1, and not absurd (limits.py)."""
-    for name, v in values.items():
-        if v < 1:
-            raise KvpError(f"{name.replace('_', '-')} must be >= 1, got {v}")
-    check_limits(**values)
-
-
 def model_ref(spec: str | Path, folder: Path) -> dict:
     """How a stage names a model it read: the spec given, the folder it resolved to, hashes."""
     return {
@@ -117,7 +108,7 @@ def ref_spec(ref: dict) -> str:
 
 
 def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split: str = "calib",
-              seq_len: int = SEQ_LEN, mix: str = "default", stream: bool = False) -> tuple[torch.Tensor, dict]:
+              seq_len: int = SEQ_LEN, mix: str = MIX, stream: bool = False) -> tuple[torch.Tensor, dict]:
     """Sequences [n, seq_len] of one split of a corpus, and their description (corpus, hashes, counts).
 
     Sequences are `seq_len` tokens, or the model's context if that is shorter. A named
@@ -147,6 +138,6 @@ def sequences(tokenizer, model, paths: list[str] | None, n_tokens: int, *, split
 
 
 def calibration(tokenizer, model, paths: list[str] | None, n_tokens: int, *, seq_len: int = SEQ_LEN,
-                mix: str = "default", stream: bool = False) -> tuple[torch.Tensor, dict]:
+                mix: str = MIX, stream: bool = False) -> tuple[torch.Tensor, dict]:
     """Calibration (or training) sequences: the "calib" split (see `sequences`)."""
     return sequences(tokenizer, model, paths, n_tokens, seq_len=seq_len, mix=mix, stream=stream)

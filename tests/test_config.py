@@ -3,12 +3,18 @@ options and --help come from them, the recipe is made of them, rules read the sa
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from kvp_export import config as C
 from kvp_export.cli import main
 from kvp_export.errors import KvpError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VERBS = [
     (("derive",), C.DeriveConfig),
@@ -106,3 +112,60 @@ def test_validator_options_are_one_table(tmp_path):
     recipe.write_text("base: b\nvalidate:\n  batches: [0]\n")
     with pytest.raises(KvpError, match=r"r.yaml:3: validate.batches: expected a non-empty list of integers >= 1"):
         load_recipe(recipe)
+
+
+# a keyword default that equals an option's by name and value, but is the neutral value of a
+# lower-level function rather than the option's default: `tail` 0 is "no exact tail"
+NEUTRAL = {"tail"}
+
+
+def _restated_defaults(package: Path, options: dict[str, set], cli: dict[str, set]) -> list[str]:
+    """Every function keyword default in `package` that writes an option's default again as a
+    literal (same name, same value) instead of reading it from the config or the options table,
+    and every hand-written click option that does (`cli`: options and the generate call's)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            pos = a.posonlyargs + a.args
+            pairs = [*zip(pos[len(pos) - len(a.defaults):], a.defaults), *zip(a.kwonlyargs, a.kw_defaults)]
+            for arg, d in pairs:
+                if (isinstance(d, ast.Constant) and d.value is not None and arg.arg not in NEUTRAL
+                        and d.value in options.get(arg.arg, ())):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({arg.arg}={d.value!r})")
+        for node in ast.walk(ast.parse(path.read_text())):  # hand-written CLI options: click.option("--x", default=)
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "click.option" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                name = node.args[0].value.lstrip("-").replace("-", "_")
+                default = next((k.value for k in node.keywords if k.arg == "default"), None)
+                if isinstance(default, ast.Constant) and default.value in cli.get(name, ()):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} click.option({node.args[0].value!r}, "
+                                 f"default={default.value!r})")
+    return found
+
+
+def test_no_function_restates_an_options_default():
+    """Each option's default is written once: in its stage config (kvp_export) or the validator's
+    options table (kvp_validate); functions take it from there (config.default_of, DEFAULTS)."""
+    from pydantic import BaseModel
+
+    from kvp_validate.options import OPTIONS
+    from kvp_validate.sampling import Sampling
+
+    def scalar(v) -> bool:
+        return isinstance(v, (int, float, str)) and not isinstance(v, bool)
+
+    validator = {o.name: {o.default} for o in OPTIONS if scalar(o.default)}
+    export = {k: set(v) for k, v in validator.items()}
+    for cls in vars(C).values():
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == C.__name__:
+            for name, field in cls.model_fields.items():
+                if scalar(v := field.get_default(call_default_factory=True)):
+                    export.setdefault(name, set()).add(v)
+    cli = {**export, **{f.name: {f.default} for f in dataclasses.fields(Sampling)}}  # + `kvp generate`'s
+    found = _restated_defaults(ROOT / "kvp_export", export, cli)
+    assert found == [], "\n".join(found)
+    found = _restated_defaults(ROOT / "validate", validator, validator)
+    assert found == [], "\n".join(found)

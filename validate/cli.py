@@ -15,17 +15,18 @@ from .contract import REPORT_MD
 from .errors import KvpError
 from .gates import GATE_FAILED
 from .limits import check_limits
-from .options import CHECKS, DEFAULT_CHECKS, OPTIONS, Option
+from .options import CHECKS, DEFAULT_CHECKS, OPTIONS, Option, problem
 
 
-def _ints(minimum: int):
+def _ints(name: str):
     def parse(ctx, param, value: str) -> tuple[int, ...]:
         try:
             out = tuple(int(x) for x in value.split(",") if x.strip())
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-        if not out or min(out) < minimum:
-            raise click.BadParameter(f"expected integers >= {minimum}, got {value!r}")
+        why = problem(name, out)
+        if why is not None:
+            raise click.BadParameter(why)
         return out
 
     return parse
@@ -34,7 +35,7 @@ def _ints(minimum: int):
 def _option(o: Option) -> click.Option:
     if o.kind is tuple:
         return click.Option([o.flag], default=",".join(map(str, o.default)), show_default=True,
-                            callback=_ints(o.minimum), metavar="N,N,...", help=o.help)
+                            callback=_ints(o.name), metavar="N,N,...", help=o.help)
     return click.Option([o.flag], type=click.IntRange(min=o.minimum), default=o.default,
                         show_default=o.default is not None, help=o.help)
 

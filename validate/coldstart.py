@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import KvpError
-from .options import DEFAULTS
+from .options import DEFAULTS, check
 
 PATHS = ("base", "aux", "kvp", "auto")  # auto: the default mode, KVP from the export's crossover on
 LENGTHS = DEFAULTS["coldstart_lengths"]
@@ -48,8 +48,7 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
     skipped = [n for n in lengths if context and n >= context]
     lengths = tuple(n for n in lengths if n not in skipped)
     points = []
-    if runs < 1:
-        raise KvpError(f"cold start runs must be >= 1, got {runs}")
+    check(coldstart_lengths=lengths, coldstart_runs=runs)
     grid = [(path, n) for _ in range(runs) for n in lengths for path in paths]
     got: dict[tuple[str, int], list[dict]] = {}
     for path, n in tqdm(grid, desc=f"cold start {variant}", unit="process", disable=not progress):

@@ -26,6 +26,7 @@ from .artifact import check_sections, load_manifest
 from .contract import CoremlVariant, now, parse_manifest
 from .errors import KvpError
 from .integrity import inside, verify
+from .options import DEFAULTS
 from .report import md_table, write_report_folder
 
 UNMEASURED = "not measured on this host"
@@ -297,7 +298,7 @@ def mac_measurements(art: CoremlExport, variant: str, repeats: int) -> dict:
 # --------------------------------------------------------------------------- section and report
 
 
-def section(folder: str | Path, repeats: int = 5) -> dict:
+def section(folder: str | Path, repeats: int = DEFAULTS["repeats"]) -> dict:
     """The Core ML section of a validation report (see the module docstring)."""
     art = CoremlExport(folder)
     ok, why = runtime_status()
@@ -315,7 +316,7 @@ def section(folder: str | Path, repeats: int = 5) -> dict:
             "ok": parity_ok and all(c["ok"] for c in checks.values())}
 
 
-def validate_coreml(folder: str | Path, out: str | Path, *, repeats: int = 5, overwrite: bool = False) -> dict:
+def validate_coreml(folder: str | Path, out: str | Path, *, repeats: int = DEFAULTS["repeats"], overwrite: bool = False) -> dict:
     """Write the Core ML section as report.json + report.md into the folder `out`; return it."""
     out = Path(out)
     if out.exists() and not overwrite:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
+from .options import DEFAULTS
+
 # Batch 1, powers of two and the midpoints between them up to where KVP wins on every model here.
 LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def measure_paths(time_ms: Callable[[str, int], float], lengths: tuple[int, ...], paths: tuple[str, ...], *,
-                  repeats: int = 3, warmup: int = 1) -> list[dict]:
+                  repeats: int = 3, warmup: int = DEFAULTS["warmup"]) -> list[dict]:
     """Per length, the median ms of each path (`time_ms(path, prompt_len)`), interleaved across
     paths and lengths so that drift on a noisy machine hits them alike, the paths' order rotated
     from round to round so that none is always first; warm-up rounds first."""
@@ -59,7 +61,7 @@ def crossover_from(points: list[dict], base: str = "base", margin: float = MARGI
 
 
 def find_crossover(time_ms: Callable[[str, int], float], lengths: tuple[int, ...] = LENGTHS, *,
-                   base: str = "base", repeats: int = 3, warmup: int = 1, margin: float = MARGIN) -> dict:
+                   base: str = "base", repeats: int = 3, warmup: int = DEFAULTS["warmup"], margin: float = MARGIN) -> dict:
     """Measure `base` and "kvp" (batch 1) from the longest length down, stopping at the first
     length where KVP does not win by the margin: the crossover depends only on the run of wins
     at the long end, so the shorter lengths (where KVP loses on every model measured) cost

@@ -36,11 +36,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
-from .errors import KvpError
 from .gates import flatten
 from .genai import KVP_FOLDER, GenaiBase, import_genai, kvp_folder
 from .metrics import DELTA_NLL, NLL, metric_key, point
 from .options import DEFAULTS as D
+from .options import check
 from .quality import log_softmax
 from .report import md_table
 from .runtime import OnnxKVP
@@ -202,10 +202,7 @@ def run_genai(art: OnnxArtifact, variant: str, *, lengths: tuple[int, ...] = D["
               quality_n: int | None = None, greedy_tokens: int = D["greedy_tokens"],
               progress: bool = False) -> dict:
     """Quality and TTFT of KVP and the base through onnxruntime-genai beside our runtime (module docstring)."""
-    if repeats < 1 or warmup < 0:
-        raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
-    if quality_n is not None and quality_n < 0:
-        raise KvpError(f"genai pairs must be >= 0, got {quality_n}")
+    check(genai_lengths=lengths, warmup=warmup, repeats=repeats, genai_pairs=quality_n)
     check_ready(art, [variant])
     og = import_genai()
     rt = OnnxKVP(art, variant, threads)

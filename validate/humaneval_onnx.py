@@ -11,11 +11,12 @@ from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
 from .humaneval import STOP_STRINGS, run_humaneval
+from .options import DEFAULTS
 from .runtime import PATHS, OnnxKVP
 
 
 def run_humaneval_onnx(art: OnnxArtifact, variant: str, *, limit: int | None = None, max_new_tokens: int = 256,
-                       batch: int = 8, threads: int = 2, progress: bool = False,
+                       batch: int = 8, threads: int = DEFAULTS["threads"], progress: bool = False,
                        allow_unsafe: bool = False) -> dict:
     rt = OnnxKVP(art, variant, threads)
     out = {"variant": variant, "max_new_tokens": max_new_tokens, "paths": {}}

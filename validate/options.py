@@ -45,3 +45,27 @@ OPTIONS = (
            "time (0: TTFT only)."),
 )
 DEFAULTS = {o.name: o.default for o in OPTIONS}
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for option `name`, or None: the option's bound, the one rule
+    behind both CLIs, the recipe and the functions (a list must have items, each >= the bound)."""
+    o = BY_NAME[name]
+    if o.kind is tuple:
+        items = list(value)
+        if not items or min(items) < o.minimum:
+            return f"expected a non-empty list of integers >= {o.minimum}, got {value}"
+    elif value is not None and value < o.minimum:
+        return f"must be >= {o.minimum}, got {value}"
+    return None
+
+
+def check(**values: Any) -> None:
+    """Refuse any value `problem` finds wrong, in one line naming the option as the CLIs spell it."""
+    from .errors import KvpError
+
+    for name, value in values.items():
+        why = problem(name, value)
+        if why is not None:
+            raise KvpError(f"{name.replace('_', '-')}{':' if BY_NAME[name].kind is tuple else ''} {why}")

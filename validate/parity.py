@@ -35,6 +35,7 @@ import numpy as np
 from .artifact import OnnxArtifact
 from .errors import KvpError
 from .metrics import DELTA_NLL_VS_FP32, NLL_VS_FP32
+from .options import DEFAULTS
 from .protocol import positions
 from .quality import log_softmax
 from .runtime import PATHS, OnnxKVP
@@ -101,7 +102,7 @@ def check(graph: str, metric: str, value: float, limit: float | None, higher_is_
     return {"graph": graph, "metric": metric, "value": value, "limit": limit, "ok": bool(ok)}
 
 
-def run_parity(art: OnnxArtifact, variant: str, threads: int = 2, tolerances: dict | None = None, *,
+def run_parity(art: OnnxArtifact, variant: str, threads: int = DEFAULTS["threads"], tolerances: dict | None = None, *,
                n_pairs: int = N_PAIRS, fp32: dict | None = None, cache: dict | None = None) -> dict:
     """Parity of one variant. For a quantized variant `fp32` may pass the fp32 result already
     computed in this validation (it is the variant's prerequisite), and `cache` a dict that keeps

@@ -38,9 +38,11 @@ import onnxruntime as ort
 
 from .artifact import OPTIMIZED_DIR, OnnxArtifact  # noqa: F401  (OPTIMIZED_DIR: the export imports it from here)
 from .crossover import use_kvp
-from .errors import KvpError, check_at_least
+from .errors import KvpError, check_choice
 from .integrity import share_verified
+from .options import DEFAULTS, check
 from .protocol import check_tail, continuation, first_real, first_step, min_kvp_len, positions
+from .sampling import MAX_NEW_TOKENS, Sampling  # noqa: F401  (the runtimes' and CLIs' import)
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
@@ -63,8 +65,7 @@ SPIN_POLICIES = ("run", "always", "off")
 
 
 def check_spin(spin: str) -> None:
-    if spin not in SPIN_POLICIES:
-        raise KvpError(f"unknown spin policy '{spin}' (choose from {', '.join(SPIN_POLICIES)})")
+    check_choice("spin policy", spin, SPIN_POLICIES)
 
 
 def session_options(threads: int, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -145,43 +146,6 @@ def settle_sinks(present: list[np.ndarray], next_mask: np.ndarray, mask: np.ndar
         next_mask[b, dst], next_mask[b, src] = 1, 0
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy when temperature == 0; else temperature, then top-k, then top-p (nucleus), seeded."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.temperature < 0:
-            raise KvpError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise KvpError(f"top-k must be >= 0 (0 is off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise KvpError(f"top-p must be in (0, 1], got {self.top_p}")
-
-    def pick(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        z = logits.astype(np.float64) / self.temperature
-        if 0 < self.top_k < z.shape[-1]:
-            kth = np.partition(z, -self.top_k, axis=-1)[:, -self.top_k][:, None]
-            z = np.where(z < kth, -np.inf, z)
-        p = np.exp(z - z.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        if self.top_p < 1:
-            order = np.argsort(-p, axis=-1)
-            sorted_p = np.take_along_axis(p, order, -1)
-            drop = np.cumsum(sorted_p, -1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
-            mask = np.zeros_like(p, dtype=bool)
-            np.put_along_axis(mask, order, drop, -1)
-            p = np.where(mask, 0.0, p)
-            p /= p.sum(-1, keepdims=True)
-        return np.array([rng.choice(p.shape[-1], p=row) for row in p])
-
-
 @dataclass
 class State:
     """After a prefill: next-token logits [B, V], the cache, its mask, the next positions."""
@@ -223,7 +187,7 @@ class Generation:
 class OnnxKVP:
     """The graphs of one variant of an export, with sessions opened on first use."""
 
-    def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = 2, *,
+    def __init__(self, artifact: OnnxArtifact | str, variant: str = "fp32", threads: int = DEFAULTS["threads"], *,
                  crossover: int | None = -1, use_optimized: bool = True, spin: str = "run",
                  io_binding: bool = True, tail: int | None = None):
         """`crossover`: the prompt length from which "auto" uses KVP; -1 (default) takes the one
@@ -232,8 +196,7 @@ class OnnxKVP:
         output to numpy). `tail`: KVP's exact tail W (None: the export's, 0 before 0.3.3)."""
         self.art = artifact if isinstance(artifact, OnnxArtifact) else OnnxArtifact.open(artifact)
         self.art.check_variant(variant)
-        if threads < 1:
-            raise KvpError(f"threads must be >= 1, got {threads}")
+        check(threads=threads)
         self.variant, self.threads = variant, threads
         self.model = self.art.model
         self.sink_len = int(self.model["sink_len"])
@@ -301,8 +264,7 @@ class OnnxKVP:
 
     @staticmethod
     def _check_mode(mode: str) -> None:
-        if mode not in MODES:
-            raise KvpError(f"unknown prefill mode '{mode}' (choose from {', '.join(MODES)})")
+        check_choice("prefill mode", mode, MODES)
 
     @property
     def tokenizer(self):
@@ -476,11 +438,9 @@ class OnnxKVP:
             ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
         return ids, mask
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+    def generate(self, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, sampling: Sampling = Sampling(),
                  mode: str = "auto", stop_strings: tuple[str, ...] = (), warm_repeats: int = 0) -> Generation:
-        check_at_least(1, max_new_tokens=max_new_tokens)
-        check_at_least(0, warm_repeats=warm_repeats)
-        sampling.check()  # the PyTorch pipeline shares these parameters and checks (runtime/decode.py)
+        sampling.check_call(max_new_tokens, warm_repeats)  # the PyTorch pipeline's too (runtime/decode.py)
         ids, mask = self.encode(prompts, extra=max_new_tokens)
         loaded = self.load(mode) if any(n not in self._sessions for n in GRAPHS_FOR[mode]) else {}
         t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from .artifact import OnnxArtifact
 from .crossover import crossover_from, lengths_for, measure_paths
 from .errors import KvpError
 from .options import DEFAULTS as D
+from .options import check
 from .runtime import OnnxKVP, positions
 
 
@@ -144,8 +145,7 @@ def check_lengths(rt: OnnxKVP, lengths, what: str = "TTFT") -> None:
 
 def run_ttft(art: OnnxArtifact, variant: str, *, lengths=D["lengths"], batches=D["batches"], threads: int = D["threads"],
              warmup: int = D["warmup"], repeats: int = D["repeats"], sweep: tuple[int, ...] = SWEEP, progress: bool = False) -> dict:
-    if repeats < 1 or warmup < 0:
-        raise KvpError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    check(lengths=lengths, batches=batches, warmup=warmup, repeats=repeats)
     rt = OnnxKVP(art, variant, threads)
     check_lengths(rt, lengths)
     points = []

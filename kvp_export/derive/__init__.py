@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output_dir, write_manifest
-from ..config import DataConfig, DeriveConfig, configure
+from ..config import SEED, DataConfig, DeriveConfig, configure
 from ..models import DEFAULT_MODEL, check_same_tokenizer
 from ..models.arch import ArchSpec, adapter
 from ..predictor.layermap import c_map, lp_map
@@ -22,7 +22,7 @@ from .prune import check_layers, importance_layers, loss_layers, prune, regular_
 
 
 def derive(out: str | Path, config: DeriveConfig | None = None, *, base: str = DEFAULT_MODEL,
-           data: DataConfig | None = None, overwrite: bool = False, seed: int = 0, share: bool = False,
+           data: DataConfig | None = None, overwrite: bool = False, seed: int = SEED, share: bool = False,
            progress: bool = True, **options) -> Path:
     """Write the auxiliary model folder `out` and return it.
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Heal, choices
-from ..errors import KvpError
+from ..config import DeriveConfig, Heal, choices, default_of
+from ..errors import check_choice
 from ..linalg import choose_alpha, ridge_solve
 from ..models import arch
 from ..predictor import shared
@@ -203,14 +203,14 @@ def _distill(run: arch.LayerRunner, j: int, layer, h_all, y_all, batch: int, epo
 
 
 def heal(base, aux, kept: list[int], seqs: torch.Tensor, method: str = "bridge", *, batch: int = 4,
-         distill_epochs: int = 2, distill_lr: float = 1e-4, share: bool = False, progress: bool = True) -> dict:
+         distill_epochs: int = default_of(DeriveConfig, "distill_epochs"),
+         distill_lr: float = default_of(DeriveConfig, "distill_lr"), share: bool = False, progress: bool = True) -> dict:
     """Heal `aux` (a pruned copy of `base` keeping `kept`) in place. Returns per-layer statistics.
 
     With `share`, the passes over the calibration sequences also leave what the predictor fit
     needs (the base's keys and values, the healed aux's normed layer inputs) in
     predictor/shared.py, for a fit in the same process."""
-    if method not in METHODS:
-        raise KvpError(f"unknown healing method '{method}' (choose from {', '.join(METHODS)})")
+    check_choice("healing method", method, METHODS)
     if method == "none":
         return {"method": "none"}
     spec = arch.ArchSpec.of(base)

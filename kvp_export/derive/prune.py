@@ -8,6 +8,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from ..config import keep_problem, layers_problem
 from ..errors import KvpError
 from ..models import arch
 
@@ -19,8 +20,8 @@ def regular_layers(n_layers: int, keep_ratio: float, required: list[int] | tuple
     `required` layers (the family adapter's `required_layers`) are always kept, within the same
     count: the pattern then spreads the remaining slots over the other layers.
     """
-    if not 0.0 < keep_ratio <= 1.0:
-        raise KvpError(f"keep ratio must be in (0, 1], got {keep_ratio}")
+    if (why := keep_problem(keep_ratio)) is not None:
+        raise KvpError(why)
     drop = 1 - Fraction(keep_ratio).limit_denominator(1000)
     kept = [i for i in range(n_layers) if (drop * (i + 1)).__floor__() == (drop * i).__floor__()]
     must = sorted(set(required))
@@ -33,13 +34,9 @@ def regular_layers(n_layers: int, keep_ratio: float, required: list[int] | tuple
 
 
 def check_layers(layers: list[int], n_layers: int) -> list[int]:
-    if not layers:
-        raise KvpError("the layer list is empty")
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise KvpError(f"layer(s) {bad} out of range: the base has layers 0..{n_layers - 1}")
-    if len(set(layers)) != len(layers):
-        raise KvpError(f"the layer list repeats a layer: {layers}")
+    """The kept layers, sorted; refused (config.layers_problem) against the base's `n_layers`."""
+    if (why := layers_problem(layers, n_layers)) is not None:
+        raise KvpError(why)
     return sorted(layers)
 
 

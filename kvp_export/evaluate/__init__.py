@@ -14,7 +14,7 @@ from kvp_validate.report import write_report
 
 from .. import data
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, write_manifest
-from ..config import EvalConfig, configure
+from ..config import SEED, EvalConfig, configure
 from ..distributed import resolve_device
 from ..errors import KvpError
 from ..runtime.kvp import check_context
@@ -25,7 +25,7 @@ from .render import markdown
 
 
 def run_eval(predictor: str | Path, out: str | Path, config: EvalConfig | None = None, *, aux: str | None = None,
-             base: str | None = None, heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0,
+             base: str | None = None, heldout: list[str] | None = None, overwrite: bool = False, seed: int = SEED,
              progress: bool = True, **options) -> Path:
     """Evaluate `predictor` (a fit folder) on n held-out (prompt, continuation) pairs; write folder `out`.
 

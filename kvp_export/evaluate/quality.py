@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import flops
+from ..config import EvalConfig, default_of
 from ..models import arch
 from ..predictor.features import predictor_inputs, true_kv
 from ..runtime.decode import decode
@@ -116,7 +117,8 @@ def run_paths(prefills: dict, prompts: torch.Tensor, conts: torch.Tensor, *, gre
 
 @torch.no_grad()
 def evaluate(base, aux, predictor, prompts: torch.Tensor, conts: torch.Tensor, *, sink_len: int = 1,
-             greedy_tokens: int = 32, batch: int = 8, tail: int = 0, progress: bool = True) -> dict:
+             greedy_tokens: int = default_of(EvalConfig, "greedy_tokens"),
+             batch: int = default_of(EvalConfig, "batch"), tail: int = 0, progress: bool = True) -> dict:
     """`tail`: KVP's base reads the prompt's last `tail` + 1 tokens (runtime.kvp.prefill_kvp); the
     trivial baselines keep their one-token step."""
     n, plen = prompts.shape

@@ -30,17 +30,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kvp_validate.integrity import remember
-from kvp_validate.protocol import check_tail, min_kvp_len
+from kvp_validate.options import DEFAULTS
+from kvp_validate.protocol import min_kvp_len
 
 from .. import data
 from ..artifacts import atomic_dir, check_output_dir, sha256_file, write_manifest
+from ..config import SEED, OnnxConfig, configure
 from ..errors import KvpError
 from ..models import arch
 from ..models.arch import ArchSpec
-from ..stage import Clock, check_positive
+from ..stage import Clock
 from .genai import write_genai_config
 from .graph_jobs import flops_job, run_graph_jobs, variant_graph, worker_count
-from .quantize import check_variants
 from .reference import REFERENCE_PAD, build_reference, reference_inputs, reference_length, save_reference
 from .source import load_source, source_inputs
 from .to_onnx import GRAPHS, OPSET, export_graph, kv_names
@@ -50,21 +51,21 @@ MODEL_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] | tuple[str, ...] = ("fp32", "int8", "int4"),
-                block_size: int = 32, accuracy_level: int = 4, int8_method: str = "dynamic",
-                int4_method: str = "hqq", eval_n: int = 64, prompt_len: int = 192,
-                cont_len: int = 64, tail: int = 0, heldout: list[str] | None = None, threads: int = 2, crossover: bool = True,
-                workers: int | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True) -> Path:
+def export_onnx(predictor: str | Path, out: str | Path, config: OnnxConfig | None = None, *,
+                heldout: list[str] | None = None, threads: int = DEFAULTS["threads"], crossover: bool = True,
+                workers: int | None = None, overwrite: bool = False, seed: int = SEED, progress: bool = True,
+                **options) -> Path:
     """Export the five graphs of `predictor` (a fit folder) in each variant into folder `out`.
 
-    `threads`: onnxruntime threads for the crossover measurement (`crossover=False` skips it;
-    the runtime's default mode then always uses KVP where it applies). `workers`: processes for
-    the per-graph work (graph_jobs.py; default: as many as cores and memory allow)."""
+    `config` (or `options`, its fields by name, e.g. variants=["fp32", "int8"], tail=32) says
+    which variants and how. `threads`: onnxruntime threads for the crossover measurement
+    (`crossover=False` skips it; the runtime's default mode then always uses KVP where it
+    applies). `workers`: processes for the per-graph work (graph_jobs.py; default: as many as
+    cores and memory allow)."""
+    (cfg,) = configure(options, (OnnxConfig, config))
+    variants, tail, eval_n, prompt_len, cont_len = cfg.all_variants(), cfg.tail, cfg.eval_n, cfg.prompt_len, cfg.cont_len
     clock = Clock()
     out = check_output_dir(out, overwrite)
-    variants = check_variants(variants, block_size, accuracy_level, int8_method, int4_method)
-    check_positive(eval_n=eval_n, prompt_len=prompt_len, cont_len=cont_len)
-    check_tail(tail)
     pipe = load_source(predictor, seed, clock)
     base, aux, pred, tok = pipe.base, pipe.aux, pipe.predictor, pipe.tokenizer
     spec, aux_spec = ArchSpec.of(base), ArchSpec.of(aux)
@@ -94,8 +95,8 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
             save_reference(tmp, build_reference(base, aux, pred, pipe.sink_len, ids, mask, tok.pad_token_id, tail))
             np.savez(tmp / EVAL_PAIRS, prompts=prompts.numpy(), continuations=conts.numpy())
         # every graph's own work (FLOPs, quantization, hashes, optimised copy) in parallel workers
-        qopts = {"keep_fp32": arch.adapter(base).int8_keep_fp32, "block_size": block_size, "accuracy_level": accuracy_level, "int8_method": int8_method,
-                 "int4_method": int4_method}
+        qopts = {"keep_fp32": arch.adapter(base).int8_keep_fp32,
+                 **cfg.model_dump(include={"block_size", "accuracy_level", "int8_method", "int4_method"})}
         jobs = flops_jobs(tmp / "fp32", spec, aux_spec, pipe.sink_len, tail)
         jobs |= {(v, name): (variant_graph, (tmp, v, name, qopts)) for v in variants for name in GRAPHS}
         largest = max((tmp / "fp32" / f"{name}.onnx").stat().st_size for name in GRAPHS)
@@ -140,8 +141,9 @@ def export_onnx(predictor: str | Path, out: str | Path, *, variants: list[str] |
                      "heldout": corpus.description},
         }
         inputs = source_inputs(pipe, predictor)
-        recipe = {"variants": variants, "block_size": block_size, "accuracy_level": accuracy_level,
-                  "int8_method": int8_method, "int4_method": int4_method, "opset": OPSET, "seed": seed, "tail": tail}
+        recipe = {"variants": variants, **cfg.model_dump(include={"block_size", "accuracy_level", "int8_method",
+                                                                   "int4_method"}),
+                  "opset": OPSET, "seed": seed, "tail": tail}
         write_manifest(tmp, "onnx", inputs=inputs, recipe=recipe, **manifest_fields)
         if crossover:  # measured on the graphs as written, through the runtime that will use it
             with clock.step("crossover"):

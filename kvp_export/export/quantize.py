@@ -38,7 +38,7 @@ from pathlib import Path
 
 import onnx
 
-from ..config import OnnxConfig
+from ..config import OnnxConfig, default_of
 from ..errors import KvpError
 from ..stage import torch_threads
 from .to_onnx import EXTERNAL_DATA_BYTES, check_graph
@@ -47,14 +47,6 @@ from .zero_points import split_float_zero_points
 # int4 keeps the LM head (the tied embedding, not 4-bit in the GGUF sources) at 8 bits: on
 # smollm2-135m it carried nearly all of int4's loss (BENCHMARKS.md, "int4 that pays off")
 LM_HEAD, INT4_LM_HEAD_BITS, LM_HEAD_BLOCK = "lm_head", 8, 32
-
-
-def check_variants(variants, block_size: int, accuracy_level: int, int8_method: str = "dynamic",
-                   int4_method: str = "hqq") -> list[str]:
-    """The variants to write, fp32 first (the others are made from it, and parity is checked
-    against it); the values are checked by the ONNX stage's config (config.OnnxConfig)."""
-    return OnnxConfig.make(variants=list(variants), block_size=block_size, accuracy_level=accuracy_level,
-                           int8_method=int8_method, int4_method=int4_method).all_variants()
 
 
 @contextlib.contextmanager
@@ -127,7 +119,8 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_le
 
 
 def quantize(variant: str, src: Path, dst: Path, *, keep_fp32: tuple[str, ...], block_size: int, accuracy_level: int,
-             int8_method: str = "dynamic", int4_method: str = "hqq") -> dict:
+             int8_method: str = default_of(OnnxConfig, "int8_method"),
+             int4_method: str = default_of(OnnxConfig, "int4_method")) -> dict:
     """Write the `variant` of graph `src` to `dst`, check it, and return what was done (for the
     manifest). `keep_fp32`: the family's MatMuls that dynamic int8 leaves in fp32 (Adapter.int8_keep_fp32)."""
     if variant == "int8" and int8_method == "dynamic":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output_dir, read_contract, write_manifest
-from ..config import DataConfig, FitConfig, configure
+from ..config import SEED, DataConfig, FitConfig, configure
 from ..distributed import session
 from ..errors import KvpError
 from ..log import get_logger
@@ -21,7 +21,7 @@ log = get_logger()
 
 
 def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, base: str | None = None,
-        data: DataConfig | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True,
+        data: DataConfig | None = None, overwrite: bool = False, seed: int = SEED, progress: bool = True,
         **options) -> Path:
     """Fit a predictor from `aux` (a derive folder) to its base; write folder `out` and return it.
 

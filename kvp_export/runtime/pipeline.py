@@ -25,13 +25,14 @@ from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
 from kvp_validate.protocol import check_tail, min_kvp_len
+from kvp_validate.sampling import MAX_NEW_TOKENS
 
 from ..artifacts import read_manifest, write_json
 from ..cache import cache_dir
+from ..config import OnDevice, default_of
 from ..data import jsonl_records
 from ..data import read_lines as _prompt_lines
-from ..errors import KvpError
-from ..limits import check_limits
+from ..errors import KvpError, check_choice
 from ..models import check_same_tokenizer, load
 from ..models.arch import ArchSpec, context_length
 from ..predictor.module import KVPredictor
@@ -94,7 +95,7 @@ class KVPPipeline:
 
     @classmethod
     def from_predictor(cls, folder: str | Path, *, aux: str | None = None, base: str | None = None,
-                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = default_of(OnDevice, "device"), dtype: torch.dtype = torch.float32,
                        tail: int = 0) -> KVPPipeline:
         """Load what a `fit` folder names (aux and base may be overridden). On a GPU pass e.g.
         device="cuda", dtype=torch.bfloat16: the models take that dtype, the predictor stays
@@ -177,7 +178,7 @@ class KVPPipeline:
         return found["prompt_len"], (time.perf_counter() - t0) if measured else 0.0
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
+    def generate(self, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, sampling: Sampling | None = None,
                  mode: str = "auto", prefix: str | None = None, warm_repeats: int = 0, crossover: int | None = -1,
                  stop: Callable[[list[list[int]]], list[bool]] | None = None) -> Generation:
         """Generate for a batch of prompts. With `prefix`, the whole prefix is the exact sink:
@@ -185,9 +186,8 @@ class KVPPipeline:
         prefills of the same batch give the warm TTFT (their median) beside this call's. `crossover`
         (mode "auto"): KVP from this prompt length on; -1 measures it (once, cached), None: never."""
         sampling = sampling or Sampling()
-        check_sampling(max_new_tokens, sampling)
-        if mode not in MODES:
-            raise KvpError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+        sampling.check_call(max_new_tokens, warm_repeats)
+        check_choice("mode", mode, MODES)
         ids, mask = self.encode(prompts, extra=max_new_tokens, prefix=prefix)
         ids, mask = ids.to(self.base.device), mask.to(self.base.device)
         sink = max(self.sink_len, len(self.tokenizer(prefix).input_ids)) if prefix else None
@@ -232,11 +232,6 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def check_sampling(max_new_tokens: int, s: Sampling) -> None:
-    if max_new_tokens < 1:
-        raise KvpError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_limits(max_new_tokens=max_new_tokens)
-    s.check()
 
 
 MAX_PROMPTS = 4096  # one call generates for all its prompts as one batch

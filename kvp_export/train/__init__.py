@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_dir, check_output_dir, read_manifest, sha256_file, write_manifest
-from ..config import TOKENS, TrainConfig, configure
+from ..config import SEED, TOKENS, TrainConfig, configure
 from ..distributed import resolve_device, session
 from ..errors import KvpError
 from ..models import check_same_tokenizer, load
@@ -71,7 +71,7 @@ def train(out: str | Path, config: TrainConfig | None = None, *, predictor: str 
           aux: str | Path | None = None, base: str | None = None, baseline: bool = False,
           data: list[str] | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
           stop_after: int | None = None, max_minutes: float | None = None, finish_after: float | None = None,
-          overwrite: bool = False, seed: int = 0,
+          overwrite: bool = False, seed: int = SEED,
           progress: bool = True, **options) -> Path | None:
     """Train and write folder `out`; return it, or None when stopped early (stop_after /
     max_minutes) with a checkpoint to resume from.

@@ -40,7 +40,7 @@ def _op_config(name: str, block_size: int, group_size: int):
                                   num_kmeans_workers=1, weight_threshold=WEIGHT_THRESHOLD)
 
 
-def compress(model, name: str, block_size: int = 32, group_size: int = 16):
+def compress(model, name: str, block_size: int, group_size: int):
     """A compressed copy of a single-function float16 MLModel (the model itself for fp16)."""
     if name == "fp16":
         return model

@@ -29,7 +29,7 @@ from kvp_validate.protocol import min_kvp_len
 
 from ... import data
 from ...artifacts import atomic_dir, check_output_dir, sha256_dir, sha256_file, write_manifest
-from ...config import CoremlConfig, configure
+from ...config import SEED, CoremlConfig, configure
 from ...errors import KvpError
 from ...models.arch import ArchSpec, context_length
 from ...stage import Clock, check_paths
@@ -54,7 +54,7 @@ def check_shapes(context: int, prompt_lengths, sink_len: int, limits: dict[str, 
 
 
 def export_coreml(predictor: str | Path, out: str | Path, config: CoremlConfig | None = None, *,
-                  heldout: list[str] | None = None, overwrite: bool = False, seed: int = 0, progress: bool = True,
+                  heldout: list[str] | None = None, overwrite: bool = False, seed: int = SEED, progress: bool = True,
                   **options) -> Path:
     """Convert `predictor` (a fit folder) into Core ML packages, one per target x compression, in `out`.
 
