@@ -69,6 +69,13 @@ def keep_problem(keep: float) -> str | None:
     return None if 0 < keep <= 1 else f"keep ratio must be in (0, 1], got {keep}"  # nan fails too
 
 
+def rank_problem(input_mode: str, rank: int | None) -> str | None:
+    """What is wrong with a reduced-rank predictor of this input, or None."""
+    if rank is not None and input_mode != "hidden":
+        return f"a reduced-rank predictor needs the hidden input (got {input_mode})"
+    return None
+
+
 def layers_problem(layers: list[int], n_layers: int | None = None) -> str | None:
     """What is wrong with an explicit list of kept layers, or None; the range's upper end is
     checked once the base (its `n_layers`) is known."""
@@ -245,6 +252,12 @@ class FitConfig(OnDevice):
                               allow_inf_nan=False)
     rank: int | None = opt(None, "Reduced-rank predictor (hidden input): each base layer's K and V maps share one "
                            "RANK-wide first factor, fused into the aux's projections (default: full rank).", ge=1)
+
+    @model_validator(mode="after")
+    def _rank_reads_hidden(self) -> FitConfig:
+        if rank_problem(self.input, self.rank) is not None:
+            raise ValueError("rank: a reduced-rank predictor ({rank}) needs the hidden predictor {input}")
+        return self
 
 
 class TrainConfig(Config):

@@ -67,7 +67,7 @@ def test_capture_matches_the_cache(base):
 def test_ridge_recovers_kv_of_an_unpruned_aux(base):
     """With the aux equal to the base and K/V input, the best linear map is the identity."""
     aux = prune(base, list(range(4)))
-    pred, report = fit_ridge(base, aux, seqs(24, 32), list(range(4)), "kv", sink_len=1, progress=False)
+    pred, report = fit_ridge(base, aux, seqs(24, 32), list(range(4)), input="kv", sink=1, progress=False)
     assert max(report["val_rel_err_k"] + report["val_rel_err_v"]) < 1e-3
     eye = torch.eye(pred.dims["out"])
     assert all(torch.allclose(lin.weight, eye, atol=1e-2) for lin in [*pred.k, *pred.v])
@@ -78,8 +78,8 @@ def test_two_sided_predictor_fits_better_than_one_sided(base):
     aux = prune(base, kept)
     lmap = lp_map(kept, 4)
     data = seqs(24, 32)
-    _, one = fit_ridge(base, aux, data, lmap, "hidden", progress=False)
-    _, two = fit_ridge(base, aux, data, lmap, "hidden", kept=kept, progress=False)
+    _, one = fit_ridge(base, aux, data, lmap, progress=False)
+    _, two = fit_ridge(base, aux, data, lmap, kept=kept, progress=False)
     skipped = [1, 3]
     assert sum(two["val_rel_err_v"][i] for i in skipped) < sum(one["val_rel_err_v"][i] for i in skipped)
 
@@ -119,7 +119,7 @@ def test_predictor_roundtrip(tmp_path):
 def test_left_padded_batch_equals_single_prompts(base):
     """Prompts of different lengths in one batch give the same KVP logits and tokens as alone."""
     aux = prune(base, [0, 2])
-    pred, _ = fit_ridge(base, aux, seqs(16, 32), lp_map([0, 2], 4), "hidden", kept=[0, 2], progress=False)
+    pred, _ = fit_ridge(base, aux, seqs(16, 32), lp_map([0, 2], 4), kept=[0, 2], progress=False)
     a, b = seqs(1, 12, seed=1)[0], seqs(1, 7, seed=2)[0]
     ids = torch.stack([a, torch.cat([torch.zeros(5, dtype=torch.long), b])])
     mask = torch.tensor([[1] * 12, [0] * 5 + [1] * 7])

@@ -22,7 +22,7 @@ def seqs(n=24, length=32, vocab=100, seed=0):
 
 
 def fit_rank(base, rank):
-    return fit_ridge(base, prune(base, KEPT), seqs(), lp_map(KEPT, 4), "hidden", kept=KEPT, rank=rank, progress=False)
+    return fit_ridge(base, prune(base, KEPT), seqs(), lp_map(KEPT, 4), kept=KEPT, rank=rank, progress=False)
 
 
 def test_reduce_rank_is_exact_at_full_rank_and_keeps_the_mean():
@@ -68,7 +68,7 @@ def test_rank_roundtrip_and_bad_rank(tmp_path):
 def test_fit_refuses_a_rank_with_the_kv_input(built, tmp_path):
     from kvp_export.predictor.fit import fit
 
-    with pytest.raises(KvpError, match="--rank needs the hidden"):
+    with pytest.raises(KvpError, match="a reduced-rank predictor .--rank. needs the hidden predictor --input"):
         fit(built["aux"], tmp_path / "p", input="kv", rank=4, progress=False)
     assert not (tmp_path / "p").exists()
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from ..artifacts import atomic_dir, check_output_dir, read_contract, write_manifest
 from ..config import SEED, DataConfig, FitConfig, configure
 from ..distributed import session
-from ..errors import KvpError
 from ..log import get_logger
 from ..models import check_same_tokenizer, load
 from ..stage import Clock, calibration, check_paths, compute_device, load_model, model_ref, ref_spec, seed_all
@@ -38,8 +37,6 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
     out = check_output_dir(out, overwrite)
     cfg, data = configure(options, (FitConfig, config), (DataConfig, data))
     input_mode, sink_len, sources = cfg.input, cfg.sink, cfg.sources
-    if cfg.rank and input_mode != "hidden":
-        raise KvpError(f"--rank needs the hidden predictor input (got '{input_mode}')")
     check_paths(data.calib, "calibration")
     aux_manifest = read_contract(aux, "aux")
     recorded_base = aux_manifest.inputs["base"]
@@ -56,11 +53,8 @@ def fit(aux: str | Path, out: str | Path, config: FitConfig | None = None, *, ba
     with clock.step("ridge"), compute_device(cfg.device) as dev, session(dev) as world:
         base_model.to(dev)
         aux_model.to(dev)
-        predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest.layer_map.map,
-                                      input_mode=input_mode, sink_len=sink_len, progress=progress and world.main,
-                                      kept=aux_manifest.kept_layers if sources == "two-sided" else None,
-                                      window=1 if sources == "window" else 0, alpha=cfg.alpha,
-                                      rank=cfg.rank)
+        predictor, report = fit_ridge(base_model, aux_model, seqs.to(dev), aux_manifest.layer_map.map, cfg,
+                                      kept=aux_manifest.kept_layers, progress=progress and world.main)
         predictor.to("cpu")
     if not world.main:  # under torchrun every process fits the same solution; one writes it
         return out

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import InputMode, choices
+from ..config import InputMode, choices, rank_problem
 from ..errors import KvpError, check_choice
 
 INPUT_MODES = choices(InputMode)
@@ -54,8 +54,8 @@ class KVPredictor(nn.Module):
                  sources: list[list[int]] | None = None, rank: int | None = None):
         super().__init__()
         check_choice("predictor input", input_mode, INPUT_MODES)
-        if rank is not None and (input_mode != "hidden" or rank < 1):
-            raise KvpError(f"a reduced-rank predictor needs the hidden input and a rank >= 1 (got {input_mode}, {rank})")
+        if (why := rank_problem(input_mode, rank)) is not None:
+            raise KvpError(why)
         self.layer_map = list(layer_map)
         self.sources = [list(s) for s in sources] if sources else [[j] for j in layer_map]
         if len(self.sources) != len(self.layer_map):

@@ -15,6 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..config import FitConfig, configure
 from ..distributed import current
 from ..errors import KvpError
 from ..linalg import choose_alpha, ridge_solve, sse
@@ -211,18 +212,23 @@ def new_predictor(base, aux, layer_map: list[int], input_mode: str = "hidden",
     return KVPredictor(layer_map, input_mode, in_dim, in_dim, sb.kv_dim, sources, rank)
 
 
-def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: int = 1, *,
-              kept: list[int] | None = None, window: int = 0, alpha: float | None = None,
-              rank: int | None = None, progress: bool = True) -> tuple[KVPredictor, dict]:
-    """Fit a predictor in closed form. Returns (predictor, fit report). `alpha` fixes the ridge
-    strength (the report still gives its validation error); None chooses it among ALPHAS. `rank`
-    factorises each base layer's K and V maps through one shared r-dimensional input (reduce_rank).
+def fit_ridge(base, aux, seqs, layer_map, config: FitConfig | None = None, *, kept: list[int] | None = None,
+              progress: bool = True, **options) -> tuple[KVPredictor, dict]:
+    """Fit a predictor in closed form as `config` (or `options`, its fields by name) says. Returns
+    (predictor, fit report). `kept`: the base layers a layer-pruned aux kept, which sources
+    "two-sided" reads around (without them a base layer reads one aux layer, as "paper"). `alpha`
+    fixes the ridge strength (the report still gives its validation error); None chooses it among
+    ALPHAS. `rank` factorises each base layer's K and V maps through one shared r-dimensional
+    input (reduce_rank).
 
     Activations that derive left for these models and sequences in this process (shared.py) are
     used instead of running the models again."""
+    (cfg,) = configure(options, (FitConfig, config))
+    input_mode, sink_len = cfg.input, cfg.sink
     if seqs.shape[1] <= sink_len + 1:
         raise KvpError(f"calibration sequences of {seqs.shape[1]} tokens leave nothing to fit after a sink of {sink_len}")
-    pred = new_predictor(base, aux, layer_map, input_mode, kept, window, rank)
+    pred = new_predictor(base, aux, layer_map, input_mode, kept if cfg.sources == "two-sided" else None,
+                         1 if cfg.sources == "window" else 0, cfg.rank)
     base_kv = aux_inputs = None
     if shared.pending():
         tokens = shared.digest(seqs)
@@ -232,7 +238,7 @@ def fit_ridge(base, aux, seqs, layer_map, input_mode: str = "hidden", sink_len: 
         shared.clear()  # whatever was not taken is for other models or sequences
     stats = collect(base, aux, seqs, pred, sink_len, progress=progress, base_kv=base_kv, aux_inputs=aux_inputs)
     stats.allreduce()
-    report = solve(stats, ALPHAS if alpha is None else (alpha,))
+    report = solve(stats, ALPHAS if cfg.alpha is None else (cfg.alpha,))
     report["activations"] = {"base": "from derive" if base_kv is not None else "computed",
                              "aux": "from derive" if aux_inputs is not None else "computed"}
     return pred.eval(), report
