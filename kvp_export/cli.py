@@ -18,10 +18,12 @@ import click
 
 from kvp_validate.contract import REPORT_MD
 from kvp_validate.options import DEFAULTS as VALIDATE_DEFAULTS
+from kvp_validate.protocol import MODES
 from kvp_validate.sampling import MAX_NEW_TOKENS, Sampling
 
 from . import __version__
 from .cliopts import options
+from .compare import METRICS
 from .config import Config, CoremlConfig, DataConfig, DeriveConfig, EvalConfig, FitConfig, OnnxConfig, Seed, TrainConfig
 from .distributed import launched_as_main
 from .errors import KvpError
@@ -207,7 +209,7 @@ def sampling_options(f):
 @click.option("--runtime", type=click.Choice(["onnxruntime", "genai"]), default="onnxruntime", show_default=True,
               help="With --onnx: our onnxruntime loop, or onnxruntime-genai (greedy; --mode base: the variant "
                    "folder's genai_config.json; kvp/auto: its genai-kvp/ pipeline, from `kvp export genai-kvp`).")
-@click.option("--mode", type=click.Choice(["auto", "kvp", "base", "aux"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=MODES[0], show_default=True,
               help="auto: KVP from the crossover prompt length on (measured at export for --onnx; measured once "
                    "and cached for PyTorch), the base prefill below it; kvp / base force either; aux (--onnx "
                    "only): the aux alone.")
@@ -513,8 +515,8 @@ def run_cmd(recipe, overrides, out, junit, force, dry_run, allow_unsafe_executio
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Folder for compare.md, compare.json and pareto.png.")
 @click.option("--at", help="TTFT point (BATCHxLENGTH, e.g. 1x512) for the plot (default: batch 1, longest common).")
-@click.option("--metric", type=click.Choice(["first_token_agreement", "nll", "delta_nll"]),
-              default="first_token_agreement", show_default=True, help="Quality on the plot's y axis.")
+@click.option("--metric", type=click.Choice(list(METRICS)), default=next(iter(METRICS)), show_default=True,
+              help="Quality on the plot's y axis.")
 @click.option("--title", default="KVP variants compared", show_default=True)
 def compare_cmd(inputs, out, at, metric, title):
     """Compare runs (run folders) or validation reports: one table and a Pareto plot of quality vs TTFT."""

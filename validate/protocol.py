@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from .errors import KvpError, check_at_least
 
+PATHS = ("kvp", "base", "aux")  # the three prefill paths, as measured and compared
+MODES = ("auto", *PATHS)  # what a caller may ask a runtime for: auto is KVP from the crossover on
+
 
 def min_kvp_len(sink_len: int, tail: int = 0) -> int:
     """The shortest prompt the KVP path takes: the sink, at least as many predicted tokens (the

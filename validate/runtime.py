@@ -41,13 +41,11 @@ from .crossover import use_kvp
 from .errors import KvpError, check_choice
 from .integrity import share_verified
 from .options import DEFAULTS, check
-from .protocol import check_tail, continuation, first_real, first_step, min_kvp_len, positions
+from .protocol import MODES, check_tail, continuation, first_real, first_step, min_kvp_len, positions
 from .sampling import MAX_NEW_TOKENS, Sampling  # noqa: F401  (the runtimes' and CLIs' import)
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone
-PATHS = ("kvp", "base", "aux")  # the three prefill paths, as measured and compared
-MODES = ("auto", *PATHS)  # what a caller may ask for
 # The graphs each mode needs to generate (first token and decoding).
 GRAPHS_FOR = {"auto": ("kvp_prefill", "base_decode"), "kvp": ("kvp_prefill", "base_decode"),
               "base": ("base_prefill", "base_decode"), "aux": ("aux_prefill", "aux_decode")}

@@ -24,6 +24,7 @@ from kvp_validate.contract import MANIFEST
 from kvp_validate.crossover import find_crossover, lengths_for
 from kvp_validate.crossover import use_kvp as kvp_pays
 from kvp_validate.machine import machine
+from kvp_validate.protocol import MODES as PROTOCOL_MODES
 from kvp_validate.protocol import check_tail, min_kvp_len
 from kvp_validate.sampling import MAX_NEW_TOKENS
 
@@ -40,7 +41,7 @@ from ..stage import ref_spec
 from .decode import Sampling, decode
 from .kvp import Prefilled, SinkCache, check_context, prefill_full, prefill_kvp
 
-MODES = ("auto", "kvp", "base")
+MODES = tuple(m for m in PROTOCOL_MODES if m != "aux")  # the aux alone runs on the ONNX path only
 
 
 @dataclass
