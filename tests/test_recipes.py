@@ -38,8 +38,9 @@ def error_of(path: Path, overrides=()) -> str:
 
 def test_shipped_recipes_are_valid():
     names = sorted(p.relative_to(ROOT / "recipes").as_posix() for p in (ROOT / "recipes").glob("*/*.yaml"))
-    assert names == ["gemma3-270m/keep-0.50.yaml", "qwen2.5-coder-0.5b/keep-0.50.yaml",
-                     "qwen2.5-coder-0.5b/keep-0.75-trained.yaml", "smollm2-135m/keep-0.25.yaml",
+    assert names == ["gemma3-270m/keep-0.50.yaml", "qwen2.5-coder-0.5b/keep-0.50-trained.yaml",
+                     "qwen2.5-coder-0.5b/keep-0.50.yaml", "qwen2.5-coder-0.5b/keep-0.75-trained.yaml",
+                     "smollm2-135m/keep-0.25.yaml",
                      "smollm2-135m/keep-0.50.yaml", "smollm2-135m/keep-0.75.yaml", "tiny/ci.yaml"]
     for n in names:
         r = load_recipe(ROOT / "recipes" / n)
@@ -51,6 +52,9 @@ def test_shipped_recipes_are_valid():
     r = load_recipe(ROOT / "recipes/qwen2.5-coder-0.5b/keep-0.75-trained.yaml")
     assert r.predictor.method == "train" and r.train.kl == 1.0
     assert r.onnx_gates() == ["parity.*.ok==1", "humaneval.int8.kvp.pass@1>=0.375"]
+    r = load_recipe(ROOT / "recipes/qwen2.5-coder-0.5b/keep-0.50-trained.yaml")
+    assert r.predictor.method == "train" and r.aux.keep == 0.5 and r.export.onnx.tail == 32
+    assert r.onnx_gates() == ["parity.*.ok==1", "humaneval.int8.kvp.pass@1>=0.3"]
 
 
 def test_unknown_key_names_line_and_field(tmp_path):
