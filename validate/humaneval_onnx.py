@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from .artifact import OnnxArtifact
 from .humaneval import STOP_STRINGS, run_humaneval
 from .options import DEFAULTS
-from .runtime import PATHS, OnnxKVP
+from .protocol import PATHS
+from .runtime import OnnxKVP
 
 
 def run_humaneval_onnx(art: OnnxArtifact, variant: str, *, limit: int | None = None, max_new_tokens: int = 256,

@@ -36,9 +36,9 @@ from .artifact import OnnxArtifact
 from .errors import KvpError
 from .metrics import DELTA_NLL_VS_FP32, NLL_VS_FP32
 from .options import DEFAULTS
-from .protocol import positions
+from .protocol import PATHS, positions
 from .quality import log_softmax
-from .runtime import PATHS, OnnxKVP
+from .runtime import OnnxKVP
 
 # fp32: relative error of logits / of the predicted cache and the share of reference tokens
 # that must be the graph's top-1 (float reassociation only).

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .artifact import OnnxArtifact
 from .options import DEFAULTS as D
-from .runtime import PATHS, OnnxKVP
+from .protocol import PATHS
+from .runtime import OnnxKVP
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
