@@ -367,7 +367,7 @@ def default_corpus(split: str, mix: str = MIX) -> Corpus:
     """Standard library code plus Shakespeare, one split of it, interleaved by size; mix
     "code" is the standard library alone (for code models)."""
     _check_split(split)
-    parts = [_stdlib_documents()] + ([_shakespeare_documents()] if mix == MIX else [])
+    parts = [_stdlib_documents()] + ([_shakespeare_documents()] if mix == "default" else [])  # the mix by name
     sources, merged = [], []
     for docs, source in parts:
         kept = _split(docs, split, _work_key)
