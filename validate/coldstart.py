@@ -40,6 +40,7 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
     from .integrity import share_verified
     from .runtime import OnnxKVP
 
+    check(coldstart_lengths=lengths, coldstart_runs=runs)  # as given: lengths past the context are skipped
     art = OnnxArtifact.open(folder)
     context = art.model.get("context") or 0
     # every graph of the variant hashed here, once; the children find the digests in their environment
@@ -48,7 +49,6 @@ def run_coldstart(folder: str | Path, variant: str, *, paths: tuple[str, ...] = 
     skipped = [n for n in lengths if context and n >= context]
     lengths = tuple(n for n in lengths if n not in skipped)
     points = []
-    check(coldstart_lengths=lengths, coldstart_runs=runs)
     grid = [(path, n) for _ in range(runs) for n in lengths for path in paths]
     got: dict[tuple[str, int], list[dict]] = {}
     for path, n in tqdm(grid, desc=f"cold start {variant}", unit="process", disable=not progress):
