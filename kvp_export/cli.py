@@ -19,7 +19,8 @@ import click
 from kvp_validate.contract import REPORT_MD
 from kvp_validate.options import DEFAULTS as VALIDATE_DEFAULTS
 from kvp_validate.protocol import MODES
-from kvp_validate.sampling import MAX_NEW_TOKENS, Sampling
+from kvp_validate.sampling import MAX_NEW_TOKENS
+from kvp_validate.sampling import Sampling as SamplingParams
 
 from . import __version__
 from .cliopts import options
@@ -193,7 +194,7 @@ def optional_model_overrides(f):
 def sampling_options(f):
     """--temperature, --top-k, --top-p and --seed: the fields of the runtimes' Sampling, with its
     defaults and help."""
-    for fld in reversed(dataclasses.fields(Sampling)):
+    for fld in reversed(dataclasses.fields(SamplingParams)):
         f = click.option("--" + fld.name.replace("_", "-"), default=fld.default, show_default=True,
                          help=fld.metadata["help"])(f)
     return f

@@ -125,7 +125,8 @@ def _restated_defaults(package: Path, options: dict[str, set], cli: dict[str, se
     and every hand-written click option that does (`cli`: options and the generate call's)."""
     found = []
     for path in sorted(package.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             a = node.args
@@ -135,7 +136,7 @@ def _restated_defaults(package: Path, options: dict[str, set], cli: dict[str, se
                 if (isinstance(d, ast.Constant) and d.value is not None and arg.arg not in NEUTRAL
                         and d.value in options.get(arg.arg, ())):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({arg.arg}={d.value!r})")
-        for node in ast.walk(ast.parse(path.read_text())):  # hand-written CLI options: click.option("--x", default=)
+        for node in ast.walk(tree):  # hand-written CLI options: click.option("--x", default=)
             if (isinstance(node, ast.Call) and ast.unparse(node.func) == "click.option" and node.args
                     and isinstance(node.args[0], ast.Constant)):
                 name = node.args[0].value.lstrip("-").replace("-", "_")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import KvpError
+
 CHECKS = ("parity", "quality", "ttft", "coldstart", "humaneval", "genai")  # genai: the [genai] extra
 DEFAULT_CHECKS = ("parity", "quality", "ttft", "coldstart")
 
@@ -63,8 +65,6 @@ def problem(name: str, value: Any) -> str | None:
 
 def check(**values: Any) -> None:
     """Refuse any value `problem` finds wrong, in one line naming the option as the CLIs spell it."""
-    from .errors import KvpError
-
     for name, value in values.items():
         why = problem(name, value)
         if why is not None:

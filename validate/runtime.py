@@ -42,7 +42,7 @@ from .errors import KvpError, check_choice
 from .integrity import share_verified
 from .options import DEFAULTS, check
 from .protocol import MODES, check_tail, continuation, first_real, first_step, min_kvp_len, positions
-from .sampling import MAX_NEW_TOKENS, Sampling  # noqa: F401  (the runtimes' and CLIs' import)
+from .sampling import MAX_NEW_TOKENS, Sampling
 
 NEXT_INPUTS = ("next_input_ids", "next_position_ids", "next_attention_mask")  # kvp_prefill's small outputs
 LAST_ONLY = np.array(1, np.int64)  # base_decode's `logits_to_keep` for a prompt: the next token's logits alone

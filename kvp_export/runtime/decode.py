@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from kvp_validate.runtime import Sampling as SamplingParams
+from kvp_validate.sampling import Sampling as SamplingParams
 
 from .kvp import Prefilled
 
