@@ -6,8 +6,8 @@
 # Usage: benchmarks/cpu_budget.sh FIT_FOLDER OUT
 #   FIT_FOLDER: a `kvp fit` output (e.g. the default recipe's runs/<run>/stages/fit-*); OUT: a new folder.
 #   STEPS="20 69 144": optimizer steps of 4 x 256 tokens for the 5, 15 and 30 minute runs. The default
-#   fits the 85 tokens/s that a 6-step probe measured on the 2-core AMD EPYC of BENCHMARKS.md, less
-#   ~30 s of loading and ~35 s of held-out evaluations; scale them to your machine's rate.
+#   fits the 85 tokens/s that a 6-step probe measured on the 2-core AMD EPYC of BENCHMARKS.md, with
+#   room for the five held-out evaluations (loading took ~3 s there); scale them to your machine's rate.
 # Render: python benchmarks/render_budget.py OUT
 set -euo pipefail
 FIT=$1; OUT=$2; read -r -a STEPS <<< "${STEPS:-20 69 144}"
