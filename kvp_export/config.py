@@ -70,7 +70,10 @@ def keep_problem(keep: float) -> str | None:
 
 
 def rank_problem(input_mode: str, rank: int | None) -> str | None:
-    """What is wrong with a reduced-rank predictor of this input, or None."""
+    """What is wrong with a reduced-rank predictor of this input, or None (FitConfig's field bound
+    also refuses a rank below 1; the predictor module, built from files too, checks both here)."""
+    if rank is not None and rank < 1:
+        return f"a reduced-rank predictor needs a rank >= 1 (got {rank})"
     if rank is not None and input_mode != "hidden":
         return f"a reduced-rank predictor needs the hidden input (got {input_mode})"
     return None
